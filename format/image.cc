@@ -1,0 +1,319 @@
+// Encoding and decoding of the image's header and section table.
+//
+// Every number read from disk is checked here against the file size and a
+// named limit before anything else uses it, as ninja checks its deps log:
+// after decode_header and decode_section_table succeed, every extent lies
+// inside the file, is aligned, overlaps no other, and every block is
+// complete. "Image too new" and "image damaged" are different errors.
+
+#include "format/image.h"
+
+#define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+
+#include <fmt/core.h>
+
+namespace vmsave {
+
+const std::array<u8, 8> kMagic = {'V', 'M', 'S', 'A', 'V', 'E', 0, 1};
+
+u64 checksum(std::span<const u8> bytes) { return XXH3_64bits(bytes.data(), bytes.size()); }
+
+u64 zero_checksum(i64 len) {
+  static const std::vector<u8> zeros(kDefaultChunkSize);
+  XXH3_state_t st;
+  XXH3_64bits_reset(&st);
+  while (len > 0) {
+    i64 n = std::min<i64>(len, zeros.size());
+    XXH3_64bits_update(&st, zeros.data(), n);
+    len -= n;
+  }
+  return XXH3_64bits_digest(&st);
+}
+
+std::string uuid_string(const std::array<u8, 16>& u) {
+  std::string s;
+  for (int i = 0; i < 16; i++) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) s += '-';
+    s += fmt::format("{:02x}", u[i]);
+  }
+  return s;
+}
+
+i64 plan_regions(std::vector<BlockLayout>& blocks, i64 chunk_size) {
+  i64 off = kHeaderSize;
+  for (BlockLayout& b : blocks) {
+    i64 align = std::max(kRegionAlign, b.page_size);
+    b.chunk_size = std::max(chunk_size, b.page_size);
+    b.region.offset = align_up(off, align);
+    b.region.length = align_up(b.size, b.page_size);
+    off = b.region.offset + b.region.length;
+  }
+  return align_up(off, kSectionAlign);
+}
+
+static void put_entry(std::vector<u8>& out, SectionKind kind, u32 block, const Extent& e) {
+  SectionEntry s{};
+  s.kind = static_cast<u32>(kind);
+  s.block = block;
+  s.offset = e.offset;
+  s.length = e.length;
+  s.checksum = e.checksum;
+  const u8* p = reinterpret_cast<const u8*>(&s);
+  out.insert(out.end(), p, p + sizeof(s));
+}
+
+std::vector<u8> encode_section_table(const ImageLayout& img) {
+  std::vector<u8> out;
+  for (u32 i = 0; i < img.blocks.size(); i++) {
+    const BlockLayout& b = img.blocks[i];
+    BlockRecord r{};
+    std::memcpy(r.id, b.id.data(), std::min(b.id.size(), kMaxBlockIdLength));
+    r.size = b.size;
+    r.page_size = b.page_size;
+    r.chunk_size = b.chunk_size;
+    r.data_pages = b.data_pages;
+    // The record is small enough to live in the table itself: its "extent"
+    // is the record, so the entry's offset/length/checksum describe it.
+    const u8* p = reinterpret_cast<const u8*>(&r);
+    SectionEntry s{};
+    s.kind = static_cast<u32>(SectionKind::kBlock);
+    s.block = i;
+    s.length = sizeof(r);
+    s.checksum = checksum({p, sizeof(r)});
+    const u8* q = reinterpret_cast<const u8*>(&s);
+    out.insert(out.end(), q, q + sizeof(s));
+    out.insert(out.end(), p, p + sizeof(r));
+    put_entry(out, SectionKind::kRamRegion, i, b.region);
+    put_entry(out, SectionKind::kRamBitmap, i, b.bitmap);
+    put_entry(out, SectionKind::kChunkSums, i, b.sums);
+  }
+  put_entry(out, SectionKind::kVmstate, kNoBlock, img.vmstate);
+  put_entry(out, SectionKind::kMetadata, kNoBlock, img.metadata);
+  return out;
+}
+
+std::vector<u8> encode_header(const ImageLayout& img) {
+  DiskHeader h{};
+  std::memcpy(h.magic, kMagic.data(), 8);
+  h.major = img.major;
+  h.minor = img.minor;
+  std::memcpy(h.uuid, img.uuid.data(), 16);
+  h.created_ns = img.created_ns;
+  h.file_size = img.file_size;
+  h.table_offset = img.table.offset;
+  h.table_size = img.table.length;
+  h.table_checksum = img.table.checksum;
+  const u8* p = reinterpret_cast<const u8*>(&h);
+  h.checksum = checksum({p, offsetof(DiskHeader, checksum)});
+  return std::vector<u8>(p, p + sizeof(h));
+}
+
+static bool all_zero(const u8* p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i]) return false;
+  return true;
+}
+
+Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
+                                  const std::string& path) {
+  if (bytes.size() < sizeof(DiskHeader) || file_size < kHeaderSize)
+    return damaged(path, fmt::format("file is {} bytes, smaller than an image header", file_size))
+        .fix("this is not a vmsave image, or its save did not finish");
+  DiskHeader h;
+  std::memcpy(&h, bytes.data(), sizeof(h));
+  if (std::memcmp(h.magic, kMagic.data(), 8) != 0) {
+    if (all_zero(h.magic, 8))
+      return damaged(path, "no image header (all zero): the save that wrote it did not finish")
+          .fix("save the VM again");
+    return damaged(path, "not a vmsave image (bad magic)");
+  }
+  const u8* p = reinterpret_cast<const u8*>(&h);
+  // The version is checked before the checksum: a future format may change
+  // how the header is checksummed, and "too new" is the useful message then.
+  if (h.major > kFormatMajor)
+    return Error{"image too new", path,
+                 fmt::format("format v{}, this vmsave reads up to v{}", u32(h.major), kFormatMajor)}
+        .fix("use a newer vmsave")
+        .as(Exit::kDamaged);
+  if (h.major == 0) return damaged(path, "format version 0", 8);
+  if (checksum({p, offsetof(DiskHeader, checksum)}) != h.checksum)
+    return damaged(path, "header checksum mismatch", 0);
+  if (!all_zero(h.reserved, sizeof(h.reserved)) || h.flags != 0)
+    return damaged(path, "reserved header fields are not zero", 16);
+
+  ImageLayout img;
+  img.major = h.major;
+  img.minor = h.minor;
+  std::memcpy(img.uuid.data(), h.uuid, 16);
+  img.created_ns = static_cast<i64>(u64(h.created_ns));
+  u64 fsize = h.file_size;
+  if (fsize > u64(file_size))
+    return damaged(path, fmt::format("truncated: {} bytes of {}", file_size, fsize));
+  if (fsize < u64(kHeaderSize) || fsize % kSectionAlign)
+    return damaged(path, fmt::format("implausible file size {} in header", fsize), 48);
+  img.file_size = static_cast<i64>(fsize);
+  u64 toff = h.table_offset, tsize = h.table_size;
+  if (tsize == 0 || tsize > u64(kMaxTableSize) || toff % kSectionAlign ||
+      toff < u64(kHeaderSize) || toff > fsize || tsize > fsize - toff)
+    return damaged(path, "section table location out of bounds", 56);
+  img.table = {static_cast<i64>(toff), static_cast<i64>(tsize), h.table_checksum};
+  return img;
+}
+
+// Checks one extent: inside the file, aligned as required.
+static Status check_extent(const Extent& e, i64 align, const ImageLayout& img,
+                           const std::string& path, const std::string& what) {
+  if (e.offset < kHeaderSize || e.offset % align || e.length < 0 || e.offset > img.file_size ||
+      e.length > img.file_size - e.offset)
+    return damaged(path, fmt::format("{} out of bounds (offset {}, length {})", what, e.offset,
+                                     e.length));
+  return Status();
+}
+
+Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
+                            const std::string& path) {
+  if (checksum(bytes) != img.table.checksum)
+    return damaged(path, "section table checksum mismatch", img.table.offset);
+  // Entries: each kBlock entry is followed by its 512-byte record.
+  size_t pos = 0;
+  std::map<u32, BlockLayout> blocks;
+  std::map<u32, int> seen;  // bit per kind, to catch duplicates and gaps
+  bool have_vmstate = false, have_metadata = false;
+  auto at = [&](size_t p) { return img.table.offset + static_cast<i64>(p); };
+
+  while (pos < bytes.size()) {
+    if (bytes.size() - pos < sizeof(SectionEntry))
+      return damaged(path, "section table ends inside an entry", at(pos));
+    SectionEntry s;
+    std::memcpy(&s, bytes.data() + pos, sizeof(s));
+    size_t entry_pos = pos;
+    pos += sizeof(s);
+    if (!all_zero(s.reserved, sizeof(s.reserved)) || s.flags != 0)
+      return damaged(path, "reserved section fields are not zero", at(entry_pos));
+    u32 kind = s.kind, block = s.block;
+    Extent e{static_cast<i64>(u64(s.offset)), static_cast<i64>(u64(s.length)), s.checksum};
+    if (u64(s.offset) > u64(img.file_size) || u64(s.length) > u64(img.file_size))
+      return damaged(path, "section out of bounds", at(entry_pos));
+    bool per_block = kind >= 1 && kind <= 4;
+    if (per_block && block >= kMaxBlocks)
+      return damaged(path, fmt::format("block index {} out of range", block), at(entry_pos));
+    if (!per_block && block != kNoBlock)
+      return damaged(path, "section names a block it cannot have", at(entry_pos));
+    if (per_block) {
+      int bit = 1 << kind;
+      if (seen[block] & bit) return damaged(path, "duplicate section", at(entry_pos));
+      seen[block] |= bit;
+    }
+    switch (static_cast<SectionKind>(kind)) {
+      case SectionKind::kBlock: {
+        if (e.length != sizeof(BlockRecord) || bytes.size() - pos < sizeof(BlockRecord))
+          return damaged(path, "block record has a wrong size", at(entry_pos));
+        if (checksum(bytes.subspan(pos, sizeof(BlockRecord))) != e.checksum)
+          return damaged(path, "block record checksum mismatch", at(pos));
+        BlockRecord r;
+        std::memcpy(&r, bytes.data() + pos, sizeof(r));
+        pos += sizeof(r);
+        BlockLayout& b = blocks[block];
+        size_t idlen = strnlen(r.id, sizeof(r.id));
+        if (idlen == 0 || idlen > kMaxBlockIdLength)
+          return damaged(path, "block id is empty or not terminated", at(entry_pos));
+        b.id.assign(r.id, idlen);
+        b.size = static_cast<i64>(std::min<u64>(r.size, kMaxBlockSize + 1));
+        b.page_size = static_cast<i64>(std::min<u64>(r.page_size, kMaxPageSize + 1));
+        b.chunk_size = static_cast<i64>(std::min<u64>(r.chunk_size, kMaxChunkSize + 1));
+        b.data_pages = static_cast<i64>(std::min<u64>(r.data_pages, kMaxBlockSize));
+        if (b.size <= 0 || b.size > kMaxBlockSize)
+          return damaged(path, fmt::format("block {} has an implausible size", b.id));
+        if (b.page_size < kMinPageSize || b.page_size > kMaxPageSize || !is_pow2(b.page_size))
+          return damaged(path, fmt::format("block {} has an implausible page size", b.id));
+        if (b.chunk_size < b.page_size || b.chunk_size > kMaxChunkSize || !is_pow2(b.chunk_size))
+          return damaged(path, fmt::format("block {} has an implausible chunk size", b.id));
+        if (r.flags != 0 || !all_zero(r.reserved, sizeof(r.reserved)))
+          return damaged(path, "reserved block fields are not zero", at(entry_pos));
+        if (b.data_pages > b.pages())
+          return damaged(path, fmt::format("block {} claims more data pages than it has", b.id));
+        break;
+      }
+      case SectionKind::kRamRegion:
+        blocks[block].region = e;
+        break;
+      case SectionKind::kRamBitmap:
+        blocks[block].bitmap = e;
+        break;
+      case SectionKind::kChunkSums:
+        blocks[block].sums = e;
+        break;
+      case SectionKind::kVmstate:
+        if (have_vmstate) return damaged(path, "duplicate vmstate section", at(entry_pos));
+        have_vmstate = true;
+        img.vmstate = e;
+        break;
+      case SectionKind::kMetadata:
+        if (have_metadata) return damaged(path, "duplicate metadata section", at(entry_pos));
+        have_metadata = true;
+        img.metadata = e;
+        break;
+      default:
+        // Minor versions may add kinds a v1.0 reader skips; within our own
+        // minor version an unknown kind is damage.
+        if (img.minor <= kFormatMinor)
+          return damaged(path, fmt::format("unknown section kind {}", kind), at(entry_pos));
+    }
+  }
+  if (!have_vmstate || !have_metadata)
+    return damaged(path, "section table lacks the vmstate or metadata section", img.table.offset);
+  if (blocks.empty() || blocks.size() > kMaxBlocks)
+    return damaged(path, "image lists no RAM block", img.table.offset);
+
+  // Blocks must be numbered 0..n-1 with all four sections each.
+  img.blocks.clear();
+  for (u32 i = 0; i < blocks.size(); i++) {
+    auto it = blocks.find(i);
+    if (it == blocks.end() || seen[i] != 0x1e)
+      return damaged(path, fmt::format("RAM block {} is incomplete in the section table", i));
+    img.blocks.push_back(it->second);
+  }
+
+  // Every extent inside the file, aligned; no two overlapping.
+  std::vector<std::pair<Extent, std::string>> all;
+  for (BlockLayout& b : img.blocks) {
+    i64 align = std::max(kRegionAlign, b.page_size);
+    VMSAVE_TRY(check_extent(b.region, align, img, path, "RAM region of " + b.id));
+    if (b.region.length != align_up(b.size, b.page_size))
+      return damaged(path, fmt::format("RAM region of {} has the wrong length", b.id));
+    VMSAVE_TRY(check_extent(b.bitmap, kSectionAlign, img, path, "bitmap of " + b.id));
+    if (b.bitmap.length != (b.pages() + 7) / 8)
+      return damaged(path, fmt::format("bitmap of {} has the wrong length", b.id));
+    VMSAVE_TRY(check_extent(b.sums, kSectionAlign, img, path, "chunk table of " + b.id));
+    if (b.sums.length != b.chunks() * 8)
+      return damaged(path, fmt::format("chunk table of {} has the wrong length", b.id));
+    all.emplace_back(b.region, "RAM region");
+    all.emplace_back(b.bitmap, "bitmap");
+    all.emplace_back(b.sums, "chunk table");
+  }
+  VMSAVE_TRY(check_extent(img.vmstate, kSectionAlign, img, path, "vmstate section"));
+  VMSAVE_TRY(check_extent(img.metadata, kSectionAlign, img, path, "metadata section"));
+  if (img.metadata.length > kMaxMetadataSize)
+    return damaged(path, "metadata section larger than the limit");
+  all.emplace_back(img.vmstate, "vmstate");
+  all.emplace_back(img.metadata, "metadata");
+  all.emplace_back(Extent{img.table.offset, static_cast<i64>(bytes.size())}, "section table");
+  // Empty sections (no device state in raw mode) occupy nothing.
+  std::erase_if(all, [](auto& a) { return a.first.length == 0; });
+  std::sort(all.begin(), all.end(),
+            [](auto& a, auto& b) { return a.first.offset < b.first.offset; });
+  for (size_t i = 1; i < all.size(); i++) {
+    const Extent& prev = all[i - 1].first;
+    if (prev.offset + prev.length > all[i].first.offset)
+      return damaged(path, fmt::format("{} overlaps {}", all[i - 1].second, all[i].second),
+                     all[i].first.offset);
+  }
+  return Status();
+}
+
+}  // namespace vmsave

@@ -1,0 +1,183 @@
+// The vmsave image format, version 1. This comment is the specification's
+// summary; docs/format.md has the prose. All integers are little-endian.
+//
+//   offset 0       Header (4096 bytes)
+//     0   u8[8]    magic "VMSAVE\0\x01"
+//     8   ul32     format major version (1); a reader refuses a newer major
+//     12  ul32     format minor version (0); newer minors only add sections
+//     16  ul64     flags (reserved, 0)
+//     24  u8[16]   image UUID (random, version 4)
+//     40  ul64     creation time, nanoseconds since the Unix epoch
+//     48  ul64     file size: the exact size of the complete file
+//     56  ul64     section table offset (4096-aligned)
+//     64  ul64     section table size in bytes (entries, each kBlock entry
+//                  followed by its 512-byte BlockRecord)
+//     72  ul64     section table checksum (XXH3-64 of the entries)
+//     80  u8[4008] reserved, zero
+//     4088 ul64    header checksum (XXH3-64 of bytes 0..4087)
+//
+//   RAM regions, one per guest RAM block, each at an offset aligned to
+//   max(2 MiB, the block's page size). Page i of a block is at
+//   region_offset + i * page_size, so a region can be mapped as guest RAM.
+//   Zero pages are holes (never written); the block's bitmap says which
+//   pages hold data.
+//
+//   vmstate: QEMU's device-state stream, 4096-aligned, its exact length in
+//   the section table (the file pads it to 4096 with zeros).
+//
+//   Tail, each piece 4096-aligned: per block a bitmap (bit i of byte i/8 set
+//   when page i holds data) and a chunk table (ul64 XXH3-64 of each chunk's
+//   logical content, zeros included), the JSON metadata, and the section
+//   table: 64-byte SectionEntry records listing everything above.
+//
+// The header is written last, after everything else is on disk, so a file
+// whose header checks out is complete.
+
+#pragma once
+
+#include <array>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "format/le.h"
+#include "lib/common.h"
+
+namespace vmsave {
+
+constexpr u32 kFormatMajor = 1;
+constexpr u32 kFormatMinor = 0;
+constexpr i64 kHeaderSize = 4096;
+constexpr i64 kSectionAlign = 4096;
+constexpr i64 kRegionAlign = 2 * kMiB;  // lets a region back 2 MiB THP/hugetlb guest RAM
+constexpr i64 kDefaultChunkSize = 1 * kMiB;
+extern const std::array<u8, 8> kMagic;
+
+// Limits every value read from disk is checked against before use.
+constexpr u32 kMaxBlocks = 1024;
+constexpr u32 kMaxSections = 8 + 4 * kMaxBlocks;
+constexpr i64 kMaxTableSize = kMaxSections * 64 + kMaxBlocks * 512;
+constexpr i64 kMaxMetadataSize = 16 * kMiB;
+constexpr i64 kMinPageSize = 4096;
+constexpr i64 kMaxPageSize = 1 * kGiB;
+constexpr i64 kMaxChunkSize = 1 * kGiB;
+constexpr i64 kMaxBlockSize = i64(1) << 46;  // 64 TiB
+constexpr size_t kMaxBlockIdLength = 255;
+
+enum class SectionKind : u32 {
+  kBlock = 1,      // a BlockRecord
+  kRamRegion = 2,  // a block's pages at fixed offsets
+  kRamBitmap = 3,  // which pages of a block hold data
+  kChunkSums = 4,  // XXH3-64 per chunk of a block
+  kVmstate = 5,    // QEMU device state
+  kMetadata = 6,   // JSON
+};
+constexpr u32 kNoBlock = 0xffffffff;
+
+struct DiskHeader {
+  u8 magic[8];
+  ul32 major;
+  ul32 minor;
+  ul64 flags;
+  u8 uuid[16];
+  ul64 created_ns;
+  ul64 file_size;
+  ul64 table_offset;
+  ul64 table_size;
+  ul64 table_checksum;
+  u8 reserved[4008];
+  ul64 checksum;
+};
+static_assert(sizeof(DiskHeader) == kHeaderSize);
+
+struct SectionEntry {
+  ul32 kind;
+  ul32 block;
+  ul64 offset;
+  ul64 length;
+  ul64 checksum;
+  ul64 flags;
+  u8 reserved[24];
+};
+static_assert(sizeof(SectionEntry) == 64);
+
+struct BlockRecord {
+  char id[256];
+  ul64 size;
+  ul64 page_size;
+  ul64 chunk_size;
+  ul64 data_pages;
+  ul64 flags;
+  u8 reserved[216];
+};
+static_assert(sizeof(BlockRecord) == 512);
+
+// A section's place in the file, decoded.
+struct Extent {
+  i64 offset = 0;
+  i64 length = 0;
+  u64 checksum = 0;
+};
+
+// A RAM block as the image describes it.
+struct BlockLayout {
+  std::string id;
+  i64 size = 0;
+  i64 page_size = 0;
+  i64 chunk_size = 0;
+  i64 data_pages = 0;
+  Extent region;
+  Extent bitmap;
+  Extent sums;
+
+  i64 pages() const { return (size + page_size - 1) / page_size; }
+  i64 chunks() const { return (size + chunk_size - 1) / chunk_size; }
+  // Length of chunk c: the last one may be short.
+  i64 chunk_length(i64 c) const { return std::min(chunk_size, size - c * chunk_size); }
+};
+
+struct ImageLayout {
+  u32 major = kFormatMajor;
+  u32 minor = kFormatMinor;
+  std::array<u8, 16> uuid{};
+  i64 created_ns = 0;
+  i64 file_size = 0;
+  std::vector<BlockLayout> blocks;
+  Extent vmstate;
+  Extent metadata;
+  Extent table;
+};
+
+// Where the RAM regions go for these blocks (id, size, page size set), and
+// where the vmstate section starts: the writer's plan before any byte is
+// written. Chunk size is max(`chunk_size`, page size).
+i64 plan_regions(std::vector<BlockLayout>& blocks, i64 chunk_size);
+
+// Encodes the section table for `img` (blocks, vmstate, metadata with their
+// extents and checksums filled in).
+std::vector<u8> encode_section_table(const ImageLayout& img);
+
+// Encodes the header for `img`, whose table extent and file size are set.
+std::vector<u8> encode_header(const ImageLayout& img);
+
+// Decodes and checks a header. `file_size` is the file's real size: a
+// smaller one means the image is truncated. Errors have status kDamaged.
+Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
+                                  const std::string& path);
+
+// Decodes and checks the section table into `img` (whose header fields are
+// set): every extent inside the file, aligned, not overlapping, each block
+// complete and consistent.
+Status decode_section_table(std::span<const u8> bytes, ImageLayout& img, const std::string& path);
+
+u64 checksum(std::span<const u8> bytes);
+// XXH3-64 of `len` zero bytes: the checksum of a chunk that is all holes.
+u64 zero_checksum(i64 len);
+
+inline bool bitmap_test(const u8* bitmap, i64 i) { return bitmap[i / 8] & (1u << (i % 8)); }
+inline void bitmap_set(u8* bitmap, i64 i) { bitmap[i / 8] |= static_cast<u8>(1u << (i % 8)); }
+
+std::string uuid_string(const std::array<u8, 16>& uuid);
+
+}  // namespace vmsave

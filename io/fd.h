@@ -1,0 +1,102 @@
+// Owners of kernel resources: file descriptors and memory mappings.
+//
+// Nothing outside these types calls close() or munmap(). They are move-only,
+// so ownership is visible in signatures, as in mold's and liburing's code.
+
+#pragma once
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <utility>
+
+#include "lib/common.h"
+
+namespace vmsave {
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  ~UniqueFd() { reset(); }
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  explicit operator bool() const { return valid(); }
+  int release() { return std::exchange(fd_, -1); }
+  void reset(int fd = -1) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(void* addr, size_t len) : addr_(addr), len_(len) {}
+  ~Mapping() { reset(); }
+  Mapping(Mapping&& o) noexcept
+      : addr_(std::exchange(o.addr_, nullptr)), len_(std::exchange(o.len_, 0)) {}
+  Mapping& operator=(Mapping&& o) noexcept {
+    if (this != &o) {
+      reset();
+      addr_ = std::exchange(o.addr_, nullptr);
+      len_ = std::exchange(o.len_, 0);
+    }
+    return *this;
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  u8* data() const { return static_cast<u8*>(addr_); }
+  size_t size() const { return len_; }
+  explicit operator bool() const { return addr_ != nullptr; }
+  void reset() {
+    if (addr_) ::munmap(addr_, len_);
+    addr_ = nullptr;
+    len_ = 0;
+  }
+
+  // mmap `len` bytes of `fd` at `offset`; `what` names the file in errors.
+  static Result<Mapping> map(int fd, i64 offset, i64 len, int prot, int flags,
+                             const std::string& path);
+
+ private:
+  void* addr_ = nullptr;
+  size_t len_ = 0;
+};
+
+// A heap buffer aligned for O_DIRECT (4 KiB), zero-filled.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(size_t size);
+  ~AlignedBuffer();
+  AlignedBuffer(AlignedBuffer&& o) noexcept
+      : p_(std::exchange(o.p_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  AlignedBuffer& operator=(AlignedBuffer&& o) noexcept;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+
+  u8* data() const { return p_; }
+  size_t size() const { return size_; }
+
+ private:
+  u8* p_ = nullptr;
+  size_t size_ = 0;
+};
+
+// The alignment O_DIRECT needs for offsets, lengths and buffers on every
+// filesystem vmsave targets (ext4, xfs, tmpfs with 4 KiB logical blocks).
+constexpr i64 kDirectAlign = 4096;
+
+}  // namespace vmsave

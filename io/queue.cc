@@ -1,0 +1,213 @@
+// IoQueue: a worker's io_uring ring with per-slot request state.
+//
+// The shape follows liburing's io_uring-cp.c: a fixed number of slots, each
+// request's slot index in user_data, completions reaped in batches with
+// io_uring_for_each_cqe + io_uring_cq_advance, short transfers resubmitted
+// for the remainder. The ring is set up with SINGLE_ISSUER|DEFER_TASKRUN
+// (one thread submits and reaps, so completion work runs when we wait rather
+// than interrupting the scanning/hashing the worker is doing), falling back
+// to a plain ring on kernels that refuse those flags.
+
+#include "io/queue.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include <fmt/core.h>
+
+namespace vmsave {
+
+const FaultPlan& FaultPlan::get() {
+  static const FaultPlan plan = [] {
+    FaultPlan p;
+    const char* s = std::getenv("VMSAVE_FAULT");
+    if (!s) return p;
+    std::string v = s;
+    size_t colon = v.find(':');
+    if (colon == std::string::npos) return p;
+    p.nth = std::atoll(v.substr(0, colon).c_str());
+    std::string kind = v.substr(colon + 1);
+    if (kind == "eio") p.err = EIO;
+    else if (kind == "enospc") p.err = ENOSPC;
+    else if (kind == "short") p.short_io = true;
+    else p.nth = 0;
+    return p;
+  }();
+  return plan;
+}
+
+static std::atomic<i64> g_requests{0};
+
+Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth) {
+  std::unique_ptr<IoQueue> q(new IoQueue());
+  io_uring_params p{};
+  p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+  int ret = io_uring_queue_init_params(depth, &q->ring_, &p);
+  if (ret == -EINVAL) {
+    // Kernels before 6.1 do not know these flags.
+    p = {};
+    ret = io_uring_queue_init_params(depth, &q->ring_, &p);
+  }
+  if (ret < 0) {
+    return Error{"cannot set up io_uring", "", std::strerror(-ret)}.fix(
+        ret == -EPERM || ret == -ENOSYS
+            ? "io_uring is disabled on this host (sysctl kernel.io_uring_disabled=0 enables it)"
+            : "");
+  }
+  q->ring_ok_ = true;
+  q->slots_.resize(depth);
+  for (u32 i = 0; i < depth; i++) q->free_.push_back(depth - 1 - i);
+  return q;
+}
+
+IoQueue::~IoQueue() {
+  if (!ring_ok_) return;
+  (void)drain();
+  io_uring_queue_exit(&ring_);
+}
+
+void IoQueue::name_fd(int fd, std::string path) { names_.emplace_back(fd, std::move(path)); }
+
+std::string IoQueue::fd_name(int fd) const {
+  for (auto& [f, p] : names_)
+    if (f == fd) return p;
+  return fmt::format("fd {}", fd);
+}
+
+void IoQueue::prep(u32 idx) {
+  Slot& s = slots_[idx];
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  // Never null: at most `depth` slots are busy and the SQ has `depth` entries;
+  // unsubmitted entries are flushed before a slot is reused.
+  u8* buf = s.req.buf + s.done;
+  u32 len = s.req.len - s.done;
+  i64 off = s.req.offset + s.done;
+  if (s.req.write)
+    io_uring_prep_write(sqe, s.req.fd, buf, len, off);
+  else
+    io_uring_prep_read(sqe, s.req.fd, buf, len, off);
+  io_uring_sqe_set_data64(sqe, idx);
+  unsubmitted_++;
+}
+
+Status IoQueue::submit(const IoRequest& req) {
+  if (!first_error_.ok()) return first_error_;
+  if (free_.empty()) {
+    Status st = reap(1);
+    if (!st.ok()) return st;
+  }
+  u32 idx = free_.back();
+  free_.pop_back();
+  Slot& s = slots_[idx];
+  s.req = req;
+  s.done = 0;
+  s.busy = true;
+  s.start = std::chrono::steady_clock::now();
+  in_flight_++;
+
+  const FaultPlan& fault = FaultPlan::get();
+  if (fault.nth && ++g_requests == fault.nth) {
+    if (fault.err) {
+      first_error_ = complete(idx, -fault.err);
+      return first_error_;
+    }
+    // A short transfer of half the request; the remainder is resubmitted
+    // and must still land, which is what the fault tests check.
+    if (fault.short_io && req.len >= 2 * kDirectAlign) {
+      s.done = align_down(req.len / 2, kDirectAlign);
+    }
+  }
+  prep(idx);
+  // Submit in batches of a quarter ring: fewer syscalls, and the device still
+  // sees work early.
+  if (unsubmitted_ >= slots_.size() / 4 + 1) {
+    int ret = io_uring_submit(&ring_);
+    if (ret < 0) return Error{"io_uring_submit", "", std::strerror(-ret)};
+    unsubmitted_ = 0;
+  }
+  return first_error_;
+}
+
+Status IoQueue::reap(u32 min_complete) {
+  int ret;
+  do {
+    ret = io_uring_submit_and_wait(&ring_, min_complete);
+    // EAGAIN/EBUSY: the kernel is short of resources or the CQ overflowed;
+    // reaping what is there below makes room.
+  } while (ret == -EINTR);
+  if (ret < 0 && ret != -EAGAIN && ret != -EBUSY) {
+    // The ring is unusable; requests may still be in flight but the kernel
+    // will not report them. Mark it broken so drain() stops waiting.
+    broken_ = true;
+    Error e{"io_uring_submit_and_wait", "", std::strerror(-ret)};
+    if (first_error_.ok()) first_error_ = e;
+    return e;
+  }
+  unsubmitted_ = 0;
+  io_uring_cqe* cqe;
+  unsigned head;
+  unsigned seen = 0;
+  std::vector<std::pair<u32, int>> done;
+  io_uring_for_each_cqe(&ring_, head, cqe) {
+    done.emplace_back(static_cast<u32>(io_uring_cqe_get_data64(cqe)), cqe->res);
+    seen++;
+  }
+  io_uring_cq_advance(&ring_, seen);
+  for (auto [idx, res] : done) {
+    Status st = complete(idx, res);
+    if (!st.ok() && first_error_.ok()) first_error_ = st;
+  }
+  return first_error_;
+}
+
+Status IoQueue::complete(u32 idx, int res) {
+  Slot& s = slots_[idx];
+  auto release = [&] {
+    s.busy = false;
+    free_.push_back(idx);
+    in_flight_--;
+  };
+  if (res == -EAGAIN || res == -EINTR) {
+    prep(idx);
+    return Status();
+  }
+  if (res < 0) {
+    release();
+    const char* call = s.req.write ? "write" : "read";
+    Error e = sys_error(call, fd_name(s.req.fd), -res).at(s.req.offset + s.done);
+    if (res == -ENOSPC || res == -EDQUOT) e.hint = "free space on that filesystem or choose another";
+    return e;
+  }
+  if (res == 0 && s.req.len > s.done) {
+    release();
+    return Error{s.req.write ? "write" : "read", fd_name(s.req.fd), "unexpected end of file"}.at(
+        s.req.offset + s.done);
+  }
+  s.done += res;
+  if (s.done < s.req.len) {
+    // Short transfer: resubmit the remainder.
+    prep(idx);
+    return Status();
+  }
+  auto now = std::chrono::steady_clock::now();
+  latency_.add(std::chrono::duration_cast<std::chrono::microseconds>(now - s.start).count());
+  bytes_done_ += s.req.len;
+  IoRequest req = s.req;
+  release();
+  if (on_done_) return on_done_(req);
+  return Status();
+}
+
+Status IoQueue::drain() {
+  while (in_flight_ > 0 && !broken_) {
+    Status st = reap(1);
+    if (!st.ok() && in_flight_ == 0) return st;
+    // On error keep reaping: nothing may be left in flight.
+    if (!st.ok() && first_error_.ok()) first_error_ = st;
+  }
+  return first_error_;
+}
+
+}  // namespace vmsave

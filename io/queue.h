@@ -1,0 +1,99 @@
+// One io_uring ring and the requests in flight on it.
+//
+// An IoQueue belongs to one worker thread. submit() queues a read or write
+// and, when all `depth` slots are busy, first reaps completions. Each request
+// carries its slot index in user_data; the slot remembers the request, so a
+// short transfer or -EAGAIN is resubmitted for the remainder, and the
+// caller's completion callback runs only once the whole request is done.
+// Nothing returns while requests are in flight: drain() waits for all of
+// them, and the destructor drains too, so no error path leaves the kernel
+// writing into memory that is about to be freed or unmapped.
+
+#pragma once
+
+#include <liburing.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "io/fd.h"
+#include "io/histogram.h"
+#include "lib/common.h"
+
+namespace vmsave {
+
+struct IoRequest {
+  int fd = -1;
+  u8* buf = nullptr;
+  u32 len = 0;
+  i64 offset = 0;
+  bool write = false;
+  u64 tag = 0;  // handed back to the completion callback
+};
+
+// Test-only fault injection (issue: reliability): when the environment
+// variable VMSAVE_FAULT is "N:KIND" with KIND one of eio, enospc, short, the
+// N-th request submitted by this process (1-based, counted over all queues)
+// fails that way. Read once at start-up.
+struct FaultPlan {
+  i64 nth = 0;
+  int err = 0;       // positive errno to fail with, or 0
+  bool short_io = false;
+  static const FaultPlan& get();
+};
+
+class IoQueue {
+ public:
+  // Called with the request's tag once it has fully completed.
+  using OnDone = std::function<Status(const IoRequest&)>;
+
+  static Result<std::unique_ptr<IoQueue>> create(u32 depth);
+  ~IoQueue();
+  IoQueue(const IoQueue&) = delete;
+
+  void set_on_done(OnDone fn) { on_done_ = std::move(fn); }
+
+  // `path` names the file in errors. Returns the first error seen so far.
+  Status submit(const IoRequest& req);
+  // Waits for every request in flight. Returns the first error seen.
+  Status drain();
+  // Waits until at least one request completes (its callback has run).
+  Status reap_some() { return in_flight_ ? reap(1) : first_error_; }
+  u32 in_flight() const { return in_flight_; }
+
+  const LatencyHistogram& latency() const { return latency_; }
+  i64 bytes_done() const { return bytes_done_; }
+  // Names the file behind an fd in error messages.
+  void name_fd(int fd, std::string path);
+
+ private:
+  IoQueue() = default;
+  struct Slot {
+    IoRequest req;
+    u32 done = 0;  // bytes already transferred (short transfers)
+    std::chrono::steady_clock::time_point start;
+    bool busy = false;
+  };
+
+  void prep(u32 slot);
+  Status reap(u32 min_complete);
+  Status complete(u32 slot, int res);
+  std::string fd_name(int fd) const;
+
+  io_uring ring_{};
+  bool ring_ok_ = false;
+  std::vector<Slot> slots_;
+  std::vector<u32> free_;
+  u32 in_flight_ = 0;
+  bool broken_ = false;
+  u32 unsubmitted_ = 0;
+  OnDone on_done_;
+  Status first_error_;
+  LatencyHistogram latency_;
+  i64 bytes_done_ = 0;
+  std::vector<std::pair<int, std::string>> names_;
+};
+
+}  // namespace vmsave
