@@ -1,0 +1,302 @@
+// vmsave's command line: CLI11 fills one options struct per command and
+// calls one function in core/. This file alone prints results, turns errors
+// into one line and an exit status, and owns the signal handlers.
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fmt/core.h>
+
+#include "cli/terminal.h"
+#include "core/qemu_args.h"
+#include "core/vmsave.h"
+#include "lib/cancel.h"
+
+using namespace vmsave;
+
+namespace {
+
+struct Common {
+  bool json = false;
+  bool quiet = false;
+  bool stats = false;
+  int progress_fd = -1;
+  int jobs = 0;
+  u32 queue_depth = 32;
+};
+
+void on_signal(int sig) { cancel_signal().store(sig); }
+
+void install_signal_handlers() {
+  // No SA_RESTART: blocking calls return EINTR and the loops around them
+  // check cancelled(), then unwind through the normal error paths.
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+int fail(const Error& e) {
+  std::fflush(stdout);
+  fmt::print(stderr, "vmsave: error: {}\n", e.message());
+  return static_cast<int>(e.status);
+}
+
+void add_common(CLI::App* cmd, Common& c, bool engine) {
+  cmd->add_flag("--json", c.json, "Print the report as one JSON object on stdout");
+  cmd->add_flag("-q,--quiet", c.quiet, "Print no progress and no summary");
+  cmd->add_option("--progress-fd", c.progress_fd, "Write progress as JSON lines to this fd")
+      ->check(CLI::NonNegativeNumber);
+  if (engine) {
+    cmd->add_flag("--stats", c.stats, "Show the I/O latency histogram in the summary");
+    cmd->add_option("-j,--jobs", c.jobs, "I/O worker threads (default: online CPUs)")
+        ->check(CLI::Range(1, 256));
+    cmd->add_option("--queue-depth", c.queue_depth, "Requests in flight per worker")
+        ->default_val(32)
+        ->check(CLI::Range(1, 4096));
+  }
+}
+
+std::string secs(const nlohmann::json& j, const char* key) {
+  return j.contains(key) ? fmt::format("{:.2f} s", j[key].get<double>()) : "-";
+}
+
+std::string latency_line(const nlohmann::json& j) {
+  if (!j.contains("io_latency_us")) return "";
+  auto& l = j["io_latency_us"];
+  return fmt::format("I/O latency: p50 {} us, p90 {} us, p99 {} us, max {} us ({} requests)",
+                     l["p50"].get<i64>(), l["p90"].get<i64>(), l["p99"].get<i64>(),
+                     l["max"].get<i64>(), l["count"].get<i64>());
+}
+
+// One human paragraph per command; the JSON report has every figure.
+void print_summary(const std::string& cmd, const nlohmann::json& j, const Common& c) {
+  if (cmd == "save") {
+    fmt::print(stderr, "saved {}: {} of RAM, {} stored ({:.0f}% zero)", j["image"].get<std::string>(),
+               human_bytes(j["ram_bytes"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
+               100 * j["zero_ratio"].get<double>());
+    if (j.contains("vmstate_bytes"))
+      fmt::print(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
+    fmt::print(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
+               secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
+    if (j.contains("downtime_s")) fmt::print(stderr, ", guest paused {}", secs(j, "downtime_s"));
+    fmt::print(stderr, "\n");
+  } else if (cmd == "restore" || cmd == "prepare") {
+    if (j.contains("ram_bytes"))
+      fmt::print(stderr, "{} {} of RAM ({} stored) in {}\n",
+                 j.value("mode", "") == "lazy" ? "mapped" : "restored",
+                 human_bytes(j["ram_bytes"].get<double>()),
+                 human_bytes(j.value("stored_bytes", 0.0)), secs(j, "ram_read_s"));
+    if (j.contains("pid"))
+      fmt::print(stderr, "QEMU pid {} is {}; QMP socket {}\n", j["pid"].get<i64>(),
+                 j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>());
+    fmt::print(stderr, "  total {}\n", secs(j, "total_s"));
+  } else if (cmd == "verify") {
+    fmt::print(stderr, "{}: intact ({} chunks, {} read in {})\n", j["image"].get<std::string>(),
+               j["chunks_checked"].get<i64>(), human_bytes(j["bytes_read"].get<double>()),
+               secs(j, "verify_s"));
+  }
+  if (c.stats && j.contains("io_latency_us")) fmt::print(stderr, "  {}\n", latency_line(j));
+}
+
+void print_info(const nlohmann::json& j) {
+  fmt::print("image:        {}\n", j["image"].get<std::string>());
+  fmt::print("format:       vmsave image v{} (complete)\n", j["format_version"].get<std::string>());
+  fmt::print("uuid:         {}\n", j["uuid"].get<std::string>());
+  auto& m = j["metadata"];
+  fmt::print("created:      {} on {} by vmsave {}\n", m.value("created", "?"), m.value("host", "?"),
+             m.value("vmsave_version", "?"));
+  fmt::print("mode:         {}\n", m.value("mode", "?"));
+  if (m.contains("qemu_version")) fmt::print("qemu:         {}\n", m["qemu_version"].get<std::string>());
+  if (m.contains("guest_running") && !m["guest_running"].is_null())
+    fmt::print("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
+  if (!m.value("description", "").empty())
+    fmt::print("description:  {}\n", m["description"].get<std::string>());
+  fmt::print("file size:    {} ({} stored RAM)\n", human_bytes(j["file_size"].get<double>()),
+             human_bytes(j["stored_bytes"].get<double>()));
+  fmt::print("device state: {}\n", human_bytes(j["vmstate_bytes"].get<double>()));
+  fmt::print("RAM blocks:\n");
+  for (auto& b : j["blocks"])
+    fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero\n", b["id"].get<std::string>(),
+               human_bytes(b["size"].get<double>()), human_bytes(b["page_size"].get<double>()),
+               human_bytes(b["stored_bytes"].get<double>()), 100 * b["zero_ratio"].get<double>());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "vmsave: save a running QEMU virtual machine into one random-access image and restore it.\n"
+      "Guest RAM must be a shared file-backed memory backend, e.g.\n"
+      "  -object memory-backend-file,id=ram0,size=4G,share=on,mem-path=/dev/shm/vm-ram0\n"
+      "See vmsave(1)."};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("vmsave ") + VMSAVE_VERSION);
+  Common c;
+  SaveOptions save;
+  RestoreOptions restore;
+  std::string image;
+  std::string chunk_size = "1M";
+  std::vector<std::string> rams;
+  bool leave_running = false, paused = false, running = false, restore_paused = false;
+
+  // save
+  CLI::App* save_cmd = app.add_subcommand(
+      "save", "Save a VM (--qmp) or plain memory files (--ram) into IMAGE");
+  save_cmd->add_option("image", save.image, "Image file to create")->required();
+  auto* qmp_opt = save_cmd->add_option("--qmp", save.qmp, "QEMU's QMP socket (QEMU mode)");
+  auto* ram_opt = save_cmd->add_option("--ram", rams, "ID=FILE: a memory file to save (raw mode); repeatable")
+                      ->allow_extra_args(false);
+  qmp_opt->excludes(ram_opt);
+  save_cmd->add_flag("-f,--force", save.force, "Replace an existing image");
+  auto* lr = save_cmd->add_flag("--leave-running", leave_running,
+                                "Resume the guest after saving (default: QEMU quits)");
+  auto* pz = save_cmd->add_flag("--paused", paused, "Leave the guest paused after saving");
+  lr->excludes(pz);
+  save_cmd->add_option("--description", save.description, "Free text stored in the metadata");
+  save_cmd->add_option("--chunk-size", chunk_size, "Checksum chunk (power of two, default 1M)");
+  save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
+  add_common(save_cmd, c, true);
+
+  // restore
+  CLI::App* restore_cmd = app.add_subcommand(
+      "restore",
+      "Restore IMAGE: start QEMU (-- QEMU-COMMAND...), load into a QEMU started with the "
+      "arguments from `prepare` (--qmp), or write memory files (--ram-dir)");
+  restore_cmd->add_option("image", restore.image, "Image file")->required();
+  restore_cmd->add_option("qemu", restore.qemu_argv,
+                          "After --: the QEMU command line the VM was started with");
+  auto* rd = restore_cmd->add_option("--ram-dir", restore.ram_dir,
+                                     "Raw mode: write each RAM block to DIR/ID");
+  auto* rq = restore_cmd->add_option("--qmp", restore.qmp,
+                                     "Two-step form: QMP socket of a QEMU started with `prepare`'s "
+                                     "arguments");
+  rd->excludes(rq);
+  restore_cmd->add_flag("--lazy", restore.lazy,
+                        "Map the image copy-on-write instead of reading RAM up front");
+  auto* rr = restore_cmd->add_flag("--running", running, "Resume the guest when loaded");
+  auto* rp = restore_cmd->add_flag("--paused", restore_paused, "Leave the guest paused when loaded");
+  rr->excludes(rp);
+  restore_cmd->add_flag("-f,--force", restore.force, "Overwrite existing RAM files");
+  restore_cmd->add_option("--qemu-log", restore.qemu_log,
+                          "File for the started QEMU's output (default: beside its QMP socket)");
+  restore_cmd->add_option("--qmp-timeout", restore.qmp_timeout,
+                          "Seconds to wait for QMP (default 10)");
+  add_common(restore_cmd, c, true);
+
+  // prepare
+  CLI::App* prepare_cmd = app.add_subcommand(
+      "prepare", "For wrappers that start QEMU: fill RAM files (--ram-dir) or plan a lazy "
+                 "restore, and print the QEMU arguments to add");
+  prepare_cmd->add_option("image", restore.image, "Image file")->required();
+  auto* pd = prepare_cmd->add_option("--ram-dir", restore.ram_dir, "Write RAM files to DIR/ID");
+  auto* pl = prepare_cmd->add_flag("--lazy", restore.lazy, "Map the image copy-on-write");
+  pd->excludes(pl);
+  prepare_cmd->add_flag("-f,--force", restore.force, "Overwrite existing RAM files");
+  add_common(prepare_cmd, c, true);
+
+  // info, verify
+  CLI::App* info_cmd = app.add_subcommand("info", "Describe an image");
+  info_cmd->add_option("image", image, "Image file")->required();
+  info_cmd->add_flag("--json", c.json, "Print JSON");
+  CLI::App* verify_cmd =
+      app.add_subcommand("verify", "Check every checksum of an image (exit 3 if damaged)");
+  verify_cmd->add_option("image", image, "Image file")->required();
+  add_common(verify_cmd, c, true);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : static_cast<int>(Exit::kUsage);
+  }
+
+  auto usage = [](const std::string& msg) {
+    fmt::print(stderr, "vmsave: error: {}\n", msg);
+    return static_cast<int>(Exit::kUsage);
+  };
+  EngineConfig engine{c.jobs, c.queue_depth};
+  save.engine = restore.engine = engine;
+  {
+    auto cs = parse_size(chunk_size);
+    if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))
+      return usage("--chunk-size must be a power of two from 4K to 1G");
+    save.chunk_size = *cs;
+  }
+  for (auto& r : rams) {
+    size_t eq = r.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == r.size())
+      return usage(fmt::format("--ram takes ID=FILE, not \"{}\"", r));
+    save.rams.emplace_back(r.substr(0, eq), r.substr(eq + 1));
+  }
+  save.after = leave_running ? AfterSave::kLeaveRunning
+                             : paused ? AfterSave::kPaused : AfterSave::kQuit;
+  if (running) restore.running = true;
+  if (restore_paused) restore.running = false;
+
+  install_signal_handlers();
+  TerminalReporter rep(c.quiet || c.json, c.progress_fd);
+  std::string cmd;
+  Result<nlohmann::json> result = Error{"no command"};
+  if (*save_cmd) {
+    cmd = "save";
+    if (save.qmp.empty() && save.rams.empty())
+      return usage("save needs --qmp SOCKET (a running QEMU) or --ram ID=FILE (memory files)");
+    if (!save.rams.empty() && (leave_running || paused))
+      return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
+    result = save.rams.empty() ? save_qemu(save, rep) : save_raw(save, rep);
+  } else if (*restore_cmd) {
+    cmd = "restore";
+    int forms = !restore.ram_dir.empty() + !restore.qmp.empty() + !restore.qemu_argv.empty();
+    if (forms != 1)
+      return usage(
+          "restore needs exactly one of: -- QEMU-COMMAND..., --qmp SOCKET, --ram-dir DIR");
+    if (!restore.ram_dir.empty() && (restore.lazy || restore.running))
+      return usage("--lazy, --running and --paused do not apply to --ram-dir");
+    if (!restore.qmp.empty() && restore.lazy)
+      return usage("--lazy belongs to `prepare` in the two-step form");
+    if (!restore.ram_dir.empty())
+      result = restore_raw(restore, rep);
+    else if (!restore.qmp.empty())
+      result = restore_into_running(restore, rep);
+    else
+      result = restore_qemu(restore, rep);
+  } else if (*prepare_cmd) {
+    cmd = "prepare";
+    if (restore.ram_dir.empty() && !restore.lazy) return usage("prepare needs --lazy or --ram-dir DIR");
+    result = prepare(restore, rep);
+  } else if (*info_cmd) {
+    cmd = "info";
+    result = info(image);
+  } else if (*verify_cmd) {
+    cmd = "verify";
+    result = verify(image, engine, rep);
+  }
+
+  if (!result.ok()) {
+    if (cmd == "verify" && c.json && result.error().status == Exit::kDamaged) {
+      nlohmann::json j = {{"command", "verify"}, {"image", image}, {"ok", false},
+                          {"error", result.error().message()}};
+      fmt::print("{}\n", j.dump(2));
+    }
+    return fail(result.error());
+  }
+  const nlohmann::json& j = *result;
+  if (c.json) {
+    fmt::print("{}\n", j.dump(2));
+  } else if (cmd == "info") {
+    print_info(j);
+  } else if (cmd == "prepare") {
+    // The arguments to add, one per line, for wrappers and humans alike.
+    for (auto& a : j["qemu_args"]) fmt::print("{}\n", a.get<std::string>());
+    if (!c.quiet) print_summary(cmd, j, c);
+  } else if (!c.quiet) {
+    print_summary(cmd, j, c);
+  }
+  return 0;
+}

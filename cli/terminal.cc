@@ -1,0 +1,124 @@
+// TerminalReporter: progress lines for humans and JSON lines for wrappers.
+//
+// A ticker thread samples the phase's counters ten times a second: the I/O
+// workers only bump atomics and never wait for the terminal. Estimates are
+// honest: a phase whose total is unknown (QEMU's device state can be GBs
+// from a VFIO device, and its size is not announced) shows bytes and rate,
+// never an invented percentage.
+
+#include "cli/terminal.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+namespace vmsave {
+
+TerminalReporter::TerminalReporter(bool quiet, int progress_fd)
+    : quiet_(quiet), progress_fd_(progress_fd) {
+  const char* term = std::getenv("TERM");
+  smart_ = isatty(STDERR_FILENO) && term && std::strcmp(term, "dumb") != 0;
+  if ((smart_ && !quiet_) || progress_fd_ >= 0) thread_ = std::thread([this] { ticker(); });
+}
+
+TerminalReporter::~TerminalReporter() {
+  stop_ = true;
+  if (thread_.joinable()) thread_.join();
+}
+
+void TerminalReporter::ticker() {
+  while (!stop_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::lock_guard lock(mu_);
+    if (!phase_.empty()) draw(false);
+  }
+}
+
+static std::string rate_text(double bytes, double secs) {
+  if (secs <= 0) return "";
+  return human_bytes(bytes / secs) + "/s";
+}
+
+void TerminalReporter::draw(bool final) {
+  double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - phase_start_).count();
+  i64 done = progress_ ? progress_->done.load(std::memory_order_relaxed) : 0;
+  i64 total = progress_ ? progress_->total.load(std::memory_order_relaxed) : 0;
+
+  if (progress_fd_ >= 0) {
+    nlohmann::json j = {{"phase", phase_}, {"done", done}, {"elapsed_s", secs},
+                        {"final", final}};
+    if (total > 0) j["total"] = total;
+    std::string line = j.dump() + "\n";
+    (void)!::write(progress_fd_, line.data(), line.size());
+  }
+  if (quiet_) return;
+
+  std::string text = phase_;
+  if (progress_) {
+    if (total > 0) {
+      double pct = 100.0 * double(done) / double(total);
+      text += fmt::format(": {} of {} ({:.0f}%), {}", human_bytes(done), human_bytes(total), pct,
+                          rate_text(done, secs));
+      if (!final && done > 0 && done < total) {
+        double eta = secs * double(total - done) / double(done);
+        text += fmt::format(", {:.0f} s left", eta);
+      }
+    } else {
+      text += fmt::format(": {}, {}", human_bytes(done), rate_text(done, secs));
+    }
+  }
+  if (final) text += fmt::format(" in {:.2f} s", secs);
+  if (smart_) {
+    fmt::print(stderr, "\r{}\x1b[K", text);
+    line_dirty_ = true;
+    if (final) {
+      fmt::print(stderr, "\n");
+      line_dirty_ = false;
+    }
+  } else if (final) {
+    fmt::print(stderr, "{}\n", text);
+  }
+  std::fflush(stderr);
+}
+
+void TerminalReporter::clear_line() {
+  if (line_dirty_) {
+    fmt::print(stderr, "\r\x1b[K");
+    line_dirty_ = false;
+  }
+}
+
+void TerminalReporter::begin_phase(const std::string& name, const Progress* progress) {
+  std::lock_guard lock(mu_);
+  phase_ = name;
+  progress_ = progress;
+  phase_start_ = std::chrono::steady_clock::now();
+}
+
+void TerminalReporter::end_phase() {
+  std::lock_guard lock(mu_);
+  if (!phase_.empty()) draw(true);
+  phase_.clear();
+  progress_ = nullptr;
+}
+
+void TerminalReporter::warn(const std::string& msg) {
+  std::lock_guard lock(mu_);
+  clear_line();
+  fmt::print(stderr, "vmsave: warning: {}\n", msg);
+}
+
+void TerminalReporter::note(const std::string& msg) {
+  std::lock_guard lock(mu_);
+  if (quiet_) return;
+  clear_line();
+  fmt::print(stderr, "{}\n", msg);
+}
+
+}  // namespace vmsave

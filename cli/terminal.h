@@ -1,0 +1,44 @@
+// The terminal side of core's Reporter: one redrawn progress line on a
+// terminal (ninja's LinePrinter: "\r" ... "\x1b[K", only when stderr is a
+// tty and TERM is not dumb), plain lines otherwise, JSON lines on
+// --progress-fd, nothing with --quiet.
+
+#pragma once
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "core/reporter.h"
+
+namespace vmsave {
+
+class TerminalReporter : public Reporter {
+ public:
+  TerminalReporter(bool quiet, int progress_fd);
+  ~TerminalReporter() override;
+
+  void begin_phase(const std::string& name, const Progress* progress) override;
+  void end_phase() override;
+  void warn(const std::string& msg) override;
+  void note(const std::string& msg) override;
+
+ private:
+  void ticker();
+  void draw(bool final);
+  void clear_line();
+
+  bool quiet_;
+  int progress_fd_;
+  bool smart_;  // stderr is a terminal that understands escapes
+  std::mutex mu_;
+  std::string phase_;
+  const Progress* progress_ = nullptr;
+  std::chrono::steady_clock::time_point phase_start_;
+  bool line_dirty_ = false;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+}  // namespace vmsave

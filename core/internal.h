@@ -1,0 +1,41 @@
+// Pieces shared by the save and restore recipes in core/: opening RAM files,
+// filling them from an image, and the common parts of reports and metadata.
+
+#pragma once
+
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "core/image_io.h"
+#include "core/reporter.h"
+#include "io/fd.h"
+#include "lib/common.h"
+
+namespace vmsave {
+
+// Page size of the filesystem holding `fd`: the huge page size on
+// hugetlbfs, the system page size elsewhere.
+i64 file_page_size(int fd);
+
+// A RAM block id is used as a file name under --ram-dir: refuse anything
+// that could escape the directory.
+Status check_block_id(const std::string& id, const std::string& image);
+
+// Creates `path` (mode 0600, never through a symlink; an existing file only
+// with `force`), sizes it to the block and fills it from the image, leaving
+// holes where the image has them. Removes the file again on failure.
+Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats);
+
+// The metadata fields every image carries.
+nlohmann::json base_metadata(const std::string& mode, const std::string& description);
+
+// Report fields for a RAM pass.
+void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& prefix);
+
+// Is a RAM file's directory on a filesystem vmsave's restore can write
+// with O_DIRECT? Used only for warnings.
+std::string hostname();
+
+}  // namespace vmsave

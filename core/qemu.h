@@ -1,0 +1,97 @@
+// What vmsave needs from a live QEMU, on top of the QMP client: finding the
+// guest RAM files behind its memory backends, the migration capabilities
+// it changes (and puts back), streaming device state out of and into QEMU
+// through a pipe, and starting QEMU for a restore.
+
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/qmp.h"
+#include "io/fd.h"
+#include "lib/common.h"
+
+namespace vmsave {
+
+// A memory backend object in a running QEMU.
+struct RamBackend {
+  std::string id;        // object id (== RAM block name in the image)
+  std::string qom_type;  // memory-backend-file, -ram, -memfd, ...
+  i64 size = 0;
+  bool share = false;
+  std::string mem_path;  // memory-backend-file only
+  i64 offset = 0;        // file offset QEMU maps from
+  // Resolved for saving: the file QEMU maps (opened read-only).
+  UniqueFd fd;
+  std::string file;      // what we opened: mem-path or /proc/PID/map_files/...
+  i64 page_size = 4096;
+};
+
+// Lists the memory-backend-* objects under /objects with their properties.
+Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp);
+
+// Opens the file behind each backend, checking it is what QEMU `pid` maps:
+// mem-path itself when its inode is mapped, otherwise the mapping found in
+// /proc/PID/maps (a directory mem-path makes QEMU create and unlink a
+// file; it is reached through /proc/PID/map_files).
+Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid);
+
+// The explanation for RAM vmsave cannot save itself, with the QEMU option
+// that would make it saveable.
+Error unsaveable_ram_error(const RamBackend& b);
+
+// Migration capabilities: set some, remember the old values, put them back.
+class Capabilities {
+ public:
+  // Sets `want` (name -> bool); a name QEMU does not know is an error when
+  // `required` contains it, ignored otherwise.
+  Status set(QmpClient& qmp, const std::vector<std::pair<std::string, bool>>& want,
+             const std::vector<std::string>& required);
+  // Puts back the values that were changed. Best effort: errors are ignored,
+  // this runs on error paths.
+  void restore(QmpClient& qmp);
+
+ private:
+  std::vector<std::pair<std::string, bool>> old_;
+};
+
+// Polls query-migrate until the migration is no longer in progress; returns
+// an Error naming QEMU's error-desc unless it completed.
+Status wait_migration(QmpClient& qmp, double timeout_s, const char* what);
+
+// Outgoing device state: `migrate` to a pipe whose read end is drained into
+// `sink` as bytes arrive, until QEMU closes it and reports completion.
+Status save_device_state(QmpClient& qmp, const std::function<Status(const u8*, size_t)>& sink,
+                         const std::function<void(i64)>& on_bytes);
+
+// Incoming device state: `migrate-incoming` from a pipe that `source` fills
+// (it gets a writer callback), then waits for completion.
+Status load_device_state(
+    QmpClient& qmp,
+    const std::function<Status(const std::function<Status(const u8*, size_t)>&)>& source);
+
+// QEMU's command line, from /proc/PID/cmdline.
+std::vector<std::string> process_cmdline(pid_t pid);
+
+// A QEMU started for a restore: in its own session, stdin from /dev/null,
+// output to `log`, so it outlives vmsave and holds no pipe of its caller.
+struct StartedQemu {
+  pid_t pid = -1;
+  std::string log;
+};
+Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log);
+
+// Connects to `path` as soon as QEMU listens there; fails early with the
+// tail of the log if the process exits first.
+Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path, double timeout_s,
+                                  bool daemonize);
+
+std::string log_tail(const std::string& path, int lines);
+
+}  // namespace vmsave

@@ -1,0 +1,109 @@
+// A QMP (QEMU Machine Protocol) client over a Unix socket.
+//
+// One connection, one command at a time, no threads: save and restore are
+// sequential recipes, so a blocking call with a deadline is all they need.
+// Events QEMU sends while we wait for a reply are queued, never dropped,
+// because the one we need (STOP, MIGRATION, RESUME) often arrives before the
+// reply to the command that caused it.
+
+#pragma once
+
+#include <sys/types.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "io/fd.h"
+#include "lib/common.h"
+
+namespace vmsave {
+
+// The default wait for a reply or an event. QEMU answers most commands in
+// microseconds, but it runs them on its main loop, which a guest under heavy
+// I/O or a slow device (a stuck NFS-backed disk during "stop" flushes) can
+// hold for seconds; 30 s is long enough not to fail a healthy but busy VM
+// and short enough that a wedged QEMU is reported while the user waits.
+constexpr double kQmpTimeout = 30;
+
+class QmpClient {
+ public:
+  QmpClient(QmpClient&&) = default;
+  QmpClient& operator=(QmpClient&&) = default;
+  QmpClient(const QmpClient&) = delete;
+  QmpClient& operator=(const QmpClient&) = delete;
+
+  // Connects to the socket at `path`, reads QEMU's greeting and negotiates
+  // capabilities. A QMP socket serves one client at a time: a second client
+  // is accepted by the kernel but greeted only when the first one leaves, so
+  // the greeting wait has its own `timeout_s`, and running out of it says
+  // another client is probably connected.
+  static Result<QmpClient> connect(const std::string& path, double timeout_s = 5);
+
+  // Runs {"execute": cmd, "arguments": args} (no "arguments" when `args` is
+  // null) and returns the reply's "return" value. A QEMU error reply becomes
+  // Error{"QEMU refused <cmd>", path, "<class>: <desc>"}.
+  Result<nlohmann::json> execute(const std::string& cmd, const nlohmann::json& args = nullptr,
+                                 double timeout_s = kQmpTimeout);
+
+  // getfd: hands `fd` to QEMU (SCM_RIGHTS) under `name`, for commands that
+  // take "fd:name" (migrate, add_client). QEMU keeps its own copy.
+  Status getfd(const std::string& name, int fd, double timeout_s = kQmpTimeout);
+
+  // add-fd: adds a copy of `fd` to fd set `fdset_id` (a new set when
+  // nullopt), for "/dev/fdset/N" paths such as file: migration. Returns the
+  // reply ({"fdset-id": N, "fd": M}).
+  Result<nlohmann::json> add_fd(int fd, std::optional<i64> fdset_id, const std::string& opaque,
+                                double timeout_s = kQmpTimeout);
+
+  // Every event received and not yet taken, oldest first; reads whatever is
+  // already waiting on the socket first, without blocking.
+  std::vector<nlohmann::json> take_events();
+
+  // Waits for the next event called `name` (one already queued counts) and
+  // removes it from the queue; other events stay queued in order.
+  Result<nlohmann::json> wait_event(const std::string& name, double timeout_s = kQmpTimeout);
+  Result<nlohmann::json> wait_event(const std::string& name,
+                                    const std::function<bool(const nlohmann::json&)>& match,
+                                    double timeout_s = kQmpTimeout);
+
+  // The QEMU process on the other end (SO_PEERCRED at connect time).
+  pid_t peer_pid() const { return peer_pid_; }
+  // {"QMP": {"version": {...}, "capabilities": [...]}}
+  const nlohmann::json& greeting() const { return greeting_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  QmpClient() = default;
+
+  using Deadline = std::chrono::steady_clock::time_point;
+
+  Status send(const std::string& bytes, int fd, Deadline deadline);
+  // The next message; nullopt when the deadline passes first.
+  Result<std::optional<nlohmann::json>> read_message(Deadline deadline);
+  Result<nlohmann::json> call(const std::string& cmd, const nlohmann::json& args, int fd,
+                              double timeout_s);
+  Error protocol_error(std::string_view got) const;
+
+  UniqueFd fd_;
+  std::string path_;
+  nlohmann::json greeting_;
+  pid_t peer_pid_ = -1;
+  std::string in_;      // bytes received, not yet parsed
+  size_t scanned_ = 0;  // how far in_ has been scanned for a message end
+  int depth_ = 0;       // brace depth at scanned_
+  bool in_string_ = false, escaped_ = false;
+  std::deque<nlohmann::json> events_;
+  u64 next_id_ = 1;
+  // Set when QEMU hung up or broke the protocol: the stream cannot be
+  // trusted again, so every later call returns this error.
+  std::optional<Error> broken_;
+};
+
+}  // namespace vmsave

@@ -1,0 +1,202 @@
+// Raw mode: snapshots of plain memory files (guest RAM in /dev/shm or
+// hugetlbfs, or the memory files other VMMs write) into an image and back,
+// with no QEMU involved. Also the helpers every restore path shares.
+
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include <fmt/core.h>
+
+#include "core/internal.h"
+#include "core/vmsave.h"
+
+namespace vmsave {
+
+i64 file_page_size(int fd) {
+  struct statfs fs;
+  if (fstatfs(fd, &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC) return fs.f_bsize;
+  return sysconf(_SC_PAGESIZE);
+}
+
+std::string hostname() {
+  char buf[256] = {};
+  gethostname(buf, sizeof(buf) - 1);
+  return buf;
+}
+
+Status check_block_id(const std::string& id, const std::string& image) {
+  if (id.empty() || id == "." || id == ".." || id.find('/') != std::string::npos)
+    return damaged(image, fmt::format("RAM block id \"{}\" cannot be a file name", id));
+  return Status();
+}
+
+nlohmann::json base_metadata(const std::string& mode, const std::string& description) {
+  auto now = std::chrono::system_clock::now();
+  std::time_t t = std::chrono::system_clock::to_time_t(now);
+  char when[64];
+  std::strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return {{"vmsave_version", VMSAVE_VERSION},
+          {"mode", mode},
+          {"host", hostname()},
+          {"created", when},
+          {"description", description}};
+}
+
+void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& prefix) {
+  j["ram_bytes"] = s.ram_bytes;
+  j["stored_bytes"] = s.stored_bytes;
+  j["zero_ratio"] = s.total_pages ? 1.0 - double(s.data_pages) / double(s.total_pages) : 0.0;
+  j[prefix + "_s"] = s.seconds;
+  j["throughput_bps"] = s.seconds > 0 ? double(s.stored_bytes) / s.seconds : 0.0;
+  j["jobs"] = s.engine.jobs;
+  j["io_latency_us"] = latency_json(s.engine.latency);
+}
+
+nlohmann::json latency_json(const LatencyHistogram& h) {
+  return {{"count", h.count()},
+          {"p50", h.percentile(50)},
+          {"p90", h.percentile(90)},
+          {"p99", h.percentile(99)},
+          {"max", h.max()}};
+}
+
+Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats) {
+  const BlockLayout& b = img.layout().blocks[block];
+  int flags = O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
+  UniqueFd fd(::open(path.c_str(), flags, 0600));
+  if (!fd) {
+    if (errno == EEXIST)
+      return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
+          "pass --force to overwrite it, or remove it");
+    return sys_error("open", path, errno);
+  }
+  // From here on the file is ours: remove it if the restore fails.
+  struct Remove {
+    std::string path;
+    bool keep = false;
+    ~Remove() {
+      if (!keep) ::unlink(path.c_str());
+    }
+  } guard{path};
+  if (ftruncate(fd.get(), b.size) < 0) {
+    Error e = sys_error("ftruncate", path, errno);
+    if (errno == EINVAL && file_page_size(fd.get()) > b.page_size)
+      e.hint = "the block's size is not a multiple of this hugetlbfs page size";
+    return e;
+  }
+  auto m = Mapping::map(fd.get(), 0, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
+                        MAP_SHARED, path);
+  if (!m.ok()) return m.error();
+  VMSAVE_TRY(img.read_ram(block, m->data(), cfg, progress, stats));
+  guard.keep = true;
+  return Status();
+}
+
+Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
+  StepTimer timer;
+  std::vector<UniqueFd> fds;
+  std::vector<RamSource> sources;
+  std::vector<BlockLayout> blocks;
+  nlohmann::json meta = base_metadata("raw", opts.description);
+  meta["guest_running"] = nullptr;
+  for (auto& [id, file] : opts.rams) {
+    if (id.empty() || id.size() > kMaxBlockIdLength || id == "." || id == ".." ||
+        id.find('/') != std::string::npos)
+      return Error{"bad RAM block id", "", fmt::format("\"{}\"", id)}
+          .fix("use a name without '/' of at most 255 characters")
+          .as(Exit::kUsage);
+    for (auto& b : blocks)
+      if (b.id == id)
+        return Error{"duplicate RAM block id", "", id}.as(Exit::kUsage);
+    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd) return sys_error("open", file, errno).fix(errno == ENOENT ? "check the path" : "");
+    struct stat st;
+    if (fstat(fd.get(), &st) < 0) return sys_error("fstat", file, errno);
+    if (!S_ISREG(st.st_mode)) return Error{"not a regular file", file, "cannot save it as RAM"};
+    if (st.st_size == 0) return Error{"empty memory file", file, "nothing to save"};
+    RamSource s{id, file, fd.get(), 0, st.st_size, file_page_size(fd.get())};
+    BlockLayout b;
+    b.id = id;
+    b.size = st.st_size;
+    b.page_size = s.page_size;
+    blocks.push_back(b);
+    sources.push_back(s);
+    meta["blocks"].push_back({{"id", id}, {"size", s.size}, {"page_size", s.page_size},
+                              {"source", file}});
+    fds.push_back(std::move(fd));
+  }
+  auto warn = [&](const std::string& m) { rep.warn(m); };
+  auto w = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size, warn);
+  if (!w.ok()) return w.error();
+  timer.lap("prepare");
+
+  Progress progress;
+  RamStats ram;
+  rep.begin_phase("writing RAM", &progress);
+  Status st = (*w)->write_ram(sources, opts.engine, &progress, &ram);
+  rep.end_phase();
+  if (!st.ok()) return st.error();
+  timer.lap("ram");
+  VMSAVE_TRY((*w)->commit(meta));
+  timer.lap("commit");
+
+  nlohmann::json j = {{"command", "save"}, {"mode", "raw"}, {"image", opts.image},
+                      {"direct_io", (*w)->direct()}};
+  add_ram_report(j, ram, "ram_write");
+  j["steps_s"] = timer.steps();
+  j["total_s"] = timer.total();
+  return j;
+}
+
+Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
+  StepTimer timer;
+  auto warn = [&](const std::string& m) { rep.warn(m); };
+  auto r = ImageReader::open(opts.image, warn);
+  if (!r.ok()) return r.error();
+  const ImageReader& img = **r;
+  struct stat st;
+  if (stat(opts.ram_dir.c_str(), &st) < 0) return sys_error("stat", opts.ram_dir, errno);
+  if (!S_ISDIR(st.st_mode)) return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
+  for (auto& b : img.layout().blocks) VMSAVE_TRY(check_block_id(b.id, opts.image));
+  // Refuse up front rather than after filling half the blocks.
+  if (!opts.force)
+    for (auto& b : img.layout().blocks) {
+      std::string p = opts.ram_dir + "/" + b.id;
+      if (access(p.c_str(), F_OK) == 0)
+        return Error{"RAM file exists", p, "refusing to overwrite it"}.fix(
+            "pass --force to overwrite it, or remove it");
+    }
+  timer.lap("open");
+
+  Progress progress;
+  for (auto& b : img.layout().blocks) progress.total += b.size;
+  RamStats ram;
+  std::vector<std::string> done;
+  rep.begin_phase("reading RAM", &progress);
+  for (size_t i = 0; i < img.layout().blocks.size(); i++) {
+    std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
+    Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, &ram);
+    if (!s.ok()) {
+      rep.end_phase();
+      for (auto& d : done) ::unlink(d.c_str());
+      return s.error();
+    }
+    done.push_back(p);
+  }
+  rep.end_phase();
+  timer.lap("ram");
+  nlohmann::json j = {{"command", "restore"}, {"mode", "raw"}, {"image", opts.image},
+                      {"ram_files", done}};
+  add_ram_report(j, ram, "ram_read");
+  j["steps_s"] = timer.steps();
+  j["total_s"] = timer.total();
+  return j;
+}
+
+}  // namespace vmsave

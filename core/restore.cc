@@ -1,0 +1,406 @@
+// `vmsave restore` with QEMU, and `prepare` for wrappers that start QEMU
+// themselves.
+//
+//   open image → match the command's memory backends to the image's blocks
+//   → eager: fill each RAM file in parallel | lazy: map the image itself →
+//   start QEMU with -incoming defer → device state → resume
+//
+// Lazy restore rewrites each backend to
+//   memory-backend-file,mem-path=IMAGE,offset=REGION,share=off,readonly=on,rom=off
+// (QEMU's docs/system/vm-templating.rst): QEMU maps the image read-only and
+// private, the guest's writes land in copy-on-write anonymous pages, nothing
+// is read up front, and many clones share the image's pages in the page
+// cache. Everything that can be checked is checked before QEMU starts.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+
+#include <fmt/core.h>
+
+#include "core/internal.h"
+#include "core/qemu.h"
+#include "core/qemu_args.h"
+#include "core/vmsave.h"
+#include "lib/cancel.h"
+
+namespace vmsave {
+
+namespace {
+
+// Properties that describe where and how a backend gets its memory; a lazy
+// restore replaces them all with the image mapping.
+const char* const kSourceProps[] = {"mem-path", "share",    "offset",   "readonly",
+                                    "rom",      "discard-data", "align", "pmem",
+                                    "prealloc", "prealloc-threads", "prealloc-context",
+                                    "hugetlb",  "hugetlbsize", "seal", "reserve"};
+
+struct BackendPlan {
+  size_t arg_index = 0;
+  size_t block = 0;
+  QemuObject object;
+  std::string ram_file;      // eager: the file filled from the image
+  bool unlink_after = false;  // eager into a directory mem-path
+};
+
+std::string absolute(const std::string& p) {
+  std::error_code ec;
+  auto a = std::filesystem::absolute(p, ec);
+  return ec ? p : a.lexically_normal().string();
+}
+
+Error mismatch(const std::string& what, const std::string& fix = "") {
+  return Error{"the QEMU command does not fit the image", "", what}.fix(
+      fix.empty() ? "pass the command line the VM was saved with (vmsave info shows it)" : fix);
+}
+
+// Matches memory backends on the command line to the image's RAM blocks.
+Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const ImageReader& img,
+                                               bool lazy) {
+  auto objs = cmd.objects();
+  if (!objs.ok()) return objs.error().as(Exit::kUsage);
+  const auto& blocks = img.layout().blocks;
+  std::vector<BackendPlan> plans;
+  std::vector<bool> matched(blocks.size(), false);
+  for (auto& o : *objs) {
+    if (o.object.qom_type.rfind("memory-backend-", 0) != 0) continue;
+    size_t i = 0;
+    while (i < blocks.size() && blocks[i].id != o.object.id) i++;
+    if (i == blocks.size())
+      return mismatch(fmt::format("its memory backend {} is not in the image", o.object.id));
+    auto size = o.object.get_size("size");
+    if (!size.ok()) return size.error().as(Exit::kUsage);
+    if (!*size || **size != blocks[i].size)
+      return mismatch(fmt::format("memory backend {} has size {}, the image's block has {}",
+                                  o.object.id, *size ? format_size(**size) : "unset",
+                                  format_size(blocks[i].size)));
+    if (!lazy && o.object.qom_type != "memory-backend-file")
+      return mismatch(fmt::format("memory backend {} is {}; an eager restore fills a file",
+                                  o.object.id, o.object.qom_type),
+                      "use memory-backend-file with share=on and a mem-path, or --lazy");
+    matched[i] = true;
+    plans.push_back(BackendPlan{o.index, i, o.object});
+  }
+  for (size_t i = 0; i < blocks.size(); i++)
+    if (!matched[i])
+      return mismatch(fmt::format("the image has RAM block {} ({}) but the command has no "
+                                  "memory backend with id={}",
+                                  blocks[i].id, format_size(blocks[i].size), blocks[i].id));
+  return plans;
+}
+
+Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
+  if (meta.contains("machine_type")) {
+    auto t = cmd.machine_type();
+    if (t.ok() && *t && **t != meta["machine_type"].get<std::string>())
+      return mismatch(fmt::format("machine type {} differs from the saved {}", **t,
+                                  meta["machine_type"].get<std::string>()));
+  }
+  if (meta.contains("memory_size")) {
+    auto m = cmd.memory_size();
+    if (m.ok() && *m && **m != meta["memory_size"].get<i64>())
+      return mismatch(fmt::format("-m {} differs from the saved {}", format_size(**m),
+                                  format_size(meta["memory_size"].get<i64>())));
+  }
+  return Status();
+}
+
+void make_lazy(QemuObject& o, const std::string& image, i64 offset) {
+  for (const char* p : kSourceProps) o.erase(p);
+  o.qom_type = "memory-backend-file";
+  o.set("mem-path", image);
+  o.set("offset", o.json_syntax ? nlohmann::json(offset) : nlohmann::json(std::to_string(offset)));
+  o.set("share", o.json_syntax ? nlohmann::json(false) : nlohmann::json("off"));
+  o.set("readonly", o.json_syntax ? nlohmann::json(true) : nlohmann::json("on"));
+  o.set("rom", o.json_syntax ? nlohmann::json(false) : nlohmann::json("off"));
+}
+
+// Eager: the RAM file each backend will map, filled from the image.
+Status fill_backends(std::vector<BackendPlan>& plans, const ImageReader& img, bool force,
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats) {
+  for (auto& p : plans) {
+    auto mp = p.object.get_string("mem-path");
+    if (!mp) return mismatch(fmt::format("memory backend {} has no mem-path", p.object.id));
+    struct stat st;
+    if (stat(mp->c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+      // QEMU would create and unlink a file here; vmsave creates it, fills
+      // it, points the backend at it and unlinks it once QEMU has it mapped.
+      p.ram_file = fmt::format("{}/vmsave-{}-{}", *mp, p.object.id, getpid());
+      p.unlink_after = true;
+      p.object.set("mem-path", p.ram_file);
+    } else {
+      p.ram_file = *mp;
+    }
+  }
+  std::vector<std::string> filled;
+  for (auto& p : plans) {
+    Status st = fill_ram_file(img, p.block, p.ram_file, force, cfg, progress, stats);
+    if (!st.ok()) {
+      for (auto& f : filled) ::unlink(f.c_str());
+      return st;
+    }
+    filled.push_back(p.ram_file);
+  }
+  return Status();
+}
+
+// Loads the image's device state into a QEMU waiting with -incoming defer,
+// then resumes the guest if `run`.
+Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporter& rep,
+                       double* vmstate_s) {
+  auto t0 = std::chrono::steady_clock::now();
+  Capabilities caps;
+  VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
+  Progress progress;
+  progress.total = img.layout().vmstate.length;
+  rep.begin_phase("loading device state", &progress);
+  Status st = load_device_state(qmp, [&](const std::function<Status(const u8*, size_t)>& write) {
+    return img.stream_vmstate([&](const u8* d, size_t n) {
+      progress.done += n;
+      return write(d, n);
+    });
+  });
+  rep.end_phase();
+  if (!st.ok()) return st;
+  *vmstate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (run) {
+    auto r = qmp.execute("cont");
+    if (!r.ok()) return r.error();
+  }
+  return Status();
+}
+
+void kill_qemu(pid_t pid) {
+  if (pid <= 0) return;
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+}
+
+}  // namespace
+
+Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
+  StepTimer timer;
+  auto img_r = ImageReader::open(opts.image, [&](const std::string& m) { rep.warn(m); });
+  if (!img_r.ok()) return img_r.error();
+  const ImageReader& img = **img_r;
+  auto meta = img.metadata();
+  if (!meta.ok()) return meta.error();
+  if (meta->value("mode", "") != "qemu")
+    return Error{"not a QEMU image", opts.image, "it holds memory files saved with --ram"}.fix(
+        "restore it with --ram-dir DIR");
+
+  auto cmd_r = QemuCommand::parse(opts.qemu_argv);
+  if (!cmd_r.ok()) return cmd_r.error().as(Exit::kUsage);
+  QemuCommand& cmd = *cmd_r;
+  auto plans_r = plan_backends(cmd, img, opts.lazy);
+  if (!plans_r.ok()) return plans_r.error();
+  std::vector<BackendPlan>& plans = *plans_r;
+  VMSAVE_TRY(check_machine(cmd, *meta));
+  for (auto& v : cmd.option_values("incoming"))
+    if (v != "defer")
+      return Error{"the QEMU command already has -incoming " + v, "", ""}
+          .fix("drop it; vmsave adds -incoming defer")
+          .as(Exit::kUsage);
+
+  // Where QEMU's QMP socket and log live: the command's own QMP server
+  // socket if it has one, else a private directory that outlives vmsave.
+  auto mon = cmd.qmp_socket();
+  if (!mon.ok()) return mon.error().as(Exit::kUsage);
+  std::string qmp_path;
+  std::string log = opts.qemu_log;
+  std::string run_dir;
+  if (*mon && (*mon)->server) {
+    qmp_path = (*mon)->path;
+    if ((*mon)->wait)
+      return Error{"the QEMU command's QMP socket waits for a client at start-up", qmp_path, ""}
+          .fix("add wait=off to it")
+          .as(Exit::kUsage);
+  }
+  if (qmp_path.empty() || log.empty()) {
+    const char* base = getenv("XDG_RUNTIME_DIR");
+    std::string tmpl = fmt::format("{}/vmsave-XXXXXX", base && *base ? base : "/tmp");
+    if (!mkdtemp(tmpl.data())) return sys_error("mkdtemp", tmpl, errno);
+    run_dir = tmpl;
+    if (qmp_path.empty()) {
+      qmp_path = run_dir + "/qmp.sock";
+      cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", qmp_path)});
+    }
+    if (log.empty()) log = run_dir + "/qemu.log";
+  }
+  if (!cmd.has_option("incoming")) cmd.append({"-incoming", "defer"});
+  timer.lap("plan");
+
+  // RAM.
+  Progress progress;
+  RamStats ram;
+  std::string image_abs = absolute(opts.image);
+  if (opts.lazy) {
+    for (auto& p : plans) make_lazy(p.object, image_abs, img.layout().blocks[p.block].region.offset);
+  } else {
+    for (auto& p : plans) progress.total += img.layout().blocks[p.block].size;
+    rep.begin_phase("reading RAM", &progress);
+    Status st = fill_backends(plans, img, opts.force, opts.engine, &progress, &ram);
+    rep.end_phase();
+    if (!st.ok()) {
+      if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
+      return st.error();
+    }
+  }
+  for (auto& p : plans) cmd.replace_arg(p.arg_index, format_object(p.object));
+  timer.lap("ram");
+
+  // From here on a failure kills the QEMU we started and removes what we made.
+  bool ok = false;
+  StartedQemu q;
+  struct Cleanup {
+    bool* ok;
+    StartedQemu* q;
+    std::vector<BackendPlan>* plans;
+    std::string run_dir;
+    ~Cleanup() {
+      if (*ok) return;
+      kill_qemu(q->pid);
+      for (auto& p : *plans)
+        if (!p.ram_file.empty()) ::unlink(p.ram_file.c_str());
+      if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
+    }
+  } cleanup{&ok, &q, &plans, run_dir};
+
+  auto started = start_qemu(cmd.argv(), log);
+  if (!started.ok()) return started.error();
+  q = *started;
+  auto qmp_r = connect_started(q, qmp_path, std::max(opts.qmp_timeout, 30.0), cmd.daemonize());
+  if (!qmp_r.ok()) return qmp_r.error();
+  QmpClient& qmp = *qmp_r;
+  if (cmd.daemonize()) q.pid = qmp.peer_pid();
+  timer.lap("start_qemu");
+
+  bool run = opts.running.value_or(meta->value("guest_running", true));
+  double vmstate_s = 0;
+  Status st = load_and_resume(qmp, img, run, rep, &vmstate_s);
+  if (!st.ok()) {
+    Error e = st.error();
+    std::string tail = log_tail(log, 2);
+    if (!tail.empty()) e.detail += " (QEMU: " + tail + ")";
+    return e;
+  }
+  timer.lap("device_state");
+  for (auto& p : plans)
+    if (p.unlink_after) ::unlink(p.ram_file.c_str());
+  ok = true;
+
+  nlohmann::json j = {{"command", "restore"}, {"mode", opts.lazy ? "lazy" : "eager"},
+                      {"image", opts.image},  {"pid", qmp.peer_pid()},
+                      {"qmp", qmp_path},      {"qemu_log", log},
+                      {"running", run},       {"vmstate_bytes", img.layout().vmstate.length},
+                      {"vmstate_s", vmstate_s}};
+  if (!opts.lazy) add_ram_report(j, ram, "ram_read");
+  else j["ram_bytes"] = [&] { i64 s = 0; for (auto& b : img.layout().blocks) s += b.size; return s; }();
+  j["steps_s"] = timer.steps();
+  j["total_s"] = timer.total();
+  return j;
+}
+
+Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
+  StepTimer timer;
+  auto img_r = ImageReader::open(opts.image, [&](const std::string& m) { rep.warn(m); });
+  if (!img_r.ok()) return img_r.error();
+  const ImageReader& img = **img_r;
+  auto meta = img.metadata();
+  if (!meta.ok()) return meta.error();
+  std::string image_abs = absolute(opts.image);
+  nlohmann::json args = nlohmann::json::array();
+  RamStats ram;
+  if (!opts.lazy) {
+    struct stat st;
+    if (stat(opts.ram_dir.c_str(), &st) < 0 || !S_ISDIR(st.st_mode))
+      return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
+    for (auto& b : img.layout().blocks) VMSAVE_TRY(check_block_id(b.id, opts.image));
+    Progress progress;
+    for (auto& b : img.layout().blocks) progress.total += b.size;
+    rep.begin_phase("reading RAM", &progress);
+    std::vector<std::string> filled;
+    for (size_t i = 0; i < img.layout().blocks.size(); i++) {
+      std::string p = absolute(opts.ram_dir + "/" + img.layout().blocks[i].id);
+      Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, &ram);
+      if (!s.ok()) {
+        rep.end_phase();
+        for (auto& f : filled) ::unlink(f.c_str());
+        return s.error();
+      }
+      filled.push_back(p);
+    }
+    rep.end_phase();
+  }
+  for (auto& b : img.layout().blocks) {
+    QemuObject o;
+    o.qom_type = "memory-backend-file";
+    o.id = b.id;
+    o.set("size", std::to_string(b.size));
+    if (opts.lazy) {
+      make_lazy(o, image_abs, b.region.offset);
+    } else {
+      o.set("share", "on");
+      o.set("mem-path", absolute(opts.ram_dir + "/" + b.id));
+    }
+    args.push_back("-object");
+    args.push_back(format_object(o));
+  }
+  args.push_back("-incoming");
+  args.push_back("defer");
+  nlohmann::json j = {{"command", "prepare"}, {"mode", opts.lazy ? "lazy" : "eager"},
+                      {"image", opts.image},  {"qemu_args", args}};
+  if (meta->contains("qemu_cmdline")) j["saved_qemu_cmdline"] = (*meta)["qemu_cmdline"];
+  if (!opts.lazy) add_ram_report(j, ram, "ram_read");
+  j["total_s"] = timer.total();
+  return j;
+}
+
+Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter& rep) {
+  StepTimer timer;
+  auto img_r = ImageReader::open(opts.image, [&](const std::string& m) { rep.warn(m); });
+  if (!img_r.ok()) return img_r.error();
+  const ImageReader& img = **img_r;
+  auto meta = img.metadata();
+  if (!meta.ok()) return meta.error();
+  auto qmp_r = QmpClient::connect(opts.qmp, opts.qmp_timeout);
+  if (!qmp_r.ok()) return qmp_r.error();
+  QmpClient& qmp = *qmp_r;
+  auto status = qmp.execute("query-status");
+  if (!status.ok()) return status.error();
+  if (status->value("status", "") != "inmigrate")
+    return Error{"QEMU is not waiting for a migration", opts.qmp,
+                 "its state is " + status->value("status", "?")}
+        .fix("start it with the arguments `vmsave prepare` prints (they include -incoming defer)");
+  // The backends QEMU has must be the image's blocks, same sizes.
+  auto backends = list_ram_backends(qmp);
+  if (!backends.ok()) return backends.error();
+  for (auto& b : img.layout().blocks) {
+    bool found = false;
+    for (auto& qb : *backends)
+      if (qb.id == b.id) {
+        found = true;
+        if (qb.size != b.size)
+          return mismatch(fmt::format("QEMU's backend {} has size {}, the image's block has {}",
+                                      b.id, format_size(qb.size), format_size(b.size)));
+      }
+    if (!found)
+      return mismatch(fmt::format("QEMU has no memory backend {} for the image's block", b.id),
+                      "start QEMU with the arguments `vmsave prepare` prints");
+  }
+  timer.lap("connect");
+  bool run = opts.running.value_or(meta->value("guest_running", true));
+  double vmstate_s = 0;
+  VMSAVE_TRY(load_and_resume(qmp, img, run, rep, &vmstate_s));
+  timer.lap("device_state");
+  return nlohmann::json{{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
+                        {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
+                        {"vmstate_bytes", img.layout().vmstate.length},
+                        {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
+                        {"steps_s", timer.steps()}};
+}
+
+}  // namespace vmsave
