@@ -87,9 +87,11 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     if (j.contains("downtime_s")) fmt::print(stderr, ", guest paused {}", secs(j, "downtime_s"));
     fmt::print(stderr, "\n");
   } else if (cmd == "restore" || cmd == "prepare") {
-    if (j.contains("ram_bytes"))
-      fmt::print(stderr, "{} {} of RAM ({} stored) in {}\n",
-                 j.value("mode", "") == "lazy" ? "mapped" : "restored",
+    if (j.value("mode", "") == "lazy")
+      fmt::print(stderr, "mapped {} of RAM copy-on-write from the image\n",
+                 human_bytes(j["ram_bytes"].get<double>()));
+    else if (j.contains("ram_bytes"))
+      fmt::print(stderr, "restored {} of RAM ({} stored) in {}\n",
                  human_bytes(j["ram_bytes"].get<double>()),
                  human_bytes(j.value("stored_bytes", 0.0)), secs(j, "ram_read_s"));
     if (j.contains("pid"))
