@@ -1,0 +1,515 @@
+// Tests for core/qmp: a scripted fake QMP server on a Unix socket (one
+// std::thread per case) for the protocol's edges, then a real QEMU.
+
+#include "core/qmp.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+#include <fmt/core.h>
+
+#include <chrono>
+#include <fstream>
+#include <functional>
+#include <thread>
+
+#include "tests/test_util.h"
+#include "tests/vm_fixture.h"
+
+using namespace vmsave;
+using json = nlohmann::json;
+
+namespace {
+
+const char* kGreeting =
+    R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""},)"
+    R"( "capabilities": ["oob"]}})";
+
+// A listening Unix socket whose one connection is served by `script` on a
+// thread. The destructor joins the thread and closes everything.
+class FakeQmp {
+ public:
+  explicit FakeQmp(const std::string& path) : path_(path) {
+    listen_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    REQUIRE(listen_.valid());
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    REQUIRE(path.size() < sizeof(addr.sun_path));
+    memcpy(addr.sun_path, path.data(), path.size());
+    REQUIRE(::bind(listen_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+    REQUIRE(::listen(listen_.get(), 4) == 0);
+  }
+  ~FakeQmp() {
+    join();
+    ::unlink(path_.c_str());
+  }
+
+  // Waits for the script to finish; what it recorded is safe to read after.
+  void join() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void serve(std::function<void(FakeQmp&)> script) {
+    thread_ = std::thread([this, script] {
+      conn_.reset(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (conn_) script(*this);
+      conn_.reset();
+    });
+  }
+
+  void send(const std::string& s) {
+    size_t off = 0;
+    while (off < s.size()) {
+      ssize_t n = ::send(conn_.get(), s.data() + off, s.size() - off, MSG_NOSIGNAL);
+      if (n <= 0) return;
+      off += n;
+    }
+  }
+
+  // The next "\n"-terminated request as JSON (null on EOF or a 10 s stall),
+  // taking any fd that came with it into `fd`.
+  json request(UniqueFd* fd = nullptr) {
+    for (;;) {
+      size_t nl = buf_.find('\n');
+      if (nl != std::string::npos) {
+        std::string line = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        return json::parse(line, nullptr, false);
+      }
+      pollfd p{conn_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 10000) <= 0) return nullptr;
+      char data[4096];
+      iovec iov{data, sizeof(data)};
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+      msghdr msg{};
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof(control);
+      ssize_t n = ::recvmsg(conn_.get(), &msg, MSG_CMSG_CLOEXEC);
+      if (n <= 0) return nullptr;
+      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && fd) {
+          int got;
+          memcpy(&got, CMSG_DATA(c), sizeof(int));
+          fd->reset(got);
+        }
+      }
+      buf_.append(data, n);
+    }
+  }
+
+  // Answers one request with {"return": ret}, echoing its id.
+  json reply(const json& ret = json::object()) {
+    json r = request();
+    if (!r.is_null()) send(json{{"return", ret}, {"id", r["id"]}}.dump() + "\r\n");
+    return r;
+  }
+
+  // The usual opening: greeting, then the capabilities handshake.
+  void handshake() {
+    send(std::string(kGreeting) + "\r\n");
+    json caps = reply();
+    CHECK(caps["execute"] == "qmp_capabilities");
+  }
+
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  UniqueFd listen_;
+  UniqueFd conn_;
+  std::string buf_;
+  std::thread thread_;
+};
+
+QmpClient connect_ok(const std::string& path, double timeout_s = 5) {
+  auto c = QmpClient::connect(path, timeout_s);
+  REQUIRE_MESSAGE(c.ok(), (c.ok() ? "" : c.error().message()));
+  return std::move(*c);
+}
+
+std::string message_of(const Status& s) {
+  return s.ok() ? "(ok)" : s.error().message();
+}
+
+}  // namespace
+
+TEST_CASE("qmp: greeting, capabilities and a command") {
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  json seen_status;
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    seen_status = s.reply({{"status", "running"}, {"running", true}});
+  });
+  QmpClient c = connect_ok(server.path());
+  CHECK(c.greeting()["QMP"]["version"]["qemu"]["major"] == 10);
+  CHECK(c.peer_pid() == getpid());
+  CHECK(c.path() == server.path());
+  auto st = c.execute("query-status");
+  REQUIRE_MESSAGE(st.ok(), message_of(st.status()));
+  CHECK((*st)["status"] == "running");
+  server.join();
+  CHECK(seen_status["execute"] == "query-status");
+  CHECK_FALSE(seen_status.contains("arguments"));
+  CHECK(seen_status["id"].is_string());
+}
+
+TEST_CASE("qmp: arguments are sent, and events that arrive before a reply are kept") {
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  json seen;
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    seen = s.request();
+    s.send(R"({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})"
+           "\r\n");
+    s.send(R"({"event": "RTC_CHANGE", "data": {"offset": 1}})"
+           "\r\n");
+    s.send(json{{"return", json::object()}, {"id", seen["id"]}}.dump() + "\r\n");
+    // An event that comes later, while the client waits for it.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    s.send(R"({"event": "RESUME", "data": {}})"
+           "\r\n");
+    s.request();  // holds the connection open until the client closes it
+  });
+  QmpClient c = connect_ok(server.path());
+  auto r = c.execute("stop", {{"flag", true}});
+  REQUIRE_MESSAGE(r.ok(), message_of(r.status()));
+  CHECK(seen["arguments"]["flag"] == true);
+  auto stop = c.wait_event("STOP", 0.1);
+  REQUIRE_MESSAGE(stop.ok(), message_of(stop.status()));
+  CHECK((*stop)["timestamp"]["seconds"] == 1);
+  auto resume = c.wait_event(
+      "RESUME", [](const json& ev) { return ev.contains("data"); }, 5);
+  REQUIRE_MESSAGE(resume.ok(), message_of(resume.status()));
+  auto rest = c.take_events();
+  REQUIRE(rest.size() == 1);
+  CHECK(rest[0]["event"] == "RTC_CHANGE");
+  CHECK(c.take_events().empty());
+
+  auto none = c.wait_event("SHUTDOWN", 0.2);
+  REQUIRE_FALSE(none.ok());
+  CHECK(none.error().what.find("no SHUTDOWN event") != std::string::npos);
+}
+
+TEST_CASE("qmp: an error reply names QEMU's class and description") {
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    json req = s.request();
+    s.send(json{{"error",
+                 {{"class", "CommandNotFound"}, {"desc", "The command nope has not been found"}}},
+                {"id", req["id"]}}
+               .dump() +
+           "\r\n");
+    s.reply({{"ok", 1}});
+  });
+  QmpClient c = connect_ok(server.path());
+  auto r = c.execute("nope");
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().what == "QEMU refused nope");
+  CHECK(r.error().path == server.path());
+  CHECK(r.error().detail == "CommandNotFound: The command nope has not been found");
+  // The connection is still good after a refusal.
+  auto ok = c.execute("next");
+  REQUIRE_MESSAGE(ok.ok(), message_of(ok.status()));
+  CHECK((*ok)["ok"] == 1);
+}
+
+TEST_CASE("qmp: stale replies are dropped and a slow command times out") {
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    json slow = s.request();  // not answered in time
+    json next = s.request();
+    s.send(json{{"return", "late"}, {"id", slow["id"]}}.dump() + "\r\n");
+    s.send(json{{"return", "fresh"}, {"id", next["id"]}}.dump() + "\r\n");
+  });
+  QmpClient c = connect_ok(server.path());
+  auto t0 = std::chrono::steady_clock::now();
+  auto slow = c.execute("slow", nullptr, 0.3);
+  double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE_FALSE(slow.ok());
+  CHECK(slow.error().what == "QEMU did not answer slow within 0.3 s");
+  CHECK(took >= 0.29);
+  CHECK(took < 2);
+  auto next = c.execute("next");
+  REQUIRE_MESSAGE(next.ok(), message_of(next.status()));
+  CHECK(*next == "fresh");
+}
+
+TEST_CASE("qmp: pretty-printed messages over several lines") {
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([&](FakeQmp& s) {
+    s.send(json::parse(kGreeting).dump(4) + "\n");
+    json caps = s.request();
+    s.send(json{{"return", json::object()}, {"id", caps["id"]}}.dump(4) + "\n");
+    json req = s.request();
+    // Split mid-string, with braces and an escaped quote inside the string.
+    std::string reply = json{{"return", {{"s", "a \"{[}\" b"}}}, {"id", req["id"]}}.dump(2) + "\n";
+    s.send(reply.substr(0, 7));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    s.send(reply.substr(7));
+  });
+  QmpClient c = connect_ok(server.path());
+  auto r = c.execute("x");
+  REQUIRE_MESSAGE(r.ok(), message_of(r.status()));
+  CHECK((*r)["s"] == "a \"{[}\" b");
+}
+
+TEST_CASE("qmp: garbage is a protocol error naming the socket") {
+  test::TempDir dir;
+  SUBCASE("before the greeting: not QMP at all") {
+    FakeQmp server(dir / "hmp.sock");
+    server.serve([&](FakeQmp& s) {
+      s.send("QEMU 10.0.2 monitor - type 'help' for more information\r\n(qemu) ");
+      s.request();
+    });
+    auto c = QmpClient::connect(server.path(), 2);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.error().what == "the socket does not speak QMP");
+    CHECK(c.error().path == server.path());
+    CHECK(c.error().detail.find("QEMU 10.0.2 monitor") != std::string::npos);
+    CHECK(c.error().hint.find("HMP") != std::string::npos);
+  }
+  SUBCASE("a JSON greeting that is not QMP's") {
+    FakeQmp server(dir / "json.sock");
+    server.serve([&](FakeQmp& s) {
+      s.send("{\"hello\": 1}\n");
+      s.request();
+    });
+    auto c = QmpClient::connect(server.path(), 2);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.error().what == "the socket does not speak QMP");
+  }
+  for (std::string junk : {"this is not json\r\n", "{\"return\": nonsense}\r\n", "[1, 2]\r\n"}) {
+    CAPTURE(junk);
+    FakeQmp server(dir / "junk.sock");
+    server.serve([&](FakeQmp& s) {
+      s.handshake();
+      s.request();
+      s.send(junk);
+      s.request();
+    });
+    QmpClient c = connect_ok(server.path());
+    auto r = c.execute("query-status", nullptr, 5);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().what == "QEMU sent a malformed QMP message");
+    CHECK(r.error().path == server.path());
+    // The stream cannot be trusted again.
+    auto again = c.execute("query-status", nullptr, 5);
+    REQUIRE_FALSE(again.ok());
+    CHECK(again.error().what == "QEMU sent a malformed QMP message");
+  }
+}
+
+TEST_CASE("qmp: a server that never greets times out with the one-client message") {
+  test::TempDir dir;
+  FakeQmp server(dir / "busy.sock");
+  server.serve([&](FakeQmp& s) { s.request(); });  // accepts, never greets
+  auto t0 = std::chrono::steady_clock::now();
+  auto c = QmpClient::connect(server.path(), 0.5);
+  double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE_FALSE(c.ok());
+  CHECK(took >= 0.45);
+  CHECK(took < 3);
+  std::string msg = c.error().message();
+  CHECK(msg ==
+        fmt::format("QEMU did not greet on {} within 0.5 s: another QMP client (libvirt, "
+                    "another vmsave?) is probably connected; QMP serves one client at a time",
+                    server.path()));
+}
+
+TEST_CASE("qmp: a peer that hangs up gives a clear error, every time") {
+  test::TempDir dir;
+  SUBCASE("after the handshake") {
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) {
+      s.handshake();
+      s.send(R"({"event": "SHUTDOWN", "data": {"guest": false}})"
+             "\r\n");
+    });  // returning closes the connection
+    QmpClient c = connect_ok(server.path());
+    // An event sent just before the hang-up is still delivered.
+    auto ev = c.wait_event("SHUTDOWN", 5);
+    REQUIRE_MESSAGE(ev.ok(), message_of(ev.status()));
+    for (int i = 0; i < 3; i++) {
+      auto r = c.execute("query-status");
+      REQUIRE_FALSE(r.ok());
+      CHECK(r.error().what == "QEMU closed the QMP connection");
+      CHECK(r.error().path == server.path());
+      CHECK(r.error().hint.find("exited") != std::string::npos);
+    }
+    auto w = c.wait_event("STOP", 1);
+    REQUIRE_FALSE(w.ok());
+    CHECK(w.error().what == "QEMU closed the QMP connection");
+    UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    CHECK(message_of(c.getfd("x", devnull.get())).find("closed the QMP connection") !=
+          std::string::npos);
+    CHECK(c.take_events().empty());
+  }
+  SUBCASE("before the greeting") {
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp&) {});
+    auto c = QmpClient::connect(server.path(), 5);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.error().what == "QEMU closed the QMP connection");
+  }
+}
+
+TEST_CASE("qmp: connect errors say what is wrong with the path") {
+  test::TempDir dir;
+  auto missing = QmpClient::connect(dir / "nope.sock", 1);
+  REQUIRE_FALSE(missing.ok());
+  CHECK(missing.error().what == "QMP socket does not exist");
+  CHECK(missing.error().path == dir / "nope.sock");
+  CHECK(missing.error().detail == strerror(ENOENT));
+
+  std::ofstream(dir / "file") << "x";
+  auto file = QmpClient::connect(dir / "file", 1);
+  REQUIRE_FALSE(file.ok());
+  CHECK(file.error().what == "not a socket");
+  auto directory = QmpClient::connect(dir.path(), 1);
+  REQUIRE_FALSE(directory.ok());
+  CHECK(directory.error().detail == "it is a directory");
+
+  {
+    // Bound, never listened on, closed: the socket file a dead QEMU leaves.
+    UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::string stale = dir / "stale.sock";
+    memcpy(addr.sun_path, stale.data(), stale.size());
+    REQUIRE(::bind(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  }
+  auto refused = QmpClient::connect(dir / "stale.sock", 1);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.error().what == "nothing is listening on the QMP socket");
+  CHECK(refused.error().detail == strerror(ECONNREFUSED));
+
+  auto too_long = QmpClient::connect("/" + std::string(200, 'x'), 1);
+  REQUIRE_FALSE(too_long.ok());
+  CHECK(too_long.error().what == "QMP socket path is unusable");
+}
+
+TEST_CASE("qmp: getfd and add-fd pass a working fd with SCM_RIGHTS") {
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  json getfd_req, addfd_req;
+  bool wrote = false;
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    UniqueFd got;
+    getfd_req = s.request(&got);
+    // Prove the fd works: write through it into the client's pipe.
+    wrote = got && ::write(got.get(), "hello", 5) == 5;
+    got.reset();
+    s.send(json{{"return", json::object()}, {"id", getfd_req["id"]}}.dump() + "\r\n");
+    UniqueFd got2;
+    addfd_req = s.request(&got2);
+    json ret = {{"fdset-id", 7}, {"fd", 42}};
+    s.send(json{{"return", ret}, {"id", addfd_req["id"]}}.dump() + "\r\n");
+  });
+  QmpClient c = connect_ok(server.path());
+  int p[2];
+  REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+  UniqueFd rd(p[0]), wr(p[1]);
+  Status st = c.getfd("mig", wr.get());
+  REQUIRE_MESSAGE(st.ok(), message_of(st));
+  wr.reset();  // the server's copy was the other writer, now closed too
+  char buf[16] = {};
+  CHECK(::read(rd.get(), buf, sizeof(buf)) == 5);
+  CHECK(std::string(buf) == "hello");
+  auto added = c.add_fd(rd.get(), 7, "rdonly:pipe");
+  REQUIRE_MESSAGE(added.ok(), message_of(added.status()));
+  CHECK((*added)["fdset-id"] == 7);
+  server.join();
+  CHECK(wrote);
+  CHECK(getfd_req["execute"] == "getfd");
+  CHECK(getfd_req["arguments"]["fdname"] == "mig");
+  CHECK(addfd_req["execute"] == "add-fd");
+  CHECK(addfd_req["arguments"]["fdset-id"] == 7);
+  CHECK(addfd_req["arguments"]["opaque"] == "rdonly:pipe");
+}
+
+TEST_CASE("qmp client drives a real QEMU") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) test::skip(why);
+
+  test::TestVm vm({.ram_mib = 256, .memcheck_mib = 32});
+  std::string err;
+  REQUIRE_MESSAGE(vm.start(&err), err);
+  test::MemcheckLine line;
+  REQUIRE_MESSAGE(vm.wait_for_memcheck(1, 120, &line, &err), err);
+
+  QmpClient c = connect_ok(vm.qmp_path());
+  CHECK(c.peer_pid() == vm.pid());
+  CHECK(c.greeting()["QMP"]["version"]["qemu"]["major"].get<int>() >= 10);
+
+  auto status = [&]() {
+    auto r = c.execute("query-status");
+    REQUIRE_MESSAGE(r.ok(), message_of(r.status()));
+    return (*r)["status"].get<std::string>();
+  };
+  CHECK(status() == "running");
+
+  auto stop = c.execute("stop");
+  REQUIRE_MESSAGE(stop.ok(), message_of(stop.status()));
+  auto stop_ev = c.wait_event("STOP");
+  REQUIRE_MESSAGE(stop_ev.ok(), message_of(stop_ev.status()));
+  CHECK(status() == "paused");
+
+  auto cont = c.execute("cont");
+  REQUIRE_MESSAGE(cont.ok(), message_of(cont.status()));
+  auto resume_ev = c.wait_event("RESUME");
+  REQUIRE_MESSAGE(resume_ev.ok(), message_of(resume_ev.status()));
+  CHECK(status() == "running");
+
+  auto objects = c.execute("qom-list", {{"path", "/objects"}});
+  REQUIRE_MESSAGE(objects.ok(), message_of(objects.status()));
+  bool found = false;
+  for (const auto& p : *objects) {
+    if (p["name"] == "ram0") {
+      found = true;
+      CHECK(p["type"] == "child<memory-backend-file>");
+    }
+  }
+  CHECK_MESSAGE(found, objects->dump());
+  auto size = c.execute("qom-get", {{"path", "/objects/ram0"}, {"property", "size"}});
+  REQUIRE_MESSAGE(size.ok(), message_of(size.status()));
+  CHECK(size->get<i64>() == 256 * kMiB);
+
+  auto unknown = c.execute("no-such-command");
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(unknown.error().what == "QEMU refused no-such-command");
+  CHECK(unknown.error().detail.find("CommandNotFound") != std::string::npos);
+
+  int p[2];
+  REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+  UniqueFd rd(p[0]), wr(p[1]);
+  Status got = c.getfd("vmsave-test-pipe", wr.get());
+  REQUIRE_MESSAGE(got.ok(), message_of(got));
+  auto closed = c.execute("closefd", {{"fdname", "vmsave-test-pipe"}});
+  REQUIRE_MESSAGE(closed.ok(), message_of(closed.status()));
+
+  // QMP serves one client at a time: a second connection is queued, never
+  // greeted, while this one is open.
+  auto second = QmpClient::connect(vm.qmp_path(), 1);
+  REQUIRE_FALSE(second.ok());
+  CHECK(second.error().message().find("another QMP client (libvirt, another vmsave?) is probably "
+                                      "connected; QMP serves one client at a time") !=
+        std::string::npos);
+
+  // The first client is unaffected, and the guest still runs.
+  CHECK(status() == "running");
+  REQUIRE_MESSAGE(vm.wait_for_memcheck(line.iteration + 1, 60, &line, &err), err);
+}

@@ -1,0 +1,56 @@
+// Helpers shared by the test files: reported skips, temporary directories
+// that are removed even when a case fails, and running the real binary.
+
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "lib/common.h"
+
+namespace vmsave::test {
+
+// Ends this test case's process with status 77, which CTest reports as a
+// skip (SKIP_RETURN_CODE). Call before the case owns any resource.
+[[noreturn]] void skip(const std::string& why);
+
+// A fresh directory under `parent` (default: $TMPDIR or the build tree's
+// tmp dir, which is on the project's disk, so O_DIRECT is real), removed
+// recursively on destruction.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& parent = "");
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+struct RunResult {
+  int status = -1;  // exit status, or 128+signal
+  std::string out;
+  std::string err;
+};
+
+// Runs build/vmsave with `args`, capturing stdout and stderr, with a timeout.
+RunResult run_vmsave(const std::vector<std::string>& args, double timeout_s = 120,
+                     const std::vector<std::string>& env = {});
+
+// Runs any program the same way.
+RunResult run_program(const std::vector<std::string>& argv, double timeout_s = 120,
+                      const std::vector<std::string>& env = {});
+
+// Writes `len` bytes of deterministic content to `path`: kind is "random",
+// "zero", "text" or "mixed" (25% zero pages, 25% text, 50% random).
+void write_pattern_file(const std::string& path, i64 len, const std::string& kind, u64 seed = 1);
+
+bool files_equal(const std::string& a, const std::string& b, std::string* why = nullptr);
+i64 file_size(const std::string& path);
+std::string read_file(const std::string& path);
+
+}  // namespace vmsave::test
