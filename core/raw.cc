@@ -160,6 +160,7 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
   auto r = ImageReader::open(opts.image, warn);
   if (!r.ok()) return r.error();
   const ImageReader& img = **r;
+  if (auto meta = img.metadata(); !meta.ok()) return meta.error();  // damage is damage, used or not
   struct stat st;
   if (stat(opts.ram_dir.c_str(), &st) < 0) return sys_error("stat", opts.ram_dir, errno);
   if (!S_ISDIR(st.st_mode)) return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include <fmt/core.h>
 
@@ -94,7 +95,7 @@ void IoQueue::prep(u32 idx) {
 
 Status IoQueue::submit(const IoRequest& req) {
   if (!first_error_.ok()) return first_error_;
-  if (free_.empty()) {
+  while (free_.empty()) {  // a short or -EAGAIN completion is resubmitted, freeing no slot
     Status st = reap(1);
     if (!st.ok()) return st;
   }
@@ -116,10 +117,11 @@ Status IoQueue::submit(const IoRequest& req) {
     // A short transfer of half the request; the remainder is resubmitted
     // and must still land, which is what the fault tests check.
     if (fault.short_io && req.len >= 2 * kDirectAlign) {
-      s.done = align_down(req.len / 2, kDirectAlign);
+      s.req.len = static_cast<u32>(align_down(req.len / 2, kDirectAlign));
     }
   }
   prep(idx);
+  s.req.len = req.len;  // after a short fault's first half: the remainder is resubmitted
   // Submit in batches of a quarter ring: fewer syscalls, and the device still
   // sees work early.
   if (unsubmitted_ >= slots_.size() / 4 + 1) {

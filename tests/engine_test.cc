@@ -1,0 +1,620 @@
+// End-to-end tests of the RAM engine (io/ and core/image_io) through the
+// real binary in raw mode: round trips of every kind of memory content and
+// size over worker and queue-depth settings, holes that stay holes, the
+// O_DIRECT fallback, a full filesystem, injected I/O faults and signals.
+//
+// Source RAM files live in a private /dev/shm directory (tmpfs, where
+// SEEK_DATA and st_blocks are exact), images in a temporary directory on
+// disk (real O_DIRECT). Every directory and mount is a RAII fixture, so a
+// failing check leaves nothing behind.
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "tests/test_util.h"
+
+using namespace vmsave;
+using json = nlohmann::json;
+using test::RunResult;
+using test::run_vmsave;
+using test::TempDir;
+
+namespace {
+
+constexpr i64 kPage = 4096;
+const std::vector<i64> kSizes = {4096, 5000, 1 * kMiB, 3 * kMiB + 8 * kKiB, 64 * kMiB};
+
+std::string show(const RunResult& r) {
+  return "status " + std::to_string(r.status) + "\nstdout: " + r.out + "\nstderr: " + r.err;
+}
+
+#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), show(r))
+#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), show(r))
+
+bool contains(const std::string& s, const std::string& needle) {
+  return s.find(needle) != std::string::npos;
+}
+
+// Pages of `path` that hold a non-zero byte (the last page may be partial).
+std::vector<bool> data_page_map(const std::string& path) {
+  std::string s = test::read_file(path);
+  std::vector<bool> out;
+  for (size_t off = 0; off < s.size(); off += kPage) {
+    size_t n = std::min<size_t>(kPage, s.size() - off);
+    bool data = false;
+    for (size_t i = 0; i < n && !data; i++) data = s[off + i] != 0;
+    out.push_back(data);
+  }
+  return out;
+}
+
+i64 count(const std::vector<bool>& v) { return std::count(v.begin(), v.end(), true); }
+
+i64 allocated(const std::string& path) {
+  struct stat st;
+  REQUIRE(stat(path.c_str(), &st) == 0);
+  return static_cast<i64>(st.st_blocks) * 512;
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> out;
+  for (auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (auto& x : v) s += x + " ";
+  return s;
+}
+
+json info_json(const std::string& image) {
+  RunResult r = run_vmsave({"info", "--json", image});
+  REQUIRE_RUN(r, 0);
+  return json::parse(r.out);
+}
+
+// Skips the case unless /dev/shm is a usable tmpfs.
+void require_shm() {
+  if (access("/dev/shm", W_OK) != 0) test::skip("/dev/shm is not writable");
+}
+
+// Can a filesystem of `type` be mounted here (root, not in a locked-down
+// container)? Probed in its own directory before the case owns anything,
+// because skip() exits without running destructors.
+void require_mount(const char* type) {
+  std::string why;
+  {
+    TempDir probe;
+    if (mount("none", probe.path().c_str(), type, 0, "size=1m") != 0)
+      why = std::string("cannot mount ") + type + ": " + std::strerror(errno);
+    else
+      umount2(probe.path().c_str(), MNT_DETACH);
+  }
+  if (!why.empty()) test::skip(why);
+}
+
+// A filesystem mounted on a fresh directory, unmounted (then removed) on
+// destruction, whatever the case did.
+class TempMount {
+ public:
+  TempMount(const char* type, const std::string& opts) {
+    ok_ = mount("none", dir_.path().c_str(), type, 0, opts.c_str()) == 0;
+    if (!ok_) err_ = std::strerror(errno);
+  }
+  ~TempMount() {
+    if (ok_) umount2(dir_.path().c_str(), MNT_DETACH);
+  }
+  bool ok() const { return ok_; }
+  const std::string& error() const { return err_; }
+  const std::string& path() const { return dir_.path(); }
+  std::string operator/(const std::string& n) const { return dir_ / n; }
+
+ private:
+  TempDir dir_;
+  bool ok_ = false;
+  std::string err_;
+};
+
+// Source RAM in /dev/shm, images on disk, restored RAM in /dev/shm.
+struct Dirs {
+  TempDir shm{"/dev/shm"};
+  TempDir disk;
+  TempDir out{"/dev/shm"};
+};
+
+// save -> info -> verify -> restore -> compare for one memory file under
+// every engine setting, checking holes and stored sizes on the way.
+void round_trips(const std::string& kind) {
+  require_shm();
+  Dirs d;
+  for (i64 size : kSizes) {
+    CAPTURE(kind);
+    CAPTURE(size);
+    std::string src = d.shm / ("src-" + std::to_string(size));
+    test::write_pattern_file(src, size, kind, static_cast<u64>(size));
+    REQUIRE(test::file_size(src) == size);
+    std::vector<bool> map = data_page_map(src);
+    const i64 pages = static_cast<i64>(map.size());
+    const i64 data_pages = count(map);
+    if (kind == "zero") REQUIRE(data_pages == 0);
+    if (kind == "random" || kind == "text") REQUIRE(data_pages == pages);
+
+    for (int jobs : {1, 2}) {
+      for (int qd : {1, 32}) {
+        CAPTURE(jobs);
+        CAPTURE(qd);
+        const std::vector<std::string> engine = {"--jobs", std::to_string(jobs), "--queue-depth",
+                                                 std::to_string(qd)};
+        std::string image = d.disk / "image.vmsave";
+        std::vector<std::string> args = {"save", "--json", "--ram", "ram=" + src, image};
+        args.insert(args.end(), engine.begin(), engine.end());
+        RunResult r = run_vmsave(args);
+        REQUIRE_RUN(r, 0);
+        json rep = json::parse(r.out);
+        CHECK(rep["ram_bytes"] == size);
+        CHECK(rep["stored_bytes"] == data_pages * kPage);
+        CHECK(rep["direct_io"] == true);
+
+        // What info reports is what was written.
+        json info = info_json(image);
+        CHECK(info["complete"] == true);
+        CHECK(info["file_size"] == test::file_size(image));
+        CHECK(info["stored_bytes"] == data_pages * kPage);
+        REQUIRE(info["blocks"].size() == 1);
+        json b = info["blocks"][0];
+        CHECK(b["id"] == "ram");
+        CHECK(b["size"] == size);
+        CHECK(b["page_size"] == kPage);
+        CHECK(b["stored_bytes"] == data_pages * kPage);
+        CHECK(b["region_offset"].get<i64>() % (2 * kMiB) == 0);
+        CHECK(b["zero_ratio"].get<double>() ==
+              doctest::Approx(1.0 - double(data_pages) / double(pages)));
+
+        // Zero pages are holes in the image: it occupies about the data.
+        i64 alloc = allocated(image);
+        CHECK(alloc >= data_pages * kPage);
+        CHECK(alloc <= data_pages * kPage + 256 * kKiB + data_pages * kPage / 64);
+
+        args = {"verify", "--json", image};
+        args.insert(args.end(), engine.begin(), engine.end());
+        r = run_vmsave(args);
+        REQUIRE_RUN(r, 0);
+        json v = json::parse(r.out);
+        CHECK(v["ok"] == true);
+        CHECK(v["chunks_checked"] == (size + kMiB - 1) / kMiB);
+        CHECK(v["bytes_read"] == data_pages * kPage);
+
+        std::string rdir = d.out / "restored";
+        REQUIRE(mkdir(rdir.c_str(), 0700) == 0);
+        args = {"restore", "--json", image, "--ram-dir", rdir};
+        args.insert(args.end(), engine.begin(), engine.end());
+        r = run_vmsave(args);
+        REQUIRE_RUN(r, 0);
+        CHECK(list_dir(rdir) == std::vector<std::string>{"ram"});
+        std::string restored = rdir + "/ram";
+        std::string why;
+        CHECK_MESSAGE(test::files_equal(src, restored, &why), why);
+        struct stat st;
+        REQUIRE(stat(restored.c_str(), &st) == 0);
+        CHECK((st.st_mode & 0777) == 0600);
+
+        // Holes stay holes: tmpfs counts exactly the pages written, and the
+        // restore writes only the image's data pages.
+        i64 ralloc = allocated(restored);
+        CHECK(ralloc <= allocated(src));
+        CHECK(ralloc <= data_pages * kPage);
+        if (kind == "zero") CHECK(ralloc == 0);
+        if (kind == "mixed" && size >= kMiB) CHECK(ralloc < size * 9 / 10);
+        // SEEK_DATA from the start of every zero page finds no data there.
+        int fd = open(restored.c_str(), O_RDONLY | O_CLOEXEC);
+        REQUIRE(fd >= 0);
+        i64 holes = 0, bad = -1;
+        for (i64 p = 0; p < pages; p++) {
+          if (map[p]) continue;
+          off_t next = lseek(fd, p * kPage, SEEK_DATA);
+          if (next == p * kPage && bad < 0) bad = p * kPage;
+          holes++;
+        }
+        close(fd);
+        CHECK(holes == pages - data_pages);
+        CHECK_MESSAGE(bad < 0, "SEEK_DATA found data in the zero page at offset ", bad);
+
+        std::filesystem::remove_all(rdir);
+        REQUIRE(unlink(image.c_str()) == 0);
+      }
+    }
+    REQUIRE(unlink(src.c_str()) == 0);
+  }
+}
+
+// A child vmsave whose progress lines (--progress-fd 3) we watch, so a
+// signal can be sent while it is provably inside a RAM phase.
+struct Interrupted {
+  bool caught = false;  // the signal was sent mid-phase
+  RunResult result;
+};
+
+Interrupted interrupt_mid_phase(std::vector<std::string> args, const std::string& phase, int sig) {
+  Interrupted out;
+  args.insert(args.begin(), VMSAVE_BINARY);
+  args.push_back("--progress-fd");
+  args.push_back("3");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int prog[2], err[2];
+  REQUIRE(pipe2(prog, O_CLOEXEC) == 0);
+  REQUIRE(pipe2(err, O_CLOEXEC) == 0);
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
+    dup2(prog[1], 3);  // dup2 clears O_CLOEXEC on the new fd
+    dup2(err[1], 2);
+    int devnull = open("/dev/null", O_RDWR);
+    dup2(devnull, 0);
+    dup2(devnull, 1);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(prog[1]);
+  close(err[1]);
+  std::string lines;
+  char buf[4096];
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  pollfd p[2] = {{prog[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+  int open_fds = 2;
+  while (open_fds > 0 && std::chrono::steady_clock::now() < deadline) {
+    if (poll(p, 2, 1000) <= 0) continue;
+    for (int i = 0; i < 2; i++) {
+      if (p[i].fd < 0 || !p[i].revents) continue;
+      ssize_t n = read(p[i].fd, buf, sizeof(buf));
+      if (n <= 0) {
+        close(p[i].fd);
+        p[i].fd = -1;
+        open_fds--;
+        continue;
+      }
+      if (i == 1) {
+        out.result.err.append(buf, n);
+        continue;
+      }
+      lines.append(buf, n);
+      size_t nl;
+      while ((nl = lines.find('\n')) != std::string::npos) {
+        json j = json::parse(lines.substr(0, nl), nullptr, false);
+        lines.erase(0, nl + 1);
+        if (out.caught || j.is_discarded()) continue;
+        i64 done = j.value("done", i64(0)), total = j.value("total", i64(0));
+        if (j.value("phase", "") == phase && !j.value("final", true) && done > 0 &&
+            done < total * 3 / 4) {
+          kill(pid, sig);
+          out.caught = true;
+        }
+      }
+    }
+  }
+  for (auto& f : p)
+    if (f.fd >= 0) close(f.fd);
+  int ws = 0;
+  if (std::chrono::steady_clock::now() >= deadline) kill(pid, SIGKILL);
+  waitpid(pid, &ws, 0);
+  out.result.status = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("engine: round trip of random memory over jobs and queue depths") { round_trips("random"); }
+
+TEST_CASE("engine: round trip of zero memory keeps holes") { round_trips("zero"); }
+
+TEST_CASE("engine: round trip of text memory over jobs and queue depths") { round_trips("text"); }
+
+TEST_CASE("engine: round trip of mixed memory keeps holes") { round_trips("mixed"); }
+
+TEST_CASE("engine: several blocks in one image keep their ids, sizes and order") {
+  require_shm();
+  Dirs d;
+  struct Src {
+    std::string id, kind;
+    i64 size;
+  };
+  const std::vector<Src> srcs = {{"pc.ram", "mixed", 3 * kMiB + 8 * kKiB},
+                                 {"zeros", "zero", 1 * kMiB},
+                                 {"vga.vram", "random", 5000}};
+  std::vector<std::string> save = {"save", "--ram", "", "--ram", "", "--ram", ""};
+  i64 stored = 0;
+  for (size_t i = 0; i < srcs.size(); i++) {
+    std::string path = d.shm / srcs[i].id;
+    test::write_pattern_file(path, srcs[i].size, srcs[i].kind, 7 + i);
+    save[2 + 2 * i] = srcs[i].id + "=" + path;
+    stored += count(data_page_map(path)) * kPage;
+  }
+  const std::vector<std::pair<std::string, i64>> chunks = {
+      {"4K", 4 * kKiB}, {"64K", 64 * kKiB}, {"1M", kMiB}, {"2M", 2 * kMiB}};
+  for (auto& [chunk, chunk_bytes] : chunks) {
+    for (int jobs : {1, 2}) {
+      CAPTURE(chunk);
+      CAPTURE(jobs);
+      std::string image = d.disk / "multi.vmsave";
+      std::vector<std::string> args = save;
+      args.insert(args.end(), {image, "--chunk-size", chunk, "--jobs", std::to_string(jobs)});
+      RunResult r = run_vmsave(args);
+      REQUIRE_RUN(r, 0);
+      json info = info_json(image);
+      CHECK(info["stored_bytes"] == stored);
+      REQUIRE(info["blocks"].size() == srcs.size());
+      i64 prev_end = 0;
+      for (size_t i = 0; i < srcs.size(); i++) {
+        json b = info["blocks"][i];
+        CHECK(b["id"] == srcs[i].id);
+        CHECK(b["size"] == srcs[i].size);
+        CHECK(b["chunk_size"] == chunk_bytes);
+        i64 off = b["region_offset"].get<i64>();
+        CHECK(off % (2 * kMiB) == 0);
+        CHECK(off >= prev_end);
+        prev_end = off + srcs[i].size;
+      }
+      r = run_vmsave({"verify", image, "--jobs", std::to_string(jobs)});
+      REQUIRE_RUN(r, 0);
+      std::string rdir = d.out / "r";
+      REQUIRE(mkdir(rdir.c_str(), 0700) == 0);
+      r = run_vmsave({"restore", image, "--ram-dir", rdir, "--jobs", std::to_string(jobs)});
+      REQUIRE_RUN(r, 0);
+      CHECK(list_dir(rdir) == std::vector<std::string>{"pc.ram", "vga.vram", "zeros"});
+      for (auto& s : srcs) {
+        std::string why;
+        CHECK_MESSAGE(test::files_equal(d.shm / s.id, rdir + "/" + s.id, &why), s.id, ": ", why);
+      }
+      CHECK(allocated(rdir + "/zeros") == 0);
+      std::filesystem::remove_all(rdir);
+      REQUIRE(unlink(image.c_str()) == 0);
+    }
+  }
+}
+
+TEST_CASE("engine: a filesystem without O_DIRECT falls back to buffered I/O with a warning") {
+  require_shm();
+  require_mount("ramfs");
+  TempDir shm("/dev/shm");
+  TempMount ramfs("ramfs", "");
+  REQUIRE_MESSAGE(ramfs.ok(), ramfs.error());
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 3 * kMiB + 8 * kKiB, "mixed", 3);
+  std::string image = ramfs / "image.vmsave";
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image});
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "vmsave: warning:"), r.err);
+  CHECK_MESSAGE(contains(r.err, "O_DIRECT"), r.err);
+  CHECK_MESSAGE(contains(r.err, ramfs.path()), r.err);
+
+  r = run_vmsave({"save", "--json", "--force", "--ram", "ram=" + src, image});
+  REQUIRE_RUN(r, 0);
+  CHECK(json::parse(r.out)["direct_io"] == false);
+
+  r = run_vmsave({"verify", image});
+  CHECK_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "O_DIRECT"), r.err);
+  // Restoring from, and into, the same filesystem.
+  r = run_vmsave({"restore", image, "--ram-dir", ramfs.path()});
+  REQUIRE_RUN(r, 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(src, ramfs / "ram", &why), why);
+}
+
+TEST_CASE("engine: a full filesystem fails the save cleanly, naming the image") {
+  require_shm();
+  require_mount("tmpfs");
+  TempDir shm("/dev/shm");
+  TempMount small("tmpfs", "size=8m");
+  REQUIRE_MESSAGE(small.ok(), small.error());
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 32 * kMiB, "random", 5);
+  for (int jobs : {1, 2}) {
+    CAPTURE(jobs);
+    std::string image = small / "image.vmsave";
+    RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs", std::to_string(jobs)});
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: "), r.err);
+    CHECK_MESSAGE(contains(r.err, image), r.err);
+    CHECK_MESSAGE(contains(r.err, "No space left on device"), r.err);
+    CHECK_MESSAGE(list_dir(small.path()).empty(), joined(list_dir(small.path())));
+  }
+  // The space is given back: a save that fits still works there.
+  std::string fits = shm / "fits";
+  test::write_pattern_file(fits, 1 * kMiB, "random", 6);
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + fits, small / "ok.vmsave"});
+  CHECK_RUN(r, 0);
+  CHECK_RUN(run_vmsave({"verify", small / "ok.vmsave"}), 0);
+}
+
+TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resubmitted") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 6 * kMiB + 12 * kKiB, "mixed", 11);
+  std::string image = disk / "image.vmsave";
+
+  SUBCASE("save: eio and enospc on one request") {
+    for (const char* kind : {"eio", "enospc"}) {
+      for (int nth : {1, 2, 5}) {
+        for (int jobs : {1, 2}) {
+          CAPTURE(kind);
+          CAPTURE(nth);
+          CAPTURE(jobs);
+          RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs",
+                                    std::to_string(jobs)},
+                                   120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":" + kind});
+          CHECK_RUN(r, 1);
+          CHECK_MESSAGE(contains(r.err, image), r.err);
+          CHECK_MESSAGE(contains(r.err, std::string(kind) == "eio" ? "Input/output error"
+                                                                   : "No space left on device"),
+                        r.err);
+          CHECK_MESSAGE(list_dir(disk.path()).empty(), joined(list_dir(disk.path())));
+        }
+      }
+    }
+  }
+  SUBCASE("save: short writes") {
+    for (int nth : {1, 3}) {
+      for (int qd : {1, 32}) {
+        CAPTURE(nth);
+        CAPTURE(qd);
+        RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--queue-depth",
+                                  std::to_string(qd)},
+                                 120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":short"});
+        REQUIRE_RUN(r, 0);
+        CHECK_RUN(run_vmsave({"verify", image}), 0);
+        TempDir out("/dev/shm");
+        CHECK_RUN(run_vmsave({"restore", image, "--ram-dir", out.path()}), 0);
+        std::string why;
+        CHECK_MESSAGE(test::files_equal(src, out / "ram", &why), why);
+        REQUIRE(unlink(image.c_str()) == 0);
+      }
+    }
+  }
+  SUBCASE("reading: an I/O error is a failure, not damage") {
+    REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + src, image}), 0);
+    TempDir out("/dev/shm");
+    for (int nth : {1, 3}) {
+      CAPTURE(nth);
+      std::vector<std::string> env = {"VMSAVE_FAULT=" + std::to_string(nth) + ":eio"};
+      RunResult r = run_vmsave({"verify", image}, 120, env);
+      CHECK_RUN(r, 1);
+      CHECK_MESSAGE(contains(r.err, "Input/output error"), r.err);
+      CHECK_MESSAGE(!contains(r.err, "damaged"), r.err);
+      r = run_vmsave({"restore", image, "--ram-dir", out.path()}, 120, env);
+      CHECK_RUN(r, 1);
+      CHECK_MESSAGE(contains(r.err, "Input/output error"), r.err);
+      CHECK_MESSAGE(list_dir(out.path()).empty(), joined(list_dir(out.path())));
+      // Short reads are completed.
+      r = run_vmsave({"restore", image, "--ram-dir", out.path()}, 120,
+                     {"VMSAVE_FAULT=" + std::to_string(nth) + ":short"});
+      CHECK_RUN(r, 0);
+      std::string why;
+      CHECK_MESSAGE(test::files_equal(src, out / "ram", &why), why);
+      std::filesystem::remove(out / "ram");
+    }
+    // The image itself was never at fault.
+    CHECK_RUN(run_vmsave({"verify", image}), 0);
+  }
+}
+
+TEST_CASE("engine: SIGINT or SIGTERM during a save leaves nothing behind") {
+  require_shm();
+  std::string why_skip;
+  {
+    TempDir shm("/dev/shm");
+    TempDir disk;
+    std::string src = shm / "big";
+    std::string image = disk / "image.vmsave";
+    // An earlier image at the target: an interrupted --force save keeps it.
+    std::string small = shm / "small";
+    test::write_pattern_file(small, 1 * kMiB, "random", 2);
+    auto save_small = [&] {
+      REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "ram=" + small, image}), 0);
+    };
+    save_small();
+    const std::string old = test::read_file(image);
+
+    // Big enough that the write phase lasts several progress ticks (100 ms)
+    // even on a fast disk; one worker with one request in flight slows it
+    // further. Doubled when a save still finishes before the signal lands.
+    i64 size = 512 * kMiB;
+    for (int sig : {SIGINT, SIGTERM}) {
+      CAPTURE(sig);
+      Interrupted in;
+      bool caught = false;
+      for (int attempt = 0; attempt < 3 && !caught; attempt++) {
+        if (test::file_size(src) != size) test::write_pattern_file(src, size, "random", 9);
+        in = interrupt_mid_phase({"save", "--force", "--ram", "ram=" + src, image, "--jobs", "1",
+                                  "--queue-depth", "1"},
+                                 "writing RAM", sig);
+        // Not seen mid-way, or the signal landed after the link: a complete
+        // save, which is fine but not what this case tests.
+        caught = in.caught && in.result.status != 0;
+        if (!caught) {
+          CHECK_RUN(in.result, 0);
+          save_small();
+          size *= 2;
+        }
+      }
+      if (!caught) {
+        why_skip = "could not interrupt a save mid-way in 3 tries";
+        break;
+      }
+      CHECK_RUN(in.result, 130);
+      CHECK_MESSAGE(contains(in.result.err, "vmsave: error: interrupted"), in.result.err);
+      CHECK_MESSAGE(list_dir(disk.path()) == std::vector<std::string>{"image.vmsave"},
+                    joined(list_dir(disk.path())));
+      CHECK_MESSAGE(test::read_file(image) == old, "the old image was changed");
+    }
+    if (why_skip.empty()) {
+      // Without --force and without an old image: nothing at the target.
+      REQUIRE(unlink(image.c_str()) == 0);
+      Interrupted in = interrupt_mid_phase(
+          {"save", "--ram", "ram=" + src, image, "--jobs", "1", "--queue-depth", "1"},
+          "writing RAM", SIGINT);
+      if (in.caught && in.result.status != 0) {
+        CHECK_RUN(in.result, 130);
+        CHECK_MESSAGE(list_dir(disk.path()).empty(), joined(list_dir(disk.path())));
+      }
+    }
+  }  // the big file in /dev/shm is gone here, pass, fail or skip
+  if (!why_skip.empty()) test::skip(why_skip);
+}
+
+TEST_CASE("engine: SIGINT during a restore removes the RAM files") {
+  require_shm();
+  bool caught = false;
+  {
+    TempDir shm("/dev/shm");
+    TempDir disk;
+    std::string image = disk / "image.vmsave";
+    i64 size = 512 * kMiB;
+    for (int attempt = 0; attempt < 3 && !caught; attempt++) {
+      {
+        std::string src = shm / "big";
+        test::write_pattern_file(src, size, "random", 4);
+        REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "a=" + src, image}), 0);
+        std::filesystem::remove(src);  // one copy of the RAM in /dev/shm at a time
+      }
+      TempDir out("/dev/shm");
+      Interrupted in = interrupt_mid_phase(
+          {"restore", image, "--ram-dir", out.path(), "--jobs", "1", "--queue-depth", "1"},
+          "reading RAM", SIGINT);
+      if (!in.caught || in.result.status == 0) {
+        CHECK_RUN(in.result, 0);
+        size *= 2;
+        continue;
+      }
+      caught = true;
+      CHECK_RUN(in.result, 130);
+      CHECK_MESSAGE(contains(in.result.err, "vmsave: error: interrupted"), in.result.err);
+      CHECK_MESSAGE(list_dir(out.path()).empty(), joined(list_dir(out.path())));
+    }
+    if (caught) CHECK_RUN(run_vmsave({"verify", image}), 0);
+  }
+  if (!caught) test::skip("could not interrupt a restore mid-way in 3 tries");
+}

@@ -1,0 +1,725 @@
+// Tests for format/: the header and section table encoders and decoders,
+// and the region planner. Pure functions on byte vectors, no files: the
+// decoders are the one place that checks every number read from disk, so
+// every field they refuse is refused here on purpose, one at a time, with
+// all other fields (and checksums) valid.
+
+#include "format/image.h"
+
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "tests/test_util.h"
+
+using namespace vmsave;
+
+namespace {
+
+const std::string kPath = "/images/test.vmsave";
+
+// A consistent layout of `n` 4 KiB-page blocks (sizes chosen so none is a
+// chunk or page multiple), with its tail placed the way ImageWriter::commit
+// places it: bitmap and chunk table per block, metadata, section table.
+ImageLayout make_layout(int n = 2) {
+  ImageLayout img;
+  for (int i = 0; i < n; i++) {
+    BlockLayout b;
+    b.id = "ram" + std::to_string(i);
+    b.size = 3 * kMiB + 8 * kKiB + 100 * i;
+    b.page_size = 4096;
+    img.blocks.push_back(b);
+  }
+  img.vmstate.offset = plan_regions(img.blocks, kDefaultChunkSize);
+  img.vmstate.length = 10000;
+  img.vmstate.checksum = 42;
+  i64 off = img.vmstate.offset + align_up(img.vmstate.length, kSectionAlign);
+  auto place = [&](Extent& e, i64 len) {
+    off = align_up(off, kSectionAlign);
+    e.offset = off;
+    e.length = len;
+    e.checksum = 0x1234 + len;
+    off += len;
+  };
+  for (auto& b : img.blocks) {
+    b.data_pages = b.pages() / 2;
+    place(b.bitmap, (b.pages() + 7) / 8);
+    place(b.sums, b.chunks() * 8);
+  }
+  place(img.metadata, 300);
+  std::vector<u8> table = encode_section_table(img);
+  place(img.table, static_cast<i64>(table.size()));
+  img.table.checksum = checksum(table);
+  img.file_size = align_up(off, kSectionAlign);
+  img.created_ns = 1700000000123456789;
+  for (int i = 0; i < 16; i++) img.uuid[i] = static_cast<u8>(0xa0 + i);
+  return img;
+}
+
+// Decodes `table` against the header fields of `hdr`, as ImageReader does.
+Status decode_table(const std::vector<u8>& table, const ImageLayout& hdr, ImageLayout* out = nullptr,
+                    bool fix_checksum = true) {
+  ImageLayout img;
+  img.major = hdr.major;
+  img.minor = hdr.minor;
+  img.file_size = hdr.file_size;
+  img.table = {hdr.table.offset, static_cast<i64>(table.size()),
+               fix_checksum ? checksum(table) : hdr.table.checksum};
+  Status st = decode_section_table(table, img, kPath);
+  if (out) *out = img;
+  return st;
+}
+
+// Where each entry of an encoded table starts.
+struct EntryPos {
+  size_t pos;
+  SectionKind kind;
+  u32 block;
+};
+std::vector<EntryPos> entries(const std::vector<u8>& table) {
+  std::vector<EntryPos> out;
+  for (size_t pos = 0; pos < table.size();) {
+    SectionEntry s;
+    std::memcpy(&s, table.data() + pos, sizeof(s));
+    out.push_back({pos, static_cast<SectionKind>(u32(s.kind)), s.block});
+    pos += sizeof(s) + (u32(s.kind) == u32(SectionKind::kBlock) ? sizeof(BlockRecord) : 0);
+  }
+  return out;
+}
+
+size_t find_entry(const std::vector<u8>& table, SectionKind kind, u32 block = kNoBlock) {
+  for (auto& e : entries(table))
+    if (e.kind == kind && (block == kNoBlock || e.block == block)) return e.pos;
+  FAIL("no such entry");
+  return 0;
+}
+
+SectionEntry get_entry(const std::vector<u8>& t, size_t pos) {
+  SectionEntry s;
+  std::memcpy(&s, t.data() + pos, sizeof(s));
+  return s;
+}
+void put_entry(std::vector<u8>& t, size_t pos, const SectionEntry& s) {
+  std::memcpy(t.data() + pos, &s, sizeof(s));
+}
+
+// Edits the BlockRecord after the kBlock entry at `pos` and refreshes the
+// entry's record checksum, so only the edit itself can be refused.
+void edit_record(std::vector<u8>& t, size_t pos, const std::function<void(BlockRecord&)>& fn) {
+  BlockRecord r;
+  std::memcpy(&r, t.data() + pos + sizeof(SectionEntry), sizeof(r));
+  fn(r);
+  std::memcpy(t.data() + pos + sizeof(SectionEntry), &r, sizeof(r));
+  SectionEntry s = get_entry(t, pos);
+  s.checksum = checksum({t.data() + pos + sizeof(SectionEntry), sizeof(r)});
+  put_entry(t, pos, s);
+}
+
+DiskHeader header_of(const std::vector<u8>& bytes) {
+  DiskHeader h;
+  std::memcpy(&h, bytes.data(), sizeof(h));
+  return h;
+}
+std::vector<u8> bytes_of(DiskHeader h, bool fix_checksum = true) {
+  const u8* p = reinterpret_cast<const u8*>(&h);
+  if (fix_checksum) h.checksum = checksum({p, offsetof(DiskHeader, checksum)});
+  return std::vector<u8>(p, p + sizeof(h));
+}
+
+void check_damaged(const Status& st, const std::string& needle = "") {
+  REQUIRE_FALSE(st.ok());
+  CHECK(st.error().status == Exit::kDamaged);
+  CHECK(st.error().path == kPath);
+  if (!needle.empty()) CHECK_MESSAGE(st.error().message().find(needle) != std::string::npos,
+                                     st.error().message());
+}
+
+template <class T>
+void check_damaged(const Result<T>& r, const std::string& needle = "") {
+  check_damaged(r.status(), needle);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ header
+
+TEST_CASE("format: header encodes and decodes to the same fields") {
+  ImageLayout img = make_layout();
+  std::vector<u8> h = encode_header(img);
+  REQUIRE(h.size() == size_t(kHeaderSize));
+  CHECK(std::memcmp(h.data(), kMagic.data(), 8) == 0);
+  // Little-endian on disk whatever the host: major 1 is 01 00 00 00.
+  CHECK(h[8] == 1);
+  CHECK(h[9] == 0);
+  CHECK(h[10] == 0);
+  CHECK(h[11] == 0);
+
+  auto d = decode_header(h, img.file_size, kPath);
+  REQUIRE_MESSAGE(d.ok(), d.error().message());
+  CHECK(d->major == kFormatMajor);
+  CHECK(d->minor == kFormatMinor);
+  CHECK(d->uuid == img.uuid);
+  CHECK(d->created_ns == img.created_ns);
+  CHECK(d->file_size == img.file_size);
+  CHECK(d->table.offset == img.table.offset);
+  CHECK(d->table.length == img.table.length);
+  CHECK(d->table.checksum == img.table.checksum);
+
+  // A file longer than the header says (e.g. preallocated) is still fine.
+  CHECK(decode_header(h, img.file_size + 4096, kPath).ok());
+}
+
+TEST_CASE("format: a file too small for a header, or without one, is damaged") {
+  ImageLayout img = make_layout();
+  std::vector<u8> h = encode_header(img);
+  check_damaged(decode_header(std::span<const u8>(h.data(), 100), 100, kPath), "smaller");
+  check_damaged(decode_header(h, 4095, kPath), "smaller");
+  check_damaged(decode_header(std::span<const u8>(h.data(), 0), 0, kPath));
+
+  std::vector<u8> zeros(kHeaderSize, 0);
+  check_damaged(decode_header(zeros, img.file_size, kPath), "did not finish");
+
+  std::vector<u8> bad = h;
+  bad[3] ^= 0x20;  // "VMSaVE"
+  check_damaged(decode_header(bad, img.file_size, kPath), "bad magic");
+}
+
+TEST_CASE("format: a newer major version is 'too new', naming both versions") {
+  ImageLayout img = make_layout();
+  DiskHeader h = header_of(encode_header(img));
+  h.major = 2;
+  for (bool fix : {true, false}) {
+    // Checked before the checksum: a future format may checksum differently.
+    CAPTURE(fix);
+    auto d = decode_header(bytes_of(h, fix), img.file_size, kPath);
+    REQUIRE_FALSE(d.ok());
+    CHECK(d.error().status == Exit::kDamaged);
+    std::string m = d.error().message();
+    CHECK_MESSAGE(m.find("too new") != std::string::npos, m);
+    CHECK_MESSAGE(m.find("v2") != std::string::npos, m);
+    CHECK_MESSAGE(m.find("v1") != std::string::npos, m);
+    CHECK_MESSAGE(m.find(kPath) != std::string::npos, m);
+  }
+  h.major = 0xffffffff;
+  CHECK(decode_header(bytes_of(h), img.file_size, kPath).error().what == "image too new");
+
+  h.major = 0;
+  check_damaged(decode_header(bytes_of(h), img.file_size, kPath), "version 0");
+
+  // A newer minor version of the same major is readable.
+  h.major = 1;
+  h.minor = 7;
+  auto d = decode_header(bytes_of(h), img.file_size, kPath);
+  REQUIRE(d.ok());
+  CHECK(d->minor == 7);
+}
+
+TEST_CASE("format: a change to any header byte is refused") {
+  ImageLayout img = make_layout();
+  std::vector<u8> h = encode_header(img);
+  int too_new = 0;
+  for (size_t i = 0; i < h.size(); i++) {
+    for (u8 x : {u8(0x01), u8(0x80)}) {
+      std::vector<u8> bad = h;
+      bad[i] ^= x;
+      auto d = decode_header(bad, img.file_size, kPath);
+      if (d.ok()) FAIL("byte ", i, " ^ ", int(x), " was accepted");
+      if (d.error().what == "image too new") {
+        // Only the major version field can read as a newer version.
+        CHECK(i >= 8);
+        CHECK(i < 12);
+        too_new++;
+      } else {
+        CHECK(d.error().status == Exit::kDamaged);
+      }
+    }
+  }
+  CHECK(too_new > 0);
+}
+
+TEST_CASE("format: every reserved header field must be zero") {
+  ImageLayout img = make_layout();
+  DiskHeader good = header_of(encode_header(img));
+  for (int byte = 0; byte < 8; byte++) {
+    DiskHeader h = good;
+    h.flags = u64(1) << (8 * byte);
+    check_damaged(decode_header(bytes_of(h), img.file_size, kPath), "reserved");
+  }
+  for (size_t i = 0; i < sizeof(good.reserved); i++) {
+    DiskHeader h = good;
+    h.reserved[i] = 0x01;
+    auto d = decode_header(bytes_of(h), img.file_size, kPath);
+    if (d.ok() || d.error().message().find("reserved") == std::string::npos)
+      FAIL("reserved byte ", i, " accepted or misreported");
+  }
+}
+
+TEST_CASE("format: header sizes and table location are checked against the file") {
+  ImageLayout img = make_layout();
+  DiskHeader good = header_of(encode_header(img));
+  i64 fsize = img.file_size;
+
+  SUBCASE("a truncated file") {
+    for (i64 real : {i64(kHeaderSize), fsize / 2, fsize - 4096, fsize - 1})
+      check_damaged(decode_header(bytes_of(good), real, kPath), "truncated");
+  }
+  SUBCASE("implausible file size fields") {
+    for (u64 v : {u64(0), u64(4095), u64(fsize - 1), u64(fsize + 1)}) {
+      DiskHeader h = good;
+      h.file_size = v;
+      CAPTURE(v);
+      check_damaged(decode_header(bytes_of(h), fsize + 4096, kPath));
+    }
+    DiskHeader h = good;
+    h.file_size = ~u64(0);
+    check_damaged(decode_header(bytes_of(h), fsize, kPath), "truncated");
+  }
+  SUBCASE("section table out of bounds") {
+    struct Case {
+      u64 off, size;
+    };
+    u64 toff = good.table_offset, tsz = good.table_size;
+    for (Case c : {Case{toff, 0}, Case{toff + 1, tsz}, Case{toff + 8, tsz}, Case{0, tsz},
+                   Case{4095, tsz}, Case{u64(fsize), tsz}, Case{u64(fsize) + 4096, tsz},
+                   Case{toff, u64(fsize) - toff + 1}, Case{toff, u64(kMaxTableSize) + 1},
+                   Case{~u64(0) & ~u64(4095), tsz}, Case{toff, ~u64(0)}}) {
+      CAPTURE(c.off);
+      CAPTURE(c.size);
+      DiskHeader h = good;
+      h.table_offset = c.off;
+      h.table_size = c.size;
+      check_damaged(decode_header(bytes_of(h), fsize, kPath), "section table");
+    }
+  }
+}
+
+// ------------------------------------------------------------ section table
+
+TEST_CASE("format: section table round trip") {
+  ImageLayout img = make_layout(3);
+  std::vector<u8> table = encode_section_table(img);
+  CHECK(table.size() == 3 * (64 + 512 + 3 * 64) + 2 * 64);
+  ImageLayout d;
+  Status st = decode_table(table, img, &d);
+  REQUIRE_MESSAGE(st.ok(), st.error().message());
+  REQUIRE(d.blocks.size() == 3);
+  for (size_t i = 0; i < 3; i++) {
+    const BlockLayout &a = img.blocks[i], &b = d.blocks[i];
+    CHECK(a.id == b.id);
+    CHECK(a.size == b.size);
+    CHECK(a.page_size == b.page_size);
+    CHECK(a.chunk_size == b.chunk_size);
+    CHECK(a.data_pages == b.data_pages);
+    for (auto [x, y] : {std::pair{a.region, b.region}, {a.bitmap, b.bitmap}, {a.sums, b.sums}}) {
+      CHECK(x.offset == y.offset);
+      CHECK(x.length == y.length);
+      CHECK(x.checksum == y.checksum);
+    }
+  }
+  CHECK(d.vmstate.offset == img.vmstate.offset);
+  CHECK(d.vmstate.length == img.vmstate.length);
+  CHECK(d.vmstate.checksum == img.vmstate.checksum);
+  CHECK(d.metadata.offset == img.metadata.offset);
+  CHECK(d.metadata.length == img.metadata.length);
+
+  // The table's own checksum is checked first.
+  ImageLayout wrong = img;
+  wrong.table.checksum ^= 1;
+  check_damaged(decode_table(table, wrong, nullptr, false), "section table checksum");
+}
+
+TEST_CASE("format: every reserved section and block field must be zero") {
+  ImageLayout img = make_layout(1);
+  const std::vector<u8> good = encode_section_table(img);
+  REQUIRE(decode_table(good, img).ok());
+  for (auto& e : entries(good)) {
+    CAPTURE(int(e.kind));
+    for (int byte = 0; byte < 8; byte++) {
+      std::vector<u8> t = good;
+      SectionEntry s = get_entry(t, e.pos);
+      s.flags = u64(1) << (8 * byte);
+      put_entry(t, e.pos, s);
+      check_damaged(decode_table(t, img), "reserved");
+    }
+    for (size_t i = 0; i < sizeof(SectionEntry::reserved); i++) {
+      std::vector<u8> t = good;
+      SectionEntry s = get_entry(t, e.pos);
+      s.reserved[i] = 0x80;
+      put_entry(t, e.pos, s);
+      check_damaged(decode_table(t, img), "reserved");
+    }
+  }
+  size_t bpos = find_entry(good, SectionKind::kBlock, 0);
+  for (int byte = 0; byte < 8; byte++) {
+    std::vector<u8> t = good;
+    edit_record(t, bpos, [&](BlockRecord& r) { r.flags = u64(1) << (8 * byte); });
+    check_damaged(decode_table(t, img), "reserved");
+  }
+  for (size_t i = 0; i < sizeof(BlockRecord::reserved); i++) {
+    std::vector<u8> t = good;
+    edit_record(t, bpos, [&](BlockRecord& r) { r.reserved[i] = 1; });
+    Status st = decode_table(t, img);
+    if (st.ok() || st.error().message().find("reserved") == std::string::npos)
+      FAIL("block record reserved byte ", i, " accepted or misreported");
+  }
+}
+
+TEST_CASE("format: block records are checked") {
+  ImageLayout img = make_layout(2);
+  const std::vector<u8> good = encode_section_table(img);
+  size_t pos = find_entry(good, SectionKind::kBlock, 1);
+  auto with = [&](const std::function<void(BlockRecord&)>& fn) {
+    std::vector<u8> t = good;
+    edit_record(t, pos, fn);
+    return decode_table(t, img);
+  };
+
+  SUBCASE("record checksum") {
+    std::vector<u8> t = good;
+    t[pos + 64 + 300] ^= 1;  // inside the record, entry checksum not refreshed
+    check_damaged(decode_table(t, img), "block record checksum");
+  }
+  SUBCASE("record length") {
+    for (u64 len : {u64(0), u64(511), u64(513), ~u64(0)}) {
+      std::vector<u8> t = good;
+      SectionEntry s = get_entry(t, pos);
+      s.length = len;
+      put_entry(t, pos, s);
+      CAPTURE(len);
+      check_damaged(decode_table(t, img));
+    }
+    // A kBlock entry at the very end, with no room for its record.
+    std::vector<u8> t(good.begin(), good.begin() + 64 + 100);
+    check_damaged(decode_table(t, img), "wrong size");
+  }
+  SUBCASE("ids") {
+    check_damaged(with([](BlockRecord& r) { std::memset(r.id, 0, sizeof(r.id)); }), "block id");
+    check_damaged(with([](BlockRecord& r) { std::memset(r.id, 'x', sizeof(r.id)); }), "block id");
+    CHECK(with([](BlockRecord& r) {
+            std::memset(r.id, 'x', kMaxBlockIdLength);
+            r.id[kMaxBlockIdLength] = 0;
+          }).ok());
+  }
+  SUBCASE("sizes") {
+    for (u64 v : {u64(0), u64(kMaxBlockSize) + 1, ~u64(0), u64(1) << 63}) {
+      CAPTURE(v);
+      check_damaged(with([&](BlockRecord& r) { r.size = v; }), "implausible size");
+    }
+    for (u64 v : {u64(0), u64(512), u64(4097), u64(12288), u64(kMaxPageSize) * 2, ~u64(0)}) {
+      CAPTURE(v);
+      check_damaged(with([&](BlockRecord& r) { r.page_size = v; }), "page size");
+    }
+    for (u64 v : {u64(0), u64(2048), u64(3 * kMiB), u64(kMaxChunkSize) * 2, ~u64(0)}) {
+      CAPTURE(v);
+      check_damaged(with([&](BlockRecord& r) { r.chunk_size = v; }), "chunk size");
+    }
+    i64 pages = img.blocks[1].pages();
+    CHECK(with([&](BlockRecord& r) { r.data_pages = pages; }).ok());
+    check_damaged(with([&](BlockRecord& r) { r.data_pages = pages + 1; }), "more data pages");
+    check_damaged(with([&](BlockRecord& r) { r.data_pages = ~u64(0); }), "more data pages");
+    // A record whose size no longer matches its region, bitmap and table.
+    check_damaged(with([&](BlockRecord& r) { r.size = u64(r.size) + 4 * kMiB; }));
+    check_damaged(with([&](BlockRecord& r) { r.size = u64(r.size) - 64 * kKiB; }));
+  }
+}
+
+TEST_CASE("format: section extents must lie inside the file, aligned") {
+  ImageLayout img = make_layout(2);
+  const std::vector<u8> good = encode_section_table(img);
+  auto with = [&](SectionKind kind, u32 block, const std::function<void(SectionEntry&)>& fn) {
+    std::vector<u8> t = good;
+    size_t pos = find_entry(t, kind, block);
+    SectionEntry s = get_entry(t, pos);
+    fn(s);
+    put_entry(t, pos, s);
+    return decode_table(t, img);
+  };
+  i64 fsize = img.file_size;
+  struct K {
+    SectionKind kind;
+    u32 block;
+    i64 align;
+  };
+  for (K k : {K{SectionKind::kRamRegion, 0, kRegionAlign}, K{SectionKind::kRamRegion, 1, kRegionAlign},
+              K{SectionKind::kRamBitmap, 1, 4096}, K{SectionKind::kChunkSums, 0, 4096},
+              K{SectionKind::kVmstate, kNoBlock, 4096}, K{SectionKind::kMetadata, kNoBlock, 4096}}) {
+    CAPTURE(int(k.kind));
+    CAPTURE(k.block);
+    for (u64 off : {u64(0), u64(fsize), u64(fsize) + kRegionAlign, ~u64(0), u64(1) << 63,
+                    u64(fsize - 4096)})
+      check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.offset = off; }));
+    check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.offset = u64(s.offset) + k.align / 2; }));
+    check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.offset = u64(s.offset) + 8; }));
+    for (u64 len : {u64(fsize), ~u64(0), u64(1) << 63})
+      check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.length = len; }));
+  }
+  // Lengths must match the block they describe.
+  check_damaged(with(SectionKind::kRamRegion, 0, [](SectionEntry& s) { s.length = u64(s.length) - 4096; }),
+                "wrong length");
+  check_damaged(with(SectionKind::kRamBitmap, 0, [](SectionEntry& s) { s.length = u64(s.length) + 1; }),
+                "wrong length");
+  check_damaged(with(SectionKind::kChunkSums, 1, [](SectionEntry& s) { s.length = u64(s.length) - 8; }),
+                "wrong length");
+  // Metadata larger than its limit (in a file big enough to hold it).
+  {
+    ImageLayout big = img;
+    big.file_size = 64 * kMiB;
+    std::vector<u8> t = good;
+    size_t pos = find_entry(t, SectionKind::kMetadata);
+    SectionEntry s = get_entry(t, pos);
+    s.offset = 32 * kMiB;
+    s.length = kMaxMetadataSize + 1;
+    put_entry(t, pos, s);
+    check_damaged(decode_table(t, big), "metadata");
+  }
+}
+
+TEST_CASE("format: overlapping sections are refused") {
+  ImageLayout img = make_layout(2);
+  const std::vector<u8> good = encode_section_table(img);
+  auto move_to = [&](SectionKind kind, u32 block, i64 offset) {
+    std::vector<u8> t = good;
+    size_t pos = find_entry(t, kind, block);
+    SectionEntry s = get_entry(t, pos);
+    s.offset = offset;
+    put_entry(t, pos, s);
+    return decode_table(t, img);
+  };
+  const BlockLayout &b0 = img.blocks[0], &b1 = img.blocks[1];
+  check_damaged(move_to(SectionKind::kRamRegion, 1, b0.region.offset), "overlaps");
+  check_damaged(move_to(SectionKind::kRamBitmap, 0, b0.sums.offset), "overlaps");
+  check_damaged(move_to(SectionKind::kChunkSums, 1, b1.bitmap.offset), "overlaps");
+  check_damaged(move_to(SectionKind::kMetadata, kNoBlock, img.table.offset), "overlaps");
+  check_damaged(move_to(SectionKind::kVmstate, kNoBlock, b0.bitmap.offset), "overlaps");
+  // A tail section placed inside a RAM region.
+  check_damaged(move_to(SectionKind::kRamBitmap, 1, b1.region.offset + 4096), "overlaps");
+  check_damaged(move_to(SectionKind::kVmstate, kNoBlock, b0.region.offset + 8192), "overlaps");
+  // The section table itself, overlapped by a RAM region's end is covered
+  // by bounds; a bitmap moved onto the table is an overlap.
+  check_damaged(move_to(SectionKind::kRamBitmap, 0, img.table.offset), "overlaps");
+
+  // Empty sections occupy nothing and may share an offset (raw mode has no
+  // device state).
+  std::vector<u8> t = good;
+  size_t pos = find_entry(t, SectionKind::kVmstate);
+  SectionEntry s = get_entry(t, pos);
+  s.offset = img.metadata.offset;
+  s.length = 0;
+  put_entry(t, pos, s);
+  Status st = decode_table(t, img);
+  CHECK_MESSAGE(st.ok(), st.error().message());
+}
+
+TEST_CASE("format: duplicate and missing sections are refused") {
+  ImageLayout img = make_layout(2);
+  const std::vector<u8> good = encode_section_table(img);
+  auto all = entries(good);
+  auto entry_bytes = [&](const EntryPos& e) {
+    size_t len = 64 + (e.kind == SectionKind::kBlock ? 512 : 0);
+    return std::vector<u8>(good.begin() + e.pos, good.begin() + e.pos + len);
+  };
+  auto without = [&](SectionKind kind, u32 block) {
+    std::vector<u8> t;
+    for (auto& e : all)
+      if (!(e.kind == kind && e.block == block)) {
+        auto b = entry_bytes(e);
+        t.insert(t.end(), b.begin(), b.end());
+      }
+    return t;
+  };
+  auto with_twice = [&](SectionKind kind, u32 block) {
+    std::vector<u8> t = good;
+    for (auto& e : all)
+      if (e.kind == kind && e.block == block) {
+        auto b = entry_bytes(e);
+        t.insert(t.end(), b.begin(), b.end());
+      }
+    return t;
+  };
+
+  for (SectionKind k : {SectionKind::kBlock, SectionKind::kRamRegion, SectionKind::kRamBitmap,
+                        SectionKind::kChunkSums}) {
+    CAPTURE(int(k));
+    check_damaged(decode_table(with_twice(k, 0), img), "duplicate");
+    check_damaged(decode_table(with_twice(k, 1), img), "duplicate");
+    check_damaged(decode_table(without(k, 0), img), "incomplete");
+    check_damaged(decode_table(without(k, 1), img), "incomplete");
+  }
+  check_damaged(decode_table(with_twice(SectionKind::kVmstate, kNoBlock), img), "duplicate");
+  check_damaged(decode_table(with_twice(SectionKind::kMetadata, kNoBlock), img), "duplicate");
+  check_damaged(decode_table(without(SectionKind::kVmstate, kNoBlock), img), "lacks");
+  check_damaged(decode_table(without(SectionKind::kMetadata, kNoBlock), img), "lacks");
+
+  SUBCASE("no blocks at all") {
+    std::vector<u8> t;
+    for (auto& e : all)
+      if (e.block == kNoBlock) {
+        auto b = entry_bytes(e);
+        t.insert(t.end(), b.begin(), b.end());
+      }
+    check_damaged(decode_table(t, img), "no RAM block");
+  }
+  SUBCASE("block numbers with a gap") {
+    std::vector<u8> t = good;
+    for (auto& e : all)
+      if (e.block == 1) {
+        SectionEntry s = get_entry(t, e.pos);
+        s.block = 2;
+        put_entry(t, e.pos, s);
+      }
+    check_damaged(decode_table(t, img), "incomplete");
+  }
+  SUBCASE("block index out of range, and a global section naming a block") {
+    for (u32 b : {kMaxBlocks, kMaxBlocks + 1, kNoBlock}) {
+      std::vector<u8> t = good;
+      size_t pos = find_entry(t, SectionKind::kRamBitmap, 1);
+      SectionEntry s = get_entry(t, pos);
+      s.block = b;
+      put_entry(t, pos, s);
+      CAPTURE(b);
+      check_damaged(decode_table(t, img), "block index");
+    }
+    std::vector<u8> t = good;
+    size_t pos = find_entry(t, SectionKind::kMetadata);
+    SectionEntry s = get_entry(t, pos);
+    s.block = 0;
+    put_entry(t, pos, s);
+    check_damaged(decode_table(t, img), "cannot have");
+  }
+  SUBCASE("an unknown kind is damage in v1.0 and skipped by a v1.0 reader of v1.1") {
+    SectionEntry s{};
+    s.kind = 99;
+    s.block = kNoBlock;
+    std::vector<u8> t = good;
+    const u8* p = reinterpret_cast<const u8*>(&s);
+    t.insert(t.end(), p, p + sizeof(s));
+    check_damaged(decode_table(t, img), "unknown section kind");
+    ImageLayout newer = img;
+    newer.minor = kFormatMinor + 1;
+    Status st = decode_table(t, newer);
+    CHECK_MESSAGE(st.ok(), st.error().message());
+    s.kind = 0;
+    std::vector<u8> t0 = good;
+    t0.insert(t0.end(), p, p + sizeof(s));
+    check_damaged(decode_table(t0, img), "unknown section kind");
+  }
+  SUBCASE("a table that ends inside an entry") {
+    for (size_t cut : {size_t(1), size_t(8), size_t(63)}) {
+      std::vector<u8> t = good;
+      t.resize(t.size() - cut);
+      CAPTURE(cut);
+      check_damaged(decode_table(t, img));
+    }
+    std::vector<u8> t = good;
+    t.insert(t.end(), 17, 0);
+    check_damaged(decode_table(t, img), "ends inside an entry");
+  }
+}
+
+TEST_CASE("format: the section table survives every truncation and byte flip") {
+  // Truncation and flips of the encoded table with its checksum refreshed:
+  // the structural checks alone must refuse or accept, never crash (ASan).
+  ImageLayout img = make_layout(2);
+  const std::vector<u8> good = encode_section_table(img);
+  for (size_t n = 0; n < good.size(); n++) {
+    std::vector<u8> t(good.begin(), good.begin() + n);
+    Status st = decode_table(t, img);
+    if (st.ok()) FAIL("table cut to ", n, " bytes was accepted");
+  }
+  int accepted = 0;
+  for (size_t i = 0; i < good.size(); i++) {
+    std::vector<u8> t = good;
+    t[i] ^= 0xff;
+    Status st = decode_table(t, img);
+    if (st.ok()) accepted++;  // e.g. a checksum field of a section: caught on read
+    else CHECK(st.error().status == Exit::kDamaged);
+  }
+  // Only the per-section checksum fields (8 bytes each) and the id bytes
+  // after the terminator can change without breaking the structure.
+  CHECK(accepted < int(good.size()) / 2);
+}
+
+// ------------------------------------------------------------------ layout
+
+TEST_CASE("format: plan_regions aligns regions to 2 MiB or the page size") {
+  SUBCASE("4 KiB pages: 2 MiB alignment, sizes not page multiples") {
+    std::vector<BlockLayout> bs(3);
+    bs[0] = {.id = "a", .size = 4096, .page_size = 4096};
+    bs[1] = {.id = "b", .size = 5000, .page_size = 4096};
+    bs[2] = {.id = "c", .size = 3 * kMiB + 8 * kKiB, .page_size = 4096};
+    i64 vm = plan_regions(bs, kDefaultChunkSize);
+    CHECK(bs[0].region.offset == 2 * kMiB);  // not 4096: a region can back THP guest RAM
+    CHECK(bs[0].region.length == 4096);
+    CHECK(bs[1].region.offset == 4 * kMiB);
+    CHECK(bs[1].region.length == 8192);
+    CHECK(bs[2].region.offset == 6 * kMiB);
+    CHECK(bs[2].region.length == 3 * kMiB + 8 * kKiB);
+    CHECK(vm == 9 * kMiB + 8 * kKiB);
+    for (auto& b : bs) {
+      CHECK(b.chunk_size == kDefaultChunkSize);
+      CHECK(b.region.offset % kRegionAlign == 0);
+    }
+  }
+  SUBCASE("a region that ends on a 2 MiB boundary is followed directly") {
+    std::vector<BlockLayout> bs(2);
+    bs[0] = {.id = "a", .size = 2 * kMiB, .page_size = 4096};
+    bs[1] = {.id = "b", .size = 1, .page_size = 4096};
+    i64 vm = plan_regions(bs, 4096);
+    CHECK(bs[0].region.offset == 2 * kMiB);
+    CHECK(bs[1].region.offset == 4 * kMiB);
+    CHECK(bs[1].region.length == 4096);
+    CHECK(vm == 4 * kMiB + 4096);
+    CHECK(bs[0].chunk_size == 4096);
+  }
+  SUBCASE("2 MiB and 1 GiB huge pages") {
+    std::vector<BlockLayout> bs(4);
+    bs[0] = {.id = "small", .size = 12288, .page_size = 4096};
+    bs[1] = {.id = "huge1g", .size = 3 * kGiB, .page_size = kGiB};
+    bs[2] = {.id = "huge2m", .size = 5 * kMiB, .page_size = 2 * kMiB};
+    bs[3] = {.id = "huge1g-b", .size = kGiB + 1, .page_size = kGiB};
+    i64 vm = plan_regions(bs, kDefaultChunkSize);
+    CHECK(bs[0].region.offset == 2 * kMiB);
+    CHECK(bs[1].region.offset == 1 * kGiB);
+    CHECK(bs[1].region.length == 3 * kGiB);
+    CHECK(bs[1].chunk_size == kGiB);  // never smaller than a page
+    CHECK(bs[2].region.offset == 4 * kGiB);
+    CHECK(bs[2].region.length == 6 * kMiB);
+    CHECK(bs[2].chunk_size == 2 * kMiB);
+    CHECK(bs[3].region.offset == 5 * kGiB);
+    CHECK(bs[3].region.length == 2 * kGiB);
+    CHECK(vm == 7 * kGiB);
+    for (auto& b : bs) {
+      CHECK(b.region.offset % std::max(kRegionAlign, b.page_size) == 0);
+      CHECK(b.region.offset >= kHeaderSize);
+    }
+  }
+}
+
+TEST_CASE("format: checksums, bitmaps and uuids") {
+  for (i64 len : {i64(0), i64(1), i64(4096), i64(5000), kDefaultChunkSize, kDefaultChunkSize + 3,
+                  3 * kMiB + 8 * kKiB}) {
+    std::vector<u8> z(len, 0);
+    CAPTURE(len);
+    CHECK(zero_checksum(len) == checksum(z));
+  }
+  std::vector<u8> bm(3, 0);
+  for (i64 i : {0, 7, 8, 23}) bitmap_set(bm.data(), i);
+  CHECK(bm[0] == 0x81);
+  CHECK(bm[1] == 0x01);
+  CHECK(bm[2] == 0x80);
+  for (i64 i = 0; i < 24; i++) CHECK(bitmap_test(bm.data(), i) == (i == 0 || i == 7 || i == 8 || i == 23));
+
+  std::array<u8, 16> u{};
+  for (int i = 0; i < 16; i++) u[i] = static_cast<u8>(i * 17);
+  CHECK(uuid_string(u) == "00112233-4455-6677-8899-aabbccddeeff");
+
+  ul64 v = 0x0102030405060708ULL;
+  u8 raw[8];
+  std::memcpy(raw, &v, 8);
+  CHECK(raw[0] == 0x08);
+  CHECK(raw[7] == 0x01);
+  CHECK(u64(v) == 0x0102030405060708ULL);
+}

@@ -1,0 +1,548 @@
+// The command line in raw mode, adversarially: images cut at every size and
+// flipped in every section (ninja's DepsLogTest.Truncated, run against the
+// real binary), refusals to overwrite, file modes and symlinks, usage
+// errors, and the exit status and one-line message of each failure.
+//
+// Every case runs build/vmsave; status >= 128 means it crashed (under
+// ASan/UBSan an error report also ends the process that way).
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "format/image.h"
+#include "tests/test_util.h"
+
+using namespace vmsave;
+using json = nlohmann::json;
+using test::RunResult;
+using test::run_vmsave;
+using test::TempDir;
+
+namespace {
+
+constexpr i64 kPage = 4096;
+
+std::string show(const RunResult& r) {
+  return "status " + std::to_string(r.status) + "\nstdout: " + r.out + "\nstderr: " + r.err;
+}
+
+#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), show(r))
+#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), show(r))
+
+bool contains(const std::string& s, const std::string& needle) {
+  return s.find(needle) != std::string::npos;
+}
+
+// The failure contract: the expected status, and one error line,
+// "vmsave: error: ...", ending stderr (after any finished-phase lines).
+bool fails_cleanly(const RunResult& r, int status, const std::string& needle = "") {
+  if (r.status != status || r.err.empty() || r.err.back() != '\n') return false;
+  size_t start = r.err.rfind('\n', r.err.size() - 2);
+  start = start == std::string::npos ? 0 : start + 1;
+  std::string last = r.err.substr(start);
+  if (last.rfind("vmsave: error: ", 0) != 0) return false;
+  if (r.err.find("vmsave: error: ") != start) return false;  // only one
+  return needle.empty() || contains(last, needle);
+}
+#define CHECK_FAILS(r, status, needle) CHECK_MESSAGE(fails_cleanly(r, status, needle), show(r))
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> out;
+  for (auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void require_shm() {
+  if (access("/dev/shm", W_OK) != 0) test::skip("/dev/shm is not writable");
+}
+
+void write_string(const std::string& path, const std::string& s) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(write(fd, s.data(), s.size()) == static_cast<ssize_t>(s.size()));
+  close(fd);
+}
+
+u8 xor_byte(const std::string& path, i64 off, u8 x) {
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  u8 b;
+  REQUIRE(pread(fd, &b, 1, off) == 1);
+  u8 nb = b ^ x;
+  REQUIRE(pwrite(fd, &nb, 1, off) == 1);
+  close(fd);
+  return b;
+}
+
+std::vector<u8> read_bytes(const std::string& path, i64 off, i64 len) {
+  std::vector<u8> out(len);
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  REQUIRE(pread(fd, out.data(), len, off) == len);
+  close(fd);
+  return out;
+}
+
+// The image's layout, decoded in-test with format/ (info --json does not
+// give the tail's offsets).
+ImageLayout layout_of(const std::string& image) {
+  i64 size = test::file_size(image);
+  auto h = decode_header(read_bytes(image, 0, kHeaderSize), size, image);
+  REQUIRE_MESSAGE(h.ok(), h.error().message());
+  ImageLayout img = *h;
+  Status st = decode_section_table(read_bytes(image, img.table.offset, img.table.length), img, image);
+  REQUIRE_MESSAGE(st.ok(), st.error().message());
+  return img;
+}
+
+// A small image of two 256 KiB blocks of mixed memory: every section
+// present, small enough to cut at every 4 KiB boundary.
+struct SmallImage {
+  TempDir shm{"/dev/shm"};
+  TempDir disk;
+  std::string image = disk / "image.vmsave";
+  std::vector<std::string> ids = {"ram0", "ram1"};
+
+  SmallImage() {
+    std::vector<std::string> args = {"save"};
+    for (size_t i = 0; i < ids.size(); i++) {
+      test::write_pattern_file(shm / ids[i], 256 * kKiB, "mixed", 21 + i);
+      args.push_back("--ram");
+      args.push_back(ids[i] + "=" + (shm / ids[i]));
+    }
+    args.push_back(image);
+    RunResult r = run_vmsave(args);
+    REQUIRE_RUN(r, 0);
+  }
+};
+
+// Cuts a copy of the image at every 4 KiB boundary and a few odd sizes,
+// largest first (so one file is shrunk in place), and runs `cmd` on each.
+void truncation_sweep(const std::string& cmd) {
+  require_shm();
+  SmallImage s;
+  std::string cut = s.disk / "cut.vmsave";
+  std::filesystem::copy_file(s.image, cut);
+  const i64 size = test::file_size(cut);
+  REQUIRE(size % kPage == 0);
+  std::vector<i64> sizes = {size - 1, 4095, 100, 1, 0};
+  for (i64 n = size - kPage; n > 0; n -= kPage) sizes.push_back(n);
+  std::sort(sizes.rbegin(), sizes.rend());
+  TempDir out;
+  i64 ran = 0;
+  for (i64 n : sizes) {
+    REQUIRE(truncate(cut.c_str(), n) == 0);
+    std::vector<std::string> args = {cmd, cut};
+    if (cmd == "restore") args = {"restore", cut, "--ram-dir", out.path()};
+    RunResult r = run_vmsave(args, 30);
+    ran++;
+    if (!fails_cleanly(r, 3)) {
+      CAPTURE(n);
+      FAIL_CHECK(show(r));
+    }
+    if (r.status >= 128) FAIL("vmsave crashed on an image cut to ", n, " bytes");
+    if (cmd == "restore" && !list_dir(out.path()).empty()) FAIL("restore left files at size ", n);
+  }
+  CHECK(ran > 1000);  // every boundary of a ~4.3 MiB image
+}
+
+}  // namespace
+
+// ------------------------------------------------------------- truncation
+
+TEST_CASE("raw: info refuses an image cut at any size") { truncation_sweep("info"); }
+TEST_CASE("raw: verify refuses an image cut at any size") { truncation_sweep("verify"); }
+TEST_CASE("raw: restore refuses an image cut at any size and writes nothing") {
+  truncation_sweep("restore");
+}
+
+// ------------------------------------------------------------- byte flips
+
+TEST_CASE("raw: a flipped byte in any section is damage that verify finds and restore refuses") {
+  require_shm();
+  SmallImage s;
+  const ImageLayout img = layout_of(s.image);
+  REQUIRE(img.blocks.size() == 2);
+  TempDir out;
+
+  struct Flip {
+    std::string what;
+    i64 offset;
+    bool info_reads;  // info fails too (header, table, metadata)
+  };
+  std::vector<Flip> flips;
+  for (i64 off : {0, 5, 7, 12, 16, 23, 24, 39, 40, 48, 55, 56, 64, 72, 79, 80, 1000, 4087, 4088, 4095})
+    flips.push_back({"header", off, true});
+  for (size_t b = 0; b < img.blocks.size(); b++) {
+    const BlockLayout& bl = img.blocks[b];
+    std::vector<u8> bitmap = read_bytes(s.image, bl.bitmap.offset, bl.bitmap.length);
+    i64 data = 0;
+    for (i64 p = 0; p < bl.pages(); p++) {
+      if (!bitmap_test(bitmap.data(), p)) continue;
+      // A different byte of each page: first, last and in between.
+      i64 in_page = (p * 997) % kPage;
+      if (data == 0) in_page = 0;
+      flips.push_back({"RAM page " + std::to_string(p) + " of " + bl.id,
+                       bl.region.offset + p * kPage + in_page, false});
+      data++;
+    }
+    CHECK(data == bl.data_pages);
+    CHECK(data > 0);
+    for (i64 off : {i64(0), bl.bitmap.length - 1})
+      flips.push_back({"bitmap of " + bl.id, bl.bitmap.offset + off, false});
+    for (i64 off : {i64(0), bl.sums.length / 2 + 3, bl.sums.length - 1})
+      flips.push_back({"chunk table of " + bl.id, bl.sums.offset + off, false});
+  }
+  for (i64 off : {i64(0), img.metadata.length / 2, img.metadata.length - 1})
+    flips.push_back({"metadata", img.metadata.offset + off, true});
+  for (i64 off : {i64(0), i64(40), img.table.length / 2, img.table.length - 1})
+    flips.push_back({"section table", img.table.offset + off, true});
+
+  for (const Flip& f : flips) {
+    CAPTURE(f.what);
+    CAPTURE(f.offset);
+    u8 before = xor_byte(s.image, f.offset, 0x5a);
+    // The major version field can only read as a newer version.
+    bool version = f.what == "header" && f.offset >= 8 && f.offset < 12;
+    std::string needle = version ? "too new" : "damaged";
+
+    RunResult r = run_vmsave({"verify", s.image});
+    CHECK_FAILS(r, 3, needle);
+    if (f.what.rfind("RAM page", 0) == 0) CHECK_MESSAGE(contains(r.err, "chunk"), r.err);
+
+    r = run_vmsave({"restore", s.image, "--ram-dir", out.path()});
+    CHECK_FAILS(r, 3, needle);
+    CHECK_MESSAGE(list_dir(out.path()).empty(), "restore left files behind");
+    std::filesystem::remove_all(out.path());
+    std::filesystem::create_directory(out.path());
+
+    r = run_vmsave({"info", s.image});
+    if (f.info_reads)
+      CHECK_FAILS(r, 3, needle);
+    else
+      CHECK_RUN(r, 0);  // info reads no RAM, bitmaps or chunk tables
+
+    xor_byte(s.image, f.offset, 0x5a);
+    REQUIRE(read_bytes(s.image, f.offset, 1)[0] == before);
+  }
+  // Undone, the image is intact again.
+  CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+}
+
+TEST_CASE("raw: verify --json reports damage, and a zeroed header is an unfinished save") {
+  require_shm();
+  SmallImage s;
+  const ImageLayout img = layout_of(s.image);
+  {
+    const BlockLayout& bl = img.blocks[1];
+    std::vector<u8> bitmap = read_bytes(s.image, bl.bitmap.offset, bl.bitmap.length);
+    i64 p = 0;
+    while (!bitmap_test(bitmap.data(), p)) p++;
+    xor_byte(s.image, bl.region.offset + p * kPage + 17, 1);
+    RunResult r = run_vmsave({"verify", "--json", s.image});
+    CHECK_FAILS(r, 3, "ram1");
+    json j = json::parse(r.out);
+    CHECK(j["ok"] == false);
+    CHECK(contains(j["error"].get<std::string>(), "chunk 0"));
+  }
+  {
+    int fd = open(s.image.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    std::vector<u8> zeros(kHeaderSize, 0);
+    REQUIRE(pwrite(fd, zeros.data(), zeros.size(), 0) == kHeaderSize);
+    close(fd);
+    for (const char* cmd : {"info", "verify"}) CHECK_FAILS(run_vmsave({cmd, s.image}), 3, "did not finish");
+  }
+}
+
+// ------------------------------------------------------ refusals and modes
+
+TEST_CASE("raw: restore refuses an existing RAM file without --force and overwrites with it") {
+  require_shm();
+  SmallImage s;
+  TempDir out("/dev/shm");
+  const std::string precious = "precious data, not a RAM block\n";
+  // Only the second block's file exists: nothing may be written for the
+  // first either (refused up front, not half-way).
+  write_string(out / "ram1", precious);
+  RunResult r = run_vmsave({"restore", s.image, "--ram-dir", out.path()});
+  CHECK_FAILS(r, 1, "exists");
+  CHECK_MESSAGE(contains(r.err, out / "ram1"), r.err);
+  CHECK(test::read_file(out / "ram1") == precious);
+  CHECK(list_dir(out.path()) == std::vector<std::string>{"ram1"});
+
+  r = run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"});
+  REQUIRE_RUN(r, 0);
+  for (auto& id : s.ids) {
+    std::string why;
+    CHECK_MESSAGE(test::files_equal(s.shm / id, out / id, &why), id, ": ", why);
+  }
+  // Overwriting a bigger file shrinks it to the block.
+  test::write_pattern_file(out / "ram0", 3 * kMiB, "random", 99);
+  REQUIRE_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path(), "-f"}), 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(s.shm / "ram0", out / "ram0", &why), why);
+}
+
+TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  std::string a = shm / "a", b = shm / "b";
+  test::write_pattern_file(a, 1 * kMiB, "mixed", 1);
+  test::write_pattern_file(b, 2 * kMiB + 4096, "text", 2);
+  std::string image = disk / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "first=" + a, image}), 0);
+  const std::string original = test::read_file(image);
+
+  RunResult r = run_vmsave({"save", "--ram", "second=" + b, image});
+  CHECK_FAILS(r, 1, "exists");
+  CHECK_MESSAGE(contains(r.err, image), r.err);
+  CHECK(test::read_file(image) == original);
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+  CHECK(list_dir(disk.path()) == std::vector<std::string>{"image.vmsave"});
+
+  REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "second=" + b, image}), 0);
+  r = run_vmsave({"info", "--json", image});
+  REQUIRE_RUN(r, 0);
+  json j = json::parse(r.out);
+  CHECK(j["blocks"][0]["id"] == "second");
+  CHECK(j["blocks"][0]["size"] == 2 * kMiB + 4096);
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+  CHECK(list_dir(disk.path()) == std::vector<std::string>{"image.vmsave"});
+
+  // A directory at the target is never replaced.
+  std::string dir = disk / "adir";
+  REQUIRE(mkdir(dir.c_str(), 0700) == 0);
+  r = run_vmsave({"save", "--force", "--ram", "x=" + a, dir});
+  CHECK_FAILS(r, 1, "directory");
+  CHECK(std::filesystem::is_directory(dir));
+}
+
+TEST_CASE("raw: images and RAM files are created mode 0600 whatever the umask") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  TempDir out("/dev/shm");
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 64 * kKiB, "mixed", 3);
+  std::string image = disk / "image.vmsave";
+  mode_t old = umask(0);  // inherited by the child: the mode must be explicit
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image});
+  RunResult r2 = run_vmsave({"restore", image, "--ram-dir", out.path()});
+  umask(old);
+  REQUIRE_RUN(r, 0);
+  REQUIRE_RUN(r2, 0);
+  struct stat st;
+  REQUIRE(stat(image.c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0600);
+  REQUIRE(stat((out / "ram").c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0600);
+}
+
+TEST_CASE("raw: a symlink at the target is replaced by --force, never followed") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 256 * kKiB, "random", 4);
+  std::string victim = disk / "victim";
+  const std::string content = "the link's target must not change\n";
+  write_string(victim, content);
+  std::string image = disk / "image.vmsave";
+  REQUIRE(symlink(victim.c_str(), image.c_str()) == 0);
+
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image});
+  CHECK_FAILS(r, 1, "exists");
+  CHECK(test::read_file(victim) == content);
+
+  REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "ram=" + src, image}), 0);
+  struct stat st;
+  REQUIRE(lstat(image.c_str(), &st) == 0);
+  CHECK(S_ISREG(st.st_mode));
+  CHECK(test::read_file(victim) == content);
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+
+  // A dangling link too.
+  std::string dangling = disk / "dangling.vmsave";
+  std::string nowhere = disk / "nowhere";
+  REQUIRE(symlink(nowhere.c_str(), dangling.c_str()) == 0);
+  REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "ram=" + src, dangling}), 0);
+  REQUIRE(lstat(dangling.c_str(), &st) == 0);
+  CHECK(S_ISREG(st.st_mode));
+  CHECK(access(nowhere.c_str(), F_OK) != 0);
+
+  SUBCASE("restore --force does not write through a symlinked RAM file") {
+    TempDir out("/dev/shm");
+    REQUIRE(symlink(victim.c_str(), (out / "ram").c_str()) == 0);
+    r = run_vmsave({"restore", image, "--ram-dir", out.path(), "--force"});
+    CHECK(r.status != 0);
+    CHECK(r.status < 128);
+    CHECK(test::read_file(victim) == content);
+  }
+  SUBCASE("save does not read RAM through a symlink") {
+    std::string link = shm / "link";
+    REQUIRE(symlink(src.c_str(), link.c_str()) == 0);
+    r = run_vmsave({"save", "--ram", "ram=" + link, disk / "other.vmsave"});
+    CHECK(r.status == 1);
+    CHECK(access((disk / "other.vmsave").c_str(), F_OK) != 0);
+  }
+}
+
+// ------------------------------------------------------------ usage errors
+
+TEST_CASE("raw: usage errors exit 2 and create nothing") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 64 * kKiB, "random", 5);
+  std::string image = disk / "image.vmsave";
+  const std::vector<std::vector<std::string>> cases = {
+      {},
+      {"bogus-command"},
+      {"save", image},                                  // neither --qmp nor --ram
+      {"save", "--ram", src, image},                    // no '='
+      {"save", "--ram", "=" + src, image},              // empty id
+      {"save", "--ram", "ram=", image},                 // empty file
+      {"save", "--ram", "a/b=" + src, image},           // id is not a file name
+      {"save", "--ram", "..=" + src, image},
+      {"save", "--ram", "a=" + src, "--ram", "a=" + src, image},  // duplicate id
+      {"save", "--ram", "ram=" + src, "--qmp", disk / "qmp.sock", image},
+      {"save", "--ram", "ram=" + src, "--bogus", image},
+      {"save", "--ram", "ram=" + src, "--chunk-size", "3K", image},
+      {"save", "--ram", "ram=" + src, "--chunk-size", "2K", image},
+      {"save", "--ram", "ram=" + src, "--jobs", "0", image},
+      {"save", "--ram", "ram=" + src, "--queue-depth", "0", image},
+      {"save", "--ram", "ram=" + src, "--paused", image},
+      {"save", "--ram", "ram=" + src},  // no image
+      {"restore", image},               // no form
+      {"restore", image, "--ram-dir", disk.path(), "--qmp", disk / "qmp.sock"},
+      {"restore", image, "--ram-dir", disk.path(), "--lazy"},
+      {"restore", image, "--ram-dir", disk.path(), "--bogus"},
+      {"info"},
+      {"verify", image, "extra"},
+  };
+  for (auto& args : cases) {
+    std::string line;
+    for (auto& a : args) line += a + " ";
+    CAPTURE(line);
+    RunResult r = run_vmsave(args);
+    CHECK_RUN(r, 2);
+    CHECK(!r.err.empty());
+    CHECK(list_dir(disk.path()).empty());
+  }
+  RunResult r = run_vmsave({"--version"});
+  CHECK_RUN(r, 0);
+  CHECK(contains(r.out, "vmsave"));
+  CHECK_RUN(run_vmsave({"save", "--help"}), 0);
+}
+
+// ------------------------------------------------- what is not an image
+
+TEST_CASE("raw: missing, empty, foreign and newer images are refused with the right status") {
+  require_shm();
+  TempDir disk;
+  TempDir out;
+  std::string missing = disk / "missing.vmsave";
+  for (const char* cmd : {"info", "verify", "restore"}) {
+    CAPTURE(cmd);
+    std::vector<std::string> args = {cmd, missing};
+    if (std::string(cmd) == "restore") args = {cmd, missing, "--ram-dir", out.path()};
+    RunResult r = run_vmsave(args);
+    CHECK_FAILS(r, 1, "No such file or directory");
+    CHECK_MESSAGE(contains(r.err, missing), r.err);
+  }
+
+  std::string dir = disk / "adir.vmsave";
+  REQUIRE(mkdir(dir.c_str(), 0700) == 0);
+  std::string empty = disk / "empty.vmsave";
+  write_string(empty, "");
+  std::string foreign = disk / "foreign.vmsave";
+  test::write_pattern_file(foreign, 1 * kMiB, "random", 6);
+  std::string text = disk / "text.vmsave";
+  test::write_pattern_file(text, 5000, "text", 6);
+
+  // A real image, then patched to major version 2 with a valid checksum.
+  std::string newer = disk / "newer.vmsave";
+  {
+    TempDir shm("/dev/shm");
+    test::write_pattern_file(shm / "ram", 64 * kKiB, "mixed", 6);
+    REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), newer}), 0);
+  }
+  {
+    std::vector<u8> h = read_bytes(newer, 0, kHeaderSize);
+    DiskHeader dh;
+    std::memcpy(&dh, h.data(), sizeof(dh));
+    dh.major = 2;
+    dh.checksum = checksum({reinterpret_cast<const u8*>(&dh), offsetof(DiskHeader, checksum)});
+    int fd = open(newer.c_str(), O_WRONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    REQUIRE(pwrite(fd, &dh, sizeof(dh), 0) == kHeaderSize);
+    close(fd);
+  }
+
+  struct Case {
+    std::string path, needle;
+  };
+  for (const Case& c : {Case{dir, "regular file"}, Case{empty, "smaller than an image header"},
+                        Case{foreign, "not a vmsave image"}, Case{text, "not a vmsave image"},
+                        Case{newer, "too new"}}) {
+    for (const char* cmd : {"info", "verify", "restore"}) {
+      CAPTURE(c.path);
+      CAPTURE(cmd);
+      std::vector<std::string> args = {cmd, c.path};
+      if (std::string(cmd) == "restore") args = {cmd, c.path, "--ram-dir", out.path()};
+      RunResult r = run_vmsave(args);
+      CHECK_FAILS(r, 3, c.needle);
+      CHECK_MESSAGE(contains(r.err, c.path), r.err);
+      if (c.path == newer) {
+        CHECK_MESSAGE(contains(r.err, "v2"), r.err);
+        CHECK_MESSAGE(contains(r.err, "v1"), r.err);
+      }
+      CHECK(list_dir(out.path()).empty());
+    }
+  }
+}
+
+TEST_CASE("raw: bad memory files and image directories fail the save with status 1") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 64 * kKiB, "random", 7);
+  std::string empty = shm / "empty";
+  write_string(empty, "");
+  struct Case {
+    std::vector<std::string> args;
+    std::string needle;
+  };
+  std::string image = disk / "image.vmsave";
+  const std::vector<Case> cases = {
+      {{"save", "--ram", "ram=" + (shm / "missing"), image}, "No such file or directory"},
+      {{"save", "--ram", "ram=" + empty, image}, "empty"},
+      {{"save", "--ram", "ram=" + shm.path(), image}, "regular file"},
+      {{"save", "--ram", "ram=" + src, disk / "no/such/dir/image.vmsave"},
+       "No such file or directory"},
+  };
+  for (auto& c : cases) {
+    CAPTURE(c.needle);
+    RunResult r = run_vmsave(c.args);
+    CHECK_FAILS(r, 1, c.needle);
+    CHECK(list_dir(disk.path()).empty());
+  }
+  // --ram-dir that is not a usable directory.
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + src, image}), 0);
+  CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", disk / "nope"}), 1,
+              "No such file or directory");
+  CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", src}), 1, "directory");
+}
