@@ -1,0 +1,906 @@
+// End-to-end tests: the real vmsave binary saves and restores a real QEMU
+// guest (tests/vm_fixture.h: TCG, RAM in a shared file under /dev/shm).
+//
+// The guest's memcheck prints `memcheck ok <iteration> <checksum>` every
+// ~200 ms, and its iteration counter lives in guest RAM. So a guest that was
+// restored correctly continues the serial log as one unbroken story: every
+// iteration is the previous one plus one, with the same checksum, and no
+// line says CORRUPT. A reboot (iteration 1 again), a stale or wrong RAM
+// image, or lost device state all break that story, which is what these
+// tests assert on, together with exit statuses, messages and the files
+// left behind.
+//
+// Every QEMU these tests start, directly or through vmsave, has the
+// fixture's directories on its command line, so TestVm's destructor kills
+// it even when a check fails; the cases also kill what they started
+// explicitly, as soon as they are done with it.
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/qmp.h"
+#include "tests/test_util.h"
+#include "tests/vm_fixture.h"
+
+using namespace vmsave;
+using json = nlohmann::json;
+using test::MemcheckLine;
+using test::run_vmsave;
+using test::RunResult;
+using test::skip;
+using test::TestVm;
+using test::VmOptions;
+
+namespace {
+
+// A TCG boot to memcheck iteration 3 takes ~5 s on an idle 2-core machine;
+// other test processes may be booting guests at the same time.
+constexpr double kBootTimeout = 90;
+// One vmsave run: a 512 MiB save or restore takes well under a second.
+constexpr double kRunTimeout = 60;
+// A restored guest prints its next line within ~200 ms; a few iterations on
+// a loaded machine take seconds, not tens of seconds.
+constexpr double kCarryOnTimeout = 45;
+// Iterations a restored or resumed guest must add to count as carrying on.
+constexpr i64 kMoreIterations = 4;
+constexpr auto kPoll = std::chrono::milliseconds(50);
+
+const VmOptions kSmallVm{.ram_mib = 256, .memcheck_mib = 64};
+
+double now_s() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+bool contains(const std::string& s, const std::string& needle) {
+  return s.find(needle) != std::string::npos;
+}
+
+std::string show(const RunResult& r) {
+  return fmt::format("status {}\nstdout: {}\nstderr: {}", r.status, r.out, r.err);
+}
+
+#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), show(r))
+#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), show(r))
+
+json parse_json(const RunResult& r) {
+  json j = json::parse(r.out, nullptr, false);
+  REQUIRE_MESSAGE(j.is_object(), "stdout is not a JSON object: " << show(r));
+  return j;
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (auto& e : std::filesystem::directory_iterator(dir, ec))
+    names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (auto& x : v) s += (s.empty() ? "" : " ") + x;
+  return s.empty() ? "(none)" : s;
+}
+
+bool exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// --- The memcheck story in a serial log ---------------------------------
+
+struct Story {
+  std::optional<MemcheckLine> last;
+  std::string broken;  // why the log is not one unbroken run, or ""
+};
+
+bool parse_ok(const std::string& line, MemcheckLine* out) {
+  static const std::string kTag = "memcheck ok ";
+  size_t at = line.find(kTag);
+  if (at == std::string::npos) return false;
+  const char* p = line.c_str() + at + kTag.size();
+  char* end = nullptr;
+  long long iteration = std::strtoll(p, &end, 10);
+  if (end == p || *end != ' ') return false;
+  std::string checksum;
+  for (const char* c = end + 1; std::isxdigit(static_cast<unsigned char>(*c)); c++)
+    checksum.push_back(*c);
+  if (checksum.size() != 16) return false;
+  *out = MemcheckLine{iteration, checksum};
+  return true;
+}
+
+// Reads every complete line of `log`: each `memcheck ok` line must follow
+// the previous one by exactly one iteration with the same checksum.
+Story read_story(const std::string& log) {
+  Story s;
+  size_t pos = 0;
+  for (size_t nl; (nl = log.find('\n', pos)) != std::string::npos; pos = nl + 1) {
+    std::string line = log.substr(pos, nl - pos);
+    while (!line.empty() && line.back() == '\r') line.pop_back();
+    if (contains(line, "memcheck CORRUPT")) {
+      s.broken = "the guest reported corruption: \"" + line + "\"";
+      return s;
+    }
+    MemcheckLine m;
+    if (!parse_ok(line, &m)) continue;
+    if (s.last && (m.iteration != s.last->iteration + 1 || m.checksum != s.last->checksum)) {
+      s.broken = fmt::format("\"memcheck ok {} {}\" follows \"memcheck ok {} {}\"", m.iteration,
+                             m.checksum, s.last->iteration, s.last->checksum);
+      return s;
+    }
+    s.last = m;
+  }
+  return s;
+}
+
+std::string tail(const std::string& text, size_t n = 1500) {
+  return text.size() <= n ? text : "..." + text.substr(text.size() - n);
+}
+
+bool process_runs(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  size_t paren = stat.rfind(')');
+  if (stat.empty() || paren == std::string::npos || paren + 2 >= stat.size()) return false;
+  return stat[paren + 2] != 'Z' && stat[paren + 2] != 'X';
+}
+
+// Polls the log `read_log` returns until its story reaches `min_iteration`.
+// Fails at once when the story breaks or when `pid` (the QEMU writing it, if
+// given) no longer runs.
+bool wait_story(const std::function<std::string()>& read_log, i64 min_iteration, double timeout_s,
+                pid_t pid, MemcheckLine* out, std::string* why) {
+  double deadline = now_s() + timeout_s;
+  for (;;) {
+    bool alive = pid <= 0 || process_runs(pid);
+    std::string log = read_log();
+    Story s = read_story(log);
+    if (!s.broken.empty()) {
+      *why = s.broken + "\nlog:\n" + tail(log);
+      return false;
+    }
+    if (s.last && s.last->iteration >= min_iteration) {
+      if (out) *out = *s.last;
+      return true;
+    }
+    std::string last = s.last ? fmt::format("last was {}", s.last->iteration) : "none yet";
+    if (!alive || now_s() > deadline) {
+      *why = fmt::format("{} before memcheck iteration {} ({}); log:\n{}",
+                         alive ? "timed out" : fmt::format("QEMU {} exited", pid), min_iteration,
+                         last, tail(log));
+      return false;
+    }
+    std::this_thread::sleep_for(kPoll);
+  }
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// --- Processes ------------------------------------------------------------
+
+// Waits for our child `pid` to exit without reaping it (the fixture reaps
+// its own QEMU). Returns its exit status, or nullopt on timeout.
+std::optional<int> wait_exit_unreaped(pid_t pid, double timeout_s) {
+  double deadline = now_s() + timeout_s;
+  for (;;) {
+    siginfo_t info{};
+    if (waitid(P_PID, pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid)
+      return info.si_code == CLD_EXITED ? info.si_status : 128 + info.si_status;
+    if (now_s() > deadline) return std::nullopt;
+    std::this_thread::sleep_for(kPoll);
+  }
+}
+
+// SIGKILLs a QEMU vmsave started (not our child) and waits until it is gone.
+void kill_and_wait(pid_t pid) {
+  if (pid <= 0) return;
+  kill(pid, SIGKILL);
+  double deadline = now_s() + 10;
+  while (process_runs(pid) && now_s() < deadline) std::this_thread::sleep_for(kPoll);
+}
+
+// A QEMU that vmsave started: killed when the case ends, pass or fail.
+struct StartedQemu {
+  pid_t pid = -1;
+  ~StartedQemu() { kill_and_wait(pid); }
+};
+
+// A child of this test process, killed and reaped when it goes out of scope.
+class Child {
+ public:
+  // Starts argv with stdout and stderr to `log`, and fd 3 the write end of
+  // `fd3` if given. The child dies with the test process.
+  Child(const std::vector<std::string>& argv, const std::string& log, int fd3 = -1) {
+    std::vector<std::string> args = argv;
+    std::vector<char*> cargv;
+    for (auto& a : args) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    REQUIRE_MESSAGE((log_fd >= 0 && null_fd >= 0), "open " << log << ": " << strerror(errno));
+    const pid_t parent = getpid();
+    pid_ = fork();
+    REQUIRE_MESSAGE(pid_ >= 0, "fork: " << strerror(errno));
+    if (pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
+      dup2(null_fd, STDIN_FILENO);
+      dup2(log_fd, STDOUT_FILENO);
+      dup2(log_fd, STDERR_FILENO);
+      if (fd3 >= 0) {
+        if (fd3 == 3) {
+          fcntl(3, F_SETFD, 0);
+        } else {
+          dup2(fd3, 3);
+        }
+      }
+      sigset_t none;
+      sigemptyset(&none);
+      sigprocmask(SIG_SETMASK, &none, nullptr);
+      execvp(cargv[0], cargv.data());
+      _exit(127);
+    }
+    ::close(log_fd);
+    ::close(null_fd);
+  }
+  ~Child() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  Child(const Child&) = delete;
+
+  pid_t pid() const { return pid_; }
+  void signal(int sig) const { kill(pid_, sig); }
+  // Exit status, 128 + signal, or -1 after `timeout_s` (the child is then
+  // killed).
+  int wait(double timeout_s) {
+    double deadline = now_s() + timeout_s;
+    for (;;) {
+      int st = 0;
+      pid_t r = waitpid(pid_, &st, WNOHANG);
+      if (r == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      if (now_s() > deadline) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// --- QMP ------------------------------------------------------------------
+
+Result<json> qmp_execute(const std::string& socket, const std::string& cmd) {
+  auto c = QmpClient::connect(socket, 10);
+  if (!c.ok()) return c.error();
+  return c->execute(cmd);
+}
+
+// "running", "paused", ... or the error that kept us from asking.
+std::string qmp_status(const std::string& socket) {
+  auto r = qmp_execute(socket, "query-status");
+  if (!r.ok()) return "(query-status failed: " + r.error().message() + ")";
+  return r->value("status", "(no status)");
+}
+
+// --- Steps shared by the cases ----------------------------------------------
+
+void require_kit() {
+  std::string err;
+  if (!test::guest_kit_available(&err)) skip(err);
+}
+
+// Starts `vm` and waits until memcheck has verified its buffer `iterations`
+// times.
+MemcheckLine boot(TestVm& vm, i64 iterations = 3) {
+  std::string err;
+  REQUIRE_MESSAGE(vm.start(&err), err);
+  MemcheckLine line;
+  REQUIRE_MESSAGE(vm.wait_for_memcheck(iterations, kBootTimeout, &line, &err), err);
+  return line;
+}
+
+// `save` in its default form: QEMU quits once the image is safe. Returns
+// the serial log as the guest left it (its last line may be unfinished; the
+// restored guest finishes it).
+std::string save_and_quit(TestVm& vm, const std::string& image) {
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  json j = parse_json(r);
+  CHECK(j.value("after", "") == "quit");
+  CHECK(j.value("ram_bytes", i64(0)) == vm.options().ram_mib * kMiB);
+  std::optional<int> exit = wait_exit_unreaped(vm.pid(), 15);
+  REQUIRE_MESSAGE(exit.has_value(), "QEMU still runs after save (pid " << vm.pid() << ")");
+  CHECK_MESSAGE(*exit == 0, "QEMU exited with " << *exit);
+  vm.kill_qemu();  // reaps it
+  REQUIRE(exists(image));
+  std::string log = vm.serial_log();
+  Story s = read_story(log);
+  REQUIRE_MESSAGE(s.broken.empty(), s.broken);
+  REQUIRE(s.last.has_value());
+  return log;
+}
+
+// The argv with every occurrence of `from` in any argument replaced by `to`.
+std::vector<std::string> rewrite(std::vector<std::string> argv, const std::string& from,
+                                 const std::string& to) {
+  for (auto& a : argv)
+    for (size_t at; (at = a.find(from)) != std::string::npos;) a.replace(at, from.size(), to);
+  return argv;
+}
+
+std::vector<std::string> restore_args(const std::string& image, const std::string& qemu_log,
+                                      bool lazy, const std::vector<std::string>& qemu) {
+  std::vector<std::string> args = {"restore", image, "--json", "--qemu-log", qemu_log};
+  if (lazy) args.push_back("--lazy");
+  args.push_back("--");
+  args.insert(args.end(), qemu.begin(), qemu.end());
+  return args;
+}
+
+// The files QEMU `pid` maps, one per line of /proc/PID/maps.
+std::string maps_of(pid_t pid) {
+  return slurp(fmt::format("/proc/{}/maps", pid));
+}
+
+bool maps_file(pid_t pid, const std::string& path) {
+  std::string maps = maps_of(pid);
+  size_t pos = 0;
+  for (size_t nl; (nl = maps.find('\n', pos)) != std::string::npos; pos = nl + 1) {
+    std::string line = maps.substr(pos, nl - pos);
+    if (line.size() >= path.size() &&
+        line.compare(line.size() - path.size(), path.size(), path) == 0)
+      return true;
+  }
+  return false;
+}
+
+// Boots a guest, saves it (QEMU quits), restores it with the same command
+// line and checks that it carries on from the saved iteration.
+void save_then_restore(const VmOptions& opts, bool lazy) {
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+
+  RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(info, 0);
+  // One block per backend, in whatever order QEMU lists them.
+  std::vector<std::string> ids, want;
+  const json blocks = parse_json(info)["blocks"];
+  for (auto& b : blocks) {
+    ids.push_back(b.value("id", ""));
+    CHECK(b.value("size", i64(0)) == opts.ram_mib / opts.numa_nodes * kMiB);
+  }
+  for (int i = 0; i < opts.numa_nodes; i++) want.push_back(fmt::format("ram{}", i));
+  std::sort(ids.begin(), ids.end());
+  CHECK_MESSAGE(ids == want, joined(ids));
+
+  // Eager: the restore must rebuild the RAM files from the image alone.
+  if (!lazy)
+    for (int i = 0; i < opts.numa_nodes; i++) REQUIRE(::unlink(vm.ram_path(i).c_str()) == 0);
+
+  RunResult r =
+      run_vmsave(restore_args(image, vm.dir() + "/restore.log", lazy, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  json j = parse_json(r);
+  StartedQemu qemu{j.value("pid", -1)};
+  REQUIRE(qemu.pid > 0);
+  CHECK(j.value("mode", "") == (lazy ? "lazy" : "eager"));
+  CHECK(j.value("running", false));
+  CHECK(j.value("qmp", "") == vm.qmp_path());
+
+  MemcheckLine line;
+  std::string err;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid, &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+
+  for (int i = 0; i < opts.numa_nodes; i++) {
+    if (lazy) {
+      CHECK_MESSAGE(!maps_file(qemu.pid, vm.ram_path(i)), maps_of(qemu.pid));
+    } else {
+      CHECK(test::file_size(vm.ram_path(i)) == opts.ram_mib / opts.numa_nodes * kMiB);
+      CHECK_MESSAGE(maps_file(qemu.pid, vm.ram_path(i)), maps_of(qemu.pid));
+    }
+  }
+  if (lazy) CHECK_MESSAGE(maps_file(qemu.pid, image), maps_of(qemu.pid));
+  if (opts.cpus > 1) {
+    auto cpus = qmp_execute(vm.qmp_path(), "query-cpus-fast");
+    REQUIRE_MESSAGE(cpus.ok(), cpus.error().message());
+    CHECK(cpus->size() == size_t(opts.cpus));
+  }
+}
+
+// What happened when a signal was sent to a save once it was writing RAM.
+struct Interrupted {
+  bool caught = false;  // the signal was sent while the save wrote RAM
+  int status = -1;
+  std::string err;
+};
+
+// Runs `save --leave-running` with --progress-fd and sends `sig` as soon as
+// the progress says RAM is being written (so the guest is stopped).
+Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig) {
+  int p[2];
+  REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+  std::string log = vm.dir() + "/interrupted-save.log";
+  Interrupted res;
+  {
+    Child save({VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image, "--leave-running",
+                "--progress-fd", "3"},
+               log, p[1]);
+    ::close(p[1]);
+    std::string got;
+    double deadline = now_s() + kRunTimeout;
+    while (!res.caught && now_s() < deadline) {
+      pollfd pfd{p[0], POLLIN, 0};
+      if (poll(&pfd, 1, 100) <= 0) continue;
+      char buf[4096];
+      ssize_t n = ::read(p[0], buf, sizeof buf);
+      if (n <= 0) break;  // the save is over
+      got.append(buf, size_t(n));
+      // One JSON object per line: {"phase": ..., "done": ..., "final": ...}.
+      for (size_t nl; !res.caught && (nl = got.find('\n')) != std::string::npos;) {
+        json j = json::parse(got.substr(0, nl), nullptr, false);
+        got.erase(0, nl + 1);
+        if (j.is_object() && j.value("phase", "") == "writing RAM" && !j.value("final", true)) {
+          save.signal(sig);
+          res.caught = true;
+        }
+      }
+    }
+    res.status = save.wait(kRunTimeout);
+  }
+  ::close(p[0]);
+  res.err = slurp(log);
+  return res;
+}
+
+}  // namespace
+
+TEST_SUITE_BEGIN("e2e");
+
+TEST_CASE("e2e: an eagerly restored guest carries on from the saved iteration") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  save_then_restore(kSmallVm, /*lazy=*/false);
+}
+
+TEST_CASE("e2e: a lazily restored guest maps the image and carries on") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  save_then_restore(kSmallVm, /*lazy=*/true);
+}
+
+TEST_CASE("e2e: a guest with two vCPUs carries on after save and restore") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  VmOptions opts = kSmallVm;
+  opts.cpus = 2;
+  save_then_restore(opts, /*lazy=*/false);
+}
+
+TEST_CASE("e2e: a guest with two RAM backends (NUMA nodes) carries on after save and restore") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  VmOptions opts = kSmallVm;
+  opts.numa_nodes = 2;
+  save_then_restore(opts, /*lazy=*/false);
+}
+
+TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops it until cont") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  TestVm vm(kSmallVm);
+  boot(vm);
+  auto log = [&] { return vm.serial_log(); };
+  std::string err;
+
+  RunResult r = run_vmsave(
+      {"save", "--qmp", vm.qmp_path(), vm.dir() + "/running.vmsave", "--leave-running", "--json"},
+      kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK(parse_json(r).value("after", "") == "running");
+  MemcheckLine at_save = *read_story(vm.serial_log()).last;
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+  CHECK_MESSAGE(wait_story(log, at_save.iteration + kMoreIterations, kCarryOnTimeout, vm.pid(),
+                           nullptr, &err),
+                err);
+  RunResult verified = run_vmsave({"verify", vm.dir() + "/running.vmsave"}, kRunTimeout);
+  CHECK_RUN(verified, 0);
+
+  r = run_vmsave(
+      {"save", "--qmp", vm.qmp_path(), vm.dir() + "/paused.vmsave", "--paused", "--json"},
+      kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK(parse_json(r).value("after", "") == "paused");
+  CHECK(process_runs(vm.pid()));
+  // QEMU calls the state after a completed outgoing migration (which the
+  // device state was) "postmigrate": paused, and `cont` resumes it.
+  auto status = qmp_execute(vm.qmp_path(), "query-status");
+  REQUIRE_MESSAGE(status.ok(), status.error().message());
+  CHECK_FALSE(status->value("running", true));
+  CHECK_MESSAGE(
+      (status->value("status", "") == "paused" || status->value("status", "") == "postmigrate"),
+      status->dump());
+  // A paused guest prints nothing: five passes' worth of time, no new byte.
+  const std::string paused_log = vm.serial_log();
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  CHECK_MESSAGE(vm.serial_log() == paused_log, "the guest ran while paused:\n"
+                                                   << tail(vm.serial_log()));
+
+  auto cont = qmp_execute(vm.qmp_path(), "cont");
+  REQUIRE_MESSAGE(cont.ok(), cont.error().message());
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+  i64 paused_at = read_story(paused_log).last->iteration;
+  CHECK_MESSAGE(
+      wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
+}
+
+TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+
+  StartedQemu clones[2];
+  std::string clone_logs[2];
+  for (int i = 0; i < 2; i++) {
+    // Each clone gets its own QMP socket and serial log.
+    std::string sock = vm.dir() + fmt::format("/clone{}.sock", i);
+    clone_logs[i] = vm.dir() + fmt::format("/clone{}.log", i);
+    auto cmd = rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), clone_logs[i]);
+    RunResult r =
+        run_vmsave(restore_args(image, vm.dir() + fmt::format("/clone{}-qemu.log", i), true, cmd),
+                   kRunTimeout);
+    REQUIRE_RUN(r, 0);
+    json j = parse_json(r);
+    clones[i].pid = j.value("pid", -1);
+    REQUIRE(clones[i].pid > 0);
+    CHECK(j.value("qmp", "") == sock);
+  }
+  for (int i = 0; i < 2; i++) {
+    CAPTURE(i);
+    // A clone's log continues the original's (it may first finish the
+    // original's last, unfinished line).
+    std::string err;
+    CHECK_MESSAGE(wait_story([&] { return log_at_save + slurp(clone_logs[i]); },
+                             saved.iteration + kMoreIterations, kCarryOnTimeout, clones[i].pid,
+                             nullptr, &err),
+                  err);
+    CHECK_MESSAGE(maps_file(clones[i].pid, image), maps_of(clones[i].pid));
+  }
+  // Both at once, not one after the other.
+  CHECK(process_runs(clones[0].pid));
+  CHECK(process_runs(clones[1].pid));
+  // The original's log got nothing from the clones.
+  CHECK(vm.serial_log() == log_at_save);
+}
+
+TEST_CASE(
+    "e2e: restore refuses a command whose memory size or backend id differs, "
+    "before starting QEMU") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  TestVm vm(kSmallVm);
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+
+  const std::vector<std::string> cmd = vm.command();
+  struct Misfit {
+    const char* what;
+    std::vector<std::string> argv;
+    const char* detail;
+  };
+  const Misfit misfits[] = {
+      {"bigger backend", rewrite(cmd, "id=ram0,size=256M", "id=ram0,size=512M"),
+       "memory backend ram0 has size 512M, the image's block has 256M"},
+      {"other backend id",
+       rewrite(rewrite(cmd, "id=ram0,", "id=mem0,"), "memory-backend=ram0", "memory-backend=mem0"),
+       "memory backend mem0 is not in the image"},
+  };
+  for (const Misfit& m : misfits) {
+    REQUIRE_MESSAGE(m.argv != cmd, "the rewrite did not apply to " << joined(cmd));
+    for (bool lazy : {false, true}) {
+      CAPTURE(m.what);
+      CAPTURE(lazy);
+      std::string qemu_log = vm.dir() + "/misfit-qemu.log";
+      RunResult r = run_vmsave(restore_args(image, qemu_log, lazy, m.argv), kRunTimeout);
+      CHECK_RUN(r, 1);
+      CHECK_MESSAGE(contains(r.err, "the QEMU command does not fit the image"), r.err);
+      CHECK_MESSAGE(contains(r.err, m.detail), r.err);
+      // QEMU never started: it would have created its log and its RAM file.
+      CHECK_FALSE(exists(qemu_log));
+      CHECK_FALSE(exists(vm.ram_path()));
+      CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+    }
+  }
+  // The image itself was fine all along.
+  RunResult r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", true, cmd), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  CHECK(qemu.pid > 0);
+}
+
+TEST_CASE("e2e: save refuses anonymous guest RAM, naming the fix, and the guest keeps running") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  VmOptions opts = kSmallVm;
+  opts.shared_file_ram = false;
+  TestVm vm(opts);
+  boot(vm, 1);
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), out + "/vm.vmsave"}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "memory-backend-file"), r.err);
+  CHECK_MESSAGE(contains(r.err, "share=on"), r.err);
+  CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+  std::string err;
+  i64 now = read_story(vm.serial_log()).last->iteration;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout, vm.pid(),
+                           nullptr, &err),
+                err);
+}
+
+TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or temporary file") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  int interrupted = 0;
+  {
+    // 384 MiB of data makes the RAM write last ~0.4 s: several 100 ms
+    // progress ticks, so the signal lands while it runs.
+    TestVm vm({.ram_mib = 512, .memcheck_mib = 384});
+    boot(vm, 1);
+    const std::string out = vm.dir() + "/out";
+    REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+    const std::string image = out + "/vm.vmsave";
+
+    // Where the signal lands (a worker waiting for completions, the ticker,
+    // a request being prepared) varies from run to run, so every save is
+    // interrupted several times; each must end the same clean way.
+    constexpr int kInterruptions = 3;
+    for (int attempt = 0; attempt < 2 * kInterruptions && interrupted < kInterruptions; attempt++) {
+      Interrupted in = interrupt_save(vm, image, SIGINT);
+      if (!in.caught || in.status == 0) {
+        // Finished before the signal landed: a complete save, not this case.
+        CHECK_MESSAGE(in.status == 0, "status " << in.status << ": " << in.err);
+        std::filesystem::remove(image);
+        continue;
+      }
+      interrupted++;
+      CAPTURE(interrupted);
+      REQUIRE_MESSAGE(in.status == 130, "status " << in.status << ": " << in.err);
+      CHECK_MESSAGE(contains(in.err, "vmsave: error: interrupted"), in.err);
+      CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+      REQUIRE(qmp_status(vm.qmp_path()) == "running");
+      // vmsave put back the migration capability it had set.
+      auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
+      REQUIRE_MESSAGE(caps.ok(), caps.error().message());
+      for (auto& c : *caps)
+        if (c.value("capability", "") == "x-ignore-shared") CHECK_FALSE(c.value("state", true));
+      std::string err;
+      i64 now = read_story(vm.serial_log()).last->iteration;
+      REQUIRE_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout,
+                                 vm.pid(), nullptr, &err),
+                      err);
+    }
+  }
+  if (interrupted == 0) skip("could not interrupt a save while it wrote RAM in 6 tries");
+}
+
+TEST_CASE("e2e: after vmsave is killed during a save, no image exists and cont resumes the guest") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  std::string why_skip;
+  {
+    TestVm vm({.ram_mib = 512, .memcheck_mib = 384});
+    boot(vm, 1);
+    const std::string out = vm.dir() + "/out";
+    REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+    const std::string image = out + "/vm.vmsave";
+
+    Interrupted in;
+    for (int attempt = 0; attempt < 3; attempt++) {
+      in = interrupt_save(vm, image, SIGKILL);
+      if (in.caught && in.status == 128 + SIGKILL) break;
+      CHECK_MESSAGE(in.status == 0, "status " << in.status << ": " << in.err);
+      std::filesystem::remove(image);
+    }
+    if (!in.caught || in.status != 128 + SIGKILL) {
+      why_skip = "could not kill a save while it wrote RAM in 3 tries";
+    } else {
+      // The image is written to an unnamed (O_TMPFILE) or hidden temporary
+      // file and linked at the end: nothing appears at the target.
+      CHECK_FALSE(exists(image));
+      // Nobody resumed the guest: vmsave stopped it and died.
+      CHECK(qmp_status(vm.qmp_path()) == "paused");
+      const MemcheckLine at_kill = *read_story(vm.serial_log()).last;
+      auto cont = qmp_execute(vm.qmp_path(), "cont");
+      REQUIRE_MESSAGE(cont.ok(), cont.error().message());
+      std::string err;
+      MemcheckLine line;
+      CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, at_kill.iteration + kMoreIterations,
+                               kCarryOnTimeout, vm.pid(), &line, &err),
+                    err);
+      CHECK(line.checksum == at_kill.checksum);
+      // And the VM can still be saved: the killed save wedged nothing.
+      RunResult r =
+          run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout);
+      CHECK_RUN(r, 0);
+      CHECK(qmp_status(vm.qmp_path()) == "running");
+    }
+  }
+  if (!why_skip.empty()) skip(why_skip);
+}
+
+TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) carries on") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+
+  RunResult r = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  json prepared = parse_json(r)["qemu_args"];
+  REQUIRE(prepared.is_array());
+  std::vector<std::string> extra = prepared.get<std::vector<std::string>>();
+  REQUIRE(extra.size() >= 2);
+  REQUIRE(extra[0] == "-object");
+  REQUIRE(contains(extra[1], "id=ram0"));
+
+  // The original command with its ram0 backend replaced by prepare's, plus
+  // the rest of prepare's arguments (-incoming defer).
+  std::vector<std::string> cmd = vm.command();
+  bool replaced = false;
+  for (size_t i = 0; i + 1 < cmd.size(); i++) {
+    if (cmd[i] == "-object" && contains(cmd[i + 1], "id=ram0,")) {
+      cmd[i + 1] = extra[1];
+      replaced = true;
+    }
+  }
+  REQUIRE(replaced);
+  cmd.insert(cmd.end(), extra.begin() + 2, extra.end());
+
+  ::unlink(vm.qmp_path().c_str());  // a stale socket would look ready
+  Child qemu(cmd, vm.dir() + "/two-step-qemu.log");
+  double deadline = now_s() + 30;
+  struct stat st;
+  while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
+    std::this_thread::sleep_for(kPoll);
+  REQUIRE_MESSAGE(process_runs(qemu.pid()), slurp(vm.dir() + "/two-step-qemu.log"));
+  CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
+
+  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  json j = parse_json(r);
+  CHECK(j.value("pid", -1) == qemu.pid());
+  CHECK(j.value("running", false));
+  std::string err;
+  MemcheckLine line;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid(), &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+  CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
+}
+
+TEST_CASE(
+    "e2e: save fails within --qmp-timeout on a busy QMP socket, and at once on a "
+    "missing one") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  TestVm vm(kSmallVm);
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  const std::string image = out + "/vm.vmsave";
+
+  double t0 = now_s();
+  RunResult r =
+      run_vmsave({"save", "--qmp", vm.dir() + "/missing.sock", image, "--qmp-timeout", "10"}, 30);
+  double missing_s = now_s() - t0;
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "does not exist"), r.err);
+  CHECK_MESSAGE(missing_s < 2, missing_s << " s");
+
+  boot(vm, 1);
+  {
+    auto holder = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE_MESSAGE(holder.ok(), holder.error().message());
+    t0 = now_s();
+    r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--qmp-timeout", "2"}, 30);
+    double busy_s = now_s() - t0;
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "another QMP client"), r.err);
+    CHECK_MESSAGE(busy_s >= 1.5, busy_s << " s");
+    CHECK_MESSAGE(busy_s < 5, busy_s << " s");
+    // The connection we hold still works, and the guest never stopped.
+    auto status = holder->execute("query-status");
+    REQUIRE_MESSAGE(status.ok(), status.error().message());
+    CHECK(status->value("status", "") == "running");
+  }
+  CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+}
+
+TEST_CASE("e2e: restoring an image with damaged device state exits 3 and leaves no QEMU") {
+  std::string why;
+  if (!test::guest_kit_available(&why)) skip(why);
+  TestVm vm(kSmallVm);
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+
+  RunResult r = run_vmsave({"info", image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  json info = parse_json(r);
+  i64 offset = info.value("vmstate_offset", i64(0));
+  i64 length = info.value("vmstate_bytes", i64(0));
+  REQUIRE(offset > 0);
+  REQUIRE(length > 0);
+  {
+    // Flip one byte in the middle of the device state.
+    int fd = ::open(image.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    u8 byte = 0;
+    i64 at = offset + length / 2;
+    REQUIRE(pread(fd, &byte, 1, at) == 1);
+    byte ^= 0x5a;
+    REQUIRE(pwrite(fd, &byte, 1, at) == 1);
+    ::close(fd);
+  }
+  for (bool lazy : {false, true}) {
+    CAPTURE(lazy);
+    r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", lazy, vm.command()), kRunTimeout);
+    CHECK_RUN(r, 3);
+    CHECK_MESSAGE(contains(r.err, "image damaged"), r.err);
+    CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+    // An eager restore removes the RAM file it filled.
+    CHECK_FALSE(exists(vm.ram_path()));
+  }
+}
+
+TEST_SUITE_END();
