@@ -315,11 +315,6 @@ std::string qmp_status(const std::string& socket) {
 
 // --- Steps shared by the cases ----------------------------------------------
 
-void require_kit() {
-  std::string err;
-  if (!test::guest_kit_available(&err)) skip(err);
-}
-
 // Starts `vm` and waits until memcheck has verified its buffer `iterations`
 // times.
 MemcheckLine boot(TestVm& vm, i64 iterations = 3) {
