@@ -226,6 +226,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   if (progress) progress->total += total;
 
   std::vector<i64> data_pages(cfg.jobs > 0 ? cfg.jobs : default_jobs(), 0);
+  std::vector<u64> zero_sums;  // checksum of an all-zero chunk, per block
+  for (auto& b : img_.blocks) zero_sums.push_back(zero_checksum(b.chunk_size));
   int fd = file_.fd.get();
 
   auto setup = [&](IoQueue& q, int) { q.name_fd(fd, target_); };
@@ -250,10 +252,24 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       return it != blk.data.end() && it->first <= off + page - 1 && off < it->second;
     };
 
+    // A chunk entirely in source holes: nothing to scan, hash or write.
+    if (it == blk.data.end() || it->first >= start + len || it->second <= start) {
+      bool any = false;
+      for (auto e = it; e != blk.data.end() && e->first < start + len; ++e)
+        if (e->second > start) any = true;
+      if (!any) {
+        sums_[bi][c] = len == b.chunk_size ? zero_sums[bi] : zero_checksum(len);
+        if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
+        return Status();
+      }
+    }
+
     std::vector<bool> present;
     present.reserve((len + page - 1) / page);
-    i64 run_start = -1;
-    auto flush_run = [&](i64 run_end) -> Status {
+    // Zero pages are never written (the format keeps them as holes), so a
+    // run of data pages ends at the first zero page.
+    i64 run_start = -1, run_end = 0;
+    auto flush_run = [&]() -> Status {
       for (i64 o = run_start; o < run_end; o += kMaxIoSize) {
         IoRequest r;
         r.fd = fd;
@@ -268,19 +284,21 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     };
     for (i64 off = 0; off < len; off += page) {
       i64 plen = std::min(page, len - off);
-      bool data = in_data(start + off) && !is_zero(base + off, plen);
+      bool hole = !in_data(start + off);
+      bool data = !hole && !is_zero(base + off, plen);
       present.push_back(data);
       if (data) {
         atomic_bitmap_set(bitmap, first_page + off / page);
         data_pages[worker]++;
+        if (run_start >= 0 && run_end != off)
+          VMSAVE_TRY(flush_run());
         if (run_start < 0) run_start = off;
-      } else if (run_start >= 0) {
-        VMSAVE_TRY(flush_run(off));
+        // The last page may be partial; its write covers the whole page (the
+        // region is page-aligned and the mapping readable to the page's end).
+        run_end = std::min(off + page, align_up(len, std::min<i64>(page, kDirectAlign)));
       }
     }
-    // The last page may be partial; its write covers the whole page (the
-    // region is page-aligned and the mapping readable to the page's end).
-    if (run_start >= 0) VMSAVE_TRY(flush_run(align_up(len, std::min<i64>(page, kDirectAlign))));
+    if (run_start >= 0) VMSAVE_TRY(flush_run());
     sums_[bi][c] = chunk_checksum(base, len, page, 0, [&](i64 p) { return bool(present[p]); });
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
     return Status();
@@ -529,10 +547,12 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   std::atomic<i64> data_bytes{0};
 
   auto present = [&](i64 p) { return bitmap_test(bitmap.data(), p); };
-  auto finish_chunk = [&](int w, i64 c) -> Status {
+  const u64 zero_full = zero_checksum(b.chunk_size);
+  auto finish_chunk = [&](int w, i64 c, bool empty) -> Status {
     i64 len = b.chunk_length(c);
     u8* base = chunk_buf[c];
-    u64 sum = chunk_checksum(base, len, page, c * pages_per_chunk, present);
+    u64 sum = empty ? (len == b.chunk_size ? zero_full : zero_checksum(len))
+                    : chunk_checksum(base, len, page, c * pages_per_chunk, present);
     if (verify_only && chunk_slot[c] >= 0) workers[w].free.push_back(chunk_slot[c]);
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
     if (sum != sums[c]) {
@@ -558,7 +578,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     }
     q.set_on_done([&, w](const IoRequest& r) -> Status {
       i64 c = static_cast<i64>(r.tag);
-      if (--pending[c] == 0) return finish_chunk(w, c);
+      if (--pending[c] == 0) return finish_chunk(w, c, false);
       return Status();
     });
   };
@@ -588,7 +608,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
       else
         runs.emplace_back(off, off + page);
     }
-    if (runs.empty()) return finish_chunk(w, c);
+    if (runs.empty()) return finish_chunk(w, c, true);
     std::vector<IoRequest> reqs;
     for (auto [s, e] : runs) {
       for (i64 o = s; o < e; o += kMaxIoSize) {

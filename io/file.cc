@@ -132,6 +132,7 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
       i64 i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= n) break;
       st = task(q, w, i);
+      if (st.ok()) st = q.flush();
       if (!st.ok()) break;
     }
     // Completions may fail too (e.g. ENOSPC on the last writes).

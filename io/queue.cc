@@ -122,13 +122,18 @@ Status IoQueue::submit(const IoRequest& req) {
   }
   prep(idx);
   s.req.len = req.len;  // after a short fault's first half: the remainder is resubmitted
-  // Submit in batches of a quarter ring: fewer syscalls, and the device still
-  // sees work early.
-  if (unsubmitted_ >= slots_.size() / 4 + 1) {
-    int ret = io_uring_submit(&ring_);
-    if (ret < 0) return Error{"io_uring_submit", "", std::strerror(-ret)};
-    unsubmitted_ = 0;
-  }
+  // Submit in batches of a quarter ring (fewer syscalls); flush() after each
+  // work item submits the rest, so the device never waits for a batch to fill.
+  if (unsubmitted_ >= slots_.size() / 4 + 1) return flush();
+  return first_error_;
+}
+
+Status IoQueue::flush() {
+  if (unsubmitted_ == 0) return first_error_;
+  int ret = io_uring_submit(&ring_);
+  if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+    return Error{"io_uring_submit", "", std::strerror(-ret)};
+  if (ret >= 0) unsubmitted_ = 0;
   return first_error_;
 }
 

@@ -57,6 +57,9 @@ class IoQueue {
 
   // `path` names the file in errors. Returns the first error seen so far.
   Status submit(const IoRequest& req);
+  // Hands queued requests to the kernel now; run_parallel calls it after
+  // every work item so the device starts while the worker scans the next.
+  Status flush();
   // Waits for every request in flight. Returns the first error seen.
   Status drain();
   // Waits until at least one request completes (its callback has run).
