@@ -9,6 +9,7 @@
 
 #include "core/image_io.h"
 #include "core/reporter.h"
+#include "core/vmsave.h"
 #include "io/fd.h"
 #include "lib/common.h"
 
@@ -27,6 +28,12 @@ Status check_block_id(const std::string& id, const std::string& image);
 // holes where the image has them. Removes the file again on failure.
 Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
                      const EngineConfig& cfg, Progress* progress, RamStats* stats);
+
+// Fills DIR/ID for every block of the image (raw restore and `prepare`):
+// checks the directory and the ids, refuses existing files without --force
+// before writing anything, and removes what it wrote if a block fails.
+Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
+                                              Reporter& rep, RamStats* ram);
 
 // The metadata fields every image carries.
 nlohmann::json base_metadata(const std::string& mode, const std::string& description);

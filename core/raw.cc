@@ -114,7 +114,8 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
     for (auto& b : blocks)
       if (b.id == id)
         return Error{"duplicate RAM block id", "", id}.as(Exit::kUsage);
-    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    // O_NONBLOCK: a FIFO must not block the open; fstat below refuses it.
+    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK));
     if (!fd) return sys_error("open", file, errno).fix(errno == ENOENT ? "check the path" : "");
     struct stat st;
     if (fstat(fd.get(), &st) < 0) return sys_error("fstat", file, errno);
@@ -154,13 +155,8 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   return j;
 }
 
-Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
-  StepTimer timer;
-  auto warn = [&](const std::string& m) { rep.warn(m); };
-  auto r = ImageReader::open(opts.image, warn);
-  if (!r.ok()) return r.error();
-  const ImageReader& img = **r;
-  if (auto meta = img.metadata(); !meta.ok()) return meta.error();  // damage is damage, used or not
+Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
+                                              Reporter& rep, RamStats* ram) {
   struct stat st;
   if (stat(opts.ram_dir.c_str(), &st) < 0) return sys_error("stat", opts.ram_dir, errno);
   if (!S_ISDIR(st.st_mode)) return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
@@ -173,16 +169,13 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
         return Error{"RAM file exists", p, "refusing to overwrite it"}.fix(
             "pass --force to overwrite it, or remove it");
     }
-  timer.lap("open");
-
   Progress progress;
   for (auto& b : img.layout().blocks) progress.total += b.size;
-  RamStats ram;
   std::vector<std::string> done;
   rep.begin_phase("reading RAM", &progress);
   for (size_t i = 0; i < img.layout().blocks.size(); i++) {
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
-    Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, &ram);
+    Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, ram);
     if (!s.ok()) {
       rep.end_phase();
       for (auto& d : done) ::unlink(d.c_str());
@@ -191,9 +184,24 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
     done.push_back(p);
   }
   rep.end_phase();
+  return done;
+}
+
+Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
+  StepTimer timer;
+  auto warn = [&](const std::string& m) { rep.warn(m); };
+  auto r = ImageReader::open(opts.image, warn);
+  if (!r.ok()) return r.error();
+  const ImageReader& img = **r;
+  // Raw mode needs no metadata, but a damaged image is refused whole.
+  if (auto meta = img.metadata(); !meta.ok()) return meta.error();
+  timer.lap("open");
+  RamStats ram;
+  auto done = fill_ram_dir(img, opts, rep, &ram);
+  if (!done.ok()) return done.error();
   timer.lap("ram");
   nlohmann::json j = {{"command", "restore"}, {"mode", "raw"}, {"image", opts.image},
-                      {"ram_files", done}};
+                      {"ram_files", *done}};
   add_ram_report(j, ram, "ram_read");
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();

@@ -173,6 +173,20 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
   return Status();
 }
 
+// The image and its metadata, both checked.
+struct OpenedImage {
+  std::unique_ptr<ImageReader> reader;
+  nlohmann::json meta;
+};
+
+Result<OpenedImage> open_image(const std::string& path, Reporter& rep) {
+  auto r = ImageReader::open(path, [&](const std::string& m) { rep.warn(m); });
+  if (!r.ok()) return r.error();
+  auto meta = (*r)->metadata();
+  if (!meta.ok()) return meta.error();
+  return OpenedImage{std::move(*r), std::move(*meta)};
+}
+
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
   kill(pid, SIGKILL);
@@ -183,11 +197,10 @@ void kill_qemu(pid_t pid) {
 
 Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   StepTimer timer;
-  auto img_r = ImageReader::open(opts.image, [&](const std::string& m) { rep.warn(m); });
-  if (!img_r.ok()) return img_r.error();
-  const ImageReader& img = **img_r;
-  auto meta = img.metadata();
-  if (!meta.ok()) return meta.error();
+  auto opened = open_image(opts.image, rep);
+  if (!opened.ok()) return opened.error();
+  const ImageReader& img = *opened->reader;
+  const nlohmann::json* meta = &opened->meta;
   if (meta->value("mode", "") != "qemu")
     return Error{"not a QEMU image", opts.image, "it holds memory files saved with --ram"}.fix(
         "restore it with --ram-dir DIR");
@@ -306,34 +319,16 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
 
 Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   StepTimer timer;
-  auto img_r = ImageReader::open(opts.image, [&](const std::string& m) { rep.warn(m); });
-  if (!img_r.ok()) return img_r.error();
-  const ImageReader& img = **img_r;
-  auto meta = img.metadata();
-  if (!meta.ok()) return meta.error();
+  auto opened = open_image(opts.image, rep);
+  if (!opened.ok()) return opened.error();
+  const ImageReader& img = *opened->reader;
+  const nlohmann::json* meta = &opened->meta;
   std::string image_abs = absolute(opts.image);
   nlohmann::json args = nlohmann::json::array();
   RamStats ram;
   if (!opts.lazy) {
-    struct stat st;
-    if (stat(opts.ram_dir.c_str(), &st) < 0 || !S_ISDIR(st.st_mode))
-      return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
-    for (auto& b : img.layout().blocks) VMSAVE_TRY(check_block_id(b.id, opts.image));
-    Progress progress;
-    for (auto& b : img.layout().blocks) progress.total += b.size;
-    rep.begin_phase("reading RAM", &progress);
-    std::vector<std::string> filled;
-    for (size_t i = 0; i < img.layout().blocks.size(); i++) {
-      std::string p = absolute(opts.ram_dir + "/" + img.layout().blocks[i].id);
-      Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, &ram);
-      if (!s.ok()) {
-        rep.end_phase();
-        for (auto& f : filled) ::unlink(f.c_str());
-        return s.error();
-      }
-      filled.push_back(p);
-    }
-    rep.end_phase();
+    auto filled = fill_ram_dir(img, opts, rep, &ram);
+    if (!filled.ok()) return filled.error();
   }
   for (auto& b : img.layout().blocks) {
     QemuObject o;
@@ -361,11 +356,10 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
 
 Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter& rep) {
   StepTimer timer;
-  auto img_r = ImageReader::open(opts.image, [&](const std::string& m) { rep.warn(m); });
-  if (!img_r.ok()) return img_r.error();
-  const ImageReader& img = **img_r;
-  auto meta = img.metadata();
-  if (!meta.ok()) return meta.error();
+  auto opened = open_image(opts.image, rep);
+  if (!opened.ok()) return opened.error();
+  const ImageReader& img = *opened->reader;
+  const nlohmann::json* meta = &opened->meta;
   auto qmp_r = QmpClient::connect(opts.qmp, opts.qmp_timeout);
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
