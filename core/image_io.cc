@@ -447,7 +447,10 @@ Status ImageWriter::link_into_place() {
 Result<std::unique_ptr<ImageReader>> ImageReader::open(const std::string& path,
                                                        const WarnFn& warn) {
   std::unique_ptr<ImageReader> r(new ImageReader());
-  auto f = open_direct(path, O_RDONLY, 0, true);
+  // O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is
+  // refused below as not a regular file, and the flag cleared for the rest
+  // (io_uring would return -EAGAIN on a non-blocking fd).
+  auto f = open_direct(path, O_RDONLY | O_NONBLOCK, 0, true);
   if (!f.ok()) {
     Error e = f.error();
     e.what = "cannot open image";
@@ -459,6 +462,8 @@ Result<std::unique_ptr<ImageReader>> ImageReader::open(const std::string& path,
   if (fstat(r->file_.fd.get(), &st) < 0) return sys_error("fstat", path, errno);
   if (!S_ISREG(st.st_mode))
     return Error{"not an image", path, "not a regular file"}.as(Exit::kDamaged);
+  if (fcntl(r->fd(), F_SETFL, fcntl(r->fd(), F_GETFL) & ~O_NONBLOCK) < 0)
+    return sys_error("fcntl", path, errno);
   if (!r->file_.direct && warn)
     warn(fmt::format("{} does not support O_DIRECT; reading through the page cache", path));
 

@@ -20,7 +20,6 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
-#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -30,8 +29,8 @@
 
 using namespace vmsave;
 using json = nlohmann::json;
-using test::RunResult;
 using test::run_vmsave;
+using test::RunResult;
 using test::TempDir;
 
 namespace {
@@ -63,7 +62,9 @@ std::vector<bool> data_page_map(const std::string& path) {
   return out;
 }
 
-i64 count(const std::vector<bool>& v) { return std::count(v.begin(), v.end(), true); }
+i64 count(const std::vector<bool>& v) {
+  return std::count(v.begin(), v.end(), true);
+}
 
 i64 allocated(const std::string& path) {
   struct stat st;
@@ -324,13 +325,21 @@ Interrupted interrupt_mid_phase(std::vector<std::string> args, const std::string
 
 }  // namespace
 
-TEST_CASE("engine: round trip of random memory over jobs and queue depths") { round_trips("random"); }
+TEST_CASE("engine: round trip of random memory over jobs and queue depths") {
+  round_trips("random");
+}
 
-TEST_CASE("engine: round trip of zero memory keeps holes") { round_trips("zero"); }
+TEST_CASE("engine: round trip of zero memory keeps holes") {
+  round_trips("zero");
+}
 
-TEST_CASE("engine: round trip of text memory over jobs and queue depths") { round_trips("text"); }
+TEST_CASE("engine: round trip of text memory over jobs and queue depths") {
+  round_trips("text");
+}
 
-TEST_CASE("engine: round trip of mixed memory keeps holes") { round_trips("mixed"); }
+TEST_CASE("engine: round trip of mixed memory keeps holes") {
+  round_trips("mixed");
+}
 
 TEST_CASE("engine: several blocks in one image keep their ids, sizes and order") {
   require_shm();
@@ -433,7 +442,8 @@ TEST_CASE("engine: a full filesystem fails the save cleanly, naming the image") 
   for (int jobs : {1, 2}) {
     CAPTURE(jobs);
     std::string image = small / "image.vmsave";
-    RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs", std::to_string(jobs)});
+    RunResult r =
+        run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs", std::to_string(jobs)});
     CHECK_RUN(r, 1);
     CHECK_MESSAGE(contains(r.err, "vmsave: error: "), r.err);
     CHECK_MESSAGE(contains(r.err, image), r.err);
@@ -448,6 +458,29 @@ TEST_CASE("engine: a full filesystem fails the save cleanly, naming the image") 
   CHECK_RUN(run_vmsave({"verify", small / "ok.vmsave"}), 0);
 }
 
+TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes the RAM files") {
+  require_shm();
+  require_mount("tmpfs");
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  TempMount small("tmpfs", "size=8m");
+  REQUIRE_MESSAGE(small.ok(), small.error());
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 32 * kMiB, "random", 8);
+  std::string image = disk / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + src, image}), 0);
+  std::filesystem::remove(src);
+  for (int jobs : {1, 2}) {
+    CAPTURE(jobs);
+    RunResult r =
+        run_vmsave({"restore", image, "--ram-dir", small.path(), "--jobs", std::to_string(jobs)});
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: "), r.err);
+    CHECK_MESSAGE(list_dir(small.path()).empty(), joined(list_dir(small.path())));
+  }
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+}
+
 TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resubmitted") {
   require_shm();
   TempDir shm("/dev/shm");
@@ -460,12 +493,12 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
     for (const char* kind : {"eio", "enospc"}) {
       for (int nth : {1, 2, 5}) {
         for (int jobs : {1, 2}) {
-          CAPTURE(kind);
+          CAPTURE(std::string(kind));
           CAPTURE(nth);
           CAPTURE(jobs);
-          RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs",
-                                    std::to_string(jobs)},
-                                   120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":" + kind});
+          RunResult r =
+              run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs", std::to_string(jobs)},
+                         120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":" + kind});
           CHECK_RUN(r, 1);
           CHECK_MESSAGE(contains(r.err, image), r.err);
           CHECK_MESSAGE(contains(r.err, std::string(kind) == "eio" ? "Input/output error"
@@ -481,9 +514,9 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
       for (int qd : {1, 32}) {
         CAPTURE(nth);
         CAPTURE(qd);
-        RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--queue-depth",
-                                  std::to_string(qd)},
-                                 120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":short"});
+        RunResult r =
+            run_vmsave({"save", "--ram", "ram=" + src, image, "--queue-depth", std::to_string(qd)},
+                       120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":short"});
         REQUIRE_RUN(r, 0);
         CHECK_RUN(run_vmsave({"verify", image}), 0);
         TempDir out("/dev/shm");
@@ -548,9 +581,9 @@ TEST_CASE("engine: SIGINT or SIGTERM during a save leaves nothing behind") {
       bool caught = false;
       for (int attempt = 0; attempt < 3 && !caught; attempt++) {
         if (test::file_size(src) != size) test::write_pattern_file(src, size, "random", 9);
-        in = interrupt_mid_phase({"save", "--force", "--ram", "ram=" + src, image, "--jobs", "1",
-                                  "--queue-depth", "1"},
-                                 "writing RAM", sig);
+        in = interrupt_mid_phase(
+            {"save", "--force", "--ram", "ram=" + src, image, "--jobs", "1", "--queue-depth", "1"},
+            "writing RAM", sig);
         // Not seen mid-way, or the signal landed after the link: a complete
         // save, which is fine but not what this case tests.
         caught = in.caught && in.result.status != 0;

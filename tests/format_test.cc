@@ -13,8 +13,6 @@
 #include <string>
 #include <vector>
 
-#include "tests/test_util.h"
-
 using namespace vmsave;
 
 namespace {
@@ -60,8 +58,8 @@ ImageLayout make_layout(int n = 2) {
 }
 
 // Decodes `table` against the header fields of `hdr`, as ImageReader does.
-Status decode_table(const std::vector<u8>& table, const ImageLayout& hdr, ImageLayout* out = nullptr,
-                    bool fix_checksum = true) {
+Status decode_table(const std::vector<u8>& table, const ImageLayout& hdr,
+                    ImageLayout* out = nullptr, bool fix_checksum = true) {
   ImageLayout img;
   img.major = hdr.major;
   img.minor = hdr.minor;
@@ -133,8 +131,8 @@ void check_damaged(const Status& st, const std::string& needle = "") {
   REQUIRE_FALSE(st.ok());
   CHECK(st.error().status == Exit::kDamaged);
   CHECK(st.error().path == kPath);
-  if (!needle.empty()) CHECK_MESSAGE(st.error().message().find(needle) != std::string::npos,
-                                     st.error().message());
+  if (!needle.empty())
+    CHECK_MESSAGE(st.error().message().find(needle) != std::string::npos, st.error().message());
 }
 
 template <class T>
@@ -443,26 +441,31 @@ TEST_CASE("format: section extents must lie inside the file, aligned") {
     u32 block;
     i64 align;
   };
-  for (K k : {K{SectionKind::kRamRegion, 0, kRegionAlign}, K{SectionKind::kRamRegion, 1, kRegionAlign},
-              K{SectionKind::kRamBitmap, 1, 4096}, K{SectionKind::kChunkSums, 0, 4096},
-              K{SectionKind::kVmstate, kNoBlock, 4096}, K{SectionKind::kMetadata, kNoBlock, 4096}}) {
+  for (K k :
+       {K{SectionKind::kRamRegion, 0, kRegionAlign}, K{SectionKind::kRamRegion, 1, kRegionAlign},
+        K{SectionKind::kRamBitmap, 1, 4096}, K{SectionKind::kChunkSums, 0, 4096},
+        K{SectionKind::kVmstate, kNoBlock, 4096}, K{SectionKind::kMetadata, kNoBlock, 4096}}) {
     CAPTURE(int(k.kind));
     CAPTURE(k.block);
-    for (u64 off : {u64(0), u64(fsize), u64(fsize) + kRegionAlign, ~u64(0), u64(1) << 63,
-                    u64(fsize - 4096)})
+    for (u64 off :
+         {u64(0), u64(fsize), u64(fsize) + kRegionAlign, ~u64(0), u64(1) << 63, u64(fsize - 4096)})
       check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.offset = off; }));
-    check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.offset = u64(s.offset) + k.align / 2; }));
+    check_damaged(
+        with(k.kind, k.block, [&](SectionEntry& s) { s.offset = u64(s.offset) + k.align / 2; }));
     check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.offset = u64(s.offset) + 8; }));
     for (u64 len : {u64(fsize), ~u64(0), u64(1) << 63})
       check_damaged(with(k.kind, k.block, [&](SectionEntry& s) { s.length = len; }));
   }
   // Lengths must match the block they describe.
-  check_damaged(with(SectionKind::kRamRegion, 0, [](SectionEntry& s) { s.length = u64(s.length) - 4096; }),
-                "wrong length");
-  check_damaged(with(SectionKind::kRamBitmap, 0, [](SectionEntry& s) { s.length = u64(s.length) + 1; }),
-                "wrong length");
-  check_damaged(with(SectionKind::kChunkSums, 1, [](SectionEntry& s) { s.length = u64(s.length) - 8; }),
-                "wrong length");
+  check_damaged(
+      with(SectionKind::kRamRegion, 0, [](SectionEntry& s) { s.length = u64(s.length) - 4096; }),
+      "wrong length");
+  check_damaged(
+      with(SectionKind::kRamBitmap, 0, [](SectionEntry& s) { s.length = u64(s.length) + 1; }),
+      "wrong length");
+  check_damaged(
+      with(SectionKind::kChunkSums, 1, [](SectionEntry& s) { s.length = u64(s.length) - 8; }),
+      "wrong length");
   // Metadata larger than its limit (in a file big enough to hold it).
   {
     ImageLayout big = img;
@@ -634,8 +637,10 @@ TEST_CASE("format: the section table survives every truncation and byte flip") {
     std::vector<u8> t = good;
     t[i] ^= 0xff;
     Status st = decode_table(t, img);
-    if (st.ok()) accepted++;  // e.g. a checksum field of a section: caught on read
-    else CHECK(st.error().status == Exit::kDamaged);
+    if (st.ok())
+      accepted++;  // e.g. a checksum field of a section: caught on read
+    else
+      CHECK(st.error().status == Exit::kDamaged);
   }
   // Only the per-section checksum fields (8 bytes each) and the id bytes
   // after the terminator can change without breaking the structure.
@@ -710,7 +715,8 @@ TEST_CASE("format: checksums, bitmaps and uuids") {
   CHECK(bm[0] == 0x81);
   CHECK(bm[1] == 0x01);
   CHECK(bm[2] == 0x80);
-  for (i64 i = 0; i < 24; i++) CHECK(bitmap_test(bm.data(), i) == (i == 0 || i == 7 || i == 8 || i == 23));
+  for (i64 i = 0; i < 24; i++)
+    CHECK(bitmap_test(bm.data(), i) == (i == 0 || i == 7 || i == 8 || i == 23));
 
   std::array<u8, 16> u{};
   for (int i = 0; i < 16; i++) u[i] = static_cast<u8>(i * 17);

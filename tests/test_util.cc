@@ -111,7 +111,8 @@ TempDir::TempDir(const std::string& parent) {
 TempDir::~TempDir() {
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
-  if (ec) std::fprintf(stderr, "test_util: cannot remove %s: %s\n", path_.c_str(), ec.message().c_str());
+  if (ec)
+    std::fprintf(stderr, "test_util: cannot remove %s: %s\n", path_.c_str(), ec.message().c_str());
 }
 
 RunResult run_vmsave(const std::vector<std::string>& args, double timeout_s,
@@ -295,7 +296,8 @@ bool files_equal(const std::string& a, const std::string& b, std::string* why) {
   fstat(fa, &sa);
   fstat(fb, &sb);
   if (sa.st_size != sb.st_size)
-    return fail("sizes differ: " + std::to_string(sa.st_size) + " vs " + std::to_string(sb.st_size));
+    return fail("sizes differ: " + std::to_string(sa.st_size) + " vs " +
+                std::to_string(sb.st_size));
   std::vector<u8> ba(kWriteBuffer), bb(kWriteBuffer);
   for (i64 off = 0; off < sa.st_size;) {
     i64 n = std::min<i64>(kWriteBuffer, sa.st_size - off);

@@ -16,8 +16,8 @@ namespace vmsave::test {
 // skip (SKIP_RETURN_CODE). Call before the case owns any resource.
 [[noreturn]] void skip(const std::string& why);
 
-// A fresh directory under `parent` (default: $TMPDIR or the build tree's
-// tmp dir, which is on the project's disk, so O_DIRECT is real), removed
+// A fresh directory under `parent` (default: $TMPDIR or /tmp, which here is
+// on the project's disk, so O_DIRECT is real), removed
 // recursively on destruction.
 class TempDir {
  public:
