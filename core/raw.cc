@@ -8,6 +8,7 @@
 #include <sys/statfs.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 
 #include <fmt/core.h>
@@ -93,7 +94,16 @@ Status fill_ram_file(const ImageReader& img, size_t block, const std::string& pa
   auto m = Mapping::map(fd.get(), 0, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
                         MAP_SHARED, path);
   if (!m.ok()) return m.error();
-  VMSAVE_TRY(img.read_ram(block, m->data(), cfg, progress, stats));
+  Status st = img.read_ram(block, m->data(), cfg, progress, stats);
+  if (!st.ok()) {
+    // Reads land in the RAM file's mapping; when its filesystem is full the
+    // kernel cannot allocate the page and the read fails with EFAULT, which
+    // would blame the image. Say what happened.
+    if (st.error().detail == std::strerror(EFAULT))
+      return Error{"cannot fill RAM file", path, std::strerror(ENOSPC)}.fix(
+          "free space on its filesystem or choose another place for it");
+    return st;
+  }
   guard.keep = true;
   return Status();
 }
