@@ -490,36 +490,31 @@ Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig) 
 TEST_SUITE_BEGIN("e2e");
 
 TEST_CASE("e2e: an eagerly restored guest carries on from the saved iteration") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   save_then_restore(kSmallVm, /*lazy=*/false);
 }
 
 TEST_CASE("e2e: a lazily restored guest maps the image and carries on") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   save_then_restore(kSmallVm, /*lazy=*/true);
 }
 
 TEST_CASE("e2e: a guest with two vCPUs carries on after save and restore") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.cpus = 2;
   save_then_restore(opts, /*lazy=*/false);
 }
 
 TEST_CASE("e2e: a guest with two RAM backends (NUMA nodes) carries on after save and restore") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.numa_nodes = 2;
   save_then_restore(opts, /*lazy=*/false);
 }
 
 TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops it until cont") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   TestVm vm(kSmallVm);
   boot(vm);
   auto log = [&] { return vm.serial_log(); };
@@ -567,8 +562,7 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
 }
 
 TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   TestVm vm(kSmallVm);
   boot(vm);
   const std::string image = vm.dir() + "/vm.vmsave";
@@ -612,8 +606,7 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
 TEST_CASE(
     "e2e: restore refuses a command whose memory size or backend id differs, "
     "before starting QEMU") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   TestVm vm(kSmallVm);
   boot(vm, 1);
   const std::string image = vm.dir() + "/vm.vmsave";
@@ -657,8 +650,7 @@ TEST_CASE(
 }
 
 TEST_CASE("e2e: save refuses anonymous guest RAM, naming the fix, and the guest keeps running") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.shared_file_ram = false;
   TestVm vm(opts);
@@ -679,8 +671,7 @@ TEST_CASE("e2e: save refuses anonymous guest RAM, naming the fix, and the guest 
 }
 
 TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or temporary file") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   int interrupted = 0;
   {
     // 384 MiB of data makes the RAM write last ~0.4 s: several 100 ms
@@ -725,8 +716,7 @@ TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or te
 }
 
 TEST_CASE("e2e: after vmsave is killed during a save, no image exists and cont resumes the guest") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   std::string why_skip;
   {
     TestVm vm({.ram_mib = 512, .memcheck_mib = 384});
@@ -770,8 +760,7 @@ TEST_CASE("e2e: after vmsave is killed during a save, no image exists and cont r
 }
 
 TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) carries on") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   TestVm vm(kSmallVm);
   boot(vm);
   const std::string image = vm.dir() + "/vm.vmsave";
@@ -826,8 +815,7 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
 TEST_CASE(
     "e2e: save fails within --qmp-timeout on a busy QMP socket, and at once on a "
     "missing one") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   TestVm vm(kSmallVm);
   const std::string out = vm.dir() + "/out";
   REQUIRE(::mkdir(out.c_str(), 0755) == 0);
@@ -861,8 +849,7 @@ TEST_CASE(
 }
 
 TEST_CASE("e2e: restoring an image with damaged device state exits 3 and leaves no QEMU") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) skip(why);
+  test::require_guest_kit();
   TestVm vm(kSmallVm);
   boot(vm, 1);
   const std::string image = vm.dir() + "/vm.vmsave";

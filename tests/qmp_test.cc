@@ -442,8 +442,7 @@ TEST_CASE("qmp: getfd and add-fd pass a working fd with SCM_RIGHTS") {
 }
 
 TEST_CASE("qmp client drives a real QEMU") {
-  std::string why;
-  if (!test::guest_kit_available(&why)) test::skip(why);
+  test::require_guest_kit();
 
   test::TestVm vm({.ram_mib = 256, .memcheck_mib = 32});
   std::string err;

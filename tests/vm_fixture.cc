@@ -10,6 +10,8 @@
 
 #include "tests/vm_fixture.h"
 
+#include "tests/test_util.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -241,6 +243,11 @@ std::string guest_kit_dir() {
 #else
   return "";
 #endif
+}
+
+void require_guest_kit() {
+  std::string why;
+  if (!guest_kit_available(&why)) skip(why);
 }
 
 bool guest_kit_available(std::string* why) {

@@ -67,6 +67,10 @@ std::string guest_kit_dir();
 // for) are all there; otherwise `why` says what is missing, for a skip.
 bool guest_kit_available(std::string* why);
 
+// Ends the test case as a reported skip (exit 77) when the kit or QEMU is
+// missing. Call first thing, before the case owns any resource.
+void require_guest_kit();
+
 class TestVm {
  public:
   explicit TestVm(VmOptions opts);
