@@ -310,8 +310,13 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
                       {"qmp", qmp_path},      {"qemu_log", log},
                       {"running", run},       {"vmstate_bytes", img.layout().vmstate.length},
                       {"vmstate_s", vmstate_s}};
-  if (!opts.lazy) add_ram_report(j, ram, "ram_read");
-  else j["ram_bytes"] = [&] { i64 s = 0; for (auto& b : img.layout().blocks) s += b.size; return s; }();
+  if (opts.lazy) {
+    i64 mapped = 0;
+    for (auto& b : img.layout().blocks) mapped += b.size;
+    j["ram_bytes"] = mapped;
+  } else {
+    add_ram_report(j, ram, "ram_read");
+  }
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;
