@@ -225,13 +225,12 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   }
   if (progress) progress->total += total;
 
-  std::vector<i64> data_pages(cfg.jobs > 0 ? cfg.jobs : default_jobs(), 0);
   std::vector<u64> zero_sums;  // checksum of an all-zero chunk, per block
   for (auto& b : img_.blocks) zero_sums.push_back(zero_checksum(b.chunk_size));
   int fd = file_.fd.get();
 
   auto setup = [&](IoQueue& q, int) { q.name_fd(fd, target_); };
-  auto task = [&](IoQueue& q, int worker, i64 ci) -> Status {
+  auto task = [&](IoQueue& q, int, i64 ci) -> Status {
     size_t bi = 0;
     while (bi + 1 < bs.size() && ci >= bs[bi + 1].first_chunk) bi++;
     const BlockLayout& b = img_.blocks[bi];
@@ -289,7 +288,6 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       present.push_back(data);
       if (data) {
         atomic_bitmap_set(bitmap, first_page + off / page);
-        data_pages[worker]++;
         if (run_start >= 0 && run_end != off)
           VMSAVE_TRY(flush_run());
         if (run_start < 0) run_start = off;

@@ -20,7 +20,10 @@ namespace vmsave {
 i64 file_page_size(int fd);
 
 // A RAM block id is used as a file name under --ram-dir: refuse anything
-// that could escape the directory.
+// that could escape the directory. is_file_name_id is the test itself (save
+// --ram uses it for a usage error); check_block_id reports an image's bad id
+// as damage.
+bool is_file_name_id(const std::string& id);
 Status check_block_id(const std::string& id, const std::string& image);
 
 // Creates `path` (mode 0600, never through a symlink; an existing file only

@@ -30,8 +30,13 @@ std::string hostname() {
   return buf;
 }
 
+bool is_file_name_id(const std::string& id) {
+  return !id.empty() && id.size() <= kMaxBlockIdLength && id != "." && id != ".." &&
+         id.find('/') == std::string::npos;
+}
+
 Status check_block_id(const std::string& id, const std::string& image) {
-  if (id.empty() || id == "." || id == ".." || id.find('/') != std::string::npos)
+  if (!is_file_name_id(id))
     return damaged(image, fmt::format("RAM block id \"{}\" cannot be a file name", id));
   return Status();
 }
@@ -116,8 +121,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   nlohmann::json meta = base_metadata("raw", opts.description);
   meta["guest_running"] = nullptr;
   for (auto& [id, file] : opts.rams) {
-    if (id.empty() || id.size() > kMaxBlockIdLength || id == "." || id == ".." ||
-        id.find('/') != std::string::npos)
+    if (!is_file_name_id(id))
       return Error{"bad RAM block id", "", fmt::format("\"{}\"", id)}
           .fix("use a name without '/' of at most 255 characters")
           .as(Exit::kUsage);
