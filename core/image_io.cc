@@ -229,6 +229,9 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   for (auto& b : img_.blocks) zero_sums.push_back(zero_checksum(b.chunk_size));
   int fd = file_.fd.get();
 
+  // The RAM mapping is not registered as fixed buffers: pinning it made no
+  // difference (1 GiB random, tmpfs to tmpfs: 0.708 against 0.704 CPU-seconds,
+  // medians of 8), while it would pin all guest RAM once per worker ring.
   auto setup = [&](IoQueue& q, int) { q.name_fd(fd, target_); };
   auto task = [&](IoQueue& q, int, i64 ci) -> Status {
     size_t bi = 0;
@@ -578,6 +581,10 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
         workers[w].buffers.emplace_back(b.chunk_size);
         workers[w].free.push_back(static_cast<int>(i));
       }
+      // The pool is reused for every chunk: pinned once as fixed buffers.
+      std::vector<std::pair<u8*, i64>> ranges;
+      for (auto& buf : workers[w].buffers) ranges.emplace_back(buf.data(), b.chunk_size);
+      q.register_memory(ranges);
     }
     q.set_on_done([&, w](const IoRequest& r) -> Status {
       i64 c = static_cast<i64>(r.tag);

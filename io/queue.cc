@@ -77,6 +77,23 @@ std::string IoQueue::fd_name(int fd) const {
   return fmt::format("fd {}", fd);
 }
 
+bool IoQueue::register_memory(std::span<const std::pair<u8*, i64>> ranges) {
+  // One iovec may cover at most 1 GiB (the kernel's limit per fixed buffer).
+  constexpr i64 kMaxFixed = 1 * kGiB;
+  std::vector<iovec> iov;
+  std::vector<FixedRange> fixed;
+  for (auto [base, len] : ranges)
+    for (i64 off = 0; off < len; off += kMaxFixed) {
+      i64 n = std::min(kMaxFixed, len - off);
+      iov.push_back({base + off, static_cast<size_t>(n)});
+      fixed.push_back({base + off, n});
+    }
+  if (iov.empty() || !fixed_.empty()) return false;
+  if (io_uring_register_buffers(&ring_, iov.data(), static_cast<unsigned>(iov.size())) < 0) return false;
+  fixed_ = std::move(fixed);
+  return true;
+}
+
 void IoQueue::prep(u32 idx) {
   Slot& s = slots_[idx];
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -85,7 +102,17 @@ void IoQueue::prep(u32 idx) {
   u8* buf = s.req.buf + s.done;
   u32 len = s.req.len - s.done;
   i64 off = s.req.offset + s.done;
-  if (s.req.write)
+  int fixed = -1;
+  for (size_t i = 0; i < fixed_.size(); i++)
+    if (buf >= fixed_[i].base && buf + len <= fixed_[i].base + fixed_[i].len) {
+      fixed = static_cast<int>(i);
+      break;
+    }
+  if (fixed >= 0 && s.req.write)
+    io_uring_prep_write_fixed(sqe, s.req.fd, buf, len, off, fixed);
+  else if (fixed >= 0)
+    io_uring_prep_read_fixed(sqe, s.req.fd, buf, len, off, fixed);
+  else if (s.req.write)
     io_uring_prep_write(sqe, s.req.fd, buf, len, off);
   else
     io_uring_prep_read(sqe, s.req.fd, buf, len, off);

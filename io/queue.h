@@ -16,6 +16,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "io/fd.h"
@@ -71,6 +72,16 @@ class IoQueue {
   // Names the file behind an fd in error messages.
   void name_fd(int fd, std::string path);
 
+  // Registers memory the requests will read from or write into (a RAM
+  // mapping, a worker's buffer) as io_uring fixed buffers, so the kernel pins
+  // its pages once instead of on every request; requests whose buffer lies
+  // inside a registered range then go out as READ_FIXED/WRITE_FIXED. An
+  // optional feature: when the kernel refuses (memlock limit, page types it
+  // cannot pin long-term, such as a regular file on ext4) it returns false
+  // and requests go out as plain reads and writes.
+  bool register_memory(std::span<const std::pair<u8*, i64>> ranges);
+  bool fixed_buffers() const { return !fixed_.empty(); }
+
  private:
   IoQueue() = default;
   struct Slot {
@@ -97,6 +108,11 @@ class IoQueue {
   LatencyHistogram latency_;
   i64 bytes_done_ = 0;
   std::vector<std::pair<int, std::string>> names_;
+  struct FixedRange {
+    u8* base;
+    i64 len;
+  };
+  std::vector<FixedRange> fixed_;  // index = io_uring buffer index
 };
 
 }  // namespace vmsave
