@@ -266,6 +266,19 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       }
     }
 
+    // Map the chunk's data pages in one call rather than one fault each
+    // (never its holes: reading a tmpfs hole through a mapping allocates it).
+    // 1 GiB random, tmpfs to tmpfs: 154k page faults down to 740, 0.797 to
+    // 0.759 CPU-seconds (medians of 8). The same on the restore side
+    // (MADV_POPULATE_WRITE before the reads) cost 6% more, so it is not done.
+    for (auto e = it; e != blk.data.end() && e->first < start + len; ++e) {
+      i64 from = std::max(e->first, start), to = std::min(e->second, start + len);
+      if (to > from) {
+        i64 a = align_down(from, kDirectAlign), z = align_up(to, kDirectAlign);
+        ::madvise(const_cast<u8*>(blk.map.data()) + a, z - a, MADV_POPULATE_READ);
+      }
+    }
+
     std::vector<bool> present;
     present.reserve((len + page - 1) / page);
     // Zero pages are never written (the format keeps them as holes), so a
