@@ -72,22 +72,21 @@ const u8* zero_block() {
 // that must not be read from memory.
 template <class Present>
 u64 chunk_checksum(const u8* base, i64 len, i64 page_size, i64 first_page, Present present) {
-  XXH3_state_t st;
-  XXH3_64bits_reset(&st);
+  Hasher st;
   for (i64 off = 0; off < len;) {
     bool data = present(first_page + off / page_size);
     i64 end = off;
     while (end < len && present(first_page + end / page_size) == data) end += page_size;
     end = std::min(end, len);
     if (data) {
-      XXH3_64bits_update(&st, base + off, end - off);
+      st.update(base + off, end - off);
     } else {
       for (i64 z = off; z < end; z += kMaxIoSize)
-        XXH3_64bits_update(&st, zero_block(), std::min(kMaxIoSize, end - z));
+        st.update(zero_block(), std::min(kMaxIoSize, end - z));
     }
     off = end;
   }
-  return XXH3_64bits_digest(&st);
+  return st.digest();
 }
 
 // Data extents [start, end) of `size` bytes of `fd` from `offset`, relative
@@ -194,7 +193,6 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
     w->sums_.emplace_back(b.chunks());
   }
   w->vm_buf_ = AlignedBuffer(kStreamBuffer);
-  XXH3_64bits_reset(&w->vm_hash_);
   return w;
 }
 
@@ -356,7 +354,7 @@ Status ImageWriter::flush_vmstate_buffer(bool final) {
 }
 
 Status ImageWriter::append_vmstate(const u8* data, size_t len) {
-  XXH3_64bits_update(&vm_hash_, data, len);
+  vm_hash_.update(data, len);
   vmstate_len_ += len;
   while (len > 0) {
     size_t n = std::min(len, vm_buf_.size() - vm_fill_);
@@ -372,7 +370,7 @@ Status ImageWriter::append_vmstate(const u8* data, size_t len) {
 Status ImageWriter::commit(const nlohmann::json& metadata) {
   VMSAVE_TRY(flush_vmstate_buffer(true));
   img_.vmstate.length = vmstate_len_;
-  img_.vmstate.checksum = XXH3_64bits_digest(&vm_hash_);
+  img_.vmstate.checksum = vm_hash_.digest();
 
   // Lay out the tail: bitmaps, chunk tables, metadata, section table.
   std::string meta = metadata.dump(2);
@@ -686,20 +684,19 @@ Status ImageReader::read_ram(size_t block, u8* dest, const EngineConfig& cfg, Pr
 
 Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)>& sink) const {
   AlignedBuffer buf(kStreamBuffer);
-  XXH3_state_t st;
-  XXH3_64bits_reset(&st);
+  Hasher st;
   i64 left = img_.vmstate.length;
   i64 off = img_.vmstate.offset;
   while (left > 0) {
     if (cancelled()) return interrupted_error();
     i64 n = std::min<i64>(left, buf.size());
     VMSAVE_TRY(pread_all(fd(), buf.data(), align_up(n, kDirectAlign), off, path()));
-    XXH3_64bits_update(&st, buf.data(), n);
+    st.update(buf.data(), n);
     if (sink) VMSAVE_TRY(sink(buf.data(), n));
     left -= n;
     off += n;
   }
-  if (XXH3_64bits_digest(&st) != img_.vmstate.checksum)
+  if (st.digest() != img_.vmstate.checksum)
     return damaged(path(), "vmstate checksum mismatch", img_.vmstate.offset);
   return Status();
 }

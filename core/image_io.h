@@ -7,11 +7,10 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
-#define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack
-#include <xxhash.h>
 #include <string>
 #include <vector>
 
+#include "format/hash.h"
 #include "format/image.h"
 #include "io/fd.h"
 #include "io/file.h"
@@ -87,7 +86,7 @@ class ImageWriter {
   size_t vm_fill_ = 0;
   i64 vm_written_ = 0;  // bytes of vmstate already on disk (multiple of 4096)
   i64 vmstate_len_ = 0;
-  XXH3_state_t vm_hash_{};
+  Hasher vm_hash_;
   bool committed_ = false;
   WarnFn warn_;
 };

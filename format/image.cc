@@ -8,8 +8,7 @@
 
 #include "format/image.h"
 
-#define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack
-#include <xxhash.h>
+#include "format/hash.h"
 
 #include <algorithm>
 #include <cstring>
@@ -21,18 +20,17 @@ namespace vmsave {
 
 const std::array<u8, 8> kMagic = {'V', 'M', 'S', 'A', 'V', 'E', 0, 1};
 
-u64 checksum(std::span<const u8> bytes) { return XXH3_64bits(bytes.data(), bytes.size()); }
+u64 checksum(std::span<const u8> bytes) { return xxh3(bytes.data(), bytes.size()); }
 
 u64 zero_checksum(i64 len) {
   static const std::vector<u8> zeros(kDefaultChunkSize);
-  XXH3_state_t st;
-  XXH3_64bits_reset(&st);
+  Hasher st;
   while (len > 0) {
     i64 n = std::min<i64>(len, zeros.size());
-    XXH3_64bits_update(&st, zeros.data(), n);
+    st.update(zeros.data(), n);
     len -= n;
   }
-  return XXH3_64bits_digest(&st);
+  return st.digest();
 }
 
 std::string uuid_string(const std::array<u8, 16>& u) {
