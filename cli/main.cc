@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
   lr->excludes(pz);
   save_cmd->add_option("--description", save.description, "Free text stored in the metadata");
   save_cmd->add_option("--chunk-size", chunk_size, "Checksum chunk (power of two, default 1M)");
-  save_cmd->add_option("--compress", compress,
+  auto* compress_opt = save_cmd->add_option("--compress", compress,
                        "Compress each chunk: lz4, zstd or zstd:LEVEL (1-19, default 3); the "
                        "image then restores eagerly only");
   save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
@@ -250,7 +250,7 @@ int main(int argc, char** argv) {
       return usage("--chunk-size must be a power of two from 4K to 1G");
     save.chunk_size = *cs;
   }
-  if (!compress.empty()) {
+  if (compress_opt->count() > 0) {
     auto spec = parse_codec_spec(compress);
     if (!spec.ok()) return usage(spec.error().message());
     if (save.chunk_size > kMaxCompressedChunkSize)

@@ -717,6 +717,9 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
     if (checksum({src, static_cast<size_t>(ci.stored_length)}) != ci.checksum)
       return chunk_damaged(c, "compressed data checksum mismatch");
+    i64 padded = align_up(ci.stored_length, kDirectAlign);
+    for (i64 i = ci.stored_length; i < padded; i++)
+      if (src[i]) return chunk_damaged(c, "padding after the compressed data is not zero");
     bool dense = !verify_only;
     for (i64 p = 0; dense && p < npages; p++) dense = present(c * pages_per_chunk + p);
     u8* out = dense ? dest + start : wk.staging.data();
