@@ -155,7 +155,8 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
   Capabilities caps;
   VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
   Progress progress;
-  progress.total = img.layout().vmstate.length;
+  // Compressed, the stored length is not what QEMU receives: bytes only.
+  if (img.layout().vmstate_codec == Codec::kRaw) progress.total = img.layout().vmstate.length;
   rep.begin_phase("loading device state", &progress);
   Status st = load_device_state(qmp, [&](const std::function<Status(const u8*, size_t)>& write) {
     return img.stream_vmstate([&](const u8* d, size_t n) {
