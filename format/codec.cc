@@ -21,9 +21,12 @@ namespace vmsave {
 
 const char* codec_name(Codec c) {
   switch (c) {
-    case Codec::kRaw: return "none";
-    case Codec::kLz4: return "lz4";
-    case Codec::kZstd: return "zstd";
+    case Codec::kRaw:
+      return "none";
+    case Codec::kLz4:
+      return "lz4";
+    case Codec::kZstd:
+      return "zstd";
   }
   return "?";
 }
@@ -60,7 +63,9 @@ Compressor::Compressor(CodecSpec spec) : spec_(spec) {
   if (spec_.codec == Codec::kZstd) zc_ = ZSTD_createCCtx();
 }
 
-Compressor::~Compressor() { ZSTD_freeCCtx(zc_); }
+Compressor::~Compressor() {
+  ZSTD_freeCCtx(zc_);
+}
 
 Compressor::Compressor(Compressor&& o) noexcept
     : spec_(o.spec_), zc_(std::exchange(o.zc_, nullptr)) {}
@@ -79,13 +84,16 @@ size_t Compressor::compress(std::span<const u8> src, u8* dst, size_t cap) {
       size_t n = ZSTD_compressCCtx(zc_, dst, cap, src.data(), src.size(), spec_.level);
       return ZSTD_isError(n) ? 0 : n;  // dstSize_tooSmall: does not shrink enough
     }
-    case Codec::kRaw: break;
+    case Codec::kRaw:
+      break;
   }
   return 0;
 }
 
 Decompressor::Decompressor() : zd_(ZSTD_createDCtx()) {}
-Decompressor::~Decompressor() { ZSTD_freeDCtx(zd_); }
+Decompressor::~Decompressor() {
+  ZSTD_freeDCtx(zd_);
+}
 Decompressor::Decompressor(Decompressor&& o) noexcept : zd_(std::exchange(o.zd_, nullptr)) {}
 
 bool Decompressor::decompress(Codec c, std::span<const u8> src, std::span<u8> dst) {
@@ -93,8 +101,8 @@ bool Decompressor::decompress(Codec c, std::span<const u8> src, std::span<u8> ds
   switch (c) {
     case Codec::kLz4: {
       int n = LZ4_decompress_safe(reinterpret_cast<const char*>(src.data()),
-                                  reinterpret_cast<char*>(dst.data()),
-                                  static_cast<int>(src.size()), static_cast<int>(dst.size()));
+                                  reinterpret_cast<char*>(dst.data()), static_cast<int>(src.size()),
+                                  static_cast<int>(dst.size()));
       return n >= 0 && static_cast<size_t>(n) == dst.size();
     }
     case Codec::kZstd: {
@@ -102,7 +110,8 @@ bool Decompressor::decompress(Codec c, std::span<const u8> src, std::span<u8> ds
       size_t n = ZSTD_decompressDCtx(zd_, dst.data(), dst.size(), src.data(), src.size());
       return !ZSTD_isError(n) && n == dst.size();
     }
-    case Codec::kRaw: break;
+    case Codec::kRaw:
+      break;
   }
   return false;
 }
@@ -118,7 +127,9 @@ StreamCompressor::StreamCompressor(int level)
   }
 }
 
-StreamCompressor::~StreamCompressor() { ZSTD_freeCCtx(zc_); }
+StreamCompressor::~StreamCompressor() {
+  ZSTD_freeCCtx(zc_);
+}
 
 Status StreamCompressor::run(const u8* data, size_t len, bool end, const Sink& sink) {
   if (!zc_) return Error{"zstd", "", "cannot allocate a compression context"};
@@ -136,14 +147,18 @@ Status StreamCompressor::write(const u8* data, size_t len, const Sink& sink) {
   return run(data, len, false, sink);
 }
 
-Status StreamCompressor::finish(const Sink& sink) { return run(nullptr, 0, true, sink); }
+Status StreamCompressor::finish(const Sink& sink) {
+  return run(nullptr, 0, true, sink);
+}
 
 StreamDecompressor::StreamDecompressor()
     : zd_(ZSTD_createDCtx()), out_size_(ZSTD_DStreamOutSize()) {
   out_.reset(new u8[out_size_]);
 }
 
-StreamDecompressor::~StreamDecompressor() { ZSTD_freeDCtx(zd_); }
+StreamDecompressor::~StreamDecompressor() {
+  ZSTD_freeDCtx(zd_);
+}
 
 Status StreamDecompressor::write(const u8* data, size_t len, const Sink& sink, std::string* err) {
   if (!zd_) return Error{"zstd", "", "cannot allocate a decompression context"};

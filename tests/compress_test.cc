@@ -89,8 +89,8 @@ ImageLayout layout_of(const std::string& image) {
 }
 
 std::vector<ChunkInfo> chunks_of(const std::string& image, const BlockLayout& b) {
-  auto r = decode_chunk_records(read_bytes(image, b.chunk_table.offset, b.chunk_table.length), b,
-                                image);
+  auto r =
+      decode_chunk_records(read_bytes(image, b.chunk_table.offset, b.chunk_table.length), b, image);
   REQUIRE_MESSAGE(r.ok(), r.error().message());
   return *r;
 }
@@ -100,7 +100,8 @@ std::vector<ChunkInfo> chunks_of(const std::string& image, const BlockLayout& b)
 // section table's checksum and the header's.
 void reseal(const std::string& image, ImageLayout img) {
   for (auto& b : img.blocks)
-    b.chunk_table.checksum = checksum(read_bytes(image, b.chunk_table.offset, b.chunk_table.length));
+    b.chunk_table.checksum =
+        checksum(read_bytes(image, b.chunk_table.offset, b.chunk_table.length));
   std::vector<u8> table = encode_section_table(img);
   REQUIRE(static_cast<i64>(table.size()) == img.table.length);
   img.table.checksum = checksum(table);
@@ -129,8 +130,8 @@ void round_trips(const std::string& kind) {
       CAPTURE(codec);
       CAPTURE(chunk);
       std::string image = disk / "image.vmsave";
-      RunResult r = run_vmsave({"save", "--json", "--ram", "ram=" + src, image, "--compress",
-                                codec, "--chunk-size", chunk, "--jobs", "2"});
+      RunResult r = run_vmsave({"save", "--json", "--ram", "ram=" + src, image, "--compress", codec,
+                                "--chunk-size", chunk, "--jobs", "2"});
       REQUIRE_RUN(r, 0);
       json rep = json::parse(r.out);
       CHECK(rep["compress"] == (codec == "zstd" ? "zstd:3" : codec));
@@ -157,7 +158,8 @@ void round_trips(const std::string& kind) {
       CHECK(allocated(image) <= stored + 256 * kKiB);
       RunResult hr = run_vmsave({"info", image});
       REQUIRE_RUN(hr, 0);
-      CHECK_MESSAGE(contains(hr.out, "compression:  " + rep["compress"].get<std::string>()), hr.out);
+      CHECK_MESSAGE(contains(hr.out, "compression:  " + rep["compress"].get<std::string>()),
+                    hr.out);
 
       // Each compressed chunk: its bytes at the chunk's own offset, the
       // rest of its slot a hole.
@@ -306,12 +308,18 @@ TEST_CASE("compress: garbage behind a valid checksum is refused by the decompres
     };
     std::vector<Edit> edits = {
         {"flipped data", [](auto&, auto& d) { d[d.size() / 2] ^= 0x40; }, "chunk 0"},
-        {"garbage data", [](auto&, auto& d) { for (size_t i = 0; i < d.size(); i++) d[i] = u8(i * 131); },
+        {"garbage data",
+         [](auto&, auto& d) {
+           for (size_t i = 0; i < d.size(); i++) d[i] = u8(i * 131);
+         },
          "does not decompress"},
         {"cut short", [](auto& c, auto&) { c[0].stored_length /= 2; }, "chunk 0"},
         {"longer", [](auto& c, auto&) { c[0].stored_length += 100; }, "chunk 0"},
-        {"other codec", [](auto& c, auto&) {
-           c[0].codec = c[0].codec == Codec::kLz4 ? Codec::kZstd : Codec::kLz4; }, "does not decompress"},
+        {"other codec",
+         [](auto& c, auto&) {
+           c[0].codec = c[0].codec == Codec::kLz4 ? Codec::kZstd : Codec::kLz4;
+         },
+         "does not decompress"},
         {"too long", [](auto& c, auto&) { c[0].stored_length = kMiB; }, "stored length"},
         {"raw with length", [](auto& c, auto&) { c[0].codec = Codec::kRaw; }, "raw chunk"},
     };
@@ -420,10 +428,14 @@ TEST_CASE("compress: bad --compress values are usage errors that create nothing"
   TempDir shm("/dev/shm"), disk;
   test::write_pattern_file(shm / "ram", 64 * kKiB, "text", 5);
   std::string image = disk / "image.vmsave";
-  for (std::vector<std::string> extra :
-       {std::vector<std::string>{"--compress", "lz5"}, {"--compress", "zstd:0"},
-        {"--compress", "zstd:20"}, {"--compress", "zstd:fast"}, {"--compress", "lz4:1"},
-        {"--compress", ""}, {"--compress", "zstd", "--chunk-size", "8M"}, {"--compress"}}) {
+  for (std::vector<std::string> extra : {std::vector<std::string>{"--compress", "lz5"},
+                                         {"--compress", "zstd:0"},
+                                         {"--compress", "zstd:20"},
+                                         {"--compress", "zstd:fast"},
+                                         {"--compress", "lz4:1"},
+                                         {"--compress", ""},
+                                         {"--compress", "zstd", "--chunk-size", "8M"},
+                                         {"--compress"}}) {
     std::vector<std::string> args = {"save", "--ram", "ram=" + (shm / "ram"), image};
     args.insert(args.end(), extra.begin(), extra.end());
     CAPTURE(extra.back());
