@@ -80,6 +80,10 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     fmt::print(stderr, "saved {}: {} of RAM, {} stored ({:.0f}% zero)", j["image"].get<std::string>(),
                human_bytes(j["ram_bytes"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
                100 * j["zero_ratio"].get<double>());
+    if (j.contains("compress"))
+      fmt::print(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
+                 j["compression_ratio"].get<double>(),
+                 human_bytes(j["uncompressed_bytes"].get<double>()));
     if (j.contains("vmstate_bytes"))
       fmt::print(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
     fmt::print(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
@@ -121,7 +125,19 @@ void print_info(const nlohmann::json& j) {
     fmt::print("description:  {}\n", m["description"].get<std::string>());
   fmt::print("file size:    {} ({} stored RAM)\n", human_bytes(j["file_size"].get<double>()),
              human_bytes(j["stored_bytes"].get<double>()));
-  fmt::print("device state: {}\n", human_bytes(j["vmstate_bytes"].get<double>()));
+  fmt::print("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),
+             j.contains("compression") && j["compression"]["vmstate_codec"] != "none"
+                 ? " stored (" + j["compression"]["vmstate_codec"].get<std::string>() + ")"
+                 : "");
+  if (j.contains("compression")) {
+    auto& z = j["compression"];
+    fmt::print("compression:  {}, ratio {:.2f} ({} of data pages stored as {}; {} of {} chunks "
+               "compressed)\n",
+               z["codec"].get<std::string>(), z["ratio"].get<double>(),
+               human_bytes(z["uncompressed_bytes"].get<double>()),
+               human_bytes(z["stored_bytes"].get<double>()), z["compressed_chunks"].get<i64>(),
+               z["total_chunks"].get<i64>());
+  }
   fmt::print("RAM blocks:\n");
   for (auto& b : j["blocks"])
     fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero\n", b["id"].get<std::string>(),
@@ -144,6 +160,7 @@ int main(int argc, char** argv) {
   RestoreOptions restore;
   std::string image;
   std::string chunk_size = "1M";
+  std::string compress;
   std::vector<std::string> rams;
   bool leave_running = false, paused = false, running = false, restore_paused = false;
 
@@ -162,6 +179,9 @@ int main(int argc, char** argv) {
   lr->excludes(pz);
   save_cmd->add_option("--description", save.description, "Free text stored in the metadata");
   save_cmd->add_option("--chunk-size", chunk_size, "Checksum chunk (power of two, default 1M)");
+  auto* compress_opt = save_cmd->add_option("--compress", compress,
+                       "Compress each chunk: lz4, zstd or zstd:LEVEL (1-19, default 3); the "
+                       "image then restores eagerly only");
   save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
   add_common(save_cmd, c, true);
 
@@ -229,6 +249,13 @@ int main(int argc, char** argv) {
     if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))
       return usage("--chunk-size must be a power of two from 4K to 1G");
     save.chunk_size = *cs;
+  }
+  if (compress_opt->count() > 0) {
+    auto spec = parse_codec_spec(compress);
+    if (!spec.ok()) return usage(spec.error().message());
+    if (save.chunk_size > kMaxCompressedChunkSize)
+      return usage("--compress needs a --chunk-size of at most 4M");
+    save.compress = *spec;
   }
   for (auto& r : rams) {
     size_t eq = r.find('=');

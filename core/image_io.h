@@ -33,6 +33,11 @@ struct RamStats {
   i64 stored_bytes = 0;  // bytes written or read (data pages)
   i64 data_pages = 0;
   i64 total_pages = 0;
+  // Compressed images: stored_bytes is what the RAM regions hold on disk,
+  // uncompressed_bytes what they would hold raw (data pages).
+  bool compressed = false;
+  i64 uncompressed_bytes = 0;
+  i64 compressed_chunks = 0;
   double seconds = 0;
   EngineStats engine;
 };
@@ -51,6 +56,10 @@ class ImageWriter {
                                                      i64 chunk_size, const WarnFn& warn);
   ~ImageWriter();  // an uncommitted image is removed
 
+  // Compress chunks (and the device state) with `spec`; before write_ram.
+  // Refuses blocks whose chunks exceed kMaxCompressedChunkSize (kUsage).
+  Status set_compression(const CodecSpec& spec);
+
   // Writes every block's non-zero pages at their fixed offsets; computes
   // bitmaps and chunk checksums in the same pass. `sources` in block order.
   Status write_ram(const std::vector<RamSource>& sources, const EngineConfig& cfg,
@@ -58,7 +67,7 @@ class ImageWriter {
 
   // The device-state stream, appended as it arrives; never held whole.
   Status append_vmstate(const u8* data, size_t len);
-  i64 vmstate_bytes() const { return vmstate_len_; }
+  i64 vmstate_bytes() const { return vmstate_len_; }  // as QEMU sent them
 
   // Writes bitmaps, chunk tables, metadata and section table, flushes, then
   // the header, flushes, and links the file at the target (replacing an
@@ -72,6 +81,7 @@ class ImageWriter {
  private:
   ImageWriter() = default;
   Status flush_vmstate_buffer(bool final);
+  Status put_vmstate(const u8* data, size_t len);
   Status link_into_place();
 
   std::string target_;
@@ -82,6 +92,10 @@ class ImageWriter {
   ImageLayout img_;
   std::vector<std::vector<u8>> bitmaps_;
   std::vector<std::vector<u64>> sums_;
+  CodecSpec compress_;
+  std::vector<std::vector<ChunkInfo>> chunk_info_;  // per block, when compressing
+  std::unique_ptr<StreamCompressor> vm_codec_;
+  i64 vm_stored_ = 0;  // vmstate bytes as stored (compressed or not)
   AlignedBuffer vm_buf_;
   size_t vm_fill_ = 0;
   i64 vm_written_ = 0;  // bytes of vmstate already on disk (multiple of 4096)
@@ -112,6 +126,9 @@ class ImageReader {
   Result<nlohmann::json> metadata() const;
   Result<std::vector<u8>> bitmap(size_t block) const;
   Result<std::vector<u64>> sums(size_t block) const;
+  // The block's ChunkRecords, checked; empty for an uncompressed image.
+  Result<std::vector<ChunkInfo>> chunk_table(size_t block) const;
+  bool compressed() const { return img_.flags & kFlagCompressed; }
 
   // Reads block `block`'s data pages into `dest` (its whole logical size,
   // e.g. a MAP_SHARED mapping of the RAM file), never touching pages that are
@@ -130,8 +147,8 @@ class ImageReader {
   ImageReader() = default;
   Result<std::vector<u8>> read_section(const Extent& e, const char* what) const;
   Status read_chunks(size_t block, const std::vector<u8>& bitmap, const std::vector<u64>& sums,
-                     u8* dest, const EngineConfig& cfg, Progress* progress, RamStats* stats,
-                     VerifyReport* report) const;
+                     const std::vector<ChunkInfo>& codecs, u8* dest, const EngineConfig& cfg,
+                     Progress* progress, RamStats* stats, VerifyReport* report) const;
 
   DirectFile file_;
   ImageLayout img_;

@@ -61,6 +61,14 @@ void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& pre
   j["throughput_bps"] = s.seconds > 0 ? double(s.stored_bytes) / s.seconds : 0.0;
   j["jobs"] = s.engine.jobs;
   j["io_latency_us"] = latency_json(s.engine.latency);
+  if (s.compressed) {
+    // stored_bytes: what the RAM regions hold; the ratio is against the
+    // same data pages stored raw.
+    j["uncompressed_bytes"] = s.uncompressed_bytes;
+    j["compressed_chunks"] = s.compressed_chunks;
+    j["compression_ratio"] =
+        s.uncompressed_bytes ? double(s.stored_bytes) / double(s.uncompressed_bytes) : 1.0;
+  }
 }
 
 nlohmann::json latency_json(const LatencyHistogram& h) {
@@ -149,6 +157,8 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   auto warn = [&](const std::string& m) { rep.warn(m); };
   auto w = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size, warn);
   if (!w.ok()) return w.error();
+  VMSAVE_TRY((*w)->set_compression(opts.compress));
+  if (opts.compress.enabled()) meta["compress"] = opts.compress.name();
   timer.lap("prepare");
 
   Progress progress;
@@ -164,6 +174,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   nlohmann::json j = {{"command", "save"}, {"mode", "raw"}, {"image", opts.image},
                       {"direct_io", (*w)->direct()}};
   add_ram_report(j, ram, "ram_write");
+  if (opts.compress.enabled()) j["compress"] = opts.compress.name();
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;

@@ -155,7 +155,8 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
   Capabilities caps;
   VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
   Progress progress;
-  progress.total = img.layout().vmstate.length;
+  // Compressed, the stored length is not what QEMU receives: bytes only.
+  if (img.layout().vmstate_codec == Codec::kRaw) progress.total = img.layout().vmstate.length;
   rep.begin_phase("loading device state", &progress);
   Status st = load_device_state(qmp, [&](const std::function<Status(const u8*, size_t)>& write) {
     return img.stream_vmstate([&](const u8* d, size_t n) {
@@ -187,6 +188,16 @@ Result<OpenedImage> open_image(const std::string& path, Reporter& rep) {
   return OpenedImage{std::move(*r), std::move(*meta)};
 }
 
+// A lazy restore maps the RAM regions as guest RAM; compressed chunks are
+// not pages. Checked before anything is started or written.
+Status check_lazy(const ImageReader& img, const std::string& path) {
+  if (!img.compressed()) return Status();
+  return Error{"cannot restore a compressed image lazily", path,
+               "--lazy maps RAM regions as guest memory, and this image's chunks are compressed"}
+      .fix("restore it eagerly (without --lazy), or save the VM without --compress")
+      .as(Exit::kUsage);
+}
+
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
   kill(pid, SIGKILL);
@@ -201,6 +212,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!opened.ok()) return opened.error();
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
+  if (opts.lazy) VMSAVE_TRY(check_lazy(img, opts.image));
   if (meta->value("mode", "") != "qemu")
     return Error{"not a QEMU image", opts.image, "it holds memory files saved with --ram"}.fix(
         "restore it with --ram-dir DIR");
@@ -328,6 +340,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   if (!opened.ok()) return opened.error();
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
+  if (opts.lazy) VMSAVE_TRY(check_lazy(img, opts.image));
   std::string image_abs = absolute(opts.image);
   nlohmann::json args = nlohmann::json::array();
   RamStats ram;

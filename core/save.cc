@@ -119,6 +119,8 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                                  [&](const std::string& m) { rep.warn(m); });
   if (!w_r.ok()) return w_r.error();
   ImageWriter& w = **w_r;
+  VMSAVE_TRY(w.set_compression(opts.compress));
+  if (opts.compress.enabled()) meta["compress"] = opts.compress.name();
 
   Capabilities caps;
   VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}, {"mapped-ram", false}, {"multifd", false},
@@ -183,6 +185,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                       {"vmstate_s", vmstate_s},    {"direct_io", w.direct()},
                       {"downtime_s", was_running ? downtime : 0.0}};
   add_ram_report(j, ram, "ram_write");
+  if (opts.compress.enabled()) j["compress"] = opts.compress.name();
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;

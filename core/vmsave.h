@@ -25,6 +25,7 @@ struct SaveOptions {
   bool force = false;
   EngineConfig engine;
   i64 chunk_size = kDefaultChunkSize;
+  CodecSpec compress;  // --compress; Codec::kRaw when not given
   std::string description;
   // Raw mode: memory files, each ID=FILE.
   std::vector<std::pair<std::string, std::string>> rams;

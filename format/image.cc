@@ -20,6 +20,57 @@ namespace vmsave {
 
 const std::array<u8, 8> kMagic = {'V', 'M', 'S', 'A', 'V', 'E', 0, 1};
 
+static bool all_zero(const u8* p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i]) return false;
+  return true;
+}
+
+std::vector<u8> encode_chunk_records(const std::vector<ChunkInfo>& chunks) {
+  std::vector<u8> out(chunks.size() * sizeof(ChunkRecord));
+  for (size_t c = 0; c < chunks.size(); c++) {
+    ChunkRecord r{};
+    r.codec = static_cast<u8>(chunks[c].codec);
+    r.stored_length = static_cast<u32>(chunks[c].stored_length);
+    r.checksum = chunks[c].checksum;
+    std::memcpy(out.data() + c * sizeof(r), &r, sizeof(r));
+  }
+  return out;
+}
+
+Result<std::vector<ChunkInfo>> decode_chunk_records(std::span<const u8> bytes,
+                                                    const BlockLayout& b,
+                                                    const std::string& path) {
+  if (bytes.size() != size_t(b.chunks()) * sizeof(ChunkRecord))
+    return damaged(path, fmt::format("chunk codec table of {} has the wrong length", b.id),
+                   b.chunk_table.offset);
+  std::vector<ChunkInfo> out(b.chunks());
+  for (i64 c = 0; c < b.chunks(); c++) {
+    ChunkRecord r;
+    std::memcpy(&r, bytes.data() + c * sizeof(r), sizeof(r));
+    i64 at = b.chunk_table.offset + c * i64(sizeof(r));
+    auto bad = [&](const char* why) {
+      return damaged(path, fmt::format("RAM block {} chunk {}: {}", b.id, c, why), at);
+    };
+    if (!all_zero(r.reserved, sizeof(r.reserved))) return bad("reserved record bytes are not zero");
+    if (r.codec > kMaxCodec) return bad("unknown codec");
+    ChunkInfo& ci = out[c];
+    ci.codec = static_cast<Codec>(r.codec);
+    ci.stored_length = u32(r.stored_length);
+    ci.checksum = r.checksum;
+    if (ci.codec == Codec::kRaw) {
+      if (ci.stored_length != 0 || ci.checksum != 0) return bad("raw chunk with a stored length");
+      continue;
+    }
+    // A compressed chunk saves at least one 4 KiB block, so its padded
+    // bytes lie inside its own slot.
+    i64 slot = align_up(b.chunk_length(c), kSectionAlign);
+    if (ci.stored_length <= 0 || align_up(ci.stored_length, kSectionAlign) + kSectionAlign > slot)
+      return bad("stored length out of bounds");
+  }
+  return out;
+}
+
 u64 checksum(std::span<const u8> bytes) { return xxh3(bytes.data(), bytes.size()); }
 
 u64 zero_checksum(i64 len) {
@@ -54,8 +105,10 @@ i64 plan_regions(std::vector<BlockLayout>& blocks, i64 chunk_size) {
   return align_up(off, kSectionAlign);
 }
 
-static void put_entry(std::vector<u8>& out, SectionKind kind, u32 block, const Extent& e) {
+static void put_entry(std::vector<u8>& out, SectionKind kind, u32 block, const Extent& e,
+                      u64 flags = 0) {
   SectionEntry s{};
+  s.flags = flags;
   s.kind = static_cast<u32>(kind);
   s.block = block;
   s.offset = e.offset;
@@ -89,8 +142,10 @@ std::vector<u8> encode_section_table(const ImageLayout& img) {
     put_entry(out, SectionKind::kRamRegion, i, b.region);
     put_entry(out, SectionKind::kRamBitmap, i, b.bitmap);
     put_entry(out, SectionKind::kChunkSums, i, b.sums);
+    if (img.flags & kFlagCompressed) put_entry(out, SectionKind::kChunkTable, i, b.chunk_table);
   }
-  put_entry(out, SectionKind::kVmstate, kNoBlock, img.vmstate);
+  put_entry(out, SectionKind::kVmstate, kNoBlock, img.vmstate,
+            static_cast<u64>(img.vmstate_codec));
   put_entry(out, SectionKind::kMetadata, kNoBlock, img.metadata);
   return out;
 }
@@ -100,6 +155,7 @@ std::vector<u8> encode_header(const ImageLayout& img) {
   std::memcpy(h.magic, kMagic.data(), 8);
   h.major = img.major;
   h.minor = img.minor;
+  h.flags = img.flags;
   std::memcpy(h.uuid, img.uuid.data(), 16);
   h.created_ns = img.created_ns;
   h.file_size = img.file_size;
@@ -109,12 +165,6 @@ std::vector<u8> encode_header(const ImageLayout& img) {
   const u8* p = reinterpret_cast<const u8*>(&h);
   h.checksum = checksum({p, offsetof(DiskHeader, checksum)});
   return std::vector<u8>(p, p + sizeof(h));
-}
-
-static bool all_zero(const u8* p, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    if (p[i]) return false;
-  return true;
 }
 
 Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
@@ -141,12 +191,24 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
   if (h.major == 0) return damaged(path, "format version 0", 8);
   if (checksum({p, offsetof(DiskHeader, checksum)}) != h.checksum)
     return damaged(path, "header checksum mismatch", 0);
-  if (!all_zero(h.reserved, sizeof(h.reserved)) || h.flags != 0)
-    return damaged(path, "reserved header fields are not zero", 16);
+  if (!all_zero(h.reserved, sizeof(h.reserved)))
+    return damaged(path, "reserved header fields are not zero", 80);
+  // Feature flags this vmsave does not know: the image is fine, this
+  // vmsave is too old for it (as "image too new", a different error).
+  if (u64(h.flags) & ~kKnownFlags)
+    return Error{"image needs a newer vmsave", path,
+                 fmt::format("this image needs a newer vmsave (feature flags 0x{:x}, this vmsave "
+                             "knows 0x{:x})",
+                             u64(h.flags), kKnownFlags)}
+        .fix("use a newer vmsave")
+        .as(Exit::kDamaged);
+  if ((u64(h.flags) & kFlagCompressed) && h.minor < 1)
+    return damaged(path, "compressed-image flag in a v1.0 image", 16);
 
   ImageLayout img;
   img.major = h.major;
   img.minor = h.minor;
+  img.flags = h.flags;
   std::memcpy(img.uuid.data(), h.uuid, 16);
   img.created_ns = static_cast<i64>(u64(h.created_ns));
   u64 fsize = h.file_size;
@@ -191,13 +253,16 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
     std::memcpy(&s, bytes.data() + pos, sizeof(s));
     size_t entry_pos = pos;
     pos += sizeof(s);
-    if (!all_zero(s.reserved, sizeof(s.reserved)) || s.flags != 0)
-      return damaged(path, "reserved section fields are not zero", at(entry_pos));
     u32 kind = s.kind, block = s.block;
+    // Only the vmstate entry of a compressed image has flags: its codec.
+    bool codec_flags = kind == u32(SectionKind::kVmstate) && (img.flags & kFlagCompressed);
+    if (!all_zero(s.reserved, sizeof(s.reserved)) || (s.flags != 0 && !codec_flags))
+      return damaged(path, "reserved section fields are not zero", at(entry_pos));
     Extent e{static_cast<i64>(u64(s.offset)), static_cast<i64>(u64(s.length)), s.checksum};
     if (u64(s.offset) > u64(img.file_size) || u64(s.length) > u64(img.file_size))
       return damaged(path, "section out of bounds", at(entry_pos));
-    bool per_block = kind >= 1 && kind <= 4;
+    bool compressed = img.flags & kFlagCompressed;
+    bool per_block = (kind >= 1 && kind <= 4) || (compressed && kind == 7);
     if (per_block && block >= kMaxBlocks)
       return damaged(path, fmt::format("block index {} out of range", block), at(entry_pos));
     if (!per_block && block != kNoBlock)
@@ -246,10 +311,20 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
       case SectionKind::kChunkSums:
         blocks[block].sums = e;
         break;
+      case SectionKind::kChunkTable:
+        if (!compressed)
+          return damaged(path, "chunk codec table in an image not flagged compressed",
+                         at(entry_pos));
+        blocks[block].chunk_table = e;
+        break;
       case SectionKind::kVmstate:
         if (have_vmstate) return damaged(path, "duplicate vmstate section", at(entry_pos));
         have_vmstate = true;
         img.vmstate = e;
+        if (s.flags != 0 && s.flags != u64(Codec::kZstd))
+          return damaged(path, fmt::format("unknown vmstate codec {}", u64(s.flags)),
+                         at(entry_pos));
+        img.vmstate_codec = static_cast<Codec>(u64(s.flags));
         break;
       case SectionKind::kMetadata:
         if (have_metadata) return damaged(path, "duplicate metadata section", at(entry_pos));
@@ -268,11 +343,13 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
   if (blocks.empty() || blocks.size() > kMaxBlocks)
     return damaged(path, "image lists no RAM block", img.table.offset);
 
-  // Blocks must be numbered 0..n-1 with all four sections each.
+  // Blocks must be numbered 0..n-1 with all four sections each, and a
+  // chunk codec table each in a compressed image.
+  const int want = (img.flags & kFlagCompressed) ? 0x9e : 0x1e;
   img.blocks.clear();
   for (u32 i = 0; i < blocks.size(); i++) {
     auto it = blocks.find(i);
-    if (it == blocks.end() || seen[i] != 0x1e)
+    if (it == blocks.end() || seen[i] != want)
       return damaged(path, fmt::format("RAM block {} is incomplete in the section table", i));
     img.blocks.push_back(it->second);
   }
@@ -290,6 +367,16 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
     VMSAVE_TRY(check_extent(b.sums, kSectionAlign, img, path, "chunk table of " + b.id));
     if (b.sums.length != b.chunks() * 8)
       return damaged(path, fmt::format("chunk table of {} has the wrong length", b.id));
+    if (img.flags & kFlagCompressed) {
+      VMSAVE_TRY(check_extent(b.chunk_table, kSectionAlign, img, path,
+                              "chunk codec table of " + b.id));
+      if (b.chunk_table.length != b.chunks() * i64(sizeof(ChunkRecord)))
+        return damaged(path, fmt::format("chunk codec table of {} has the wrong length", b.id));
+      if (b.chunk_size > kMaxCompressedChunkSize)
+        return damaged(path, fmt::format("block {} has compressed chunks larger than {}", b.id,
+                                         human_bytes(kMaxCompressedChunkSize)));
+      all.emplace_back(b.chunk_table, "chunk codec table");
+    }
     all.emplace_back(b.region, "RAM region");
     all.emplace_back(b.bitmap, "bitmap");
     all.emplace_back(b.sums, "chunk table");

@@ -4,8 +4,11 @@
 //   offset 0       Header (4096 bytes)
 //     0   u8[8]    magic "VMSAVE\0\x01"
 //     8   ul32     format major version (1); a reader refuses a newer major
-//     12  ul32     format minor version (0); newer minors only add sections
-//     16  ul64     flags (reserved, 0)
+//     12  ul32     format minor version (1); newer minors only add sections
+//     16  ul64     feature flags: bit 0 (kFlagCompressed) = the image has
+//                  compressed chunks and a ChunkRecord table per block; bit 1
+//                  is taken by another feature. A reader refuses any bit it
+//                  does not know ("needs a newer vmsave", status 3).
 //     24  u8[16]   image UUID (random, version 4)
 //     40  ul64     creation time, nanoseconds since the Unix epoch
 //     48  ul64     file size: the exact size of the complete file
@@ -30,6 +33,16 @@
 //   logical content, zeros included), the JSON metadata, and the section
 //   table: 64-byte SectionEntry records listing everything above.
 //
+//   Compressed images (flag bit 0, minor >= 1): each block also has a
+//   kChunkTable section, one 16-byte ChunkRecord per chunk (codec, stored
+//   length, XXH3-64 of the stored bytes). A compressed chunk's bytes sit at
+//   the chunk's own offset in its region, zero-padded to 4096; the rest of
+//   the chunk's slot is a hole. A raw chunk is stored exactly as in an
+//   uncompressed image (record all zero). The bitmap still says which pages
+//   of the logical content are non-zero. The vmstate entry's flags hold its
+//   codec: 0 as QEMU wrote it, 2 one zstd frame with content checksum (its
+//   length and checksum are then those of the compressed bytes).
+//
 // The header is written last, after everything else is on disk, so a file
 // whose header checks out is complete.
 
@@ -41,13 +54,17 @@
 #include <string>
 #include <vector>
 
+#include "format/codec.h"
 #include "format/le.h"
 #include "lib/common.h"
 
 namespace vmsave {
 
 constexpr u32 kFormatMajor = 1;
-constexpr u32 kFormatMinor = 0;
+constexpr u32 kFormatMinor = 1;
+// Header feature flags. A reader refuses bits it does not know.
+constexpr u64 kFlagCompressed = 1;  // ChunkRecord tables; compressed chunks
+constexpr u64 kKnownFlags = kFlagCompressed;
 constexpr i64 kHeaderSize = 4096;
 constexpr i64 kSectionAlign = 4096;
 constexpr i64 kRegionAlign = 2 * kMiB;  // lets a region back 2 MiB THP/hugetlb guest RAM
@@ -56,7 +73,7 @@ extern const std::array<u8, 8> kMagic;
 
 // Limits every value read from disk is checked against before use.
 constexpr u32 kMaxBlocks = 1024;
-constexpr u32 kMaxSections = 8 + 4 * kMaxBlocks;
+constexpr u32 kMaxSections = 8 + 5 * kMaxBlocks;
 constexpr i64 kMaxTableSize = kMaxSections * 64 + kMaxBlocks * 512;
 constexpr i64 kMaxMetadataSize = 16 * kMiB;
 constexpr i64 kMinPageSize = 4096;
@@ -64,6 +81,9 @@ constexpr i64 kMaxPageSize = 1 * kGiB;
 constexpr i64 kMaxChunkSize = 1 * kGiB;
 constexpr i64 kMaxBlockSize = i64(1) << 46;  // 64 TiB
 constexpr size_t kMaxBlockIdLength = 255;
+// Compressed chunks are staged in per-worker buffers of a chunk each; this
+// cap keeps those buffers small whatever --chunk-size says.
+constexpr i64 kMaxCompressedChunkSize = 4 * kMiB;
 
 enum class SectionKind : u32 {
   kBlock = 1,      // a BlockRecord
@@ -72,6 +92,7 @@ enum class SectionKind : u32 {
   kChunkSums = 4,  // XXH3-64 per chunk of a block
   kVmstate = 5,    // QEMU device state
   kMetadata = 6,   // JSON
+  kChunkTable = 7,   // a ChunkRecord per chunk of a block (compressed images)
 };
 constexpr u32 kNoBlock = 0xffffffff;
 
@@ -113,6 +134,26 @@ struct BlockRecord {
 };
 static_assert(sizeof(BlockRecord) == 512);
 
+// One per chunk in a kChunkTable section. Raw chunks: all zero.
+// Compressed: codec 1 (lz4) or 2 (zstd), the exact compressed length (the
+// file holds it padded to 4096; padded length + 4096 <= chunk length, so a
+// compressed chunk always saves at least one 4 KiB block), and the XXH3-64
+// of those `stored_length` bytes.
+struct ChunkRecord {
+  u8 codec;
+  u8 reserved[3];
+  ul32 stored_length;
+  ul64 checksum;
+};
+static_assert(sizeof(ChunkRecord) == 16);
+
+// A chunk record, decoded and checked.
+struct ChunkInfo {
+  Codec codec = Codec::kRaw;
+  i64 stored_length = 0;
+  u64 checksum = 0;
+};
+
 // A section's place in the file, decoded.
 struct Extent {
   i64 offset = 0;
@@ -130,6 +171,7 @@ struct BlockLayout {
   Extent region;
   Extent bitmap;
   Extent sums;
+  Extent chunk_table;  // kChunkTable; length 0 in uncompressed images
 
   i64 pages() const { return (size + page_size - 1) / page_size; }
   i64 chunks() const { return (size + chunk_size - 1) / chunk_size; }
@@ -143,8 +185,10 @@ struct ImageLayout {
   std::array<u8, 16> uuid{};
   i64 created_ns = 0;
   i64 file_size = 0;
+  u64 flags = 0;
   std::vector<BlockLayout> blocks;
   Extent vmstate;
+  Codec vmstate_codec = Codec::kRaw;
   Extent metadata;
   Extent table;
 };
@@ -170,6 +214,13 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
 // set): every extent inside the file, aligned, not overlapping, each block
 // complete and consistent.
 Status decode_section_table(std::span<const u8> bytes, ImageLayout& img, const std::string& path);
+
+// Decodes and checks block `b`'s ChunkRecord table: one record per chunk,
+// codec known, reserved bytes zero, stored length bounded by the chunk.
+// `offset` (the section's) is for messages.
+Result<std::vector<ChunkInfo>> decode_chunk_records(std::span<const u8> bytes,
+                                                    const BlockLayout& b, const std::string& path);
+std::vector<u8> encode_chunk_records(const std::vector<ChunkInfo>& chunks);
 
 u64 checksum(std::span<const u8> bytes);
 // XXH3-64 of `len` zero bytes: the checksum of a chunk that is all holes.

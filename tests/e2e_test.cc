@@ -328,10 +328,17 @@ MemcheckLine boot(TestVm& vm, i64 iterations = 3) {
 // `save` in its default form: QEMU quits once the image is safe. Returns
 // the serial log as the guest left it (its last line may be unfinished; the
 // restored guest finishes it).
-std::string save_and_quit(TestVm& vm, const std::string& image) {
-  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--json"}, kRunTimeout);
+std::string save_and_quit(TestVm& vm, const std::string& image,
+                          const std::string& compress = "") {
+  std::vector<std::string> args = {"save", "--qmp", vm.qmp_path(), image, "--json"};
+  if (!compress.empty()) args.insert(args.end(), {"--compress", compress});
+  RunResult r = run_vmsave(args, kRunTimeout);
   REQUIRE_RUN(r, 0);
   json j = parse_json(r);
+  if (!compress.empty()) {
+    CHECK(j.value("compressed_chunks", i64(0)) > 0);
+    CHECK(j.value("stored_bytes", i64(0)) < j.value("uncompressed_bytes", i64(0)));
+  }
   CHECK(j.value("after", "") == "quit");
   CHECK(j.value("ram_bytes", i64(0)) == vm.options().ram_mib * kMiB);
   std::optional<int> exit = wait_exit_unreaped(vm.pid(), 15);
@@ -382,11 +389,11 @@ bool maps_file(pid_t pid, const std::string& path) {
 
 // Boots a guest, saves it (QEMU quits), restores it with the same command
 // line and checks that it carries on from the saved iteration.
-void save_then_restore(const VmOptions& opts, bool lazy) {
+void save_then_restore(const VmOptions& opts, bool lazy, const std::string& compress = "") {
   TestVm vm(opts);
   boot(vm);
   const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
+  const std::string log_at_save = save_and_quit(vm, image, compress);
   const MemcheckLine saved = *read_story(log_at_save).last;
 
   RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
@@ -401,6 +408,13 @@ void save_then_restore(const VmOptions& opts, bool lazy) {
   for (int i = 0; i < opts.numa_nodes; i++) want.push_back(fmt::format("ram{}", i));
   std::sort(ids.begin(), ids.end());
   CHECK_MESSAGE(ids == want, joined(ids));
+  if (!compress.empty()) {
+    const json z = parse_json(info)["compression"];
+    CHECK(z.value("codec", "") == compress);
+    CHECK(z.value("vmstate_codec", "") == "zstd");
+    CHECK(z.value("ratio", 1.0) < 1.0);
+    CHECK_RUN(run_vmsave({"verify", image}, kRunTimeout), 0);
+  }
 
   // Eager: the restore must rebuild the RAM files from the image alone.
   if (!lazy)
@@ -492,6 +506,11 @@ TEST_SUITE_BEGIN("e2e");
 TEST_CASE("e2e: an eagerly restored guest carries on from the saved iteration") {
   test::require_guest_kit();
   save_then_restore(kSmallVm, /*lazy=*/false);
+}
+
+TEST_CASE("e2e: a guest saved with --compress zstd restores eagerly and carries on") {
+  test::require_guest_kit();
+  save_then_restore(kSmallVm, /*lazy=*/false, "zstd:3");
 }
 
 TEST_CASE("e2e: a lazily restored guest maps the image and carries on") {

@@ -10,6 +10,9 @@
 
 #include <cstring>
 #include <functional>
+#include <random>
+
+#include <fmt/core.h>
 #include <string>
 #include <vector>
 
@@ -22,8 +25,12 @@ const std::string kPath = "/images/test.vmsave";
 // A consistent layout of `n` 4 KiB-page blocks (sizes chosen so none is a
 // chunk or page multiple), with its tail placed the way ImageWriter::commit
 // places it: bitmap and chunk table per block, metadata, section table.
-ImageLayout make_layout(int n = 2) {
+ImageLayout make_layout(int n = 2, bool compressed = false) {
   ImageLayout img;
+  if (compressed) {
+    img.flags = kFlagCompressed;
+    img.vmstate_codec = Codec::kZstd;
+  }
   for (int i = 0; i < n; i++) {
     BlockLayout b;
     b.id = "ram" + std::to_string(i);
@@ -46,6 +53,7 @@ ImageLayout make_layout(int n = 2) {
     b.data_pages = b.pages() / 2;
     place(b.bitmap, (b.pages() + 7) / 8);
     place(b.sums, b.chunks() * 8);
+    if (compressed) place(b.chunk_table, b.chunks() * i64(sizeof(ChunkRecord)));
   }
   place(img.metadata, 300);
   std::vector<u8> table = encode_section_table(img);
@@ -63,6 +71,7 @@ Status decode_table(const std::vector<u8>& table, const ImageLayout& hdr,
   ImageLayout img;
   img.major = hdr.major;
   img.minor = hdr.minor;
+  img.flags = hdr.flags;
   img.file_size = hdr.file_size;
   img.table = {hdr.table.offset, static_cast<i64>(table.size()),
                fix_checksum ? checksum(table) : hdr.table.checksum};
@@ -241,10 +250,19 @@ TEST_CASE("format: a change to any header byte is refused") {
 TEST_CASE("format: every reserved header field must be zero") {
   ImageLayout img = make_layout();
   DiskHeader good = header_of(encode_header(img));
-  for (int byte = 0; byte < 8; byte++) {
+  // Feature flags: bit 0 is compression; any other bit is a feature of a
+  // newer vmsave, refused as such (status 3), not as damage.
+  for (int bit = 1; bit < 64; bit++) {
+    CAPTURE(bit);
     DiskHeader h = good;
-    h.flags = u64(1) << (8 * byte);
-    check_damaged(decode_header(bytes_of(h), img.file_size, kPath), "reserved");
+    h.flags = (u64(1) << bit) | (bit % 2 ? kFlagCompressed : 0);
+    auto d = decode_header(bytes_of(h), img.file_size, kPath);
+    REQUIRE_FALSE(d.ok());
+    CHECK(d.error().status == Exit::kDamaged);
+    std::string m = d.error().message();
+    CHECK_MESSAGE(m.find("this image needs a newer vmsave (feature flags 0x") != std::string::npos,
+                  m);
+    CHECK_MESSAGE(m.find(fmt::format("0x{:x}", u64(h.flags))) != std::string::npos, m);
   }
   for (size_t i = 0; i < sizeof(good.reserved); i++) {
     DiskHeader h = good;
@@ -728,4 +746,252 @@ TEST_CASE("format: checksums, bitmaps and uuids") {
   CHECK(raw[0] == 0x08);
   CHECK(raw[7] == 0x01);
   CHECK(u64(v) == 0x0102030405060708ULL);
+}
+
+// ------------------------------------------------------------ compression
+
+TEST_CASE("format: compressed images: flag, minor version and chunk codec tables") {
+  ImageLayout img = make_layout(2, true);
+  std::vector<u8> h = encode_header(img);
+  auto d = decode_header(h, img.file_size, kPath);
+  REQUIRE_MESSAGE(d.ok(), d.error().message());
+  CHECK(d->flags == kFlagCompressed);
+  CHECK(d->minor == 1);
+  // The compressed flag cannot appear in a v1.0 image.
+  DiskHeader old = header_of(h);
+  old.minor = 0;
+  check_damaged(decode_header(bytes_of(old), img.file_size, kPath), "v1.0");
+  // An uncompressed v1.0 image (flags 0, minor 0) reads as before.
+  ImageLayout plain = make_layout(2);
+  plain.minor = 0;
+  auto p = decode_header(encode_header(plain), plain.file_size, kPath);
+  REQUIRE(p.ok());
+  CHECK(p->flags == 0);
+  CHECK(decode_table(encode_section_table(plain), plain).ok());
+
+  const std::vector<u8> table = encode_section_table(img);
+  CHECK(table.size() == 2 * (64 + 512 + 4 * 64) + 2 * 64);
+  ImageLayout out;
+  Status st = decode_table(table, img, &out);
+  REQUIRE_MESSAGE(st.ok(), st.error().message());
+  CHECK(out.vmstate_codec == Codec::kZstd);
+  for (size_t i = 0; i < 2; i++) {
+    CHECK(out.blocks[i].chunk_table.offset == img.blocks[i].chunk_table.offset);
+    CHECK(out.blocks[i].chunk_table.length == img.blocks[i].chunk_table.length);
+    CHECK(out.blocks[i].chunk_table.checksum == img.blocks[i].chunk_table.checksum);
+  }
+
+  SUBCASE("the table is refused without the flag") {
+    ImageLayout noflag = img;
+    noflag.flags = 0;
+    check_damaged(decode_table(table, noflag));
+  }
+  SUBCASE("a missing chunk codec table is refused") {
+    ImageLayout noflag = img;
+    noflag.flags = 0;
+    std::vector<u8> t = encode_section_table(noflag);  // no kind 7 entries
+    check_damaged(decode_table(t, img), "incomplete");
+  }
+  SUBCASE("wrong length, misaligned, overlapping") {
+    for (int how = 0; how < 3; how++) {
+      CAPTURE(how);
+      std::vector<u8> t = table;
+      size_t pos = find_entry(t, SectionKind::kChunkTable, 1);
+      SectionEntry s = get_entry(t, pos);
+      if (how == 0) s.length = u64(s.length) + 16;
+      if (how == 1) s.offset = u64(s.offset) + 8;
+      if (how == 2) s.offset = img.blocks[1].sums.offset;
+      put_entry(t, pos, s);
+      check_damaged(decode_table(t, img));
+    }
+  }
+  SUBCASE("vmstate codec must be known; other entries have no flags") {
+    std::vector<u8> t = table;
+    size_t pos = find_entry(t, SectionKind::kVmstate);
+    SectionEntry s = get_entry(t, pos);
+    s.flags = 1;  // lz4 is not a vmstate codec
+    put_entry(t, pos, s);
+    check_damaged(decode_table(t, img), "vmstate codec");
+    t = table;
+    pos = find_entry(t, SectionKind::kChunkTable, 0);
+    s = get_entry(t, pos);
+    s.flags = 2;
+    put_entry(t, pos, s);
+    check_damaged(decode_table(t, img), "reserved");
+  }
+  SUBCASE("chunks larger than 4 MiB cannot be compressed") {
+    ImageLayout big = img;
+    big.blocks.resize(1);
+    plan_regions(big.blocks, 8 * kMiB);
+    big.blocks[0].size = 16 * kMiB;
+    big.vmstate.offset = plan_regions(big.blocks, 8 * kMiB);
+    big.blocks[0].chunk_table.length = 2 * 16;
+    big.blocks[0].sums.length = 2 * 8;
+    big.blocks[0].bitmap.length = 4096 / 8;
+    i64 off = big.vmstate.offset + 16 * kKiB;
+    for (Extent* e : {&big.blocks[0].bitmap, &big.blocks[0].sums, &big.blocks[0].chunk_table,
+                      &big.metadata}) {
+      e->offset = off;
+      off += 4096;
+    }
+    big.table.offset = off;
+    big.file_size = off + 8192;
+    big.blocks[0].data_pages = 1;
+    check_damaged(decode_table(encode_section_table(big), big), "larger than");
+  }
+}
+
+TEST_CASE("format: chunk records are bounded by their chunk") {
+  BlockLayout b;
+  b.id = "ram0";
+  b.size = 3 * kMiB + 8 * kKiB + 100;  // last chunk: 8292 bytes, slot 12 KiB
+  b.page_size = 4096;
+  b.chunk_size = kMiB;
+  b.chunk_table = {1 << 20, b.chunks() * 16, 0};
+  REQUIRE(b.chunks() == 4);
+  std::vector<ChunkInfo> good(4);
+  good[0] = {Codec::kLz4, 1000, 0x1111};
+  good[1] = {Codec::kZstd, kMiB - 4096, 0x2222};  // the largest allowed
+  good[3] = {Codec::kZstd, 8192, 0x3333};  // 8292 bytes: a 12 KiB slot holds 8 KiB + a saved 4 KiB
+  std::vector<u8> bytes = encode_chunk_records(good);
+  REQUIRE(bytes.size() == 64);
+  auto d = decode_chunk_records(bytes, b, kPath);
+  REQUIRE_MESSAGE(d.ok(), d.error().message());
+  for (size_t c = 0; c < 4; c++) {
+    CHECK((*d)[c].codec == good[c].codec);
+    CHECK((*d)[c].stored_length == good[c].stored_length);
+    CHECK((*d)[c].checksum == good[c].checksum);
+  }
+  // Little-endian fixed layout: codec, 3 reserved, ul32 length, ul64 sum.
+  CHECK(bytes[0] == 1);
+  CHECK(bytes[4] == (1000 & 0xff));
+  CHECK(bytes[5] == (1000 >> 8));
+  CHECK(bytes[8] == 0x11);
+
+  struct Bad {
+    size_t chunk;
+    ChunkInfo info;
+    const char* why;
+  };
+  for (const Bad& bad : {Bad{0, {Codec::kLz4, 0, 1}, "stored length"},
+                         Bad{1, {Codec::kZstd, kMiB - 4095, 1}, "stored length"},
+                         Bad{1, {Codec::kZstd, kMiB, 1}, "stored length"},
+                         Bad{1, {Codec::kZstd, 0xffffffff, 1}, "stored length"},
+                         Bad{3, {Codec::kLz4, 8193, 1}, "stored length"},
+                         Bad{2, {Codec::kRaw, 10, 0}, "raw chunk"},
+                         Bad{2, {Codec::kRaw, 0, 5}, "raw chunk"}}) {
+    CAPTURE(bad.chunk);
+    std::vector<ChunkInfo> v = good;
+    v[bad.chunk] = bad.info;
+    check_damaged(decode_chunk_records(encode_chunk_records(v), b, kPath), bad.why);
+  }
+  for (u8 codec : {u8(3), u8(0x80), u8(0xff)}) {
+    std::vector<u8> t = bytes;
+    t[0] = codec;
+    check_damaged(decode_chunk_records(t, b, kPath), "unknown codec");
+  }
+  for (size_t i : {1, 2, 3}) {
+    std::vector<u8> t = bytes;
+    t[16 + i] = 1;
+    check_damaged(decode_chunk_records(t, b, kPath), "reserved");
+  }
+  std::vector<u8> shorter(bytes.begin(), bytes.end() - 16);
+  check_damaged(decode_chunk_records(shorter, b, kPath), "wrong length");
+}
+
+TEST_CASE("format: codecs round trip, refuse what does not shrink, and survive garbage") {
+  std::mt19937_64 rng(7);
+  std::vector<u8> text(kMiB), random(kMiB);
+  const char* words[] = {"guest ", "memory ", "page ", "qemu ", "\n", "vmsave "};
+  for (size_t i = 0; i < text.size();) {
+    const char* w = words[rng() % 6];
+    for (const char* p = w; *p && i < text.size(); p++) text[i++] = static_cast<u8>(*p);
+  }
+  for (auto& b : random) b = static_cast<u8>(rng());
+  for (const char* spec : {"lz4", "zstd", "zstd:1", "zstd:19"}) {
+    CAPTURE(spec);
+    auto cs = parse_codec_spec(spec);
+    REQUIRE(cs.ok());
+    Compressor comp(*cs);
+    Decompressor dec;
+    std::vector<u8> out(kMiB), back(kMiB);
+    size_t n = comp.compress(text, out.data(), out.size() - 4096);
+    REQUIRE(n > 0);
+    CHECK(n < text.size() / 2);
+    REQUIRE(dec.decompress(cs->codec, {out.data(), n}, back));
+    CHECK(back == text);
+    // Exact capacity only: one byte less or more is refused.
+    std::vector<u8> small(kMiB - 1), large(kMiB + 1);
+    CHECK_FALSE(dec.decompress(cs->codec, {out.data(), n}, small));
+    CHECK_FALSE(dec.decompress(cs->codec, {out.data(), n}, large));
+    // Truncated or flipped compressed data: an error, never a crash.
+    CHECK_FALSE(dec.decompress(cs->codec, {out.data(), n / 2}, back));
+    for (size_t at : {size_t(0), size_t(5), n / 3, n / 2, n - 1}) {
+      std::vector<u8> bad(out.begin(), out.begin() + n);
+      bad[at] ^= 0x5a;
+      (void)dec.decompress(cs->codec, bad, back);  // may or may not fail; must not crash
+    }
+    // Random data does not shrink by 4 KiB: the caller stores it raw.
+    CHECK(comp.compress(random, out.data(), random.size() - 4096) == 0);
+    // Garbage: refused.
+    CHECK_FALSE(dec.decompress(cs->codec, {random.data(), 5000}, back));
+  }
+  for (const char* bad : {"", "lz5", "zstd:", "zstd:0", "zstd:20", "zstd:x", "zstd:3x", "lz4:1",
+                          "ZSTD", "zstd:-1"}) {
+    CAPTURE(bad);
+    auto cs = parse_codec_spec(bad);
+    REQUIRE_FALSE(cs.ok());
+    CHECK(cs.error().status == Exit::kUsage);
+  }
+  CHECK(parse_codec_spec("zstd")->level == kZstdDefaultLevel);
+  CHECK(parse_codec_spec("zstd:12")->name() == "zstd:12");
+
+  // The device-state stream: one zstd frame, fed and drained in odd pieces.
+  StreamCompressor sc(3);
+  std::vector<u8> frame;
+  auto keep = [&](const u8* p, size_t n) {
+    frame.insert(frame.end(), p, p + n);
+    return Status();
+  };
+  for (size_t off = 0; off < text.size(); off += 77777)
+    REQUIRE(sc.write(text.data() + off, std::min<size_t>(77777, text.size() - off), keep).ok());
+  REQUIRE(sc.finish(keep).ok());
+  CHECK(frame.size() < text.size() / 2);
+  auto unpack = [&](const std::vector<u8>& f, std::vector<u8>* got, std::string* err) {
+    StreamDecompressor sd;
+    for (size_t off = 0; off < f.size() && err->empty(); off += 1000)
+      REQUIRE(sd.write(f.data() + off, std::min<size_t>(1000, f.size() - off),
+                       [&](const u8* p, size_t n) {
+                         got->insert(got->end(), p, p + n);
+                         return Status();
+                       },
+                       err)
+                  .ok());
+    return sd.finished();
+  };
+  std::vector<u8> got;
+  std::string err;
+  CHECK(unpack(frame, &got, &err));
+  CHECK(err.empty());
+  CHECK(got == text);
+  // A flipped byte in the middle: zstd's content checksum or the block
+  // decoder refuses it.
+  std::vector<u8> bad = frame;
+  bad[bad.size() / 2] ^= 0x10;
+  got.clear();
+  err.clear();
+  bool done = unpack(bad, &got, &err);
+  CHECK((!err.empty() || !done));
+  // Cut short: not finished.
+  std::vector<u8> cut(frame.begin(), frame.end() - 10);
+  err.clear();
+  got.clear();
+  CHECK_FALSE(unpack(cut, &got, &err));
+  // Bytes after the frame: refused.
+  std::vector<u8> extra = frame;
+  extra.push_back(0);
+  err.clear();
+  got.clear();
+  unpack(extra, &got, &err);
+  CHECK(!err.empty());
 }
