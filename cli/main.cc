@@ -121,12 +121,24 @@ void print_info(const nlohmann::json& j) {
     fmt::print("description:  {}\n", m["description"].get<std::string>());
   fmt::print("file size:    {} ({} stored RAM)\n", human_bytes(j["file_size"].get<double>()),
              human_bytes(j["stored_bytes"].get<double>()));
-  fmt::print("device state: {}\n", human_bytes(j["vmstate_bytes"].get<double>()));
+  if (j["qemu_migration_section"].is_object())
+    fmt::print("device state: in QEMU's migration section ({} at offset {})\n",
+               human_bytes(j["qemu_migration_section"]["length"].get<double>()),
+               j["qemu_migration_section"]["offset"].get<i64>());
+  else
+    fmt::print("device state: {}\n", human_bytes(j["vmstate_bytes"].get<double>()));
   fmt::print("RAM blocks:\n");
-  for (auto& b : j["blocks"])
-    fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero\n", b["id"].get<std::string>(),
-               human_bytes(b["size"].get<double>()), human_bytes(b["page_size"].get<double>()),
-               human_bytes(b["stored_bytes"].get<double>()), 100 * b["zero_ratio"].get<double>());
+  for (auto& b : j["blocks"]) {
+    if (b["saved_by"] == "qemu") {
+      fmt::print("  {:<16} {:>10}  saved by QEMU (mapped-ram, in the QEMU migration section)\n",
+                 b["id"].get<std::string>(), human_bytes(b["size"].get<double>()));
+      continue;
+    }
+    fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero  saved by vmsave\n",
+               b["id"].get<std::string>(), human_bytes(b["size"].get<double>()),
+               human_bytes(b["page_size"].get<double>()), human_bytes(b["stored_bytes"].get<double>()),
+               100 * b["zero_ratio"].get<double>());
+  }
 }
 
 }  // namespace
@@ -134,8 +146,9 @@ void print_info(const nlohmann::json& j) {
 int main(int argc, char** argv) {
   CLI::App app{
       "vmsave: save a running QEMU virtual machine into one random-access image and restore it.\n"
-      "Guest RAM must be a shared file-backed memory backend, e.g.\n"
+      "Shared file-backed guest RAM is written by vmsave itself (fastest; lazy restore), e.g.\n"
       "  -object memory-backend-file,id=ram0,size=4G,share=on,mem-path=/dev/shm/vm-ram0\n"
+      "any other RAM (-m alone, memory-backend-ram/memfd) by QEMU's mapped-ram migration.\n"
       "See vmsave(1)."};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("vmsave ") + VMSAVE_VERSION);

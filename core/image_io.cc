@@ -120,6 +120,48 @@ std::string dir_of(const std::string& path) {
   return d.empty() ? "." : d;
 }
 
+// XXH3-64 of `len` bytes of `fd` from `offset`, holes read as zeros without
+// touching the disk. `direct`: the fd has O_DIRECT (aligned buffer; the
+// last read may run past the end of the file and come back short).
+Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::string& path,
+                       Progress* progress) {
+  constexpr i64 kPiece = 8 * kMiB;
+  AlignedBuffer buf(kPiece);
+  XXH3_state_t st;
+  XXH3_64bits_reset(&st);
+  const i64 end = offset + len;
+  auto extents = data_extents(fd, offset, len);
+  i64 pos = offset;
+  auto zeros = [&](i64 upto) {
+    for (; pos < upto; pos += std::min(kMaxIoSize, upto - pos))
+      XXH3_64bits_update(&st, zero_block(), std::min(kMaxIoSize, upto - pos));
+  };
+  for (auto [ds, de] : extents) {
+    if (cancelled()) return interrupted_error();
+    zeros(offset + ds);
+    // O_DIRECT reads start aligned; the extents are block-aligned anyway.
+    i64 stop = offset + de;
+    while (pos < stop) {
+      i64 want = std::min(kPiece, stop - pos);
+      i64 rd_at = direct ? align_down(pos, kDirectAlign) : pos;
+      i64 skip = pos - rd_at;
+      i64 rd_len = direct ? align_up(skip + want, kDirectAlign) : want;
+      ssize_t n = ::pread(fd, buf.data(), rd_len, rd_at);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return sys_error("read", path, errno);
+      }
+      if (n <= skip) return Error{"unexpected end of file", path, fmt::format("at {}", pos)};
+      i64 got = std::min<i64>(n - skip, want);
+      XXH3_64bits_update(&st, buf.data() + skip, got);
+      pos += got;
+      if (progress) progress->done.fetch_add(got, std::memory_order_relaxed);
+    }
+  }
+  zeros(end);
+  return XXH3_64bits_digest(&st);
+}
+
 Status fsync_dir(const std::string& dir) {
   UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd) return sys_error("open", dir, errno);
@@ -182,6 +224,9 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
 
   w->img_.blocks = std::move(blocks);
   w->img_.vmstate.offset = plan_regions(w->img_.blocks, chunk_size);
+  for (auto& b : w->img_.blocks)
+    if (b.via_qemu()) w->img_.flags |= kFlagQemuMigration;
+  if (w->img_.has_qemu_section()) w->img_.qemu.offset = align_up(w->img_.vmstate.offset, kRegionAlign);
   std::random_device rd;
   for (auto& b : w->img_.uuid) b = static_cast<u8>(rd());
   w->img_.uuid[6] = (w->img_.uuid[6] & 0x0f) | 0x40;
@@ -190,8 +235,8 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
                            std::chrono::system_clock::now().time_since_epoch())
                            .count();
   for (auto& b : w->img_.blocks) {
-    w->bitmaps_.emplace_back((b.pages() + 7) / 8);
-    w->sums_.emplace_back(b.chunks());
+    w->bitmaps_.emplace_back(b.via_qemu() ? 0 : (b.pages() + 7) / 8);
+    w->sums_.emplace_back(b.via_qemu() ? 0 : b.chunks());
   }
   w->vm_buf_ = AlignedBuffer(kStreamBuffer);
   XXH3_64bits_reset(&w->vm_hash_);
@@ -325,6 +370,33 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   return Status();
 }
 
+Result<UniqueFd> ImageWriter::reopen(int flags) const {
+  std::string proc = fmt::format("/proc/self/fd/{}", file_.fd.get());
+  UniqueFd fd(::open(proc.c_str(), flags | O_CLOEXEC));
+  if (!fd) return sys_error("reopen", target_, errno);
+  return fd;
+}
+
+Status ImageWriter::finish_qemu_section(Progress* progress) {
+  struct stat st;
+  if (fstat(file_.fd.get(), &st) < 0) return sys_error("fstat", target_, errno);
+  i64 start = img_.qemu.offset;
+  if (st.st_size <= start)
+    return Error{"QEMU's migration left nothing in the image", target_,
+                 fmt::format("file ends at {}, QEMU's section starts at {}", i64(st.st_size), start)};
+  img_.qemu.length = st.st_size - start;
+  if (progress) progress->total += img_.qemu.length;
+  auto sum = hash_range(file_.fd.get(), file_.direct, start, img_.qemu.length, target_, progress);
+  if (!sum.ok()) return sum.error();
+  img_.qemu.checksum = *sum;
+  // The tail (and the empty vmstate section) go after QEMU's bytes.
+  img_.vmstate.offset = align_up(st.st_size, kSectionAlign);
+  vm_written_ = 0;
+  vm_fill_ = 0;
+  vmstate_len_ = 0;
+  return Status();
+}
+
 Status ImageWriter::flush_vmstate_buffer(bool final) {
   size_t len = vm_fill_;
   if (final) {
@@ -371,6 +443,7 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
     pieces.emplace_back(e->offset, std::move(bytes));
   };
   for (size_t i = 0; i < img_.blocks.size(); i++) {
+    if (img_.blocks[i].via_qemu()) continue;
     place(bitmaps_[i], &img_.blocks[i].bitmap);
     std::vector<u8> sums(sums_[i].size() * 8);
     for (size_t c = 0; c < sums_[i].size(); c++) {
@@ -657,11 +730,22 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
 
 Status ImageReader::read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
                              RamStats* stats) const {
+  if (img_.blocks[block].via_qemu())
+    return Error{"RAM block " + img_.blocks[block].id + " is in QEMU's migration section", path(),
+                 "vmsave cannot read it by itself"}
+        .fix("restore the image with QEMU (vmsave restore IMAGE -- QEMU-COMMAND)");
   auto bits = bitmap(block);
   if (!bits.ok()) return bits.error();
   auto s = sums(block);
   if (!s.ok()) return s.error();
   return read_chunks(block, *bits, *s, dest, cfg, progress, stats, nullptr);
+}
+
+Result<UniqueFd> ImageReader::reopen(int flags) const {
+  std::string proc = fmt::format("/proc/self/fd/{}", fd());
+  UniqueFd f(::open(proc.c_str(), flags | O_CLOEXEC));
+  if (!f) return sys_error("reopen", path(), errno);
+  return f;
 }
 
 Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)>& sink) const {
@@ -697,8 +781,21 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
   Status vs = stream_vmstate(nullptr);
   if (!vs.ok()) return fail(vs.error());
   if (progress)
-    for (auto& b : img_.blocks) progress->total += b.size;
+    for (auto& b : img_.blocks)
+      if (!b.via_qemu()) progress->total += b.size;
+  if (img_.has_qemu_section()) {
+    if (progress) progress->total += img_.qemu.length;
+    auto sum = hash_range(fd(), file_.direct, img_.qemu.offset, img_.qemu.length, path(), progress);
+    if (!sum.ok()) return fail(sum.error());
+    report->bytes_read += img_.qemu.length;
+    if (*sum != img_.qemu.checksum) {
+      Error e = damaged(path(), "QEMU migration section checksum mismatch", img_.qemu.offset);
+      report->first_damage = fmt::format("QEMU migration section (image offset {})", img_.qemu.offset);
+      return fail(e);
+    }
+  }
   for (size_t i = 0; i < img_.blocks.size(); i++) {
+    if (img_.blocks[i].via_qemu()) continue;
     auto bits = bitmap(i);
     if (!bits.ok()) return fail(bits.error());
     auto s = sums(i);

@@ -57,6 +57,17 @@ class ImageWriter {
   Status write_ram(const std::vector<RamSource>& sources, const EngineConfig& cfg,
                    Progress* progress, RamStats* stats);
 
+  // The QEMU migration section (when a block has kBlockViaQemu): QEMU's
+  // mapped-ram migration writes from qemu_offset() on, through descriptors
+  // for the same nameless file opened with `flags` (O_WRONLY, with or
+  // without O_DIRECT: QEMU picks by flags). It truncates the file there, so
+  // vmsave's RAM regions all lie below it and the tail goes after it.
+  i64 qemu_offset() const { return img_.qemu.offset; }
+  Result<UniqueFd> reopen(int flags) const;
+  // Once QEMU is done: its section ends at the file's end; hashes it (holes
+  // as zeros) for verify, and places the tail after it.
+  Status finish_qemu_section(Progress* progress);
+
   // The device-state stream, appended as it arrives; never held whole.
   Status append_vmstate(const u8* data, size_t len);
   i64 vmstate_bytes() const { return vmstate_len_; }
@@ -120,11 +131,15 @@ class ImageReader {
   Status read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
                   RamStats* stats) const;
 
+  // A second descriptor for the image (e.g. O_RDONLY | O_DIRECT for QEMU).
+  Result<UniqueFd> reopen(int flags) const;
+
   // Hands the device state to `sink` in pieces, then checks its checksum.
   Status stream_vmstate(const std::function<Status(const u8*, size_t)>& sink) const;
 
   // Checks every checksum: header and table (done at open), bitmaps, chunk
-  // tables, every chunk of every block, vmstate and metadata.
+  // tables, every chunk of every block, vmstate, metadata and the QEMU
+  // migration section.
   Status verify(const EngineConfig& cfg, Progress* progress, VerifyReport* report) const;
 
  private:

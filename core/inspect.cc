@@ -17,9 +17,16 @@ Result<nlohmann::json> info(const std::string& image) {
   nlohmann::json blocks = nlohmann::json::array();
   i64 stored = 0;
   for (auto& b : img.blocks) {
+    if (b.via_qemu()) {
+      // Its pages are somewhere in QEMU's section; QEMU's own format says
+      // where, vmsave's does not.
+      blocks.push_back({{"id", b.id}, {"size", b.size}, {"saved_by", "qemu"}});
+      continue;
+    }
     i64 data = b.data_pages * b.page_size;
     stored += data;
     blocks.push_back({{"id", b.id},
+                      {"saved_by", "vmsave"},
                       {"size", b.size},
                       {"page_size", b.page_size},
                       {"chunk_size", b.chunk_size},
@@ -27,7 +34,11 @@ Result<nlohmann::json> info(const std::string& image) {
                       {"stored_bytes", data},
                       {"zero_ratio", 1.0 - double(b.data_pages) / double(b.pages())}});
   }
+  nlohmann::json qemu = nullptr;
+  if (img.has_qemu_section())
+    qemu = {{"offset", img.qemu.offset}, {"length", img.qemu.length}};
   return nlohmann::json{{"image", image},
+                        {"qemu_migration_section", qemu},
                         {"format_version", fmt::format("{}.{}", img.major, img.minor)},
                         {"uuid", uuid_string(img.uuid)},
                         {"created_ns", img.created_ns},

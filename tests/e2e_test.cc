@@ -485,6 +485,40 @@ Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig) 
   return res;
 }
 
+// Flips one byte of `path` at `offset` (a hole reads as zero and becomes
+// 0xff).
+void flip_byte(const std::string& path, i64 offset) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE_MESSAGE(fd >= 0, "open " << path << ": " << strerror(errno));
+  unsigned char b = 0;
+  REQUIRE(::pread(fd, &b, 1, offset) == 1);
+  b ^= 0xff;
+  REQUIRE(::pwrite(fd, &b, 1, offset) == 1);
+  ::close(fd);
+}
+
+// `info --json` of an image saved through QEMU: every block says so, and
+// the QEMU migration section is there.
+json check_saved_by_qemu(const std::string& image, const std::vector<std::string>& want_ids) {
+  RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(info, 0);
+  json j = parse_json(info);
+  std::vector<std::string> ids;
+  for (auto& b : j["blocks"]) {
+    ids.push_back(b.value("id", ""));
+    CHECK_MESSAGE(b.value("saved_by", "") == "qemu", b.dump());
+  }
+  std::sort(ids.begin(), ids.end());
+  CHECK_MESSAGE(ids == want_ids, joined(ids));
+  CHECK(j["format_version"] == "1.1");
+  REQUIRE(j["qemu_migration_section"].is_object());
+  CHECK(j["qemu_migration_section"].value("length", i64(0)) > 0);
+  CHECK(j["qemu_migration_section"].value("offset", i64(0)) % (2 * kMiB) == 0);
+  RunResult text = run_vmsave({"info", image}, kRunTimeout);
+  CHECK_MESSAGE(contains(text.out, "saved by QEMU (mapped-ram"), text.out);
+  return j;
+}
+
 }  // namespace
 
 TEST_SUITE_BEGIN("e2e");
@@ -649,25 +683,120 @@ TEST_CASE(
   CHECK(qemu.pid > 0);
 }
 
-TEST_CASE("e2e: save refuses anonymous guest RAM, naming the fix, and the guest keeps running") {
+TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and carries on") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.shared_file_ram = false;
   TestVm vm(opts);
-  boot(vm, 1);
-  const std::string out = vm.dir() + "/out";
-  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
-  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), out + "/vm.vmsave"}, kRunTimeout);
-  CHECK_RUN(r, 1);
-  CHECK_MESSAGE(contains(r.err, "memory-backend-file"), r.err);
-  CHECK_MESSAGE(contains(r.err, "share=on"), r.err);
-  CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
-  CHECK(qmp_status(vm.qmp_path()) == "running");
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+  json info = check_saved_by_qemu(image, {"pc.ram"});
+
+  RunResult v = run_vmsave({"verify", image}, kRunTimeout);
+  CHECK_RUN(v, 0);
+
+  // --lazy cannot map RAM that only QEMU's stream holds: refused before any
+  // QEMU starts, saying to restore eagerly.
+  RunResult lazy =
+      run_vmsave(restore_args(image, vm.dir() + "/lazy.log", true, vm.command()), kRunTimeout);
+  CHECK_RUN(lazy, 2);
+  CHECK_MESSAGE(contains(lazy.err, "mapped-ram"), lazy.err);
+  CHECK_MESSAGE(contains(lazy.err, "eagerly"), lazy.err);
+  CHECK_FALSE(exists(vm.dir() + "/lazy.log"));
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+
+  RunResult r =
+      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  json j = parse_json(r);
+  StartedQemu qemu{j.value("pid", -1)};
+  REQUIRE(qemu.pid > 0);
+  MemcheckLine line;
   std::string err;
-  i64 now = read_story(vm.serial_log()).last->iteration;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout, vm.pid(),
-                           nullptr, &err),
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid, &line, &err),
                 err);
+  CHECK(line.checksum == saved.checksum);
+  kill_and_wait(qemu.pid);
+  qemu.pid = -1;
+
+  // Damage in QEMU's section is found by verify.
+  const json& sec = info["qemu_migration_section"];
+  flip_byte(image, sec["offset"].get<i64>() + sec["length"].get<i64>() / 2);
+  v = run_vmsave({"verify", image}, kRunTimeout);
+  CHECK_RUN(v, 3);
+  CHECK_MESSAGE(contains(v.err, "QEMU migration section"), v.err);
+}
+
+TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.node_backends = {"memfd"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+  check_saved_by_qemu(image, {"ram0"});
+
+  // prepare adds no backend (QEMU loads ram0 from the image itself).
+  RunResult r = run_vmsave({"prepare", image, "--ram-dir", vm.dir(), "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  std::vector<std::string> extra = parse_json(r)["qemu_args"].get<std::vector<std::string>>();
+  CHECK_MESSAGE((extra == std::vector<std::string>{"-incoming", "defer"}), joined(extra));
+  RunResult lazy = run_vmsave({"prepare", image, "--lazy"}, kRunTimeout);
+  CHECK_RUN(lazy, 2);
+  CHECK_MESSAGE(contains(lazy.err, "eagerly"), lazy.err);
+
+  std::vector<std::string> cmd = vm.command();
+  cmd.insert(cmd.end(), extra.begin(), extra.end());
+  ::unlink(vm.qmp_path().c_str());
+  Child qemu(cmd, vm.dir() + "/two-step-qemu.log");
+  double deadline = now_s() + 30;
+  struct stat st;
+  while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
+    std::this_thread::sleep_for(kPoll);
+  REQUIRE_MESSAGE(process_runs(qemu.pid()), slurp(vm.dir() + "/two-step-qemu.log"));
+
+  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK(parse_json(r).value("running", false));
+  std::string err;
+  MemcheckLine line;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid(), &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+}
+
+TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carries on") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.numa_nodes = 2;
+  opts.node_backends = {"file", "ram"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+  check_saved_by_qemu(image, {"ram0", "ram1"});
+  // The shared file's content must come from the image.
+  REQUIRE(::unlink(vm.ram_path(0).c_str()) == 0);
+
+  RunResult r =
+      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  REQUIRE(qemu.pid > 0);
+  MemcheckLine line;
+  std::string err;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid, &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+  CHECK_MESSAGE(maps_file(qemu.pid, vm.ram_path(0)), maps_of(qemu.pid));
 }
 
 TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or temporary file") {
