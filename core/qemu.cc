@@ -77,9 +77,10 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp) {
 }
 
 Error unsaveable_ram_error(const RamBackend& b) {
-  std::string why = b.qom_type != "memory-backend-file"
-                        ? fmt::format("is {}, which vmsave cannot map", b.qom_type)
-                        : "is not shared (share=off), so QEMU would copy it into the migration stream";
+  std::string why = fmt::format(
+      "it is {}{}, which vmsave cannot read, and this QEMU lacks the mapped-ram migration "
+      "(QEMU 9.0 or newer) that would save it",
+      b.qom_type, b.qom_type == "memory-backend-file" ? " with share=off" : "");
   return Error{"cannot save RAM backend " + b.id, "", why}.fix(fmt::format(
       "start QEMU with -object memory-backend-file,id={},size={},share=on,mem-path=/dev/shm/{}",
       b.id, b.size, b.id));

@@ -42,8 +42,8 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp);
 // file; it is reached through /proc/PID/map_files).
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid);
 
-// The explanation for RAM vmsave cannot save itself, with the QEMU option
-// that would make it saveable.
+// The explanation for RAM vmsave cannot read when QEMU lacks mapped-ram,
+// with the QEMU option that would make it saveable.
 Error unsaveable_ram_error(const RamBackend& b);
 
 // Migration capabilities: set some, remember the old values, put them back.
