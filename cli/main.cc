@@ -85,7 +85,12 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     fmt::print(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
                secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
     if (j.contains("downtime_s")) fmt::print(stderr, ", guest paused {}", secs(j, "downtime_s"));
+    if (j.value("ram_saved_by", "") == "qemu") fmt::print(stderr, " (RAM saved by QEMU mapped-ram)");
     fmt::print(stderr, "\n");
+    if (j.value("live", false))
+      fmt::print(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
+                 j.value("passes", 0), human_bytes(j.value("bytes_rewritten", 0.0)),
+                 secs(j, "flush_s"));
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")
       fmt::print(stderr, "mapped {} of RAM copy-on-write from the image\n",
@@ -176,6 +181,19 @@ int main(int argc, char** argv) {
   save_cmd->add_option("--description", save.description, "Free text stored in the metadata");
   save_cmd->add_option("--chunk-size", chunk_size, "Checksum chunk (power of two, default 1M)");
   save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
+  save_cmd->add_flag("--live", save.live,
+                     "Write RAM while the guest runs; stop it only to catch up and for the "
+                     "device state");
+  save_cmd->add_option("--max-downtime", save.max_downtime_ms,
+                       "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
+      ->check(CLI::Range(i64(1), i64(3600000)));
+  save_cmd->add_option("--live-timeout", save.live_timeout,
+                       "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
+      ->check(CLI::PositiveNumber);
+  save_cmd->add_option("--flush-timeout", save.flush_timeout,
+                       "Fail the save (no image, guest as it was) if flushing and committing "
+                       "take longer than SECONDS")
+      ->check(CLI::PositiveNumber);
   add_common(save_cmd, c, true);
 
   // restore
@@ -264,6 +282,8 @@ int main(int argc, char** argv) {
       return usage("save needs --qmp SOCKET (a running QEMU) or --ram ID=FILE (memory files)");
     if (!save.rams.empty() && (leave_running || paused))
       return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
+    if (!save.rams.empty() && save.live)
+      return usage("--live applies to QEMU mode (--qmp)");
     result = save.rams.empty() ? save_qemu(save, rep) : save_raw(save, rep);
   } else if (*restore_cmd) {
     cmd = "restore";

@@ -397,6 +397,207 @@ Status ImageWriter::finish_qemu_section(Progress* progress) {
   return Status();
 }
 
+namespace {
+constexpr i64 kLivePiece = 64 * kKiB;
+constexpr u64 kNoSlot = ~u64(0);
+}
+
+Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const EngineConfig& cfg,
+                              Progress* progress, PassStats* stats) {
+  auto t0 = Clock::now();
+  const bool first = live_passes_ == 0;
+  std::vector<std::vector<std::pair<i64, i64>>> extents(sources.size());
+  std::vector<i64> first_chunk(sources.size());
+  i64 n_chunks = 0, total = 0;
+  for (size_t i = 0; i < sources.size(); i++) {
+    const RamSource& s = sources[i];
+    const BlockLayout& b = img_.blocks[i];
+    if (first) {
+      if (b.size % kDirectAlign)
+        return Error{"cannot save RAM block " + b.id + " live", s.path,
+                     "its size is not a multiple of 4 KiB"};
+      auto m = Mapping::map(s.fd, s.offset, s.size, PROT_READ, MAP_SHARED, s.path);
+      if (!m.ok()) return m.error();
+      live_maps_.push_back(std::move(*m));
+      i64 piece = std::max(kLivePiece, b.page_size);
+      piece_sums_.emplace_back((b.size + piece - 1) / piece);
+      chunk_dirty_.emplace_back(b.chunks());
+    }
+    // Holes are looked up again each pass: the guest may have filled one.
+    extents[i] = data_extents(s.fd, s.offset, s.size);
+    first_chunk[i] = n_chunks;
+    n_chunks += b.chunks();
+    total += s.size;
+  }
+  if (progress) progress->total += total;
+  int fd = file_.fd.get();
+  const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
+  const size_t pool = std::max<u32>(cfg.queue_depth, 4);
+
+  struct Worker {
+    std::vector<AlignedBuffer> buffers;
+    std::vector<int> free;
+    std::vector<u32> pending;
+  };
+  std::vector<Worker> workers(jobs);
+  std::atomic<i64> written{0}, rewritten{0};
+
+  auto setup = [&](IoQueue& q, int w) {
+    q.name_fd(fd, target_);
+    i64 piece = kLivePiece;
+    for (auto& b : img_.blocks) piece = std::max(piece, std::max(kLivePiece, b.page_size));
+    for (size_t i = 0; i < pool; i++) {
+      workers[w].buffers.emplace_back(piece);
+      workers[w].free.push_back(static_cast<int>(i));
+    }
+    workers[w].pending.assign(pool, 0);
+    q.set_on_done([&, w](const IoRequest& r) -> Status {
+      if (r.tag == kNoSlot) return Status();  // zeros from the shared block
+      int slot = static_cast<int>(r.tag);
+      if (--workers[w].pending[slot] == 0) workers[w].free.push_back(slot);
+      return Status();
+    });
+  };
+
+  auto task = [&](IoQueue& q, int w, i64 ci) -> Status {
+    size_t bi = 0;
+    while (bi + 1 < sources.size() && ci >= first_chunk[bi + 1]) bi++;
+    const BlockLayout& b = img_.blocks[bi];
+    const i64 c = ci - first_chunk[bi];
+    const i64 start = c * b.chunk_size, len = b.chunk_length(c);
+    const i64 page = b.page_size, piece = std::max(kLivePiece, page);
+    const u8* mem = live_maps_[bi].data();
+    u8* bitmap = bitmaps_[bi].data();
+    auto& ext = extents[bi];
+    auto in_hole = [&](i64 off, i64 n) {  // [off, off+n) has no data extent
+      auto it = std::upper_bound(ext.begin(), ext.end(), std::make_pair(off, INT64_MAX));
+      if (it != ext.begin()) --it;
+      for (; it != ext.end() && it->first < off + n; ++it)
+        if (it->second > off) return false;
+      return true;
+    };
+    XXH3_state_t chunk_hash;
+    if (first) XXH3_64bits_reset(&chunk_hash);
+    Worker& wk = workers[w];
+    for (i64 off = start; off < start + len; off += piece) {
+      const i64 plen = std::min(piece, start + len - off);
+      const i64 pidx = off / piece;
+      const bool hole = in_hole(off, plen);
+      if (!first) {
+        u64 now = hole ? zero_checksum(plen) : XXH3_64bits(mem + off, plen);
+        if (now == piece_sums_[bi][pidx]) continue;
+        chunk_dirty_[bi][c] = 1;
+        rewritten.fetch_add(1, std::memory_order_relaxed);
+      }
+      const u8* src;
+      int slot = -1;
+      if (hole) {
+        src = zero_block();
+      } else {
+        while (wk.free.empty()) VMSAVE_TRY(q.reap_some());
+        slot = wk.free.back();
+        wk.free.pop_back();
+        std::memcpy(wk.buffers[slot].data(), mem + off, plen);
+        src = wk.buffers[slot].data();
+      }
+      piece_sums_[bi][pidx] = hole ? zero_checksum(plen) : XXH3_64bits(src, plen);
+      if (first) {
+        if (hole) {
+          for (i64 z = 0; z < plen; z += kMaxIoSize)
+            XXH3_64bits_update(&chunk_hash, zero_block(), std::min(kMaxIoSize, plen - z));
+        } else {
+          XXH3_64bits_update(&chunk_hash, src, plen);
+        }
+      }
+      // Write the pages that hold data now, and zeros over pages that held
+      // data before (a hole piece has nothing to copy: zeros from a shared
+      // zero block).
+      i64 run_start = -1, run_end = 0;
+      auto flush_run = [&]() -> Status {
+        for (i64 o = run_start; o < run_end; o += kMaxIoSize) {
+          IoRequest r;
+          r.fd = fd;
+          // A hole piece writes zeros from the shared 1 MiB zero block.
+          r.buf = const_cast<u8*>(hole ? zero_block() : src + o);
+          r.len = static_cast<u32>(std::min(kMaxIoSize, run_end - o));
+          r.offset = b.region.offset + off + o;
+          r.write = true;
+          r.tag = slot < 0 ? kNoSlot : static_cast<u64>(slot);
+          if (slot >= 0) wk.pending[slot]++;
+          written.fetch_add(r.len, std::memory_order_relaxed);
+          VMSAVE_TRY(q.submit(r));
+        }
+        run_start = -1;
+        return Status();
+      };
+      for (i64 po = 0; po < plen; po += page) {
+        i64 pg = (off + po) / page;
+        bool data = !hole && !is_zero(src + po, std::min(page, plen - po));
+        bool had = bitmap_test(bitmap, pg);
+        // Atomic: with 1 GiB pages, chunks of one page share bitmap bytes.
+        if (data) atomic_bitmap_set(bitmap, pg);
+        else __atomic_fetch_and(&bitmap[pg / 8], static_cast<u8>(~(1u << (pg % 8))), __ATOMIC_RELAXED);
+        if (data || had) {
+          if (run_start >= 0 && run_end != po) VMSAVE_TRY(flush_run());
+          if (run_start < 0) run_start = po;
+          run_end = po + std::min(page, plen - po);
+        }
+      }
+      if (run_start >= 0) VMSAVE_TRY(flush_run());
+      // Writes from the zero block need no slot; a slot nobody used is free.
+      if (slot >= 0 && wk.pending[slot] == 0) wk.free.push_back(slot);
+    }
+    if (first) sums_[bi][c] = XXH3_64bits_digest(&chunk_hash);
+    if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
+    return Status();
+  };
+
+  EngineConfig c2 = cfg;
+  c2.jobs = jobs;
+  EngineStats es;
+  VMSAVE_TRY(run_parallel(c2, n_chunks, setup, task, &es));
+  live_passes_++;
+  live_bytes_ += written.load();
+  double secs = seconds_since(t0);
+  live_seconds_ += secs;
+  if (stats) *stats = PassStats{rewritten.load(), written.load(), secs};
+  return Status();
+}
+
+Status ImageWriter::finish_live(RamStats* stats) {
+  // Memory is stable now (guest stopped) and equal to what is on disk: the
+  // chunks touched after the first pass get their checksum from it.
+  RamStats local;
+  for (size_t i = 0; i < img_.blocks.size(); i++) {
+    BlockLayout& b = img_.blocks[i];
+    const u8* base = live_maps_[i].data();
+    const u8* bitmap = bitmaps_[i].data();
+    for (i64 c = 0; c < b.chunks(); c++) {
+      if (!chunk_dirty_[i][c]) continue;
+      i64 start = c * b.chunk_size;
+      sums_[i][c] = chunk_checksum(base + start, b.chunk_length(c), b.page_size,
+                                   start / b.page_size,
+                                   [&](i64 p) { return bitmap_test(bitmap, p); });
+    }
+    i64 n = 0;
+    for (u8 byte : bitmaps_[i]) n += __builtin_popcount(byte);
+    b.data_pages = n;
+    local.data_pages += n;
+    local.total_pages += b.pages();
+    local.stored_bytes += n * b.page_size;
+    local.ram_bytes += b.size;
+  }
+  local.seconds = live_seconds_;
+  local.engine.bytes = live_bytes_;
+  live_maps_.clear();
+  if (!file_.direct) {
+    if (fdatasync(file_.fd.get()) < 0) return sys_error("fdatasync", target_, errno);
+    posix_fadvise(file_.fd.get(), 0, 0, POSIX_FADV_DONTNEED);
+  }
+  if (stats) *stats = local;
+  return Status();
+}
+
 Status ImageWriter::flush_vmstate_buffer(bool final) {
   size_t len = vm_fill_;
   if (final) {
@@ -477,6 +678,7 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
 
 Status ImageWriter::link_into_place() {
   if (cancelled()) return interrupted_error();
+  if (abandoned_) return Error{"commit abandoned", target_, "the flush took too long"};
   std::string from = temp_name_;
   if (from.empty()) {
     std::string proc = fmt::format("/proc/self/fd/{}", file_.fd.get());

@@ -4,6 +4,7 @@
 
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -57,6 +58,24 @@ class ImageWriter {
   Status write_ram(const std::vector<RamSource>& sources, const EngineConfig& cfg,
                    Progress* progress, RamStats* stats);
 
+  // Live save (`save --live`): the guest may write its RAM while a pass
+  // runs. Each pass copies a 64 KiB piece (or a page, if larger) into a
+  // buffer, hashes the copy (XXH3) and writes the copy's non-zero pages, so
+  // the hash describes exactly what is on disk; a later pass hashes memory
+  // again and rewrites only the pieces whose hash changed. The first pass
+  // writes everything; the last one runs with the guest stopped and leaves
+  // the image equal to memory. No kernel dirty tracking is needed.
+  struct PassStats {
+    i64 pieces_rewritten = 0;
+    i64 bytes_written = 0;
+    double seconds = 0;
+  };
+  Status live_pass(const std::vector<RamSource>& sources, const EngineConfig& cfg,
+                   Progress* progress, PassStats* stats);
+  // After the stopped pass: chunk checksums of the pieces rewritten after
+  // the first pass, page counts, and the totals in `stats`.
+  Status finish_live(RamStats* stats);
+
   // The QEMU migration section (when a block has kBlockViaQemu): QEMU's
   // mapped-ram migration writes from qemu_offset() on, through descriptors
   // for the same nameless file opened with `flags` (O_WRONLY, with or
@@ -76,6 +95,9 @@ class ImageWriter {
   // the header, flushes, and links the file at the target (replacing an
   // existing one only when `force`), then flushes the directory.
   Status commit(const nlohmann::json& metadata);
+  // Makes a commit running on another thread stop before it links the
+  // file (a --flush-timeout expired): no image will appear.
+  void abandon() { abandoned_ = true; }
 
   const ImageLayout& layout() const { return img_; }
   const std::string& target() const { return target_; }
@@ -94,12 +116,20 @@ class ImageWriter {
   ImageLayout img_;
   std::vector<std::vector<u8>> bitmaps_;
   std::vector<std::vector<u64>> sums_;
+  // Live passes.
+  std::vector<Mapping> live_maps_;
+  std::vector<std::vector<u64>> piece_sums_;   // XXH3 of each piece as written
+  std::vector<std::vector<u8>> chunk_dirty_;   // rewritten after the first pass
+  int live_passes_ = 0;
+  i64 live_bytes_ = 0;
+  double live_seconds_ = 0;
   AlignedBuffer vm_buf_;
   size_t vm_fill_ = 0;
   i64 vm_written_ = 0;  // bytes of vmstate already on disk (multiple of 4096)
   i64 vmstate_len_ = 0;
   XXH3_state_t vm_hash_{};
   bool committed_ = false;
+  std::atomic<bool> abandoned_{false};
   WarnFn warn_;
 };
 

@@ -20,6 +20,12 @@
 
 #include <fcntl.h>
 
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+
 #include <fmt/core.h>
 
 #include "core/internal.h"
@@ -46,6 +52,50 @@ struct GuestGuard {
     if (stopped && was_running) (void)qmp->execute("cont", nullptr, 5);
   }
 };
+
+// Running passes of a live save: at most this many, and no more once one
+// rewrites less than this.
+constexpr int kMaxLivePasses = 4;
+constexpr i64 kLiveGoodEnough = 16 * kMiB;
+
+// Commits `w` on a helper thread and waits at most `timeout_s` (0: no
+// limit) for it: a flush can stall for minutes on NFS or a busy disk. On
+// expiry the commit is told not to link the file, the writer is left to the
+// helper (which may still be blocked in the kernel), and no image appears.
+Status commit_within(std::unique_ptr<ImageWriter>& w, const nlohmann::json& meta,
+                     double timeout_s) {
+  if (timeout_s <= 0) return w->commit(meta);
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Status result;
+  };
+  auto shared = std::make_shared<Shared>();
+  ImageWriter* writer = w.get();
+  std::thread t([shared, writer, meta] {
+    Status st = writer->commit(meta);
+    std::lock_guard lock(shared->mu);
+    shared->result = std::move(st);
+    shared->done = true;
+    shared->cv.notify_all();
+  });
+  std::unique_lock lock(shared->mu);
+  if (shared->cv.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                          [&] { return shared->done; })) {
+    lock.unlock();
+    t.join();
+    return shared->result;
+  }
+  writer->abandon();
+  lock.unlock();
+  t.detach();
+  (void)w.release();  // the helper still uses it
+  return Error{fmt::format("flushing the image did not finish within --flush-timeout {:g} s",
+                           timeout_s),
+               "", "no image was saved, and the guest was put back as it was"}
+      .fix("retry on a faster or less busy filesystem, or raise --flush-timeout");
+}
 
 nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmdline) {
   nlohmann::json m;
@@ -165,62 +215,142 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     if (!b.ok()) return b.error();
     fds.buffered = std::move(*b);
   }
+  const bool live = opts.live && was_running;
   timer.lap("prepare");
 
-  if (was_running) {
+  auto stop_guest = [&]() -> Status {
+    if (!was_running || guard.stopped) return Status();
     auto r = qmp.execute("stop");
     if (!r.ok()) return r.error();
     guard.stopped = true;
-  }
-  auto paused_at = timer.now();
-  timer.lap("stop");
+    return Status();
+  };
 
+  std::chrono::steady_clock::time_point paused_at;
   Progress progress;
   RamStats ram;
   double vmstate_s = 0;
+  int passes = 1;
+  i64 rewritten_bytes = 0;
+  double qemu_downtime_s = -1;
   if (through_qemu) {
-    // RAM and device state in one QEMU migration into the image.
+    // RAM and device state in one QEMU migration into the image. Live: the
+    // guest runs while QEMU copies RAM (pages rewritten in place); QEMU
+    // stops it for the last round within downtime-limit, or vmsave does at
+    // --live-timeout.
+    std::optional<i64> old_downtime;
+    if (live && opts.max_downtime_ms > 0) {
+      auto p = qmp.execute("query-migrate-parameters");
+      if (p.ok() && p->contains("downtime-limit")) old_downtime = (*p)["downtime-limit"].get<i64>();
+      auto r = qmp.execute("migrate-set-parameters", {{"downtime-limit", opts.max_downtime_ms}});
+      if (!r.ok()) return r.error();
+    }
+    if (!live) VMSAVE_TRY(stop_guest());
+    paused_at = timer.now();
+    timer.lap("stop");
     for (auto& b : backends) progress.total += b.size;
     nlohmann::json last;
-    rep.begin_phase("QEMU writing RAM and device state", &progress);
+    rep.begin_phase(live ? "QEMU writing RAM live" : "QEMU writing RAM and device state", &progress);
     auto t0 = timer.now();
+    bool forced_stop = false;
+    i64 first_round_bytes = -1;  // pages QEMU wrote before its first re-sync
     Status st = mapped_ram_migrate(qmp, false, fds, w.qemu_offset(), [&](const nlohmann::json& r) {
       last = r;
-      if (!r.contains("ram")) return;
-      i64 total = r["ram"].value("total", i64(0)), remaining = r["ram"].value("remaining", i64(0));
-      if (total > 0) progress.done = std::max<i64>(0, progress.total.load() * (total - remaining) / total);
+      if (r.contains("ram") && first_round_bytes < 0 && r["ram"].value("dirty-sync-count", 0) >= 2)
+        first_round_bytes = r["ram"].value("normal-bytes", i64(0));
+      if (r.contains("ram")) {
+        i64 total = r["ram"].value("total", i64(0)), remaining = r["ram"].value("remaining", i64(0));
+        if (total > 0)
+          progress.done = std::max<i64>(0, progress.total.load() * (total - remaining) / total);
+      }
+      if (live && !forced_stop && r.value("status", "") == "active" &&
+          std::chrono::duration<double>(timer.now() - t0).count() > opts.live_timeout) {
+        // QEMU could not converge in time: stop the guest so it finishes.
+        forced_stop = true;
+        paused_at = timer.now();
+        (void)stop_guest();
+      }
     });
     rep.end_phase();
+    if (old_downtime)
+      (void)qmp.execute("migrate-set-parameters", {{"downtime-limit", *old_downtime}}, 5);
     if (!st.ok()) return st.error();
+    // A completed outgoing migration leaves the guest stopped (postmigrate).
+    if (was_running) guard.stopped = true;
     ram.seconds = std::chrono::duration<double>(timer.now() - t0).count();
     ram.ram_bytes = progress.total;
     if (last.contains("ram")) {
       ram.stored_bytes = last["ram"].value("normal-bytes", i64(0));
       ram.data_pages = last["ram"].value("normal", i64(0));
-      ram.total_pages = last["ram"].value("total", i64(0)) / std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
+      ram.total_pages = last["ram"].value("total", i64(0)) /
+                        std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
+      passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));
+      if (live && first_round_bytes >= 0)
+        rewritten_bytes = std::max<i64>(0, ram.stored_bytes - first_round_bytes);
     }
+    if (live && !forced_stop && last.contains("downtime")) {
+      // QEMU stopped the guest itself for its last round: the downtime is
+      // QEMU's, plus the time until vmsave resumes it.
+      qemu_downtime_s = last["downtime"].get<double>() / 1000.0;
+      paused_at = timer.now() - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                    std::chrono::duration<double>(qemu_downtime_s));
+    } else if (live && !forced_stop) {
+      paused_at = timer.now();
+    }
+    if (forced_stop) meta["live_timeout_reached"] = true;
     timer.lap("ram");
     fds = MappedRamFds{};
-    Progress hash_progress;
-    rep.begin_phase("checksumming QEMU's section", &hash_progress);
-    st = w.finish_qemu_section(&hash_progress);
-    rep.end_phase();
-    if (!st.ok()) return st.error();
-    timer.lap("checksum");
     meta["qemu_migration"] = {{"offset", w.qemu_offset()},
                               {"capabilities", nlohmann::json(mapped_ram_capabilities())},
                               {"direct_io", w.direct()},
+                              {"live", live},
                               {"ram_bytes_written", ram.stored_bytes}};
   } else {
-    rep.begin_phase("writing RAM", &progress);
-    Status st = w.write_ram(sources, opts.engine, &progress, &ram);
-    rep.end_phase();
-    if (!st.ok()) return st.error();
+    if (live) {
+      // Passes while the guest runs, as long as each rewrites less than the
+      // one before; then the stopped pass makes the image exact.
+      i64 prev = INT64_MAX;
+      for (int p = 0; p < kMaxLivePasses; p++) {
+        Progress pass_progress;
+        ImageWriter::PassStats ps;
+        rep.begin_phase(p == 0 ? "writing RAM live" : fmt::format("live pass {}", p + 1),
+                        &pass_progress);
+        Status st = w.live_pass(sources, opts.engine, &pass_progress, &ps);
+        rep.end_phase();
+        if (!st.ok()) return st.error();
+        if (p > 0) {
+          passes++;
+          rewritten_bytes += ps.bytes_written;
+          if (ps.bytes_written >= prev || ps.bytes_written < kLiveGoodEnough) break;
+        }
+        prev = ps.bytes_written;
+      }
+      timer.lap("live_passes");
+    }
+    VMSAVE_TRY(stop_guest());
+    paused_at = timer.now();
+    timer.lap("stop");
+
+    if (live) {
+      ImageWriter::PassStats ps;
+      rep.begin_phase("final pass (guest stopped)", &progress);
+      Status st = w.live_pass(sources, opts.engine, &progress, &ps);
+      rep.end_phase();
+      if (!st.ok()) return st.error();
+      passes++;
+      rewritten_bytes += ps.bytes_written;
+      VMSAVE_TRY(w.finish_live(&ram));
+    } else {
+      rep.begin_phase("writing RAM", &progress);
+      Status st = w.write_ram(sources, opts.engine, &progress, &ram);
+      rep.end_phase();
+      if (!st.ok()) return st.error();
+    }
     timer.lap("ram");
 
     Progress vm_progress;
     rep.begin_phase("saving device state", &vm_progress);
-    st = save_device_state(
+    Status st = save_device_state(
         qmp, [&](const u8* d, size_t n) { return w.append_vmstate(d, n); },
         [&](i64 total) { vm_progress.done = total; });
     rep.end_phase();
@@ -228,28 +358,48 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     vmstate_s = timer.lap("device_state");
   }
   caps.restore(qmp);
-
   if (cancelled()) return interrupted_error();
+
+  // Resume early, commit late: RAM and device state are written, so a guest
+  // that stays running resumes now; checksumming QEMU's section, flushing
+  // and the commit happen while it runs. If they fail, no image appears and
+  // the guest just keeps running.
+  std::string after = "quit";
+  bool resumed = false;
+  double downtime = 0;
+  if (opts.after == AfterSave::kLeaveRunning && was_running) {
+    auto r = qmp.execute("cont");
+    if (!r.ok()) return r.error();
+    guard.stopped = false;
+    resumed = true;
+    downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
+  }
+
+  if (through_qemu) {
+    Progress hash_progress;
+    rep.begin_phase("checksumming QEMU's section", &hash_progress);
+    Status st = w.finish_qemu_section(&hash_progress);
+    rep.end_phase();
+    if (!st.ok()) return st.error();
+    timer.lap("checksum");
+  }
+
   meta["vmstate_bytes"] = w.vmstate_bytes();
-  Status st = w.commit(meta);
+  meta["live"] = live;
+  Status st = commit_within(*w_r, meta, opts.flush_timeout);
   if (!st.ok()) return st.error();
-  timer.lap("commit");
+  double flush_s = timer.lap("commit");
 
   // The image is safe on disk: from here, failures no longer undo the save.
   guard.armed = false;
-  std::string after = "quit";
   if (opts.after == AfterSave::kQuit) {
     (void)qmp.execute("quit", nullptr, 5);
   } else if (opts.after == AfterSave::kLeaveRunning) {
     after = was_running ? "running" : "paused";
-    if (was_running) {
-      auto r = qmp.execute("cont");
-      if (!r.ok()) rep.warn("the image is saved, but resuming the guest failed: " + r.error().message());
-    }
   } else {
     after = "paused";
   }
-  double downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
+  if (!resumed) downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
   timer.lap("finish");
 
   nlohmann::json j = {{"command", "save"},         {"mode", "qemu"},
@@ -257,8 +407,12 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                       {"guest_was_running", was_running},
                       {"after", after},            {"vmstate_bytes", w.vmstate_bytes()},
                       {"ram_saved_by", through_qemu ? "qemu" : "vmsave"},
+                      {"live", live},              {"passes", passes},
+                      {"bytes_rewritten", rewritten_bytes},
+                      {"flush_s", flush_s},
                       {"vmstate_s", vmstate_s},    {"direct_io", w.direct()},
                       {"downtime_s", was_running ? downtime : 0.0}};
+  if (qemu_downtime_s >= 0) j["qemu_downtime_s"] = qemu_downtime_s;
   add_ram_report(j, ram, "ram_write");
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
