@@ -676,9 +676,18 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
   return fsync_dir(dir_);
 }
 
+bool ImageWriter::abandon() {
+  std::lock_guard lock(link_mu_);
+  if (linked_) return false;
+  abandoned_ = true;
+  return true;
+}
+
 Status ImageWriter::link_into_place() {
   if (cancelled()) return interrupted_error();
+  std::lock_guard lock(link_mu_);
   if (abandoned_) return Error{"commit abandoned", target_, "the flush took too long"};
+  linked_ = true;  // from here the target may exist
   std::string from = temp_name_;
   if (from.empty()) {
     std::string proc = fmt::format("/proc/self/fd/{}", file_.fd.get());

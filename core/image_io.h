@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <functional>
+#include <mutex>
 #include <memory>
 #include <nlohmann/json.hpp>
 #define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack
@@ -96,8 +97,9 @@ class ImageWriter {
   // existing one only when `force`), then flushes the directory.
   Status commit(const nlohmann::json& metadata);
   // Makes a commit running on another thread stop before it links the
-  // file (a --flush-timeout expired): no image will appear.
-  void abandon() { abandoned_ = true; }
+  // file (a --flush-timeout expired): no image will appear. False when the
+  // file is already linked (the commit got there first).
+  bool abandon();
 
   const ImageLayout& layout() const { return img_; }
   const std::string& target() const { return target_; }
@@ -129,7 +131,9 @@ class ImageWriter {
   i64 vmstate_len_ = 0;
   XXH3_state_t vm_hash_{};
   bool committed_ = false;
-  std::atomic<bool> abandoned_{false};
+  std::mutex link_mu_;  // abandon() and linking exclude each other
+  bool abandoned_ = false;
+  bool linked_ = false;
   WarnFn warn_;
 };
 

@@ -87,8 +87,12 @@ Status commit_within(std::unique_ptr<ImageWriter>& w, const nlohmann::json& meta
     t.join();
     return shared->result;
   }
-  writer->abandon();
   lock.unlock();
+  if (!writer->abandon()) {
+    // Already linked: the commit is finishing; let it.
+    t.join();
+    return shared->result;
+  }
   t.detach();
   (void)w.release();  // the helper still uses it
   return Error{fmt::format("flushing the image did not finish within --flush-timeout {:g} s",

@@ -373,10 +373,22 @@ std::vector<std::string> restore_args(const std::string& image, const std::strin
 // Saves a guest whose memcheck rewrites `dirty_mib` MiB per iteration with
 // `save --live`, restores it eagerly and checks it carries on from the
 // iteration it was stopped at, without CORRUPT. Returns the save report.
-json live_save_then_restore(VmOptions opts) {
+json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false) {
   TestVm vm(opts);
   boot(vm);
   const std::string image = vm.dir() + "/vm.vmsave";
+  if (try_flush_timeout) {
+    // A commit cannot finish in a microsecond: the save fails cleanly, with
+    // no image, and the guest (resumed before the commit) keeps running.
+    RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--live", "--leave-running",
+                              "--flush-timeout", "0.000001"},
+                             kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "--flush-timeout"), r.err);
+    CHECK_MESSAGE(contains(r.err, "no image was saved"), r.err);
+    CHECK_FALSE(exists(image));
+    CHECK(qmp_status(vm.qmp_path()) == "running");
+  }
   json j;
   const std::string log_at_save = save_and_quit(vm, image, {"--live"}, &j);
   const MemcheckLine saved = *read_story(log_at_save, true).last;
@@ -837,11 +849,11 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
   CHECK_MESSAGE(maps_file(qemu.pid, vm.ram_path(0)), maps_of(qemu.pid));
 }
 
-TEST_CASE("e2e: save --live of shared-file RAM while memcheck writes: the restored guest carries on") {
+TEST_CASE("e2e: save --live of shared-file RAM while memcheck writes: the restored guest carries on, and --flush-timeout fails cleanly") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.dirty_mib = 8;
-  json j = live_save_then_restore(opts);
+  json j = live_save_then_restore(opts, /*try_flush_timeout=*/true);
   CHECK(j.value("ram_saved_by", "") == "vmsave");
 }
 
