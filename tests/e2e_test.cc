@@ -760,6 +760,13 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   CHECK_MESSAGE(contains(lazy.err, "eagerly"), lazy.err);
   CHECK_FALSE(exists(vm.dir() + "/lazy.log"));
   CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+  // Nor can vmsave write it into RAM files by itself.
+  const std::string ram_dir = vm.dir() + "/ramdir";
+  REQUIRE(::mkdir(ram_dir.c_str(), 0755) == 0);
+  RunResult raw = run_vmsave({"restore", image, "--ram-dir", ram_dir}, kRunTimeout);
+  CHECK_RUN(raw, 1);
+  CHECK_MESSAGE(contains(raw.err, "only QEMU can load"), raw.err);
+  CHECK_MESSAGE(list_dir(ram_dir).empty(), joined(list_dir(ram_dir)));
 
   RunResult r =
       run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
