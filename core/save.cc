@@ -237,16 +237,24 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   int passes = 1;
   i64 rewritten_bytes = 0;
   double qemu_downtime_s = -1;
+  bool live_timeout_reached = false;
   if (through_qemu) {
     // RAM and device state in one QEMU migration into the image. Live: the
     // guest runs while QEMU copies RAM (pages rewritten in place); QEMU
     // stops it for the last round within downtime-limit, or vmsave does at
     // --live-timeout.
-    std::optional<i64> old_downtime;
-    if (live && opts.max_downtime_ms > 0) {
+    // QEMU throttles a running guest's migration to max-bandwidth (128 MiB/s
+    // by default), which a guest dirtying memory faster never converges
+    // under: 0 lifts the limit while vmsave's save runs.
+    nlohmann::json old_params = nlohmann::json::object();
+    if (live) {
+      nlohmann::json want = {{"max-bandwidth", 0}};
+      if (opts.max_downtime_ms > 0) want["downtime-limit"] = opts.max_downtime_ms;
       auto p = qmp.execute("query-migrate-parameters");
-      if (p.ok() && p->contains("downtime-limit")) old_downtime = (*p)["downtime-limit"].get<i64>();
-      auto r = qmp.execute("migrate-set-parameters", {{"downtime-limit", opts.max_downtime_ms}});
+      if (!p.ok()) return p.error();
+      for (auto& [k, v] : want.items())
+        if (p->contains(k)) old_params[k] = (*p)[k];
+      auto r = qmp.execute("migrate-set-parameters", want);
       if (!r.ok()) return r.error();
     }
     if (!live) VMSAVE_TRY(stop_guest());
@@ -276,8 +284,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       }
     });
     rep.end_phase();
-    if (old_downtime)
-      (void)qmp.execute("migrate-set-parameters", {{"downtime-limit", *old_downtime}}, 5);
+    if (!old_params.empty()) (void)qmp.execute("migrate-set-parameters", old_params, 5);
     if (!st.ok()) return st.error();
     // A completed outgoing migration leaves the guest stopped (postmigrate).
     if (was_running) guard.stopped = true;
@@ -301,6 +308,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     } else if (live && !forced_stop) {
       paused_at = timer.now();
     }
+    live_timeout_reached = forced_stop;
     if (forced_stop) meta["live_timeout_reached"] = true;
     timer.lap("ram");
     fds = MappedRamFds{};
@@ -417,6 +425,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                       {"vmstate_s", vmstate_s},    {"direct_io", w.direct()},
                       {"downtime_s", was_running ? downtime : 0.0}};
   if (qemu_downtime_s >= 0) j["qemu_downtime_s"] = qemu_downtime_s;
+  if (through_qemu && live) j["live_timeout_reached"] = live_timeout_reached;
   add_ram_report(j, ram, "ram_write");
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();

@@ -377,10 +377,25 @@ std::vector<std::string> restore_args(const std::string& image, const std::strin
 // Saves a guest whose memcheck rewrites `dirty_mib` MiB per iteration with
 // `save --live`, restores it eagerly and checks it carries on from the
 // iteration it was stopped at, without CORRUPT. Returns the save report.
-json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false) {
+json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
+                            bool try_live_timeout = false) {
   TestVm vm(opts);
   boot(vm);
   const std::string image = vm.dir() + "/vm.vmsave";
+  if (try_live_timeout) {
+    // QEMU cannot finish a live migration in 1 ms: vmsave stops the guest
+    // so it does, saves a complete image, and resumes the guest.
+    const std::string early = vm.dir() + "/early.vmsave";
+    RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), early, "--live", "--leave-running",
+                              "--live-timeout", "0.001", "--json"},
+                             kRunTimeout);
+    REQUIRE_RUN(r, 0);
+    CHECK(parse_json(r).value("live_timeout_reached", false));
+    CHECK(qmp_status(vm.qmp_path()) == "running");
+    RunResult v = run_vmsave({"verify", early}, kRunTimeout);
+    CHECK_RUN(v, 0);
+    ::unlink(early.c_str());
+  }
   if (try_flush_timeout) {
     // A commit cannot finish in a microsecond: the save fails cleanly, with
     // no image, and the guest (resumed before the commit) keeps running.
@@ -868,13 +883,14 @@ TEST_CASE("e2e: save --live of shared-file RAM while memcheck writes: the restor
   CHECK(j.value("ram_saved_by", "") == "vmsave");
 }
 
-TEST_CASE("e2e: save --live of anonymous RAM (QEMU live mapped-ram) while memcheck writes carries on") {
+TEST_CASE("e2e: save --live of anonymous RAM (QEMU live mapped-ram) while memcheck writes carries on; --live-timeout stops the guest") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.shared_file_ram = false;
   opts.dirty_mib = kLiveDirtyMib;
-  json j = live_save_then_restore(opts);
+  json j = live_save_then_restore(opts, false, /*try_live_timeout=*/true);
   CHECK(j.value("ram_saved_by", "") == "qemu");
+  CHECK_FALSE(j.value("live_timeout_reached", true));
 }
 
 TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or temporary file") {
