@@ -883,7 +883,7 @@ TEST_CASE("e2e: save --live of shared-file RAM while memcheck writes: the restor
   CHECK(j.value("ram_saved_by", "") == "vmsave");
 }
 
-TEST_CASE("e2e: save --live of anonymous RAM (QEMU live mapped-ram) while memcheck writes carries on; --live-timeout stops the guest") {
+TEST_CASE("e2e: save --live of anonymous RAM (QEMU live mapped-ram) while memcheck writes carries on, and --live-timeout stops the guest") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.shared_file_ram = false;
