@@ -346,7 +346,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
                       {"image", opts.image},  {"pid", qmp.peer_pid()},
                       {"qmp", qmp_path},      {"qemu_log", log},
                       {"running", run},       {"vmstate_bytes", img.layout().vmstate.length},
-                      {"vmstate_s", vmstate_s}};
+                      {"vmstate_s", vmstate_s},
+                      {"qemu_section_bytes", img.layout().qemu.length}};
   if (opts.lazy) {
     i64 mapped = 0;
     for (auto& b : img.layout().blocks) mapped += b.size;
@@ -439,6 +440,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   return nlohmann::json{{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
                         {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
                         {"vmstate_bytes", img.layout().vmstate.length},
+                        {"qemu_section_bytes", img.layout().qemu.length},
                         {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
                         {"steps_s", timer.steps()}};
 }
