@@ -89,7 +89,12 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     fmt::print(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
                secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
     if (j.contains("downtime_s")) fmt::print(stderr, ", guest paused {}", secs(j, "downtime_s"));
+    if (j.value("ram_saved_by", "") == "qemu") fmt::print(stderr, " (RAM saved by QEMU mapped-ram)");
     fmt::print(stderr, "\n");
+    if (j.value("live", false))
+      fmt::print(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
+                 j.value("passes", 0), human_bytes(j.value("bytes_rewritten", 0.0)),
+                 secs(j, "flush_s"));
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")
       fmt::print(stderr, "mapped {} of RAM copy-on-write from the image\n",
@@ -125,10 +130,15 @@ void print_info(const nlohmann::json& j) {
     fmt::print("description:  {}\n", m["description"].get<std::string>());
   fmt::print("file size:    {} ({} stored RAM)\n", human_bytes(j["file_size"].get<double>()),
              human_bytes(j["stored_bytes"].get<double>()));
-  fmt::print("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),
-             j.contains("compression") && j["compression"]["vmstate_codec"] != "none"
-                 ? " stored (" + j["compression"]["vmstate_codec"].get<std::string>() + ")"
-                 : "");
+  if (j["qemu_migration_section"].is_object())
+    fmt::print("device state: in QEMU's migration section ({} at offset {})\n",
+               human_bytes(j["qemu_migration_section"]["length"].get<double>()),
+               j["qemu_migration_section"]["offset"].get<i64>());
+  else
+    fmt::print("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),
+               j.contains("compression") && j["compression"]["vmstate_codec"] != "none"
+                   ? " stored (" + j["compression"]["vmstate_codec"].get<std::string>() + ")"
+                   : "");
   if (j.contains("compression")) {
     auto& z = j["compression"];
     fmt::print("compression:  {}, ratio {:.2f} ({} of data pages stored as {}; {} of {} chunks "
@@ -139,10 +149,17 @@ void print_info(const nlohmann::json& j) {
                z["total_chunks"].get<i64>());
   }
   fmt::print("RAM blocks:\n");
-  for (auto& b : j["blocks"])
-    fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero\n", b["id"].get<std::string>(),
-               human_bytes(b["size"].get<double>()), human_bytes(b["page_size"].get<double>()),
-               human_bytes(b["stored_bytes"].get<double>()), 100 * b["zero_ratio"].get<double>());
+  for (auto& b : j["blocks"]) {
+    if (b["saved_by"] == "qemu") {
+      fmt::print("  {:<16} {:>10}  saved by QEMU (mapped-ram, in the QEMU migration section)\n",
+                 b["id"].get<std::string>(), human_bytes(b["size"].get<double>()));
+      continue;
+    }
+    fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero  saved by vmsave\n",
+               b["id"].get<std::string>(), human_bytes(b["size"].get<double>()),
+               human_bytes(b["page_size"].get<double>()), human_bytes(b["stored_bytes"].get<double>()),
+               100 * b["zero_ratio"].get<double>());
+  }
 }
 
 }  // namespace
@@ -150,8 +167,9 @@ void print_info(const nlohmann::json& j) {
 int main(int argc, char** argv) {
   CLI::App app{
       "vmsave: save a running QEMU virtual machine into one random-access image and restore it.\n"
-      "Guest RAM must be a shared file-backed memory backend, e.g.\n"
+      "Shared file-backed guest RAM is written by vmsave itself (fastest; lazy restore), e.g.\n"
       "  -object memory-backend-file,id=ram0,size=4G,share=on,mem-path=/dev/shm/vm-ram0\n"
+      "any other RAM (-m alone, memory-backend-ram/memfd) by QEMU's mapped-ram migration.\n"
       "See vmsave(1)."};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("vmsave ") + VMSAVE_VERSION);
@@ -183,6 +201,19 @@ int main(int argc, char** argv) {
                        "Compress each chunk: lz4, zstd or zstd:LEVEL (1-19, default 3); the "
                        "image then restores eagerly only");
   save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
+  save_cmd->add_flag("--live", save.live,
+                     "Write RAM while the guest runs; stop it only to catch up and for the "
+                     "device state");
+  save_cmd->add_option("--max-downtime", save.max_downtime_ms,
+                       "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
+      ->check(CLI::Range(i64(1), i64(3600000)));
+  save_cmd->add_option("--live-timeout", save.live_timeout,
+                       "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
+      ->check(CLI::PositiveNumber);
+  save_cmd->add_option("--flush-timeout", save.flush_timeout,
+                       "Fail the save (no image, guest as it was) if flushing and committing "
+                       "take longer than SECONDS")
+      ->check(CLI::PositiveNumber);
   add_common(save_cmd, c, true);
 
   // restore
@@ -278,6 +309,8 @@ int main(int argc, char** argv) {
       return usage("save needs --qmp SOCKET (a running QEMU) or --ram ID=FILE (memory files)");
     if (!save.rams.empty() && (leave_running || paused))
       return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
+    if (!save.rams.empty() && save.live)
+      return usage("--live applies to QEMU mode (--qmp)");
     result = save.rams.empty() ? save_qemu(save, rep) : save_raw(save, rep);
   } else if (*restore_cmd) {
     cmd = "restore";

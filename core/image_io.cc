@@ -131,6 +131,55 @@ std::string dir_of(const std::string& path) {
   return d.empty() ? "." : d;
 }
 
+// XXH3-64 of `len` bytes of `fd` from `offset`, holes read as zeros without
+// touching the disk. `direct`: the fd has O_DIRECT (aligned buffer; the
+// last read may run past the end of the file and come back short).
+Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::string& path,
+                       Progress* progress) {
+  constexpr i64 kPiece = 8 * kMiB;
+  AlignedBuffer buf(kPiece);
+  Hasher st;
+  const i64 end = offset + len;
+  // Skip only large holes: reading a small hole costs less than a separate
+  // read per extent (a mixed guest's zero pages make tens of thousands).
+  std::vector<std::pair<i64, i64>> extents;
+  for (auto e : data_extents(fd, offset, len)) {
+    if (!extents.empty() && e.first - extents.back().second < kPiece)
+      extents.back().second = e.second;
+    else
+      extents.push_back(e);
+  }
+  i64 pos = offset;
+  auto zeros = [&](i64 upto) {
+    for (; pos < upto; pos += std::min(kMaxIoSize, upto - pos))
+      st.update(zero_block(), std::min(kMaxIoSize, upto - pos));
+  };
+  for (auto [ds, de] : extents) {
+    if (cancelled()) return interrupted_error();
+    zeros(offset + ds);
+    // O_DIRECT reads start aligned; the extents are block-aligned anyway.
+    i64 stop = offset + de;
+    while (pos < stop) {
+      i64 want = std::min(kPiece, stop - pos);
+      i64 rd_at = direct ? align_down(pos, kDirectAlign) : pos;
+      i64 skip = pos - rd_at;
+      i64 rd_len = direct ? align_up(skip + want, kDirectAlign) : want;
+      ssize_t n = ::pread(fd, buf.data(), rd_len, rd_at);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return sys_error("read", path, errno);
+      }
+      if (n <= skip) return Error{"unexpected end of file", path, fmt::format("at {}", pos)};
+      i64 got = std::min<i64>(n - skip, want);
+      st.update(buf.data() + skip, got);
+      pos += got;
+      if (progress) progress->done.fetch_add(got, std::memory_order_relaxed);
+    }
+  }
+  zeros(end);
+  return st.digest();
+}
+
 Status fsync_dir(const std::string& dir) {
   UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd) return sys_error("open", dir, errno);
@@ -193,6 +242,9 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
 
   w->img_.blocks = std::move(blocks);
   w->img_.vmstate.offset = plan_regions(w->img_.blocks, chunk_size);
+  for (auto& b : w->img_.blocks)
+    if (b.via_qemu()) w->img_.flags |= kFlagQemuMigration;
+  if (w->img_.has_qemu_section()) w->img_.qemu.offset = align_up(w->img_.vmstate.offset, kRegionAlign);
   std::random_device rd;
   for (auto& b : w->img_.uuid) b = static_cast<u8>(rd());
   w->img_.uuid[6] = (w->img_.uuid[6] & 0x0f) | 0x40;
@@ -201,8 +253,8 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
                            std::chrono::system_clock::now().time_since_epoch())
                            .count();
   for (auto& b : w->img_.blocks) {
-    w->bitmaps_.emplace_back((b.pages() + 7) / 8);
-    w->sums_.emplace_back(b.chunks());
+    w->bitmaps_.emplace_back(b.via_qemu() ? 0 : (b.pages() + 7) / 8);
+    w->sums_.emplace_back(b.via_qemu() ? 0 : b.chunks());
   }
   w->vm_buf_ = AlignedBuffer(kStreamBuffer);
   return w;
@@ -444,6 +496,233 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   return Status();
 }
 
+Result<UniqueFd> ImageWriter::reopen(int flags) const {
+  std::string proc = fmt::format("/proc/self/fd/{}", file_.fd.get());
+  UniqueFd fd(::open(proc.c_str(), flags | O_CLOEXEC));
+  if (!fd) return sys_error("reopen", target_, errno);
+  return fd;
+}
+
+Status ImageWriter::finish_qemu_section(Progress* progress) {
+  struct stat st;
+  if (fstat(file_.fd.get(), &st) < 0) return sys_error("fstat", target_, errno);
+  i64 start = img_.qemu.offset;
+  if (st.st_size <= start)
+    return Error{"QEMU's migration left nothing in the image", target_,
+                 fmt::format("file ends at {}, QEMU's section starts at {}", i64(st.st_size), start)};
+  img_.qemu.length = st.st_size - start;
+  if (progress) progress->total += img_.qemu.length;
+  auto sum = hash_range(file_.fd.get(), file_.direct, start, img_.qemu.length, target_, progress);
+  if (!sum.ok()) return sum.error();
+  img_.qemu.checksum = *sum;
+  // The tail (and the empty vmstate section) go after QEMU's bytes.
+  img_.vmstate.offset = align_up(st.st_size, kSectionAlign);
+  vm_written_ = 0;
+  vm_fill_ = 0;
+  vmstate_len_ = 0;
+  return Status();
+}
+
+namespace {
+constexpr i64 kLivePiece = 64 * kKiB;
+constexpr u64 kNoSlot = ~u64(0);
+}
+
+Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const EngineConfig& cfg,
+                              Progress* progress, PassStats* stats) {
+  auto t0 = Clock::now();
+  const bool first = live_passes_ == 0;
+  std::vector<std::vector<std::pair<i64, i64>>> extents(sources.size());
+  std::vector<i64> first_chunk(sources.size());
+  i64 n_chunks = 0, total = 0;
+  for (size_t i = 0; i < sources.size(); i++) {
+    const RamSource& s = sources[i];
+    const BlockLayout& b = img_.blocks[i];
+    if (first) {
+      if (b.size % kDirectAlign)
+        return Error{"cannot save RAM block " + b.id + " live", s.path,
+                     "its size is not a multiple of 4 KiB"};
+      auto m = Mapping::map(s.fd, s.offset, s.size, PROT_READ, MAP_SHARED, s.path);
+      if (!m.ok()) return m.error();
+      live_maps_.push_back(std::move(*m));
+      i64 piece = std::max(kLivePiece, b.page_size);
+      piece_sums_.emplace_back((b.size + piece - 1) / piece);
+      chunk_dirty_.emplace_back(b.chunks());
+    }
+    // Holes are looked up again each pass: the guest may have filled one.
+    extents[i] = data_extents(s.fd, s.offset, s.size);
+    first_chunk[i] = n_chunks;
+    n_chunks += b.chunks();
+    total += s.size;
+  }
+  if (progress) progress->total += total;
+  int fd = file_.fd.get();
+  const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
+  const size_t pool = std::max<u32>(cfg.queue_depth, 4);
+
+  struct Worker {
+    std::vector<AlignedBuffer> buffers;
+    std::vector<int> free;
+    std::vector<u32> pending;
+  };
+  std::vector<Worker> workers(jobs);
+  std::atomic<i64> written{0}, rewritten{0};
+
+  auto setup = [&](IoQueue& q, int w) {
+    q.name_fd(fd, target_);
+    i64 piece = kLivePiece;
+    for (auto& b : img_.blocks) piece = std::max(piece, std::max(kLivePiece, b.page_size));
+    for (size_t i = 0; i < pool; i++) {
+      workers[w].buffers.emplace_back(piece);
+      workers[w].free.push_back(static_cast<int>(i));
+    }
+    workers[w].pending.assign(pool, 0);
+    q.set_on_done([&, w](const IoRequest& r) -> Status {
+      if (r.tag == kNoSlot) return Status();  // zeros from the shared block
+      int slot = static_cast<int>(r.tag);
+      if (--workers[w].pending[slot] == 0) workers[w].free.push_back(slot);
+      return Status();
+    });
+  };
+
+  auto task = [&](IoQueue& q, int w, i64 ci) -> Status {
+    size_t bi = 0;
+    while (bi + 1 < sources.size() && ci >= first_chunk[bi + 1]) bi++;
+    const BlockLayout& b = img_.blocks[bi];
+    const i64 c = ci - first_chunk[bi];
+    const i64 start = c * b.chunk_size, len = b.chunk_length(c);
+    const i64 page = b.page_size, piece = std::max(kLivePiece, page);
+    const u8* mem = live_maps_[bi].data();
+    u8* bitmap = bitmaps_[bi].data();
+    auto& ext = extents[bi];
+    auto in_hole = [&](i64 off, i64 n) {  // [off, off+n) has no data extent
+      auto it = std::upper_bound(ext.begin(), ext.end(), std::make_pair(off, INT64_MAX));
+      if (it != ext.begin()) --it;
+      for (; it != ext.end() && it->first < off + n; ++it)
+        if (it->second > off) return false;
+      return true;
+    };
+    Hasher chunk_hash;
+    Worker& wk = workers[w];
+    for (i64 off = start; off < start + len; off += piece) {
+      const i64 plen = std::min(piece, start + len - off);
+      const i64 pidx = off / piece;
+      const bool hole = in_hole(off, plen);
+      if (!first) {
+        u64 now = hole ? zero_checksum(plen) : xxh3(mem + off, plen);
+        if (now == piece_sums_[bi][pidx]) continue;
+        chunk_dirty_[bi][c] = 1;
+        rewritten.fetch_add(1, std::memory_order_relaxed);
+      }
+      const u8* src;
+      int slot = -1;
+      if (hole) {
+        src = zero_block();
+      } else {
+        while (wk.free.empty()) VMSAVE_TRY(q.reap_some());
+        slot = wk.free.back();
+        wk.free.pop_back();
+        std::memcpy(wk.buffers[slot].data(), mem + off, plen);
+        src = wk.buffers[slot].data();
+      }
+      piece_sums_[bi][pidx] = hole ? zero_checksum(plen) : xxh3(src, plen);
+      if (first) {
+        if (hole) {
+          for (i64 z = 0; z < plen; z += kMaxIoSize)
+            chunk_hash.update(zero_block(), std::min(kMaxIoSize, plen - z));
+        } else {
+          chunk_hash.update(src, plen);
+        }
+      }
+      // Write the pages that hold data now, and zeros over pages that held
+      // data before (a hole piece has nothing to copy: zeros from a shared
+      // zero block).
+      i64 run_start = -1, run_end = 0;
+      auto flush_run = [&]() -> Status {
+        for (i64 o = run_start; o < run_end; o += kMaxIoSize) {
+          IoRequest r;
+          r.fd = fd;
+          // A hole piece writes zeros from the shared 1 MiB zero block.
+          r.buf = const_cast<u8*>(hole ? zero_block() : src + o);
+          r.len = static_cast<u32>(std::min(kMaxIoSize, run_end - o));
+          r.offset = b.region.offset + off + o;
+          r.write = true;
+          r.tag = slot < 0 ? kNoSlot : static_cast<u64>(slot);
+          if (slot >= 0) wk.pending[slot]++;
+          written.fetch_add(r.len, std::memory_order_relaxed);
+          VMSAVE_TRY(q.submit(r));
+        }
+        run_start = -1;
+        return Status();
+      };
+      for (i64 po = 0; po < plen; po += page) {
+        i64 pg = (off + po) / page;
+        bool data = !hole && !is_zero(src + po, std::min(page, plen - po));
+        bool had = bitmap_test(bitmap, pg);
+        // Atomic: with 1 GiB pages, chunks of one page share bitmap bytes.
+        if (data) atomic_bitmap_set(bitmap, pg);
+        else __atomic_fetch_and(&bitmap[pg / 8], static_cast<u8>(~(1u << (pg % 8))), __ATOMIC_RELAXED);
+        if (data || had) {
+          if (run_start >= 0 && run_end != po) VMSAVE_TRY(flush_run());
+          if (run_start < 0) run_start = po;
+          run_end = po + std::min(page, plen - po);
+        }
+      }
+      if (run_start >= 0) VMSAVE_TRY(flush_run());
+      // Writes from the zero block need no slot; a slot nobody used is free.
+      if (slot >= 0 && wk.pending[slot] == 0) wk.free.push_back(slot);
+    }
+    if (first) sums_[bi][c] = chunk_hash.digest();
+    if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
+    return Status();
+  };
+
+  EngineConfig c2 = cfg;
+  c2.jobs = jobs;
+  EngineStats es;
+  VMSAVE_TRY(run_parallel(c2, n_chunks, setup, task, &es));
+  live_passes_++;
+  live_bytes_ += written.load();
+  double secs = seconds_since(t0);
+  live_seconds_ += secs;
+  if (stats) *stats = PassStats{rewritten.load(), written.load(), secs};
+  return Status();
+}
+
+Status ImageWriter::finish_live(RamStats* stats) {
+  // Memory is stable now (guest stopped) and equal to what is on disk: the
+  // chunks touched after the first pass get their checksum from it.
+  RamStats local;
+  for (size_t i = 0; i < img_.blocks.size(); i++) {
+    BlockLayout& b = img_.blocks[i];
+    const u8* base = live_maps_[i].data();
+    const u8* bitmap = bitmaps_[i].data();
+    for (i64 c = 0; c < b.chunks(); c++) {
+      if (!chunk_dirty_[i][c]) continue;
+      i64 start = c * b.chunk_size;
+      sums_[i][c] = chunk_checksum(base + start, b.chunk_length(c), b.page_size,
+                                   start / b.page_size,
+                                   [&](i64 p) { return bitmap_test(bitmap, p); });
+    }
+    i64 n = 0;
+    for (u8 byte : bitmaps_[i]) n += __builtin_popcount(byte);
+    b.data_pages = n;
+    local.data_pages += n;
+    local.total_pages += b.pages();
+    local.stored_bytes += n * b.page_size;
+    local.ram_bytes += b.size;
+  }
+  local.seconds = live_seconds_;
+  local.engine.bytes = live_bytes_;
+  live_maps_.clear();
+  if (!file_.direct) {
+    if (fdatasync(file_.fd.get()) < 0) return sys_error("fdatasync", target_, errno);
+    posix_fadvise(file_.fd.get(), 0, 0, POSIX_FADV_DONTNEED);
+  }
+  if (stats) *stats = local;
+  return Status();
+}
+
 Status ImageWriter::flush_vmstate_buffer(bool final) {
   size_t len = vm_fill_;
   if (final) {
@@ -506,6 +785,7 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
     pieces.emplace_back(e->offset, std::move(bytes));
   };
   for (size_t i = 0; i < img_.blocks.size(); i++) {
+    if (img_.blocks[i].via_qemu()) continue;
     place(bitmaps_[i], &img_.blocks[i].bitmap);
     std::vector<u8> sums(sums_[i].size() * 8);
     for (size_t c = 0; c < sums_[i].size(); c++) {
@@ -539,8 +819,18 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
   return fsync_dir(dir_);
 }
 
+bool ImageWriter::abandon() {
+  std::lock_guard lock(link_mu_);
+  if (linked_) return false;
+  abandoned_ = true;
+  return true;
+}
+
 Status ImageWriter::link_into_place() {
   if (cancelled()) return interrupted_error();
+  std::lock_guard lock(link_mu_);
+  if (abandoned_) return Error{"commit abandoned", target_, "the flush took too long"};
+  linked_ = true;  // from here the target may exist
   std::string from = temp_name_;
   if (from.empty()) {
     std::string proc = fmt::format("/proc/self/fd/{}", file_.fd.get());
@@ -856,6 +1146,10 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
 
 Status ImageReader::read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
                              RamStats* stats) const {
+  if (img_.blocks[block].via_qemu())
+    return Error{"RAM block " + img_.blocks[block].id + " is in QEMU's migration section", path(),
+                 "vmsave cannot read it by itself"}
+        .fix("restore the image with QEMU (vmsave restore IMAGE -- QEMU-COMMAND)");
   auto bits = bitmap(block);
   if (!bits.ok()) return bits.error();
   auto s = sums(block);
@@ -863,6 +1157,13 @@ Status ImageReader::read_ram(size_t block, u8* dest, const EngineConfig& cfg, Pr
   auto codecs = chunk_table(block);
   if (!codecs.ok()) return codecs.error();
   return read_chunks(block, *bits, *s, *codecs, dest, cfg, progress, stats, nullptr);
+}
+
+Result<UniqueFd> ImageReader::reopen(int flags) const {
+  std::string proc = fmt::format("/proc/self/fd/{}", fd());
+  UniqueFd f(::open(proc.c_str(), flags | O_CLOEXEC));
+  if (!f) return sys_error("reopen", path(), errno);
+  return f;
 }
 
 Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)>& sink) const {
@@ -909,8 +1210,21 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
   Status vs = stream_vmstate(nullptr);
   if (!vs.ok()) return fail(vs.error());
   if (progress)
-    for (auto& b : img_.blocks) progress->total += b.size;
+    for (auto& b : img_.blocks)
+      if (!b.via_qemu()) progress->total += b.size;
+  if (img_.has_qemu_section()) {
+    if (progress) progress->total += img_.qemu.length;
+    auto sum = hash_range(fd(), file_.direct, img_.qemu.offset, img_.qemu.length, path(), progress);
+    if (!sum.ok()) return fail(sum.error());
+    report->bytes_read += img_.qemu.length;
+    if (*sum != img_.qemu.checksum) {
+      Error e = damaged(path(), "QEMU migration section checksum mismatch", img_.qemu.offset);
+      report->first_damage = fmt::format("QEMU migration section (image offset {})", img_.qemu.offset);
+      return fail(e);
+    }
+  }
   for (size_t i = 0; i < img_.blocks.size(); i++) {
+    if (img_.blocks[i].via_qemu()) continue;
     auto bits = bitmap(i);
     if (!bits.ok()) return fail(bits.error());
     auto s = sums(i);

@@ -4,7 +4,9 @@
 
 #pragma once
 
+#include <atomic>
 #include <functional>
+#include <mutex>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -65,6 +67,35 @@ class ImageWriter {
   Status write_ram(const std::vector<RamSource>& sources, const EngineConfig& cfg,
                    Progress* progress, RamStats* stats);
 
+  // Live save (`save --live`): the guest may write its RAM while a pass
+  // runs. Each pass copies a 64 KiB piece (or a page, if larger) into a
+  // buffer, hashes the copy (XXH3) and writes the copy's non-zero pages, so
+  // the hash describes exactly what is on disk; a later pass hashes memory
+  // again and rewrites only the pieces whose hash changed. The first pass
+  // writes everything; the last one runs with the guest stopped and leaves
+  // the image equal to memory. No kernel dirty tracking is needed.
+  struct PassStats {
+    i64 pieces_rewritten = 0;
+    i64 bytes_written = 0;
+    double seconds = 0;
+  };
+  Status live_pass(const std::vector<RamSource>& sources, const EngineConfig& cfg,
+                   Progress* progress, PassStats* stats);
+  // After the stopped pass: chunk checksums of the pieces rewritten after
+  // the first pass, page counts, and the totals in `stats`.
+  Status finish_live(RamStats* stats);
+
+  // The QEMU migration section (when a block has kBlockViaQemu): QEMU's
+  // mapped-ram migration writes from qemu_offset() on, through descriptors
+  // for the same nameless file opened with `flags` (O_WRONLY, with or
+  // without O_DIRECT: QEMU picks by flags). It truncates the file there, so
+  // vmsave's RAM regions all lie below it and the tail goes after it.
+  i64 qemu_offset() const { return img_.qemu.offset; }
+  Result<UniqueFd> reopen(int flags) const;
+  // Once QEMU is done: its section ends at the file's end; hashes it (holes
+  // as zeros) for verify, and places the tail after it.
+  Status finish_qemu_section(Progress* progress);
+
   // The device-state stream, appended as it arrives; never held whole.
   Status append_vmstate(const u8* data, size_t len);
   i64 vmstate_bytes() const { return vmstate_len_; }  // as QEMU sent them
@@ -73,6 +104,10 @@ class ImageWriter {
   // the header, flushes, and links the file at the target (replacing an
   // existing one only when `force`), then flushes the directory.
   Status commit(const nlohmann::json& metadata);
+  // Makes a commit running on another thread stop before it links the
+  // file (a --flush-timeout expired): no image will appear. False when the
+  // file is already linked (the commit got there first).
+  bool abandon();
 
   const ImageLayout& layout() const { return img_; }
   const std::string& target() const { return target_; }
@@ -96,12 +131,22 @@ class ImageWriter {
   std::vector<std::vector<ChunkInfo>> chunk_info_;  // per block, when compressing
   std::unique_ptr<StreamCompressor> vm_codec_;
   i64 vm_stored_ = 0;  // vmstate bytes as stored (compressed or not)
+  // Live passes.
+  std::vector<Mapping> live_maps_;
+  std::vector<std::vector<u64>> piece_sums_;   // XXH3 of each piece as written
+  std::vector<std::vector<u8>> chunk_dirty_;   // rewritten after the first pass
+  int live_passes_ = 0;
+  i64 live_bytes_ = 0;
+  double live_seconds_ = 0;
   AlignedBuffer vm_buf_;
   size_t vm_fill_ = 0;
   i64 vm_written_ = 0;  // bytes of vmstate already on disk (multiple of 4096)
   i64 vmstate_len_ = 0;
   Hasher vm_hash_;
   bool committed_ = false;
+  std::mutex link_mu_;  // abandon() and linking exclude each other
+  bool abandoned_ = false;
+  bool linked_ = false;
   WarnFn warn_;
 };
 
@@ -136,11 +181,15 @@ class ImageReader {
   Status read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
                   RamStats* stats) const;
 
+  // A second descriptor for the image (e.g. O_RDONLY | O_DIRECT for QEMU).
+  Result<UniqueFd> reopen(int flags) const;
+
   // Hands the device state to `sink` in pieces, then checks its checksum.
   Status stream_vmstate(const std::function<Status(const u8*, size_t)>& sink) const;
 
   // Checks every checksum: header and table (done at open), bitmaps, chunk
-  // tables, every chunk of every block, vmstate and metadata.
+  // tables, every chunk of every block, vmstate, metadata and the QEMU
+  // migration section.
   Status verify(const EngineConfig& cfg, Progress* progress, VerifyReport* report) const;
 
  private:

@@ -21,9 +21,16 @@ Result<nlohmann::json> info(const std::string& image) {
   std::map<std::string, i64> codec_chunks;
   for (size_t i = 0; i < img.blocks.size(); i++) {
     const BlockLayout& b = img.blocks[i];
+    if (b.via_qemu()) {
+      // Its pages are somewhere in QEMU's section; QEMU's own format says
+      // where, vmsave's does not.
+      blocks.push_back({{"id", b.id}, {"size", b.size}, {"saved_by", "qemu"}});
+      continue;
+    }
     i64 data = b.data_pages * b.page_size;
     uncompressed += data;
     nlohmann::json jb = {{"id", b.id},
+                         {"saved_by", "vmsave"},
                          {"size", b.size},
                          {"page_size", b.page_size},
                          {"chunk_size", b.chunk_size},
@@ -58,7 +65,11 @@ Result<nlohmann::json> info(const std::string& image) {
     stored += data;
     blocks.push_back(jb);
   }
+  nlohmann::json qemu = nullptr;
+  if (img.has_qemu_section())
+    qemu = {{"offset", img.qemu.offset}, {"length", img.qemu.length}};
   nlohmann::json j{{"image", image},
+                        {"qemu_migration_section", qemu},
                         {"format_version", fmt::format("{}.{}", img.major, img.minor)},
                         {"uuid", uuid_string(img.uuid)},
                         {"created_ns", img.created_ns},

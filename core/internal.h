@@ -38,6 +38,10 @@ Status fill_ram_file(const ImageReader& img, size_t block, const std::string& pa
 Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
                                               Reporter& rep, RamStats* ram);
 
+// Refuses a lazy restore of an image whose RAM (some of it) is in QEMU's
+// migration section: QEMU reads that section itself, there is nothing to map.
+Status refuse_lazy_qemu_section(const ImageReader& img);
+
 // The metadata fields every image carries.
 nlohmann::json base_metadata(const std::string& mode, const std::string& description);
 

@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -76,9 +77,10 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp) {
 }
 
 Error unsaveable_ram_error(const RamBackend& b) {
-  std::string why = b.qom_type != "memory-backend-file"
-                        ? fmt::format("is {}, which vmsave cannot map", b.qom_type)
-                        : "is not shared (share=off), so QEMU would copy it into the migration stream";
+  std::string why = fmt::format(
+      "it is {}{}, which vmsave cannot read, and this QEMU lacks the mapped-ram migration "
+      "(QEMU 9.0 or newer) that would save it",
+      b.qom_type, b.qom_type == "memory-backend-file" ? " with share=off" : "");
   return Error{"cannot save RAM backend " + b.id, "", why}.fix(fmt::format(
       "start QEMU with -object memory-backend-file,id={},size={},share=on,mem-path=/dev/shm/{}",
       b.id, b.size, b.id));
@@ -224,6 +226,81 @@ Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {
                    "status " + status};
     if (cancelled()) return interrupted_error();
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+std::vector<std::pair<std::string, bool>> mapped_ram_capabilities() {
+  return {{"mapped-ram", true},   {"multifd", true},   {"x-ignore-shared", false},
+          {"postcopy-ram", false}, {"background-snapshot", false}, {"xbzrle", false}};
+}
+
+Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds, i64 offset,
+                          const std::function<void(const nlohmann::json&)>& on_status) {
+  const char* what = incoming ? "mapped-ram load" : "mapped-ram save";
+  // direct-io: the multifd threads write/read pages with O_DIRECT.
+  std::optional<bool> old_direct;
+  bool direct = bool(fds.direct);
+  if (direct) {
+    auto p = qmp.execute("query-migrate-parameters");
+    if (p.ok() && p->contains("direct-io")) {
+      old_direct = (*p)["direct-io"].get<bool>();
+      auto r = qmp.execute("migrate-set-parameters", {{"direct-io", true}});
+      if (!r.ok()) return r.error();
+    } else {
+      direct = false;  // QEMU without direct-io: the buffered fd serves all
+    }
+  }
+  struct Undo {
+    QmpClient& qmp;
+    std::optional<bool> old_direct;
+    std::optional<i64> fdset;
+    ~Undo() {
+      if (fdset) (void)qmp.execute("remove-fd", {{"fdset-id", *fdset}}, 5);
+      if (old_direct && !*old_direct)
+        (void)qmp.execute("migrate-set-parameters", {{"direct-io", false}}, 5);
+    }
+  } undo{qmp, old_direct, std::nullopt};
+
+  auto added = qmp.add_fd(fds.buffered.get(), std::nullopt, "vmsave image");
+  if (!added.ok()) return added.error();
+  i64 set = (*added)["fdset-id"].get<i64>();
+  undo.fdset = set;
+  if (direct) {
+    auto r = qmp.add_fd(fds.direct.get(), set, "vmsave image (O_DIRECT)");
+    if (!r.ok()) return r.error();
+  }
+  std::string uri = fmt::format("file:/dev/fdset/{},offset={}", set, offset);
+  auto m = qmp.execute(incoming ? "migrate-incoming" : "migrate", {{"uri", uri}});
+  if (!m.ok()) return m.error();
+
+  // No overall limit (RAM may be large and the disk slow), but a migration
+  // that moves no byte for this long is wedged.
+  constexpr double kStall = 600;
+  i64 last = -1;
+  auto last_change = Clock::now();
+  for (;;) {
+    if (cancelled()) {
+      if (!incoming) (void)qmp.execute("migrate_cancel", nullptr, 5);
+      return interrupted_error();
+    }
+    auto r = qmp.execute("query-migrate");
+    if (!r.ok()) return r.error();
+    if (on_status) on_status(*r);
+    std::string status = r->value("status", "");
+    if (status == "completed") return Status();
+    if (status == "failed" || status == "cancelled")
+      return Error{fmt::format("QEMU's {} {}", what, status), qmp.path(),
+                   r->value("error-desc", "no reason given")};
+    i64 moved = r->contains("ram") ? (*r)["ram"].value("transferred", i64(0)) : 0;
+    if (moved != last) {
+      last = moved;
+      last_change = Clock::now();
+    } else if (Clock::now() - last_change > std::chrono::duration<double>(kStall)) {
+      if (!incoming) (void)qmp.execute("migrate_cancel", nullptr, 5);
+      return Error{fmt::format("QEMU's {} made no progress for {:.0f} s", what, kStall),
+                   qmp.path(), "status " + status};
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(incoming ? 5 : 20));
   }
 }
 

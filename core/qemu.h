@@ -42,8 +42,8 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp);
 // file; it is reached through /proc/PID/map_files).
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid);
 
-// The explanation for RAM vmsave cannot save itself, with the QEMU option
-// that would make it saveable.
+// The explanation for RAM vmsave cannot read when QEMU lacks mapped-ram,
+// with the QEMU option that would make it saveable.
 Error unsaveable_ram_error(const RamBackend& b);
 
 // Migration capabilities: set some, remember the old values, put them back.
@@ -64,6 +64,31 @@ class Capabilities {
 // Polls query-migrate until the migration is no longer in progress; returns
 // an Error naming QEMU's error-desc unless it completed.
 Status wait_migration(QmpClient& qmp, double timeout_s, const char* what);
+
+// QEMU's mapped-ram migration to or from a section of the image file
+// (QEMU >= 9.0): guest RAM at fixed offsets written by multifd threads,
+// then the device state. QEMU opens "/dev/fdset/N" with exactly the access
+// mode it needs (O_WRONLY to save, O_RDONLY to load), so the image is
+// handed over as two descriptors of that mode: one with O_DIRECT, used by
+// the multifd threads when direct-io is on, and one without, for the
+// unaligned stream parts. `direct` may be empty (no O_DIRECT there).
+struct MappedRamFds {
+  UniqueFd direct;
+  UniqueFd buffered;
+};
+
+// The capabilities both sides set. x-ignore-shared stays off: QEMU 10.0
+// fails a mapped-ram save when it skips a shared block (it writes the
+// skipped block's never-allocated bitmap, EFAULT), so with mapped-ram QEMU
+// saves every RAM block itself.
+std::vector<std::pair<std::string, bool>> mapped_ram_capabilities();
+
+// Runs `migrate` (or `migrate-incoming` when `incoming`) to/from
+// file:/dev/fdset/N,offset=`offset` and waits for it to complete, calling
+// `on_status` with each query-migrate reply (for progress). Sets direct-io
+// while it runs when `fds.direct` is open, and always removes the fd set.
+Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds, i64 offset,
+                          const std::function<void(const nlohmann::json&)>& on_status);
 
 // Outgoing device state: `migrate` to a pipe whose read end is drained into
 // `sink` as bytes arrive, until QEMU closes it and reports completion.

@@ -79,6 +79,19 @@ nlohmann::json latency_json(const LatencyHistogram& h) {
           {"max", h.max()}};
 }
 
+Status refuse_lazy_qemu_section(const ImageReader& img) {
+  if (!img.layout().has_qemu_section()) return Status();
+  std::string ids;
+  for (auto& b : img.layout().blocks)
+    if (b.via_qemu()) ids += (ids.empty() ? "" : ", ") + b.id;
+  return Error{"cannot restore this image lazily", img.path(),
+               fmt::format("RAM block(s) {} were saved by QEMU's mapped-ram migration, which QEMU "
+                           "must read in full; there is no region to map",
+                           ids)}
+      .fix("restore it eagerly (drop --lazy)")
+      .as(Exit::kUsage);
+}
+
 Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
                      const EngineConfig& cfg, Progress* progress, RamStats* stats) {
   const BlockLayout& b = img.layout().blocks[block];
@@ -185,20 +198,25 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   struct stat st;
   if (stat(opts.ram_dir.c_str(), &st) < 0) return sys_error("stat", opts.ram_dir, errno);
   if (!S_ISDIR(st.st_mode)) return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
+  // Blocks saved through QEMU are restored by QEMU (from the image), not
+  // into files.
   for (auto& b : img.layout().blocks) VMSAVE_TRY(check_block_id(b.id, opts.image));
   // Refuse up front rather than after filling half the blocks.
   if (!opts.force)
     for (auto& b : img.layout().blocks) {
+      if (b.via_qemu()) continue;
       std::string p = opts.ram_dir + "/" + b.id;
       if (access(p.c_str(), F_OK) == 0)
         return Error{"RAM file exists", p, "refusing to overwrite it"}.fix(
             "pass --force to overwrite it, or remove it");
     }
   Progress progress;
-  for (auto& b : img.layout().blocks) progress.total += b.size;
+  for (auto& b : img.layout().blocks)
+    if (!b.via_qemu()) progress.total += b.size;
   std::vector<std::string> done;
   rep.begin_phase("reading RAM", &progress);
   for (size_t i = 0; i < img.layout().blocks.size(); i++) {
+    if (img.layout().blocks[i].via_qemu()) continue;
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
     Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, ram);
     if (!s.ok()) {
@@ -220,6 +238,10 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
   const ImageReader& img = **r;
   // Raw mode needs no metadata, but a damaged image is refused whole.
   if (auto meta = img.metadata(); !meta.ok()) return meta.error();
+  if (img.layout().has_qemu_section())
+    return Error{"cannot restore this image into RAM files", opts.image,
+                 "its RAM was saved by QEMU's mapped-ram migration, which only QEMU can load"}
+        .fix("restore it with QEMU: vmsave restore IMAGE -- QEMU-COMMAND");
   timer.lap("open");
   RamStats ram;
   auto done = fill_ram_dir(img, opts, rep, &ram);

@@ -11,6 +11,12 @@
 // private, the guest's writes land in copy-on-write anonymous pages, nothing
 // is read up front, and many clones share the image's pages in the page
 // cache. Everything that can be checked is checked before QEMU starts.
+//
+// An image with a QEMU migration section (RAM saved by QEMU's mapped-ram
+// migration) is loaded by QEMU itself: migrate-incoming from
+// file:/dev/fdset/N,offset=SECTION with the save's capabilities. Its blocks
+// are not filled or mapped by vmsave, so such an image restores eagerly
+// only.
 
 #include <fcntl.h>
 #include <signal.h>
@@ -77,6 +83,9 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
       return mismatch(fmt::format("memory backend {} has size {}, the image's block has {}",
                                   o.object.id, *size ? format_size(**size) : "unset",
                                   format_size(blocks[i].size)));
+    // QEMU loads this block from the image's migration section itself.
+    matched[i] = true;
+    if (blocks[i].via_qemu()) continue;
     if (!lazy && o.object.qom_type != "memory-backend-file")
       return mismatch(fmt::format("memory backend {} is {}; an eager restore fills a file",
                                   o.object.id, o.object.qom_type),
@@ -85,7 +94,9 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
     plans.push_back(BackendPlan{o.index, i, o.object});
   }
   for (size_t i = 0; i < blocks.size(); i++)
-    if (!matched[i])
+    // A block QEMU saved may come from -m alone (no -object): QEMU itself
+    // checks its RAM blocks against the stream.
+    if (!matched[i] && !blocks[i].via_qemu())
       return mismatch(fmt::format("the image has RAM block {} ({}) but the command has no "
                                   "memory backend with id={}",
                                   blocks[i].id, format_size(blocks[i].size), blocks[i].id));
@@ -153,6 +164,30 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
                        double* vmstate_s) {
   auto t0 = std::chrono::steady_clock::now();
   Capabilities caps;
+  if (img.layout().has_qemu_section()) {
+    // RAM and device state come from the image's QEMU section, read by
+    // QEMU's multifd threads (O_DIRECT where the filesystem allows).
+    VMSAVE_TRY(caps.set(qmp, mapped_ram_capabilities(), {"mapped-ram", "multifd"}));
+    MappedRamFds fds;
+    auto d = img.reopen(O_RDONLY | O_DIRECT);
+    if (d.ok()) fds.direct = std::move(*d);
+    auto b = img.reopen(O_RDONLY);
+    if (!b.ok()) return b.error();
+    fds.buffered = std::move(*b);
+    Progress progress;
+    for (auto& blk : img.layout().blocks) progress.total += blk.size;
+    rep.begin_phase("QEMU loading RAM and device state", &progress);
+    Status st = mapped_ram_migrate(qmp, true, fds, img.layout().qemu.offset,
+                                   [&](const nlohmann::json&) {});
+    rep.end_phase();
+    if (!st.ok()) return st;
+    *vmstate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (run) {
+      auto r = qmp.execute("cont");
+      if (!r.ok()) return r.error();
+    }
+    return Status();
+  }
   VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
   Progress progress;
   // Compressed, the stored length is not what QEMU receives: bytes only.
@@ -216,6 +251,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (meta->value("mode", "") != "qemu")
     return Error{"not a QEMU image", opts.image, "it holds memory files saved with --ram"}.fix(
         "restore it with --ram-dir DIR");
+
+  if (opts.lazy) VMSAVE_TRY(refuse_lazy_qemu_section(img));
 
   auto cmd_r = QemuCommand::parse(opts.qemu_argv);
   if (!cmd_r.ok()) return cmd_r.error().as(Exit::kUsage);
@@ -321,7 +358,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
                       {"image", opts.image},  {"pid", qmp.peer_pid()},
                       {"qmp", qmp_path},      {"qemu_log", log},
                       {"running", run},       {"vmstate_bytes", img.layout().vmstate.length},
-                      {"vmstate_s", vmstate_s}};
+                      {"vmstate_s", vmstate_s},
+                      {"qemu_section_bytes", img.layout().qemu.length}};
   if (opts.lazy) {
     i64 mapped = 0;
     for (auto& b : img.layout().blocks) mapped += b.size;
@@ -341,6 +379,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
   if (opts.lazy) VMSAVE_TRY(check_lazy(img, opts.image));
+  if (opts.lazy) VMSAVE_TRY(refuse_lazy_qemu_section(img));
   std::string image_abs = absolute(opts.image);
   nlohmann::json args = nlohmann::json::array();
   RamStats ram;
@@ -349,6 +388,9 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     if (!filled.ok()) return filled.error();
   }
   for (auto& b : img.layout().blocks) {
+    // QEMU loads these from the image; the VM's own command line (its -m,
+    // its memory-backend-ram/memfd objects) provides them.
+    if (b.via_qemu()) continue;
     QemuObject o;
     o.qom_type = "memory-backend-file";
     o.id = b.id;
@@ -411,6 +453,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   return nlohmann::json{{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
                         {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
                         {"vmstate_bytes", img.layout().vmstate.length},
+                        {"qemu_section_bytes", img.layout().qemu.length},
                         {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
                         {"steps_s", timer.steps()}};
 }

@@ -3,11 +3,28 @@
 //   connect → find RAM → create image → stop guest → write RAM →
 //   device state → commit → quit QEMU / resume / leave paused
 //
-// vmsave writes guest RAM itself, from the shared file QEMU maps, with its
-// own parallel O_DIRECT engine; QEMU contributes only the device state,
-// with x-ignore-shared so it skips that RAM. If any step fails, the guest is
-// put back as it was (resumed if it ran), the capabilities vmsave changed are
-// restored, and no image appears at the target.
+// When all guest RAM is shared files, vmsave writes it itself, from the
+// files QEMU maps, with its own parallel O_DIRECT engine; QEMU contributes
+// only the device state, with x-ignore-shared so it skips that RAM.
+//
+// Any other RAM (anonymous -m, memory-backend-ram, -memfd, a file with
+// share=off) is saved by QEMU's own mapped-ram migration into a section of
+// the image: QEMU's multifd threads write the pages at fixed offsets,
+// O_DIRECT, then the device state, into the same nameless file; vmsave
+// hashes what QEMU wrote and commits as always. QEMU 10.0 cannot combine
+// mapped-ram with x-ignore-shared, so then QEMU saves every block.
+//
+// If any step fails, the guest is put back as it was (resumed if it ran),
+// the capabilities vmsave changed are restored, and no image appears at the
+// target.
+
+#include <fcntl.h>
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 #include <fmt/core.h>
 
@@ -35,6 +52,54 @@ struct GuestGuard {
     if (stopped && was_running) (void)qmp->execute("cont", nullptr, 5);
   }
 };
+
+// Running passes of a live save: at most this many, and no more once one
+// rewrites less than this.
+constexpr int kMaxLivePasses = 4;
+constexpr i64 kLiveGoodEnough = 16 * kMiB;
+
+// Commits `w` on a helper thread and waits at most `timeout_s` (0: no
+// limit) for it: a flush can stall for minutes on NFS or a busy disk. On
+// expiry the commit is told not to link the file, the writer is left to the
+// helper (which may still be blocked in the kernel), and no image appears.
+Status commit_within(std::unique_ptr<ImageWriter>& w, const nlohmann::json& meta,
+                     double timeout_s) {
+  if (timeout_s <= 0) return w->commit(meta);
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Status result;
+  };
+  auto shared = std::make_shared<Shared>();
+  ImageWriter* writer = w.get();
+  std::thread t([shared, writer, meta] {
+    Status st = writer->commit(meta);
+    std::lock_guard lock(shared->mu);
+    shared->result = std::move(st);
+    shared->done = true;
+    shared->cv.notify_all();
+  });
+  std::unique_lock lock(shared->mu);
+  if (shared->cv.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                          [&] { return shared->done; })) {
+    lock.unlock();
+    t.join();
+    return shared->result;
+  }
+  lock.unlock();
+  if (!writer->abandon()) {
+    // Already linked: the commit is finishing; let it.
+    t.join();
+    return shared->result;
+  }
+  t.detach();
+  (void)w.release();  // the helper still uses it
+  return Error{fmt::format("flushing the image did not finish within --flush-timeout {:g} s",
+                           timeout_s),
+               "", "no image was saved, and the guest was put back as it was"}
+      .fix("retry on a faster or less busy filesystem, or raise --flush-timeout");
+}
 
 nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmdline) {
   nlohmann::json m;
@@ -77,18 +142,37 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   if (run_state == "inmigrate")
     return Error{"QEMU is waiting for an incoming migration", opts.qmp, "there is no VM to save yet"};
 
-  // Guest RAM: every memory backend must be a shared named file.
+  // Guest RAM: shared named files vmsave reads itself; anything else goes
+  // through QEMU's mapped-ram migration.
   auto backends_r = list_ram_backends(qmp);
   if (!backends_r.ok()) return backends_r.error();
   std::vector<RamBackend>& backends = *backends_r;
   if (backends.empty())
     return Error{"QEMU has no memory backend object", opts.qmp,
-                 "its RAM is anonymous (-m alone), which vmsave cannot map"}
+                 "vmsave names the image's RAM blocks after them"}
         .fix("start QEMU with -object memory-backend-file,id=ram0,size=SIZE,share=on,"
              "mem-path=/dev/shm/NAME -machine memory-backend=ram0 (or -numa node,memdev=ram0)");
+  const RamBackend* unshared = nullptr;
   for (auto& b : backends)
-    if (b.qom_type != "memory-backend-file" || !b.share) return unsaveable_ram_error(b);
-  VMSAVE_TRY(open_backend_files(backends, pid));
+    if (b.qom_type != "memory-backend-file" || !b.share) unshared = &b;
+  const bool through_qemu = unshared != nullptr;
+  if (through_qemu && opts.compress.enabled())
+    return Error{"cannot compress this VM's RAM", opts.qmp,
+                 fmt::format("backend {} is not a shared file, so QEMU's mapped-ram migration "
+                             "writes the RAM, and that format has no compression",
+                             unshared->id)}
+        .fix("save without --compress, or give the VM shared file-backed RAM "
+             "(memory-backend-file,share=on,mem-path=...)")
+        .as(Exit::kUsage);
+  if (through_qemu) {
+    auto caps_now = qmp.execute("query-migrate-capabilities");
+    if (!caps_now.ok()) return caps_now.error();
+    bool mapped_ram = false;
+    for (auto& c : *caps_now) mapped_ram |= c.value("capability", "") == "mapped-ram";
+    if (!mapped_ram) return unsaveable_ram_error(*unshared);
+  } else {
+    VMSAVE_TRY(open_backend_files(backends, pid));
+  }
 
   std::vector<std::string> cmdline = process_cmdline(pid);
   nlohmann::json meta = base_metadata("qemu", opts.description);
@@ -106,11 +190,14 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     l.id = b.id;
     l.size = b.size;
     l.page_size = b.page_size;
+    if (through_qemu) l.flags = kBlockViaQemu;
     blocks.push_back(l);
-    sources.push_back(RamSource{b.id, b.file, b.fd.get(), b.offset, b.size, b.page_size});
+    if (!through_qemu)
+      sources.push_back(RamSource{b.id, b.file, b.fd.get(), b.offset, b.size, b.page_size});
     meta["blocks"].push_back({{"id", b.id}, {"size", b.size}, {"page_size", b.page_size},
                               {"qom_type", b.qom_type}, {"mem_path", b.mem_path},
-                              {"offset", b.offset}});
+                              {"share", b.share}, {"offset", b.offset},
+                              {"saved_by", through_qemu ? "qemu" : "vmsave"}});
   }
 
   // Create the image before stopping the guest: a target that exists or a
@@ -123,67 +210,232 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   if (opts.compress.enabled()) meta["compress"] = opts.compress.name();
 
   Capabilities caps;
-  VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}, {"mapped-ram", false}, {"multifd", false},
-                            {"postcopy-ram", false}, {"background-snapshot", false}},
-                      {"x-ignore-shared"}));
+  if (through_qemu)
+    VMSAVE_TRY(caps.set(qmp, mapped_ram_capabilities(), {"mapped-ram", "multifd"}));
+  else
+    VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}, {"mapped-ram", false}, {"multifd", false},
+                              {"postcopy-ram", false}, {"background-snapshot", false}},
+                        {"x-ignore-shared"}));
   GuestGuard guard{&qmp, &caps, was_running};
+  MappedRamFds fds;
+  if (through_qemu) {
+    // QEMU opens /dev/fdset/N write-only; it takes the O_DIRECT descriptor
+    // for the multifd page writes and the other for the stream.
+    if (w.direct()) {
+      auto d = w.reopen(O_WRONLY | O_DIRECT);
+      if (d.ok()) fds.direct = std::move(*d);
+    }
+    auto b = w.reopen(O_WRONLY);
+    if (!b.ok()) return b.error();
+    fds.buffered = std::move(*b);
+  }
+  const bool live = opts.live && was_running;
   timer.lap("prepare");
 
-  if (was_running) {
+  auto stop_guest = [&]() -> Status {
+    if (!was_running || guard.stopped) return Status();
     auto r = qmp.execute("stop");
     if (!r.ok()) return r.error();
     guard.stopped = true;
-  }
-  auto paused_at = timer.now();
-  timer.lap("stop");
+    return Status();
+  };
 
+  std::chrono::steady_clock::time_point paused_at;
   Progress progress;
   RamStats ram;
-  rep.begin_phase("writing RAM", &progress);
-  Status st = w.write_ram(sources, opts.engine, &progress, &ram);
-  rep.end_phase();
-  if (!st.ok()) return st.error();
-  timer.lap("ram");
+  double vmstate_s = 0;
+  int passes = 1;
+  i64 rewritten_bytes = 0;
+  double qemu_downtime_s = -1;
+  bool live_timeout_reached = false;
+  if (through_qemu) {
+    // RAM and device state in one QEMU migration into the image. Live: the
+    // guest runs while QEMU copies RAM (pages rewritten in place); QEMU
+    // stops it for the last round within downtime-limit, or vmsave does at
+    // --live-timeout.
+    // QEMU throttles a running guest's migration to max-bandwidth (128 MiB/s
+    // by default), which a guest dirtying memory faster never converges
+    // under: 0 lifts the limit while vmsave's save runs.
+    nlohmann::json old_params = nlohmann::json::object();
+    if (live) {
+      nlohmann::json want = {{"max-bandwidth", 0}};
+      if (opts.max_downtime_ms > 0) want["downtime-limit"] = opts.max_downtime_ms;
+      auto p = qmp.execute("query-migrate-parameters");
+      if (!p.ok()) return p.error();
+      for (auto& [k, v] : want.items())
+        if (p->contains(k)) old_params[k] = (*p)[k];
+      auto r = qmp.execute("migrate-set-parameters", want);
+      if (!r.ok()) return r.error();
+    }
+    if (!live) VMSAVE_TRY(stop_guest());
+    paused_at = timer.now();
+    timer.lap("stop");
+    for (auto& b : backends) progress.total += b.size;
+    nlohmann::json last;
+    rep.begin_phase(live ? "QEMU writing RAM live" : "QEMU writing RAM and device state", &progress);
+    auto t0 = timer.now();
+    bool forced_stop = false;
+    i64 first_round_bytes = -1;  // pages QEMU wrote before its first re-sync
+    Status st = mapped_ram_migrate(qmp, false, fds, w.qemu_offset(), [&](const nlohmann::json& r) {
+      last = r;
+      if (r.contains("ram") && first_round_bytes < 0 && r["ram"].value("dirty-sync-count", 0) >= 2)
+        first_round_bytes = r["ram"].value("normal-bytes", i64(0));
+      if (r.contains("ram")) {
+        i64 total = r["ram"].value("total", i64(0)), remaining = r["ram"].value("remaining", i64(0));
+        if (total > 0)
+          progress.done = std::max<i64>(0, progress.total.load() * (total - remaining) / total);
+      }
+      if (live && !forced_stop && r.value("status", "") == "active" &&
+          std::chrono::duration<double>(timer.now() - t0).count() > opts.live_timeout) {
+        // QEMU could not converge in time: stop the guest so it finishes.
+        forced_stop = true;
+        paused_at = timer.now();
+        (void)stop_guest();
+      }
+    });
+    rep.end_phase();
+    if (!old_params.empty()) (void)qmp.execute("migrate-set-parameters", old_params, 5);
+    if (!st.ok()) return st.error();
+    // A completed outgoing migration leaves the guest stopped (postmigrate).
+    if (was_running) guard.stopped = true;
+    ram.seconds = std::chrono::duration<double>(timer.now() - t0).count();
+    ram.ram_bytes = progress.total;
+    if (last.contains("ram")) {
+      ram.stored_bytes = last["ram"].value("normal-bytes", i64(0));
+      ram.data_pages = last["ram"].value("normal", i64(0));
+      ram.total_pages = last["ram"].value("total", i64(0)) /
+                        std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
+      passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));
+      if (live && first_round_bytes >= 0)
+        rewritten_bytes = std::max<i64>(0, ram.stored_bytes - first_round_bytes);
+    }
+    if (live && !forced_stop && last.contains("downtime")) {
+      // QEMU stopped the guest itself for its last round: the downtime is
+      // QEMU's, plus the time until vmsave resumes it.
+      qemu_downtime_s = last["downtime"].get<double>() / 1000.0;
+      paused_at = timer.now() - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                    std::chrono::duration<double>(qemu_downtime_s));
+    } else if (live && !forced_stop) {
+      paused_at = timer.now();
+    }
+    live_timeout_reached = forced_stop;
+    if (forced_stop) meta["live_timeout_reached"] = true;
+    timer.lap("ram");
+    fds = MappedRamFds{};
+    meta["qemu_migration"] = {{"offset", w.qemu_offset()},
+                              {"capabilities", nlohmann::json(mapped_ram_capabilities())},
+                              {"direct_io", w.direct()},
+                              {"live", live},
+                              {"ram_bytes_written", ram.stored_bytes}};
+  } else {
+    if (live) {
+      // Passes while the guest runs, as long as each rewrites less than the
+      // one before; then the stopped pass makes the image exact.
+      i64 prev = INT64_MAX;
+      for (int p = 0; p < kMaxLivePasses; p++) {
+        Progress pass_progress;
+        ImageWriter::PassStats ps;
+        rep.begin_phase(p == 0 ? "writing RAM live" : fmt::format("live pass {}", p + 1),
+                        &pass_progress);
+        Status st = w.live_pass(sources, opts.engine, &pass_progress, &ps);
+        rep.end_phase();
+        if (!st.ok()) return st.error();
+        if (p > 0) {
+          passes++;
+          rewritten_bytes += ps.bytes_written;
+          if (ps.bytes_written >= prev || ps.bytes_written < kLiveGoodEnough) break;
+        }
+        prev = ps.bytes_written;
+      }
+      timer.lap("live_passes");
+    }
+    VMSAVE_TRY(stop_guest());
+    paused_at = timer.now();
+    timer.lap("stop");
 
-  Progress vm_progress;
-  rep.begin_phase("saving device state", &vm_progress);
-  st = save_device_state(
-      qmp, [&](const u8* d, size_t n) { return w.append_vmstate(d, n); },
-      [&](i64 total) { vm_progress.done = total; });
-  rep.end_phase();
-  if (!st.ok()) return st.error();
-  double vmstate_s = timer.lap("device_state");
+    if (live) {
+      ImageWriter::PassStats ps;
+      rep.begin_phase("final pass (guest stopped)", &progress);
+      Status st = w.live_pass(sources, opts.engine, &progress, &ps);
+      rep.end_phase();
+      if (!st.ok()) return st.error();
+      passes++;
+      rewritten_bytes += ps.bytes_written;
+      VMSAVE_TRY(w.finish_live(&ram));
+    } else {
+      rep.begin_phase("writing RAM", &progress);
+      Status st = w.write_ram(sources, opts.engine, &progress, &ram);
+      rep.end_phase();
+      if (!st.ok()) return st.error();
+    }
+    timer.lap("ram");
+
+    Progress vm_progress;
+    rep.begin_phase("saving device state", &vm_progress);
+    Status st = save_device_state(
+        qmp, [&](const u8* d, size_t n) { return w.append_vmstate(d, n); },
+        [&](i64 total) { vm_progress.done = total; });
+    rep.end_phase();
+    if (!st.ok()) return st.error();
+    vmstate_s = timer.lap("device_state");
+  }
   caps.restore(qmp);
-
   if (cancelled()) return interrupted_error();
+
+  // Resume early, commit late: RAM and device state are written, so a guest
+  // that stays running resumes now; checksumming QEMU's section, flushing
+  // and the commit happen while it runs. If they fail, no image appears and
+  // the guest just keeps running.
+  std::string after = "quit";
+  bool resumed = false;
+  double downtime = 0;
+  if (opts.after == AfterSave::kLeaveRunning && was_running) {
+    auto r = qmp.execute("cont");
+    if (!r.ok()) return r.error();
+    guard.stopped = false;
+    resumed = true;
+    downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
+  }
+
+  if (through_qemu) {
+    Progress hash_progress;
+    rep.begin_phase("checksumming QEMU's section", &hash_progress);
+    Status st = w.finish_qemu_section(&hash_progress);
+    rep.end_phase();
+    if (!st.ok()) return st.error();
+    timer.lap("checksum");
+  }
+
   meta["vmstate_bytes"] = w.vmstate_bytes();
-  st = w.commit(meta);
+  meta["live"] = live;
+  Status st = commit_within(*w_r, meta, opts.flush_timeout);
   if (!st.ok()) return st.error();
-  timer.lap("commit");
+  double flush_s = timer.lap("commit");
 
   // The image is safe on disk: from here, failures no longer undo the save.
   guard.armed = false;
-  std::string after = "quit";
   if (opts.after == AfterSave::kQuit) {
     (void)qmp.execute("quit", nullptr, 5);
   } else if (opts.after == AfterSave::kLeaveRunning) {
     after = was_running ? "running" : "paused";
-    if (was_running) {
-      auto r = qmp.execute("cont");
-      if (!r.ok()) rep.warn("the image is saved, but resuming the guest failed: " + r.error().message());
-    }
   } else {
     after = "paused";
   }
-  double downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
+  if (!resumed) downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
   timer.lap("finish");
 
   nlohmann::json j = {{"command", "save"},         {"mode", "qemu"},
                       {"image", opts.image},       {"qemu_pid", pid},
                       {"guest_was_running", was_running},
                       {"after", after},            {"vmstate_bytes", w.vmstate_bytes()},
+                      {"ram_saved_by", through_qemu ? "qemu" : "vmsave"},
+                      {"live", live},              {"passes", passes},
+                      {"bytes_rewritten", rewritten_bytes},
+                      {"flush_s", flush_s},
                       {"vmstate_s", vmstate_s},    {"direct_io", w.direct()},
                       {"downtime_s", was_running ? downtime : 0.0}};
+  if (qemu_downtime_s >= 0) j["qemu_downtime_s"] = qemu_downtime_s;
+  if (through_qemu && live) j["live_timeout_reached"] = live_timeout_reached;
   add_ram_report(j, ram, "ram_write");
   if (opts.compress.enabled()) j["compress"] = opts.compress.name();
   j["steps_s"] = timer.steps();

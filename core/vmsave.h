@@ -33,6 +33,11 @@ struct SaveOptions {
   std::string qmp;
   AfterSave after = AfterSave::kQuit;
   double qmp_timeout = 10;
+  // --live: save RAM while the guest runs, stop it only for the rest.
+  bool live = false;
+  i64 max_downtime_ms = 0;    // QEMU path: downtime-limit (0: QEMU's default)
+  double live_timeout = 60;   // QEMU path: stop the guest after this long
+  double flush_timeout = 0;   // 0: wait for the flush as long as it takes
 };
 
 struct RestoreOptions {

@@ -98,6 +98,7 @@ i64 plan_regions(std::vector<BlockLayout>& blocks, i64 chunk_size) {
   for (BlockLayout& b : blocks) {
     i64 align = std::max(kRegionAlign, b.page_size);
     b.chunk_size = std::max(chunk_size, b.page_size);
+    if (b.via_qemu()) continue;
     b.region.offset = align_up(off, align);
     b.region.length = align_up(b.size, b.page_size);
     off = b.region.offset + b.region.length;
@@ -128,6 +129,7 @@ std::vector<u8> encode_section_table(const ImageLayout& img) {
     r.page_size = b.page_size;
     r.chunk_size = b.chunk_size;
     r.data_pages = b.data_pages;
+    r.flags = b.flags;
     // The record is small enough to live in the table itself: its "extent"
     // is the record, so the entry's offset/length/checksum describe it.
     const u8* p = reinterpret_cast<const u8*>(&r);
@@ -139,6 +141,7 @@ std::vector<u8> encode_section_table(const ImageLayout& img) {
     const u8* q = reinterpret_cast<const u8*>(&s);
     out.insert(out.end(), q, q + sizeof(s));
     out.insert(out.end(), p, p + sizeof(r));
+    if (b.via_qemu()) continue;  // its pages are in the QEMU section
     put_entry(out, SectionKind::kRamRegion, i, b.region);
     put_entry(out, SectionKind::kRamBitmap, i, b.bitmap);
     put_entry(out, SectionKind::kChunkSums, i, b.sums);
@@ -147,6 +150,7 @@ std::vector<u8> encode_section_table(const ImageLayout& img) {
   put_entry(out, SectionKind::kVmstate, kNoBlock, img.vmstate,
             static_cast<u64>(img.vmstate_codec));
   put_entry(out, SectionKind::kMetadata, kNoBlock, img.metadata);
+  if (img.has_qemu_section()) put_entry(out, SectionKind::kQemuMigration, kNoBlock, img.qemu);
   return out;
 }
 
@@ -243,7 +247,7 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
   size_t pos = 0;
   std::map<u32, BlockLayout> blocks;
   std::map<u32, int> seen;  // bit per kind, to catch duplicates and gaps
-  bool have_vmstate = false, have_metadata = false;
+  bool have_vmstate = false, have_metadata = false, have_qemu = false;
   auto at = [&](size_t p) { return img.table.offset + static_cast<i64>(p); };
 
   while (pos < bytes.size()) {
@@ -296,8 +300,13 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
           return damaged(path, fmt::format("block {} has an implausible page size", b.id));
         if (b.chunk_size < b.page_size || b.chunk_size > kMaxChunkSize || !is_pow2(b.chunk_size))
           return damaged(path, fmt::format("block {} has an implausible chunk size", b.id));
-        if (r.flags != 0 || !all_zero(r.reserved, sizeof(r.reserved)))
+        if ((r.flags & ~kBlockViaQemu) || !all_zero(r.reserved, sizeof(r.reserved)))
           return damaged(path, "reserved block fields are not zero", at(entry_pos));
+        b.flags = r.flags;
+        if (b.via_qemu() && (!img.has_qemu_section() || b.data_pages != 0))
+          return damaged(path, fmt::format("block {} claims a QEMU migration section the "
+                                           "image does not have", b.id),
+                         at(entry_pos));
         if (b.data_pages > b.pages())
           return damaged(path, fmt::format("block {} claims more data pages than it has", b.id));
         break;
@@ -331,6 +340,13 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
         have_metadata = true;
         img.metadata = e;
         break;
+      case SectionKind::kQemuMigration:
+        if (have_qemu) return damaged(path, "duplicate QEMU migration section", at(entry_pos));
+        if (!img.has_qemu_section())
+          return damaged(path, "QEMU migration section without its header flag", at(entry_pos));
+        have_qemu = true;
+        img.qemu = e;
+        break;
       default:
         // Minor versions may add kinds a v1.0 reader skips; within our own
         // minor version an unknown kind is damage.
@@ -340,6 +356,8 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
   }
   if (!have_vmstate || !have_metadata)
     return damaged(path, "section table lacks the vmstate or metadata section", img.table.offset);
+  if (img.has_qemu_section() && !have_qemu)
+    return damaged(path, "section table lacks the QEMU migration section", img.table.offset);
   if (blocks.empty() || blocks.size() > kMaxBlocks)
     return damaged(path, "image lists no RAM block", img.table.offset);
 
@@ -349,7 +367,9 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
   img.blocks.clear();
   for (u32 i = 0; i < blocks.size(); i++) {
     auto it = blocks.find(i);
-    if (it == blocks.end() || seen[i] != want)
+    // A block saved through QEMU has only its record.
+    int want_block = it != blocks.end() && it->second.via_qemu() ? 0x2 : want;
+    if (it == blocks.end() || seen[i] != want_block)
       return damaged(path, fmt::format("RAM block {} is incomplete in the section table", i));
     img.blocks.push_back(it->second);
   }
@@ -357,6 +377,7 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
   // Every extent inside the file, aligned; no two overlapping.
   std::vector<std::pair<Extent, std::string>> all;
   for (BlockLayout& b : img.blocks) {
+    if (b.via_qemu()) continue;
     i64 align = std::max(kRegionAlign, b.page_size);
     VMSAVE_TRY(check_extent(b.region, align, img, path, "RAM region of " + b.id));
     if (b.region.length != align_up(b.size, b.page_size))
@@ -386,6 +407,11 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
   if (img.metadata.length > kMaxMetadataSize)
     return damaged(path, "metadata section larger than the limit");
   all.emplace_back(img.vmstate, "vmstate");
+  if (img.has_qemu_section()) {
+    VMSAVE_TRY(check_extent(img.qemu, kSectionAlign, img, path, "QEMU migration section"));
+    if (img.qemu.length == 0) return damaged(path, "QEMU migration section is empty");
+    all.emplace_back(img.qemu, "QEMU migration section");
+  }
   all.emplace_back(img.metadata, "metadata");
   all.emplace_back(Extent{img.table.offset, static_cast<i64>(bytes.size())}, "section table");
   // Empty sections (no device state in raw mode) occupy nothing.

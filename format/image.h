@@ -7,8 +7,9 @@
 //     12  ul32     format minor version (1); newer minors only add sections
 //     16  ul64     feature flags: bit 0 (kFlagCompressed) = the image has
 //                  compressed chunks and a ChunkRecord table per block; bit 1
-//                  is taken by another feature. A reader refuses any bit it
-//                  does not know ("needs a newer vmsave", status 3).
+//                  (kFlagQemuMigration) = the image holds a QEMU migration
+//                  section. A reader refuses any bit it does not know ("needs
+//                  a newer vmsave", status 3).
 //     24  u8[16]   image UUID (random, version 4)
 //     40  ul64     creation time, nanoseconds since the Unix epoch
 //     48  ul64     file size: the exact size of the complete file
@@ -27,6 +28,12 @@
 //
 //   vmstate: QEMU's device-state stream, 4096-aligned, its exact length in
 //   the section table (the file pads it to 4096 with zeros).
+//
+//   QEMU migration (minor 1, header flag bit 1): RAM that is not a shared
+//   file is saved by QEMU's own mapped-ram migration into the image, from a
+//   2 MiB-aligned offset after the RAM regions; its device state is then in
+//   that stream and the vmstate section is empty. Blocks saved this way have
+//   BlockRecord flag kBlockViaQemu and no region, bitmap or chunk table.
 //
 //   Tail, each piece 4096-aligned: per block a bitmap (bit i of byte i/8 set
 //   when page i holds data) and a chunk table (ul64 XXH3-64 of each chunk's
@@ -63,8 +70,9 @@ namespace vmsave {
 constexpr u32 kFormatMajor = 1;
 constexpr u32 kFormatMinor = 1;
 // Header feature flags. A reader refuses bits it does not know.
-constexpr u64 kFlagCompressed = 1;  // ChunkRecord tables; compressed chunks
-constexpr u64 kKnownFlags = kFlagCompressed;
+constexpr u64 kFlagCompressed = 1;     // ChunkRecord tables; compressed chunks
+constexpr u64 kFlagQemuMigration = 2;  // a QEMU migration section
+constexpr u64 kKnownFlags = kFlagCompressed | kFlagQemuMigration;
 constexpr i64 kHeaderSize = 4096;
 constexpr i64 kSectionAlign = 4096;
 constexpr i64 kRegionAlign = 2 * kMiB;  // lets a region back 2 MiB THP/hugetlb guest RAM
@@ -92,8 +100,13 @@ enum class SectionKind : u32 {
   kChunkSums = 4,  // XXH3-64 per chunk of a block
   kVmstate = 5,    // QEMU device state
   kMetadata = 6,   // JSON
-  kChunkTable = 7,   // a ChunkRecord per chunk of a block (compressed images)
+  kChunkTable = 7,      // a ChunkRecord per chunk of a block (compressed images)
+  kQemuMigration = 8,   // QEMU's mapped-ram migration stream (RAM + device state)
 };
+
+// BlockRecord flags: the block's pages are in the QEMU migration section,
+// not in a region of its own.
+constexpr u64 kBlockViaQemu = 2;
 constexpr u32 kNoBlock = 0xffffffff;
 
 struct DiskHeader {
@@ -168,11 +181,13 @@ struct BlockLayout {
   i64 page_size = 0;
   i64 chunk_size = 0;
   i64 data_pages = 0;
+  u64 flags = 0;  // kBlockViaQemu
   Extent region;
   Extent bitmap;
   Extent sums;
   Extent chunk_table;  // kChunkTable; length 0 in uncompressed images
 
+  bool via_qemu() const { return flags & kBlockViaQemu; }
   i64 pages() const { return (size + page_size - 1) / page_size; }
   i64 chunks() const { return (size + chunk_size - 1) / chunk_size; }
   // Length of chunk c: the last one may be short.
@@ -182,20 +197,24 @@ struct BlockLayout {
 struct ImageLayout {
   u32 major = kFormatMajor;
   u32 minor = kFormatMinor;
+  u64 flags = 0;  // kFlag*
   std::array<u8, 16> uuid{};
   i64 created_ns = 0;
   i64 file_size = 0;
-  u64 flags = 0;
   std::vector<BlockLayout> blocks;
   Extent vmstate;
   Codec vmstate_codec = Codec::kRaw;
+  Extent qemu;  // the QEMU migration section; length 0 when absent
   Extent metadata;
   Extent table;
+
+  bool has_qemu_section() const { return flags & kFlagQemuMigration; }
 };
 
 // Where the RAM regions go for these blocks (id, size, page size set), and
 // where the vmstate section starts: the writer's plan before any byte is
-// written. Chunk size is max(`chunk_size`, page size).
+// written. Chunk size is max(`chunk_size`, page size). Blocks saved through
+// QEMU get no region.
 i64 plan_regions(std::vector<BlockLayout>& blocks, i64 chunk_size);
 
 // Encodes the section table for `img` (blocks, vmstate, metadata with their

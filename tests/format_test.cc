@@ -247,12 +247,35 @@ TEST_CASE("format: a change to any header byte is refused") {
   CHECK(too_new > 0);
 }
 
+TEST_CASE("format: an unknown header flag means the image needs a newer vmsave") {
+  ImageLayout img = make_layout();
+  DiskHeader good = header_of(encode_header(img));
+  for (int bit = 0; bit < 64; bit++) {
+    if ((u64(1) << bit) & kKnownFlags) continue;
+    DiskHeader h = good;
+    h.flags = u64(1) << bit;
+    CAPTURE(bit);
+    check_damaged(decode_header(bytes_of(h), img.file_size, kPath), "needs a newer vmsave");
+  }
+  // The QEMU migration flag is known: the header alone decodes.
+  DiskHeader h = good;
+  h.flags = kFlagQemuMigration;
+  auto d = decode_header(bytes_of(h), img.file_size, kPath);
+  REQUIRE_MESSAGE(d.ok(), d.error().message());
+  CHECK(d->has_qemu_section());
+  // A flipped flag bit without a fixed checksum is damage, not "too new".
+  h = good;
+  h.flags = 1;
+  check_damaged(decode_header(bytes_of(h, false), img.file_size, kPath), "header checksum");
+}
+
 TEST_CASE("format: every reserved header field must be zero") {
   ImageLayout img = make_layout();
   DiskHeader good = header_of(encode_header(img));
-  // Feature flags: bit 0 is compression; any other bit is a feature of a
+  // Feature flags: bits 0 and 1 are known; any other bit is a feature of a
   // newer vmsave, refused as such (status 3), not as damage.
   for (int bit = 1; bit < 64; bit++) {
+    if ((u64(1) << bit) & kKnownFlags) continue;
     CAPTURE(bit);
     DiskHeader h = good;
     h.flags = (u64(1) << bit) | (bit % 2 ? kFlagCompressed : 0);
@@ -994,4 +1017,107 @@ TEST_CASE("format: codecs round trip, refuse what does not shrink, and survive g
   got.clear();
   unpack(extra, &got, &err);
   CHECK(!err.empty());
+}
+
+// ------------------------------------------------------- QEMU migration
+
+namespace {
+
+// A layout whose second block went through QEMU's mapped-ram migration: no
+// region, bitmap or chunk table of its own, a QEMU section after the first
+// block's region, an empty vmstate section.
+ImageLayout make_qemu_layout() {
+  ImageLayout img;
+  img.flags = kFlagQemuMigration;
+  BlockLayout a;
+  a.id = "ram0";
+  a.size = 3 * kMiB;
+  a.page_size = 4096;
+  BlockLayout q = a;
+  q.id = "pc.ram";
+  q.flags = kBlockViaQemu;
+  img.blocks = {a, q};
+  i64 end = plan_regions(img.blocks, kDefaultChunkSize);
+  img.qemu = {align_up(end, kRegionAlign), 5 * kMiB + 123, 77};
+  i64 off = align_up(img.qemu.offset + img.qemu.length, kSectionAlign);
+  img.vmstate = {off, 0, checksum({})};
+  auto place = [&](Extent& e, i64 len) {
+    off = align_up(off, kSectionAlign);
+    e = {off, len, 0x99};
+    off += len;
+  };
+  img.blocks[0].data_pages = 5;
+  place(img.blocks[0].bitmap, (img.blocks[0].pages() + 7) / 8);
+  place(img.blocks[0].sums, img.blocks[0].chunks() * 8);
+  place(img.metadata, 300);
+  std::vector<u8> table = encode_section_table(img);
+  place(img.table, static_cast<i64>(table.size()));
+  img.table.checksum = checksum(table);
+  img.file_size = align_up(off, kSectionAlign);
+  return img;
+}
+
+}  // namespace
+
+TEST_CASE("format: a QEMU migration section and blocks saved through it round-trip") {
+  ImageLayout img = make_qemu_layout();
+  CHECK(img.blocks[1].region.length == 0);
+  std::vector<u8> hb = encode_header(img);
+  auto d = decode_header(hb, img.file_size, kPath);
+  REQUIRE_MESSAGE(d.ok(), d.error().message());
+  CHECK(d->flags == kFlagQemuMigration);
+  std::vector<u8> table = encode_section_table(img);
+  ImageLayout out;
+  Status st = decode_table(table, img, &out);
+  REQUIRE_MESSAGE(st.ok(), st.error().message());
+  CHECK(out.qemu.offset == img.qemu.offset);
+  CHECK(out.qemu.length == img.qemu.length);
+  CHECK(out.qemu.checksum == 77);
+  REQUIRE(out.blocks.size() == 2);
+  CHECK_FALSE(out.blocks[0].via_qemu());
+  CHECK(out.blocks[1].via_qemu());
+  CHECK(out.blocks[1].id == "pc.ram");
+  CHECK(out.blocks[1].size == 3 * kMiB);
+}
+
+TEST_CASE("format: the QEMU migration section and its flag must agree") {
+  ImageLayout img = make_qemu_layout();
+  std::vector<u8> table = encode_section_table(img);
+  SUBCASE("section without the header flag") {
+    ImageLayout no_flag = img;
+    no_flag.flags = 0;
+    check_damaged(decode_table(table, no_flag));
+  }
+  SUBCASE("flag without the section") {
+    ImageLayout no_section = img;
+    no_section.flags = 0;
+    std::vector<u8> t = encode_section_table(no_section);
+    // The via-QEMU block record is still in the table: both are refused.
+    check_damaged(decode_table(t, img));
+    ImageLayout plain = make_layout();
+    plain.flags = kFlagQemuMigration;
+    check_damaged(decode_table(encode_section_table(make_layout()), plain),
+                  "lacks the QEMU migration section");
+  }
+  SUBCASE("a block through QEMU in an image without the section") {
+    ImageLayout plain = make_layout(1);
+    std::vector<u8> t = encode_section_table(plain);
+    edit_record(t, find_entry(t, SectionKind::kBlock, 0),
+                [](BlockRecord& r) { r.flags = kBlockViaQemu; });
+    check_damaged(decode_table(t, plain));
+  }
+  SUBCASE("a QEMU section overlapping a region or out of the file") {
+    ImageLayout bad = img;
+    bad.qemu.offset = bad.blocks[0].region.offset;
+    check_damaged(decode_table(encode_section_table(bad), bad), "overlaps");
+    bad = img;
+    bad.qemu.length = bad.file_size;
+    check_damaged(decode_table(encode_section_table(bad), bad), "out of bounds");
+  }
+  SUBCASE("a duplicate QEMU section") {
+    std::vector<u8> t = table;
+    size_t pos = find_entry(t, SectionKind::kQemuMigration);
+    t.insert(t.end(), t.begin() + pos, t.begin() + pos + sizeof(SectionEntry));
+    check_damaged(decode_table(t, img), "duplicate");
+  }
 }

@@ -325,17 +325,21 @@ std::vector<std::string> TestVm::command() const {
   auto add = [&](std::initializer_list<std::string> args) {
     argv.insert(argv.end(), args.begin(), args.end());
   };
+  auto kind = [&](int node) -> std::string {
+    if (!opts_.node_backends.empty()) return opts_.node_backends.at(size_t(node));
+    return opts_.shared_file_ram ? "file" : "ram";
+  };
   auto backend = [&](int node, int64_t mib) {
-    if (opts_.shared_file_ram) {
+    if (kind(node) == "file") {
       return fmt::format("memory-backend-file,id=ram{},size={}M,share=on,mem-path={}", node, mib,
                          ram_path(node));
     }
-    return fmt::format("memory-backend-ram,id=ram{},size={}M", node, mib);
+    return fmt::format("memory-backend-{},id=ram{},size={}M", kind(node), node, mib);
   };
 
   std::string machine = fmt::format("q35,accel={}", kvm ? "kvm" : "tcg");
   if (nodes == 1) {
-    if (opts_.shared_file_ram) {
+    if (opts_.shared_file_ram || !opts_.node_backends.empty()) {
       add({"-object", backend(0, total_mib)});
       machine += ",memory-backend=ram0";
     }

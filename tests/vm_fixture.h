@@ -51,6 +51,10 @@ struct VmOptions {
   int dirty_mib = 0;            // MiB the guest rewrites per pass (0: memory stays constant)
   int numa_nodes = 1;           // 2 => backends ram0, ram1 of ram_mib/2 each, one per -numa node
   bool shared_file_ram = true;  // false => anonymous RAM (no file to read)
+  // Per NUMA node (overrides shared_file_ram when not empty): "file" (shared
+  // file backend), "ram" (memory-backend-ram) or "memfd". With one entry the
+  // backend is the machine's memory-backend.
+  std::vector<std::string> node_backends;
   std::vector<std::string> extra_args;  // appended to the QEMU command line
 };
 
