@@ -535,8 +535,12 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   const i64 pages_per_chunk = b.chunk_size / page;
   const bool verify_only = dest == nullptr;
   const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
-  // Verify mode: a pool of chunk buffers per worker.
-  const i64 pool = std::max<i64>(1, kVerifyPoolBytes / b.chunk_size);
+  // Verify mode: a pool of chunk buffers per worker, never more buffers
+  // than chunks nor bigger than the block's region (chunk size and block
+  // size come from the image: a 16 KiB block with 1 GiB chunks must not
+  // allocate 1 GiB).
+  const i64 pool = std::clamp<i64>(kVerifyPoolBytes / b.chunk_size, 1, b.chunks());
+  const i64 buffer_size = std::min(b.chunk_size, b.region.length);
 
   struct Worker {
     std::vector<AlignedBuffer> buffers;
@@ -550,11 +554,14 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   std::atomic<i64> data_bytes{0};
 
   auto present = [&](i64 p) { return bitmap_test(bitmap.data(), p); };
-  const u64 zero_full = zero_checksum(b.chunk_size);
+  // The checksum of an all-hole chunk of full length (chunk 0's length:
+  // the block's size when that is less than one chunk).
+  const i64 full = b.chunk_length(0);
+  const u64 zero_full = zero_checksum(full);
   auto finish_chunk = [&](int w, i64 c, bool empty) -> Status {
     i64 len = b.chunk_length(c);
     u8* base = chunk_buf[c];
-    u64 sum = empty ? (len == b.chunk_size ? zero_full : zero_checksum(len))
+    u64 sum = empty ? (len == full ? zero_full : zero_checksum(len))
                     : chunk_checksum(base, len, page, c * pages_per_chunk, present);
     if (verify_only && chunk_slot[c] >= 0) workers[w].free.push_back(chunk_slot[c]);
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
@@ -575,7 +582,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     q.name_fd(fd(), path());
     if (verify_only) {
       for (i64 i = 0; i < pool; i++) {
-        workers[w].buffers.emplace_back(b.chunk_size);
+        workers[w].buffers.emplace_back(buffer_size);
         workers[w].free.push_back(static_cast<int>(i));
       }
     }

@@ -5,6 +5,8 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -14,7 +16,9 @@
 
 #include <chrono>
 #include <fstream>
+#include <filesystem>
 #include <functional>
+#include <map>
 #include <thread>
 
 #include "tests/test_util.h"
@@ -221,6 +225,35 @@ TEST_CASE("qmp: an error reply names QEMU's class and description") {
   auto ok = c.execute("next");
   REQUIRE_MESSAGE(ok.ok(), message_of(ok.status()));
   CHECK((*ok)["ok"] == 1);
+}
+
+TEST_CASE("qmp: an error reply whose fields have the wrong JSON types is still an error value") {
+  // Found by tests/fuzz/fuzz_qmp: {"error": {"desc": ["oob"]}} made
+  // json::value() throw out of QmpClient::call.
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  const json errors[] = {json{{"class", json::array({1})}, {"desc", json::array({"oob"})}},
+                         json("a string"), json(42), json{{"desc", nullptr}}};
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    for (const json& e : errors) {
+      json req = s.request();
+      s.send(json{{"error", e}, {"id", req["id"]}}.dump() + "\r\n");
+    }
+    s.reply({{"ok", 1}});
+  });
+  QmpClient c = connect_ok(server.path());
+  const char* want[] = {"GenericError: ", "GenericError: \"a string\"", "GenericError: 42",
+                        "GenericError: "};
+  for (int i = 0; i < 4; i++) {
+    CAPTURE(i);
+    auto r = c.execute("odd");
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().what == "QEMU refused odd");
+    CHECK(r.error().detail == want[i]);
+  }
+  auto ok = c.execute("next");
+  REQUIRE_MESSAGE(ok.ok(), message_of(ok.status()));
 }
 
 TEST_CASE("qmp: stale replies are dropped and a slow command times out") {
