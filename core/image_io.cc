@@ -453,6 +453,8 @@ Result<std::unique_ptr<ImageReader>> ImageReader::open(const std::string& path,
     Error e = f.error();
     e.what = "cannot open image";
     if (errno == ENOENT) e.hint = "check the path";
+    if (errno == EACCES)
+      e.hint = "images are mode 0600: run vmsave as the image's owner (or root)";
     return e;
   }
   r->file_ = std::move(*f);

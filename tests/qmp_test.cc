@@ -474,6 +474,107 @@ TEST_CASE("qmp: getfd and add-fd pass a working fd with SCM_RIGHTS") {
   CHECK(addfd_req["arguments"]["opaque"] == "rdonly:pipe");
 }
 
+// A QEMU stand-in for `vmsave save --qmp`: a 2 MiB shared RAM file that
+// this process maps (SO_PEERCRED names this process as "QEMU", so vmsave
+// finds the mapping in our /proc/PID/maps), and canned replies by command.
+struct FakeQemu {
+  test::TempDir shm{"/dev/shm"};
+  std::string ram = shm / "ram0";
+  void* map = nullptr;
+  std::vector<std::string> commands;  // what vmsave asked, in order
+  std::map<std::string, json> replies = {
+      {"query-status", {{"status", "running"}, {"running", true}}},
+      {"query-migrate", json::object()},
+      {"qom-list", json::array({{{"name", "ram0"}, {"type", "child<memory-backend-file>"}}})},
+      {"query-version", {{"qemu", {{"major", 10}, {"minor", 0}, {"micro", 2}}}}},
+      {"query-migrate-capabilities",
+       json::array({{{"capability", "xbzrle"}, {"state", false}},
+                    {{"capability", "mapped-ram"}, {"state", false}}})},
+  };
+
+  FakeQemu() {
+    test::write_pattern_file(ram, 2 * kMiB, "mixed", 3);
+    int fd = ::open(ram.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    map = mmap(nullptr, 2 * kMiB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    REQUIRE(map != MAP_FAILED);
+  }
+  ~FakeQemu() { munmap(map, 2 * kMiB); }
+
+  void serve(FakeQmp& s) {
+    s.handshake();
+    for (;;) {
+      json r = s.request();
+      if (r.is_null()) return;
+      std::string cmd = r.value("execute", "");
+      commands.push_back(cmd);
+      json ret = json::object();
+      if (cmd == "qom-get") {
+        std::string prop = r["arguments"].value("property", "");
+        ret = prop == "size"       ? json(2 * kMiB)
+              : prop == "share"    ? json(true)
+              : prop == "mem-path" ? json(ram)
+              : prop == "offset"   ? json(0)
+                                   : json("pc-q35-10.0-machine");
+      } else if (replies.count(cmd)) {
+        ret = replies[cmd];
+      }
+      s.send(json{{"return", ret}, {"id", r["id"]}}.dump() + "\r\n");
+    }
+  }
+};
+
+TEST_CASE("qmp: save against a QEMU that is not one vmsave can use fails with 1, naming the cause") {
+  test::TempDir dir;
+  const std::string out = dir / "out";
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
+  const std::string image = out + "/vm.vmsave";
+  auto out_empty = [&] {
+    return std::filesystem::is_empty(out);
+  };
+
+  SUBCASE("QEMU without the x-ignore-shared migration capability") {
+    FakeQemu qemu;
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) { qemu.serve(s); });
+    test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
+    server.join();
+    CHECK_MESSAGE(r.status == 1, r.err);
+    CHECK_MESSAGE(r.err.find("QEMU lacks the migration capability x-ignore-shared") !=
+                      std::string::npos, r.err);
+    CHECK_MESSAGE(r.err.find("use QEMU 9.1 or newer") != std::string::npos, r.err);
+    // Refused before the guest was stopped, and nothing was written.
+    CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "stop") == 0);
+    CHECK(out_empty());
+  }
+  SUBCASE("a reply of the wrong JSON type") {
+    FakeQemu qemu;
+    qemu.replies["qom-list"] = "not a list of objects";
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) { qemu.serve(s); });
+    test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
+    server.join();
+    CHECK_MESSAGE(r.status == 1, r.err);
+    CHECK_MESSAGE(r.err.find("vmsave: error: unexpected JSON from QEMU") != std::string::npos,
+                  r.err);
+    CHECK(out_empty());
+  }
+  SUBCASE("a socket that is not QEMU's") {
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) {
+      s.send("220 smtp.example ESMTP ready\r\n");
+      s.request();
+    });
+    test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
+    server.join();
+    CHECK_MESSAGE(r.status == 1, r.err);
+    CHECK_MESSAGE(r.err.find("the socket does not speak QMP") != std::string::npos, r.err);
+    CHECK_MESSAGE(r.err.find("-qmp unix:PATH") != std::string::npos, r.err);
+    CHECK(out_empty());
+  }
+}
+
 TEST_CASE("qmp client drives a real QEMU") {
   test::require_guest_kit();
 
