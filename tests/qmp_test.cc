@@ -6,8 +6,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -15,8 +15,8 @@
 #include <fmt/core.h>
 
 #include <chrono>
-#include <fstream>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <thread>
@@ -525,14 +525,13 @@ struct FakeQemu {
   }
 };
 
-TEST_CASE("qmp: save against a QEMU that is not one vmsave can use fails with 1, naming the cause") {
+TEST_CASE(
+    "qmp: save against a QEMU that is not one vmsave can use fails with 1, naming the cause") {
   test::TempDir dir;
   const std::string out = dir / "out";
   REQUIRE(::mkdir(out.c_str(), 0700) == 0);
   const std::string image = out + "/vm.vmsave";
-  auto out_empty = [&] {
-    return std::filesystem::is_empty(out);
-  };
+  auto out_empty = [&] { return std::filesystem::is_empty(out); };
 
   SUBCASE("QEMU without the x-ignore-shared migration capability") {
     FakeQemu qemu;
@@ -541,8 +540,9 @@ TEST_CASE("qmp: save against a QEMU that is not one vmsave can use fails with 1,
     test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
     server.join();
     CHECK_MESSAGE(r.status == 1, r.err);
-    CHECK_MESSAGE(r.err.find("QEMU lacks the migration capability x-ignore-shared") !=
-                      std::string::npos, r.err);
+    CHECK_MESSAGE(
+        r.err.find("QEMU lacks the migration capability x-ignore-shared") != std::string::npos,
+        r.err);
     CHECK_MESSAGE(r.err.find("use QEMU 9.1 or newer") != std::string::npos, r.err);
     // Refused before the guest was stopped, and nothing was written.
     CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "stop") == 0);

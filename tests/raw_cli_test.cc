@@ -175,6 +175,7 @@ void truncation_sweep(const std::string& cmd) {
     if (cmd == "restore" && !list_dir(out.path()).empty()) FAIL("restore left files at size ", n);
   }
   CHECK(ran > 1000);  // every boundary of a ~4.3 MiB image
+  test::record_figure("truncations_" + cmd, ran);
 }
 
 }  // namespace
@@ -263,6 +264,7 @@ TEST_CASE("raw: a flipped byte in any section is damage that verify finds and re
   }
   // Undone, the image is intact again.
   CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+  test::record_figure("byte_flips", flips.size());
 }
 
 TEST_CASE("raw: verify --json reports damage, and a zeroed header is an unfinished save") {
