@@ -896,11 +896,11 @@ int vmsave_status(const std::vector<std::string>& args) {
 }
 
 TEST_CASE(
-    "e2e: SIGKILL at 24 points of a save never leaves an image that info accepts and verify "
-    "rejects, and the guest resumes each time") {
+    "e2e: SIGKILL at 20 or more points of a save never leaves an image that info accepts and "
+    "verify rejects, and the guest resumes each time") {
   test::require_guest_kit();
   // 256 MiB of data: a save takes long enough (~0.5 s with process start)
-  // that 24 evenly spread kill times land in every step of it.
+  // that kill times spread evenly over it land in every step of it.
   TestVm vm({.ram_mib = 512, .memcheck_mib = 256});
   boot(vm, 1);
   const std::string out = vm.dir() + "/out";
@@ -927,11 +927,20 @@ TEST_CASE(
   REQUIRE(vmsave_status({"verify", previous}) == 0);
   MESSAGE("a full save takes " << T << " s");
 
-  constexpr int kPoints = 24;
-  int killed = 0, finished = 0;
-  for (int i = 0; i < kPoints; i++) {
+  // Kill times are fractions of T: 0/24 .. 23/24, then the midpoints
+  // between them if fewer than 24 kills have landed. A save that finished
+  // before its kill shows it ran faster than T (other tests load the
+  // machine unevenly), so T shrinks to that delay and the later points
+  // spread over the shorter run.
+  constexpr int kWanted = 24;
+  std::vector<double> fractions;
+  for (int i = 0; i < kWanted; i++) fractions.push_back(double(i) / kWanted);
+  for (int i = 0; i < kWanted; i++) fractions.push_back((i + 0.5) / kWanted);
+  int killed = 0, finished = 0, points = 0;
+  for (int i = 0; i < int(fractions.size()) && killed < kWanted; i++) {
     const std::string& target = i % 2 ? fresh : previous;
-    const double delay = T * i / kPoints;
+    const double delay = T * fractions[i];
+    points++;
     CAPTURE(i);
     CAPTURE(delay);
     int status;
@@ -947,6 +956,7 @@ TEST_CASE(
       CHECK_MESSAGE(status == 0,
                     "status " << status << ": " << slurp(vm.dir() + "/killed-save.log"));
       finished++;
+      if (i > 0) T = std::min(T, delay);
     }
     // What is at the target is a complete image, or (new path) nothing.
     if (exists(target)) {
@@ -979,12 +989,10 @@ TEST_CASE(
                     err);
   }
   MESSAGE(killed << " saves killed part-way, " << finished << " finished before the kill");
-  test::record_figure("kill_points", kPoints);
+  test::record_figure("kill_points", points);
   test::record_figure("kill_points_killed", killed);
   test::record_figure("kill_points_finished", finished);
   test::record_figure("kill_save_seconds", T);
-  // The points fall inside the save's measured duration; a save that runs
-  // faster than both measured ones may finish before a few late points.
   CHECK(killed >= 20);
 
   // A save still works after all that, and its image verifies.
