@@ -41,6 +41,16 @@ void install_signal_handlers() {
   signal(SIGPIPE, SIG_IGN);
 }
 
+// A JSON value of an unexpected type, from a QMP peer that is not quite
+// QEMU or in an image's metadata (checksummed, so written that way), makes
+// nlohmann::json throw from deep in core/. main() catches it around the
+// command, so the stack unwinds (a stopped guest is resumed on the way out)
+// and the user gets one line instead of std::terminate.
+Error unexpected_json(const nlohmann::json::exception& e) {
+  return Error{"unexpected JSON from QEMU or in the image's metadata", "", e.what(),
+               "is the QMP socket QEMU's, and the image one vmsave wrote?"};
+}
+
 int fail(const Error& e) {
   std::fflush(stdout);
   fmt::print(stderr, "vmsave: error: {}\n", e.message());
@@ -303,41 +313,47 @@ int main(int argc, char** argv) {
   TerminalReporter rep(c.quiet || c.json, c.progress_fd);
   std::string cmd;
   Result<nlohmann::json> result = Error{"no command"};
-  if (*save_cmd) {
-    cmd = "save";
-    if (save.qmp.empty() && save.rams.empty())
-      return usage("save needs --qmp SOCKET (a running QEMU) or --ram ID=FILE (memory files)");
-    if (!save.rams.empty() && (leave_running || paused))
-      return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
-    if (!save.rams.empty() && save.live)
-      return usage("--live applies to QEMU mode (--qmp)");
-    result = save.rams.empty() ? save_qemu(save, rep) : save_raw(save, rep);
-  } else if (*restore_cmd) {
-    cmd = "restore";
-    int forms = !restore.ram_dir.empty() + !restore.qmp.empty() + !restore.qemu_argv.empty();
-    if (forms != 1)
-      return usage(
-          "restore needs exactly one of: -- QEMU-COMMAND..., --qmp SOCKET, --ram-dir DIR");
-    if (!restore.ram_dir.empty() && (restore.lazy || restore.running))
-      return usage("--lazy, --running and --paused do not apply to --ram-dir");
-    if (!restore.qmp.empty() && restore.lazy)
-      return usage("--lazy belongs to `prepare` in the two-step form");
-    if (!restore.ram_dir.empty())
-      result = restore_raw(restore, rep);
-    else if (!restore.qmp.empty())
-      result = restore_into_running(restore, rep);
-    else
-      result = restore_qemu(restore, rep);
-  } else if (*prepare_cmd) {
-    cmd = "prepare";
-    if (restore.ram_dir.empty() && !restore.lazy) return usage("prepare needs --lazy or --ram-dir DIR");
-    result = prepare(restore, rep);
-  } else if (*info_cmd) {
-    cmd = "info";
-    result = info(image);
-  } else if (*verify_cmd) {
-    cmd = "verify";
-    result = verify(image, engine, rep);
+  // See unexpected_json().
+  try {
+    if (*save_cmd) {
+      cmd = "save";
+      if (save.qmp.empty() && save.rams.empty())
+        return usage("save needs --qmp SOCKET (a running QEMU) or --ram ID=FILE (memory files)");
+      if (!save.rams.empty() && (leave_running || paused))
+        return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
+      if (!save.rams.empty() && save.live)
+        return usage("--live applies to QEMU mode (--qmp)");
+      result = save.rams.empty() ? save_qemu(save, rep) : save_raw(save, rep);
+    } else if (*restore_cmd) {
+      cmd = "restore";
+      int forms = !restore.ram_dir.empty() + !restore.qmp.empty() + !restore.qemu_argv.empty();
+      if (forms != 1)
+        return usage(
+            "restore needs exactly one of: -- QEMU-COMMAND..., --qmp SOCKET, --ram-dir DIR");
+      if (!restore.ram_dir.empty() && (restore.lazy || restore.running))
+        return usage("--lazy, --running and --paused do not apply to --ram-dir");
+      if (!restore.qmp.empty() && restore.lazy)
+        return usage("--lazy belongs to `prepare` in the two-step form");
+      if (!restore.ram_dir.empty())
+        result = restore_raw(restore, rep);
+      else if (!restore.qmp.empty())
+        result = restore_into_running(restore, rep);
+      else
+        result = restore_qemu(restore, rep);
+    } else if (*prepare_cmd) {
+      cmd = "prepare";
+      if (restore.ram_dir.empty() && !restore.lazy)
+        return usage("prepare needs --lazy or --ram-dir DIR");
+      result = prepare(restore, rep);
+    } else if (*info_cmd) {
+      cmd = "info";
+      result = info(image);
+    } else if (*verify_cmd) {
+      cmd = "verify";
+      result = verify(image, engine, rep);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    result = unexpected_json(e);
   }
 
   if (!result.ok()) {
@@ -349,16 +365,20 @@ int main(int argc, char** argv) {
     return fail(result.error());
   }
   const nlohmann::json& j = *result;
-  if (c.json) {
-    fmt::print("{}\n", j.dump(2));
-  } else if (cmd == "info") {
-    print_info(j);
-  } else if (cmd == "prepare") {
-    // The arguments to add, one per line, for wrappers and humans alike.
-    for (auto& a : j["qemu_args"]) fmt::print("{}\n", a.get<std::string>());
-    if (!c.quiet) print_summary(cmd, j, c);
-  } else if (!c.quiet) {
-    print_summary(cmd, j, c);
+  try {
+    if (c.json) {
+      fmt::print("{}\n", j.dump(2));
+    } else if (cmd == "info") {
+      print_info(j);
+    } else if (cmd == "prepare") {
+      // The arguments to add, one per line, for wrappers and humans alike.
+      for (auto& a : j["qemu_args"]) fmt::print("{}\n", a.get<std::string>());
+      if (!c.quiet) print_summary(cmd, j, c);
+    } else if (!c.quiet) {
+      print_summary(cmd, j, c);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return fail(unexpected_json(e));
   }
   return 0;
 }

@@ -880,6 +880,8 @@ Result<std::unique_ptr<ImageReader>> ImageReader::open(const std::string& path,
     Error e = f.error();
     e.what = "cannot open image";
     if (errno == ENOENT) e.hint = "check the path";
+    if (errno == EACCES)
+      e.hint = "images are mode 0600: run vmsave as the image's owner (or root)";
     return e;
   }
   r->file_ = std::move(*f);
@@ -973,10 +975,14 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   const bool compressed = !codecs.empty();
   const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
   // Chunk buffers per worker: verify reads every chunk into one; a restore
-  // reads compressed chunks into one and decompresses from there.
-  const i64 pool = verify_only ? std::max<i64>(1, kVerifyPoolBytes / b.chunk_size)
-                   : compressed ? compress_slots(jobs, b.chunk_size)
+  // reads compressed chunks into one and decompresses from there. Never
+  // more buffers than chunks nor bigger than the block's region (chunk size
+  // and block size come from the image: a 16 KiB block with 1 GiB chunks
+  // must not allocate 1 GiB).
+  const i64 pool = verify_only ? std::clamp<i64>(kVerifyPoolBytes / b.chunk_size, 1, b.chunks())
+                   : compressed ? std::min<i64>(compress_slots(jobs, b.chunk_size), b.chunks())
                                 : 0;
+  const i64 buffer_size = std::min(b.chunk_size, b.region.length);
   auto is_compressed = [&](i64 c) { return compressed && codecs[c].codec != Codec::kRaw; };
 
   struct Worker {
@@ -993,7 +999,10 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   std::atomic<i64> data_bytes{0};
 
   auto present = [&](i64 p) { return bitmap_test(bitmap.data(), p); };
-  const u64 zero_full = zero_checksum(b.chunk_size);
+  // The checksum of an all-hole chunk of full length (chunk 0's length:
+  // the block's size when that is less than one chunk).
+  const i64 full = b.chunk_length(0);
+  const u64 zero_full = zero_checksum(full);
   auto chunk_damaged = [&](i64 c, const std::string& why) -> Status {
     i64 at = b.region.offset + c * b.chunk_size;
     if (report) {
@@ -1041,7 +1050,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     if (is_compressed(c)) return finish_compressed(w, c);
     i64 len = b.chunk_length(c);
     u8* base = chunk_buf[c];
-    u64 sum = empty ? (len == b.chunk_size ? zero_full : zero_checksum(len))
+    u64 sum = empty ? (len == full ? zero_full : zero_checksum(len))
                     : chunk_checksum(base, len, page, c * pages_per_chunk, present);
     if (verify_only && chunk_slot[c] >= 0) workers[w].free.push_back(chunk_slot[c]);
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
@@ -1052,15 +1061,15 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   auto setup = [&](IoQueue& q, int w) {
     q.name_fd(fd(), path());
     for (i64 i = 0; i < pool; i++) {
-      workers[w].buffers.emplace_back(b.chunk_size);
+      workers[w].buffers.emplace_back(buffer_size);
       workers[w].free.push_back(static_cast<int>(i));
     }
     // The pool is reused for every chunk: pinned once as fixed buffers.
     std::vector<std::pair<u8*, i64>> ranges;
-    for (auto& buf : workers[w].buffers) ranges.emplace_back(buf.data(), b.chunk_size);
+    for (auto& buf : workers[w].buffers) ranges.emplace_back(buf.data(), buffer_size);
     q.register_memory(ranges);
     if (compressed) {
-      workers[w].staging = AlignedBuffer(b.chunk_size);
+      workers[w].staging = AlignedBuffer(buffer_size);
       workers[w].codec = std::make_unique<Decompressor>();
     }
     q.set_on_done([&, w](const IoRequest& r) -> Status {

@@ -191,7 +191,7 @@ Status Capabilities::set(QmpClient& qmp, const std::vector<std::pair<std::string
     }
     if (!known && std::find(required.begin(), required.end(), name) != required.end())
       return Error{"QEMU lacks the migration capability " + name, qmp.path(), ""}.fix(
-          "use QEMU 8.1 or newer");
+          "use QEMU 9.1 or newer, as README.md says");
   }
   if (caps.empty()) return Status();
   auto r = qmp.execute("migrate-set-capabilities", {{"capabilities", caps}});

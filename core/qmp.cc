@@ -311,9 +311,15 @@ Result<nlohmann::json> QmpClient::call(const std::string& cmd, const nlohmann::j
     // at all gets an error without one, and ours is the only one in flight.
     if (r.contains("id") ? r["id"] != id : !r.contains("error")) continue;
     if (r.contains("error")) {
+      // QEMU's error is {"class": string, "desc": string}; anything else
+      // (a peer that is not quite QEMU) is shown as it came, never thrown.
       const auto& e = r["error"];
-      std::string cls = e.value("class", std::string("GenericError"));
-      std::string desc = e.value("desc", std::string());
+      auto field = [&](const char* key, const char* fallback) {
+        auto it = e.is_object() ? e.find(key) : e.end();
+        return it != e.end() && it->is_string() ? it->get<std::string>() : std::string(fallback);
+      };
+      std::string cls = field("class", "GenericError");
+      std::string desc = e.is_object() ? field("desc", "") : snippet(dump(e));
       return Error{"QEMU refused " + cmd, path_, cls + ": " + desc};
     }
     if (r.contains("return")) return std::move(r["return"]);

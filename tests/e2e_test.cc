@@ -530,8 +530,10 @@ struct Interrupted {
 };
 
 // Runs `save --leave-running` with --progress-fd and sends `sig` as soon as
-// the progress says RAM is being written (so the guest is stopped).
-Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig) {
+// the progress says RAM is being written (so the guest is stopped); or,
+// when `act` is given, runs it instead of sending a signal.
+Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
+                           const std::function<void()>& act = nullptr) {
   int p[2];
   REQUIRE(pipe2(p, O_CLOEXEC) == 0);
   std::string log = vm.dir() + "/interrupted-save.log";
@@ -555,7 +557,10 @@ Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig) 
         json j = json::parse(got.substr(0, nl), nullptr, false);
         got.erase(0, nl + 1);
         if (j.is_object() && j.value("phase", "") == "writing RAM" && !j.value("final", true)) {
-          save.signal(sig);
+          if (act)
+            act();
+          else
+            save.signal(sig);
           res.caught = true;
         }
       }
@@ -1130,6 +1135,304 @@ TEST_CASE("e2e: restoring an image with damaged device state exits 3 and leaves 
     // An eager restore removes the RAM file it filled.
     CHECK_FALSE(exists(vm.ram_path()));
   }
+}
+
+// Runs `vmsave ARGS` and returns its exit status (for info and verify).
+int vmsave_status(const std::vector<std::string>& args) {
+  return run_vmsave(args, kRunTimeout).status;
+}
+
+TEST_CASE(
+    "e2e: SIGKILL at 20 or more points of a save never leaves an image that info accepts and "
+    "verify rejects, and the guest resumes each time") {
+  test::require_guest_kit();
+  // 256 MiB of data: a save takes long enough (~0.5 s with process start)
+  // that kill times spread evenly over it land in every step of it.
+  TestVm vm({.ram_mib = 512, .memcheck_mib = 256});
+  boot(vm, 1);
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  // Even points replace a previous image (--force), odd ones write a new
+  // path: after a kill the first must still hold a complete image (old or
+  // new), the second a complete image or nothing.
+  const std::string previous = out + "/previous.vmsave";
+  const std::string fresh = out + "/fresh.vmsave";
+  auto save_args = [&](const std::string& image) {
+    return std::vector<std::string>{VMSAVE_BINARY,     "save",   "--qmp", vm.qmp_path(), image,
+                                    "--leave-running", "--force"};
+  };
+
+  // The save's duration T, the shorter of two full runs (the second has a
+  // warm page cache, as every later one does).
+  double T = 1e9;
+  for (int i = 0; i < 2; i++) {
+    double t0 = now_s();
+    Child save(save_args(previous), out + "/../measure.log");
+    REQUIRE(save.wait(kRunTimeout) == 0);
+    T = std::min(T, now_s() - t0);
+  }
+  REQUIRE(vmsave_status({"verify", previous}) == 0);
+  MESSAGE("a full save takes " << T << " s");
+
+  // Kill times are fractions of T: 0/24 .. 23/24, then the midpoints
+  // between them if fewer than 24 kills have landed. A save that finished
+  // before its kill shows it ran faster than T (other tests load the
+  // machine unevenly), so T shrinks to that delay and the later points
+  // spread over the shorter run.
+  constexpr int kWanted = 24;
+  std::vector<double> fractions;
+  for (int i = 0; i < kWanted; i++) fractions.push_back(double(i) / kWanted);
+  for (int i = 0; i < kWanted; i++) fractions.push_back((i + 0.5) / kWanted);
+  int killed = 0, finished = 0, points = 0;
+  for (int i = 0; i < int(fractions.size()) && killed < kWanted; i++) {
+    const std::string& target = i % 2 ? fresh : previous;
+    const double delay = T * fractions[i];
+    points++;
+    CAPTURE(i);
+    CAPTURE(delay);
+    int status;
+    {
+      Child save(save_args(target), vm.dir() + "/killed-save.log");
+      std::this_thread::sleep_for(std::chrono::duration<double>(delay));
+      save.signal(SIGKILL);
+      status = save.wait(kRunTimeout);
+    }
+    if (status == 128 + SIGKILL) {
+      killed++;
+    } else {
+      CHECK_MESSAGE(status == 0,
+                    "status " << status << ": " << slurp(vm.dir() + "/killed-save.log"));
+      finished++;
+      if (i > 0) T = std::min(T, delay);
+    }
+    // What is at the target is a complete image, or (new path) nothing.
+    if (exists(target)) {
+      int info = vmsave_status({"info", target});
+      int verified = vmsave_status({"verify", target});
+      CHECK_MESSAGE(info == 0, "info of " << target << " exits " << info);
+      CHECK_MESSAGE(verified == 0, "info exits " << info << " but verify exits " << verified);
+    } else {
+      CHECK_MESSAGE(target == fresh, "the previous image is gone");
+    }
+    // No temporary file is left beside it (O_TMPFILE has no name).
+    for (const std::string& name : list_dir(out))
+      CHECK_MESSAGE((name == "previous.vmsave" || name == "fresh.vmsave"), "left behind: " << name);
+    std::filesystem::remove(fresh);
+
+    // The guest: vmsave died with it stopped (or before stopping it, or
+    // after resuming it); `cont` resumes it and memcheck carries on intact.
+    auto st = qmp_execute(vm.qmp_path(), "query-status");
+    REQUIRE_MESSAGE(st.ok(), st.error().message());
+    if (!st->value("running", false)) {
+      auto cont = qmp_execute(vm.qmp_path(), "cont");
+      REQUIRE_MESSAGE(cont.ok(), "cont in state " << st->dump() << ": " << cont.error().message());
+    }
+    REQUIRE(qmp_status(vm.qmp_path()) == "running");
+    // One more verified pass of its buffer is enough: it runs, intact.
+    std::string err;
+    i64 now = read_story(vm.serial_log()).last->iteration;
+    REQUIRE_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 1, kCarryOnTimeout, vm.pid(),
+                               nullptr, &err),
+                    err);
+  }
+  MESSAGE(killed << " saves killed part-way, " << finished << " finished before the kill");
+  test::record_figure("kill_points", points);
+  test::record_figure("kill_points_killed", killed);
+  test::record_figure("kill_points_finished", finished);
+  test::record_figure("kill_save_seconds", T);
+  CHECK(killed >= 20);
+
+  // A save still works after all that, and its image verifies.
+  REQUIRE(vmsave_status({"verify", previous}) == 0);
+  {
+    Child save(save_args(previous), vm.dir() + "/final-save.log");
+    CHECK(save.wait(kRunTimeout) == 0);
+  }
+  CHECK(vmsave_status({"verify", previous}) == 0);
+}
+
+TEST_CASE("e2e: SIGTERM during a save stops cleanly with 130, and a killed QEMU fails it with 1") {
+  test::require_guest_kit();
+  TestVm vm({.ram_mib = 512, .memcheck_mib = 384});
+  boot(vm, 1);
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  const std::string image = out + "/vm.vmsave";
+
+  // SIGTERM, as SIGINT: exit 130, guest running, nothing at the target.
+  Interrupted in;
+  for (int attempt = 0; attempt < 4 && !(in.caught && in.status == 130); attempt++) {
+    in = interrupt_save(vm, image, SIGTERM);
+    if (in.status == 0) std::filesystem::remove(image);
+  }
+  REQUIRE_MESSAGE(in.caught, "no save reached its RAM phase");
+  CHECK_MESSAGE(in.status == 130, "status " << in.status << ": " << in.err);
+  CHECK_MESSAGE(contains(in.err, "vmsave: error: interrupted"), in.err);
+  CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+  std::string err;
+  i64 now = read_story(vm.serial_log()).last->iteration;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout, vm.pid(),
+                           nullptr, &err),
+                err);
+
+  // QEMU killed while vmsave writes RAM: the device state cannot come, the
+  // save fails with 1 naming the cause, and no image appears.
+  in = interrupt_save(vm, image, 0, [&] { vm.kill_qemu(); });
+  REQUIRE(in.caught);
+  CHECK_MESSAGE(in.status == 1, "status " << in.status << ": " << in.err);
+  CHECK_MESSAGE(contains(in.err, "QEMU closed the QMP connection"), in.err);
+  CHECK_MESSAGE(contains(in.err, "has QEMU exited?"), in.err);
+  CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+}
+
+// The permissions column of the first line of /proc/PID/maps that maps
+// `path` ("r--p", "rw-s", ...), or "" when none does.
+std::string map_perms(pid_t pid, const std::string& path) {
+  std::string maps = maps_of(pid);
+  size_t pos = 0;
+  for (size_t nl; (nl = maps.find('\n', pos)) != std::string::npos; pos = nl + 1) {
+    std::string line = maps.substr(pos, nl - pos);
+    if (line.size() >= path.size() &&
+        line.compare(line.size() - path.size(), path.size(), path) == 0) {
+      size_t sp = line.find(' ');
+      return sp == std::string::npos ? "" : line.substr(sp + 1, 4);
+    }
+  }
+  return "";
+}
+
+TEST_CASE(
+    "e2e: 8 lazy clones and an eager restore of one image at once, verify alongside, then two "
+    "VMs saved at once into one directory, and every guest carries on") {
+  test::require_guest_kit();
+  // Small guests: nine TCG guests share two cores.
+  TestVm vm({.ram_mib = 128, .memcheck_mib = 16});
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+  const std::string image_bytes = slurp(image);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);  // the eager restore rebuilds it
+
+  constexpr int kClones = 8;
+  struct Guest {
+    std::string sock, log;
+    RunResult restore;
+    StartedQemu qemu;
+  };
+  std::vector<Guest> guests(kClones + 1);  // [kClones] is the eager restore
+  std::vector<std::vector<std::string>> args(kClones + 1);
+  for (int i = 0; i < kClones; i++) {
+    guests[i].sock = vm.dir() + fmt::format("/clone{}.sock", i);
+    guests[i].log = vm.dir() + fmt::format("/clone{}.log", i);
+    auto cmd = rewrite(rewrite(vm.command(), vm.qmp_path(), guests[i].sock), vm.serial_path(),
+                       guests[i].log);
+    args[i] = restore_args(image, vm.dir() + fmt::format("/clone{}-qemu.log", i), true, cmd);
+  }
+  guests[kClones].sock = vm.qmp_path();
+  guests[kClones].log = vm.serial_path();
+  args[kClones] = restore_args(image, vm.dir() + "/eager-qemu.log", false, vm.command());
+
+  // All nine restores and two verifies start together.
+  RunResult verifies[2];
+  {
+    std::vector<std::thread> threads;
+    for (int i = 0; i <= kClones; i++)
+      threads.emplace_back([&, i] { guests[i].restore = run_vmsave(args[i], 240); });
+    for (auto& v : verifies)
+      threads.emplace_back([&] { v = run_vmsave({"verify", image, "--json"}, 240); });
+    for (auto& t : threads) t.join();
+  }
+  for (auto& v : verifies) CHECK_RUN(v, 0);
+  for (int i = 0; i <= kClones; i++) {
+    CAPTURE(i);
+    REQUIRE_RUN(guests[i].restore, 0);
+    json j = parse_json(guests[i].restore);
+    guests[i].qemu.pid = j.value("pid", -1);
+    REQUIRE(guests[i].qemu.pid > 0);
+    CHECK(j.value("mode", "") == (i < kClones ? "lazy" : "eager"));
+  }
+
+  // Every guest carries on from the saved iteration, intact. The log of a
+  // clone continues the original's; the eager one appends to it.
+  auto story_of = [&](int i) {
+    return i < kClones ? log_at_save + slurp(guests[i].log) : slurp(guests[i].log);
+  };
+  for (int i = 0; i <= kClones; i++) {
+    CAPTURE(i);
+    std::string err;
+    CHECK_MESSAGE(wait_story([&] { return story_of(i); }, saved.iteration + 2, 240,
+                             guests[i].qemu.pid, nullptr, &err),
+                  err);
+  }
+  // A lazy clone maps the image privately (copy-on-write, opened read-only):
+  // no guest can write to it, and nine guests later it is byte for byte
+  // what was saved.
+  for (int i = 0; i < kClones; i++) {
+    std::string perms = map_perms(guests[i].qemu.pid, image);
+    CHECK_MESSAGE((perms.size() == 4 && perms[3] == 'p'), "clone " << i << ": " << perms);
+  }
+
+  // Two running VMs saved at the same moment into one directory. Lazy
+  // clones have private RAM, which cannot be saved, so the two are the
+  // eager restore and a second eager restore with its own RAM file.
+  Guest second;
+  second.sock = vm.dir() + "/second.sock";
+  second.log = vm.dir() + "/second.log";
+  {
+    auto cmd = rewrite(
+        rewrite(rewrite(vm.command(), vm.qmp_path(), second.sock), vm.serial_path(), second.log),
+        vm.ram_path(), vm.shm_dir() + "/second-ram");
+    REQUIRE(cmd != vm.command());
+    second.restore =
+        run_vmsave(restore_args(image, vm.dir() + "/second-qemu.log", false, cmd), 240);
+    REQUIRE_RUN(second.restore, 0);
+    second.qemu.pid = parse_json(second.restore).value("pid", -1);
+    REQUIRE(second.qemu.pid > 0);
+  }
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  const std::string socks[2] = {guests[kClones].sock, second.sock};
+  RunResult saves[2];
+  {
+    std::vector<std::thread> threads;
+    for (int k = 0; k < 2; k++) {
+      threads.emplace_back([&, k] {
+        saves[k] = run_vmsave(
+            {"save", "--qmp", socks[k], out + fmt::format("/vm{}.vmsave", k), "--leave-running"},
+            240);
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  CHECK(list_dir(out) == std::vector<std::string>{"vm0.vmsave", "vm1.vmsave"});
+  for (int k = 0; k < 2; k++) {
+    CAPTURE(k);
+    CHECK_RUN(saves[k], 0);
+    CHECK_RUN(run_vmsave({"verify", out + fmt::format("/vm{}.vmsave", k)}, 240), 0);
+    CHECK(qmp_status(socks[k]) == "running");
+  }
+  {
+    std::string err;
+    CHECK_MESSAGE(wait_story([&] { return log_at_save + slurp(second.log); }, saved.iteration + 2,
+                             240, second.qemu.pid, nullptr, &err),
+                  err);
+  }
+  // And every guest is still running its memcheck without a CORRUPT line.
+  for (int i = 0; i <= kClones; i++) {
+    CAPTURE(i);
+    std::string err;
+    i64 now = read_story(story_of(i)).last->iteration;
+    CHECK_MESSAGE(
+        wait_story([&] { return story_of(i); }, now + 1, 240, guests[i].qemu.pid, nullptr, &err),
+        err);
+  }
+  CHECK(slurp(image) == image_bytes);
+  test::record_figure("concurrent_lazy_clones", kClones);
+  test::record_figure("concurrent_eager_restores", 1);
+  test::record_figure("concurrent_verifies", 2);
+  test::record_figure("concurrent_saves", 2);
 }
 
 TEST_SUITE_END();

@@ -483,6 +483,7 @@ TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes th
 
 TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resubmitted") {
   require_shm();
+  int faults = 0;  // runs with a fault injected, for docs/reliability.md
   TempDir shm("/dev/shm");
   TempDir disk;
   std::string src = shm / "ram";
@@ -499,6 +500,7 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
           RunResult r =
               run_vmsave({"save", "--ram", "ram=" + src, image, "--jobs", std::to_string(jobs)},
                          120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":" + kind});
+          faults++;
           CHECK_RUN(r, 1);
           CHECK_MESSAGE(contains(r.err, image), r.err);
           CHECK_MESSAGE(contains(r.err, std::string(kind) == "eio" ? "Input/output error"
@@ -517,6 +519,7 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
         RunResult r =
             run_vmsave({"save", "--ram", "ram=" + src, image, "--queue-depth", std::to_string(qd)},
                        120, {"VMSAVE_FAULT=" + std::to_string(nth) + ":short"});
+        faults++;
         REQUIRE_RUN(r, 0);
         CHECK_RUN(run_vmsave({"verify", image}), 0);
         TempDir out("/dev/shm");
@@ -534,6 +537,7 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
       CAPTURE(nth);
       std::vector<std::string> env = {"VMSAVE_FAULT=" + std::to_string(nth) + ":eio"};
       RunResult r = run_vmsave({"verify", image}, 120, env);
+      faults += 3;  // verify, restore and a short-read restore
       CHECK_RUN(r, 1);
       CHECK_MESSAGE(contains(r.err, "Input/output error"), r.err);
       CHECK_MESSAGE(!contains(r.err, "damaged"), r.err);
@@ -552,6 +556,7 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
     // The image itself was never at fault.
     CHECK_RUN(run_vmsave({"verify", image}), 0);
   }
+  test::record_figure("injected_faults", faults);
 }
 
 TEST_CASE("engine: SIGINT or SIGTERM during a save leaves nothing behind") {

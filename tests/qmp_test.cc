@@ -5,7 +5,9 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -13,8 +15,10 @@
 #include <fmt/core.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <thread>
 
 #include "tests/test_util.h"
@@ -221,6 +225,35 @@ TEST_CASE("qmp: an error reply names QEMU's class and description") {
   auto ok = c.execute("next");
   REQUIRE_MESSAGE(ok.ok(), message_of(ok.status()));
   CHECK((*ok)["ok"] == 1);
+}
+
+TEST_CASE("qmp: an error reply whose fields have the wrong JSON types is still an error value") {
+  // Found by tests/fuzz/fuzz_qmp: {"error": {"desc": ["oob"]}} made
+  // json::value() throw out of QmpClient::call.
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  const json errors[] = {json{{"class", json::array({1})}, {"desc", json::array({"oob"})}},
+                         json("a string"), json(42), json{{"desc", nullptr}}};
+  server.serve([&](FakeQmp& s) {
+    s.handshake();
+    for (const json& e : errors) {
+      json req = s.request();
+      s.send(json{{"error", e}, {"id", req["id"]}}.dump() + "\r\n");
+    }
+    s.reply({{"ok", 1}});
+  });
+  QmpClient c = connect_ok(server.path());
+  const char* want[] = {"GenericError: ", "GenericError: \"a string\"", "GenericError: 42",
+                        "GenericError: "};
+  for (int i = 0; i < 4; i++) {
+    CAPTURE(i);
+    auto r = c.execute("odd");
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().what == "QEMU refused odd");
+    CHECK(r.error().detail == want[i]);
+  }
+  auto ok = c.execute("next");
+  REQUIRE_MESSAGE(ok.ok(), message_of(ok.status()));
 }
 
 TEST_CASE("qmp: stale replies are dropped and a slow command times out") {
@@ -439,6 +472,107 @@ TEST_CASE("qmp: getfd and add-fd pass a working fd with SCM_RIGHTS") {
   CHECK(addfd_req["execute"] == "add-fd");
   CHECK(addfd_req["arguments"]["fdset-id"] == 7);
   CHECK(addfd_req["arguments"]["opaque"] == "rdonly:pipe");
+}
+
+// A QEMU stand-in for `vmsave save --qmp`: a 2 MiB shared RAM file that
+// this process maps (SO_PEERCRED names this process as "QEMU", so vmsave
+// finds the mapping in our /proc/PID/maps), and canned replies by command.
+struct FakeQemu {
+  test::TempDir shm{"/dev/shm"};
+  std::string ram = shm / "ram0";
+  void* map = nullptr;
+  std::vector<std::string> commands;  // what vmsave asked, in order
+  std::map<std::string, json> replies = {
+      {"query-status", {{"status", "running"}, {"running", true}}},
+      {"query-migrate", json::object()},
+      {"qom-list", json::array({{{"name", "ram0"}, {"type", "child<memory-backend-file>"}}})},
+      {"query-version", {{"qemu", {{"major", 10}, {"minor", 0}, {"micro", 2}}}}},
+      {"query-migrate-capabilities",
+       json::array({{{"capability", "xbzrle"}, {"state", false}},
+                    {{"capability", "mapped-ram"}, {"state", false}}})},
+  };
+
+  FakeQemu() {
+    test::write_pattern_file(ram, 2 * kMiB, "mixed", 3);
+    int fd = ::open(ram.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    map = mmap(nullptr, 2 * kMiB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    REQUIRE(map != MAP_FAILED);
+  }
+  ~FakeQemu() { munmap(map, 2 * kMiB); }
+
+  void serve(FakeQmp& s) {
+    s.handshake();
+    for (;;) {
+      json r = s.request();
+      if (r.is_null()) return;
+      std::string cmd = r.value("execute", "");
+      commands.push_back(cmd);
+      json ret = json::object();
+      if (cmd == "qom-get") {
+        std::string prop = r["arguments"].value("property", "");
+        ret = prop == "size"       ? json(2 * kMiB)
+              : prop == "share"    ? json(true)
+              : prop == "mem-path" ? json(ram)
+              : prop == "offset"   ? json(0)
+                                   : json("pc-q35-10.0-machine");
+      } else if (replies.count(cmd)) {
+        ret = replies[cmd];
+      }
+      s.send(json{{"return", ret}, {"id", r["id"]}}.dump() + "\r\n");
+    }
+  }
+};
+
+TEST_CASE(
+    "qmp: save against a QEMU that is not one vmsave can use fails with 1, naming the cause") {
+  test::TempDir dir;
+  const std::string out = dir / "out";
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
+  const std::string image = out + "/vm.vmsave";
+  auto out_empty = [&] { return std::filesystem::is_empty(out); };
+
+  SUBCASE("QEMU without the x-ignore-shared migration capability") {
+    FakeQemu qemu;
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) { qemu.serve(s); });
+    test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
+    server.join();
+    CHECK_MESSAGE(r.status == 1, r.err);
+    CHECK_MESSAGE(
+        r.err.find("QEMU lacks the migration capability x-ignore-shared") != std::string::npos,
+        r.err);
+    CHECK_MESSAGE(r.err.find("use QEMU 9.1 or newer") != std::string::npos, r.err);
+    // Refused before the guest was stopped, and nothing was written.
+    CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "stop") == 0);
+    CHECK(out_empty());
+  }
+  SUBCASE("a reply of the wrong JSON type") {
+    FakeQemu qemu;
+    qemu.replies["qom-list"] = "not a list of objects";
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) { qemu.serve(s); });
+    test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
+    server.join();
+    CHECK_MESSAGE(r.status == 1, r.err);
+    CHECK_MESSAGE(r.err.find("vmsave: error: unexpected JSON from QEMU") != std::string::npos,
+                  r.err);
+    CHECK(out_empty());
+  }
+  SUBCASE("a socket that is not QEMU's") {
+    FakeQmp server(dir / "qmp.sock");
+    server.serve([&](FakeQmp& s) {
+      s.send("220 smtp.example ESMTP ready\r\n");
+      s.request();
+    });
+    test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), image}, 30);
+    server.join();
+    CHECK_MESSAGE(r.status == 1, r.err);
+    CHECK_MESSAGE(r.err.find("the socket does not speak QMP") != std::string::npos, r.err);
+    CHECK_MESSAGE(r.err.find("-qmp unix:PATH") != std::string::npos, r.err);
+    CHECK(out_empty());
+  }
 }
 
 TEST_CASE("qmp client drives a real QEMU") {

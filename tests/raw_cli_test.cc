@@ -175,6 +175,7 @@ void truncation_sweep(const std::string& cmd) {
     if (cmd == "restore" && !list_dir(out.path()).empty()) FAIL("restore left files at size ", n);
   }
   CHECK(ran > 1000);  // every boundary of a ~4.3 MiB image
+  test::record_figure("truncations_" + cmd, ran);
 }
 
 }  // namespace
@@ -263,6 +264,7 @@ TEST_CASE("raw: a flipped byte in any section is damage that verify finds and re
   }
   // Undone, the image is intact again.
   CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+  test::record_figure("byte_flips", flips.size());
 }
 
 TEST_CASE("raw: verify --json reports damage, and a zeroed header is an unfinished save") {
@@ -540,6 +542,28 @@ TEST_CASE("raw: missing, empty, foreign and newer images are refused with the ri
       CHECK(list_dir(out.path()).empty());
     }
   }
+}
+
+TEST_CASE("raw: an image another user cannot read is refused with status 1, naming the fix") {
+  // Root reads any file: the other user is `nobody`, by setpriv(1).
+  if (geteuid() != 0) test::skip("needs root to run vmsave as another user");
+  if (access("/usr/bin/setpriv", X_OK) != 0) test::skip("setpriv (util-linux) is missing");
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  REQUIRE(chmod(disk.path().c_str(), 0755) == 0);  // the directory is open, the image is not
+  test::write_pattern_file(shm / "ram", 64 * kKiB, "mixed", 8);
+  std::string image = disk / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image}), 0);
+  for (const char* cmd : {"info", "verify"}) {
+    CAPTURE(std::string(cmd));
+    RunResult r = test::run_program({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+                                     "--clear-groups", VMSAVE_BINARY, cmd, image});
+    CHECK_FAILS(r, 1, "Permission denied");
+    CHECK_MESSAGE(contains(r.err, image), r.err);
+    CHECK_MESSAGE(contains(r.err, "mode 0600: run vmsave as the image's owner"), r.err);
+  }
+  CHECK(list_dir(disk.path()) == std::vector<std::string>{"image.vmsave"});
 }
 
 TEST_CASE("raw: a FIFO as image or memory file is refused, not waited on") {

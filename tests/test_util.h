@@ -49,6 +49,11 @@ RunResult run_program(const std::vector<std::string>& argv, double timeout_s = 1
 // "zero", "text" or "mixed" (25% zero pages, 25% text, 50% random).
 void write_pattern_file(const std::string& path, i64 len, const std::string& kind, u64 seed = 1);
 
+// Appends {"figure": NAME, "value": VALUE} as one JSON line to the file
+// named by $VMSAVE_FIGURES, when set: scripts/reliability-report collects
+// what the tests counted and measured into docs/reliability.md.
+void record_figure(const std::string& name, double value);
+
 bool files_equal(const std::string& a, const std::string& b, std::string* why = nullptr);
 i64 file_size(const std::string& path);
 std::string read_file(const std::string& path);
