@@ -164,6 +164,8 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
                        double* vmstate_s) {
   auto t0 = std::chrono::steady_clock::now();
   Capabilities caps;
+  Progress progress;
+  Status st;
   if (img.layout().has_qemu_section()) {
     // RAM and device state come from the image's QEMU section, read by
     // QEMU's multifd threads (O_DIRECT where the filesystem allows).
@@ -174,31 +176,21 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
     auto b = img.reopen(O_RDONLY);
     if (!b.ok()) return b.error();
     fds.buffered = std::move(*b);
-    Progress progress;
     for (auto& blk : img.layout().blocks) progress.total += blk.size;
     rep.begin_phase("QEMU loading RAM and device state", &progress);
-    Status st = mapped_ram_migrate(qmp, true, fds, img.layout().qemu.offset,
-                                   [&](const nlohmann::json&) {});
-    rep.end_phase();
-    if (!st.ok()) return st;
-    *vmstate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (run) {
-      auto r = qmp.execute("cont");
-      if (!r.ok()) return r.error();
-    }
-    return Status();
-  }
-  VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
-  Progress progress;
-  // Compressed, the stored length is not what QEMU receives: bytes only.
-  if (img.layout().vmstate_codec == Codec::kRaw) progress.total = img.layout().vmstate.length;
-  rep.begin_phase("loading device state", &progress);
-  Status st = load_device_state(qmp, [&](const std::function<Status(const u8*, size_t)>& write) {
-    return img.stream_vmstate([&](const u8* d, size_t n) {
-      progress.done += n;
-      return write(d, n);
+    st = mapped_ram_migrate(qmp, true, fds, img.layout().qemu.offset, [&](const nlohmann::json&) {});
+  } else {
+    VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
+    // Compressed, the stored length is not what QEMU receives: bytes only.
+    if (img.layout().vmstate_codec == Codec::kRaw) progress.total = img.layout().vmstate.length;
+    rep.begin_phase("loading device state", &progress);
+    st = load_device_state(qmp, [&](const std::function<Status(const u8*, size_t)>& write) {
+      return img.stream_vmstate([&](const u8* d, size_t n) {
+        progress.done += n;
+        return write(d, n);
+      });
     });
-  });
+  }
   rep.end_phase();
   if (!st.ok()) return st;
   *vmstate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -46,7 +46,9 @@ using namespace vmsave;
 using json = nlohmann::json;
 using test::MemcheckLine;
 using test::run_vmsave;
+using test::contains;
 using test::RunResult;
+using test::show;
 using test::skip;
 using test::TestVm;
 using test::VmOptions;
@@ -75,17 +77,6 @@ double now_s() {
   using namespace std::chrono;
   return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
-
-bool contains(const std::string& s, const std::string& needle) {
-  return s.find(needle) != std::string::npos;
-}
-
-std::string show(const RunResult& r) {
-  return fmt::format("status {}\nstdout: {}\nstderr: {}", r.status, r.out, r.err);
-}
-
-#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), show(r))
-#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), show(r))
 
 json parse_json(const RunResult& r) {
   json j = json::parse(r.out, nullptr, false);

@@ -30,24 +30,15 @@
 using namespace vmsave;
 using json = nlohmann::json;
 using test::run_vmsave;
+using test::contains;
 using test::RunResult;
+using test::show;
 using test::TempDir;
 
 namespace {
 
 constexpr i64 kPage = 4096;
 const std::vector<i64> kSizes = {4096, 5000, 1 * kMiB, 3 * kMiB + 8 * kKiB, 64 * kMiB};
-
-std::string show(const RunResult& r) {
-  return "status " + std::to_string(r.status) + "\nstdout: " + r.out + "\nstderr: " + r.err;
-}
-
-#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), show(r))
-#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), show(r))
-
-bool contains(const std::string& s, const std::string& needle) {
-  return s.find(needle) != std::string::npos;
-}
 
 // Pages of `path` that hold a non-zero byte (the last page may be partial).
 std::vector<bool> data_page_map(const std::string& path) {

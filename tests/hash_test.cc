@@ -20,7 +20,7 @@ TEST_CASE("hash: every vector unit computes libxxhash's XXH3-64") {
   std::mt19937_64 rng(42);
   for (auto& b : data) b = static_cast<u8>(rng());
   std::vector<size_t> lens = {0, 1, 3, 16, 17, 128, 129, 240, 241, 1023, 1024, 1025, 4096, 65536 + 5,
-                              kMiB, data.size()};
+                              kMiB, data.size() - 3};  // from data + 3: up to the end
   const std::string chosen = hash_unit();
   int tried = 0;
   for (const char* unit : {"sse2", "avx2", "avx512"}) {

@@ -24,23 +24,14 @@
 using namespace vmsave;
 using json = nlohmann::json;
 using test::run_vmsave;
+using test::contains;
 using test::RunResult;
+using test::show;
 using test::TempDir;
 
 namespace {
 
 constexpr i64 kPage = 4096;
-
-std::string show(const RunResult& r) {
-  return "status " + std::to_string(r.status) + "\nstdout: " + r.out + "\nstderr: " + r.err;
-}
-
-#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), show(r))
-#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), show(r))
-
-bool contains(const std::string& s, const std::string& needle) {
-  return s.find(needle) != std::string::npos;
-}
 
 // The failure contract: the expected status, and one error line,
 // "vmsave: error: ...", ending stderr (after any finished-phase lines).

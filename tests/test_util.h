@@ -37,6 +37,17 @@ struct RunResult {
   std::string err;
 };
 
+// A run's status and output, for failure messages.
+inline std::string show(const RunResult& r) {
+  return "status " + std::to_string(r.status) + "\nstdout: " + r.out + "\nstderr: " + r.err;
+}
+#define REQUIRE_RUN(r, expected) REQUIRE_MESSAGE((r).status == (expected), ::vmsave::test::show(r))
+#define CHECK_RUN(r, expected) CHECK_MESSAGE((r).status == (expected), ::vmsave::test::show(r))
+
+inline bool contains(const std::string& s, const std::string& needle) {
+  return s.find(needle) != std::string::npos;
+}
+
 // Runs build/vmsave with `args`, capturing stdout and stderr, with a timeout.
 RunResult run_vmsave(const std::vector<std::string>& args, double timeout_s = 120,
                      const std::vector<std::string>& env = {});
