@@ -723,6 +723,11 @@ Status ImageWriter::finish_live(RamStats* stats) {
   return Status();
 }
 
+Status ImageWriter::sync_data() {
+  if (fdatasync(file_.fd.get()) < 0) return sys_error("fdatasync", target_, errno);
+  return Status();
+}
+
 Status ImageWriter::flush_vmstate_buffer(bool final) {
   size_t len = vm_fill_;
   if (final) {

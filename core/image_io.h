@@ -84,6 +84,11 @@ class ImageWriter {
   // After the stopped pass: chunk checksums of the pieces rewritten after
   // the first pass, page counts, and the totals in `stats`.
   Status finish_live(RamStats* stats);
+  // Flushes what is written so far (data and the extents that hold it) to
+  // stable storage: a live save calls it after its first pass, while the
+  // guest still runs, so the flush at commit has only the later passes'
+  // rewrites to push.
+  Status sync_data();
 
   // The QEMU migration section (when a block has kBlockViaQemu): QEMU's
   // mapped-ram migration writes from qemu_offset() on, through descriptors

@@ -340,6 +340,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         Status st = w.live_pass(sources, opts.engine, &pass_progress, &ps);
         rep.end_phase();
         if (!st.ok()) return st.error();
+        if (p == 0) VMSAVE_TRY(w.sync_data());  // the guest runs: this costs no downtime
         if (p > 0) {
           passes++;
           rewritten_bytes += ps.bytes_written;

@@ -50,6 +50,7 @@ using test::contains;
 using test::RunResult;
 using test::show;
 using test::skip;
+using test::TempMount;
 using test::TestVm;
 using test::VmOptions;
 
@@ -1275,6 +1276,66 @@ TEST_CASE("e2e: SIGTERM during a save stops cleanly with 130, and a killed QEMU 
   CHECK_MESSAGE(contains(in.err, "QEMU closed the QMP connection"), in.err);
   CHECK_MESSAGE(contains(in.err, "has QEMU exited?"), in.err);
   CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+}
+
+TEST_CASE(
+    "e2e: an I/O fault or a full disk during a save fails it with 1, keeps the old image and "
+    "resumes the guest") {
+  test::require_guest_kit();
+  test::require_mount("tmpfs");
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  const std::string image = out + "/vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
+              0);
+  auto uuid = [&] {
+    RunResult i = run_vmsave({"info", image, "--json"}, kRunTimeout);
+    REQUIRE_RUN(i, 0);
+    return parse_json(i).value("uuid", "");
+  };
+  const std::string first = uuid();
+  auto guest_runs_on = [&] {
+    CHECK(qmp_status(vm.qmp_path()) == "running");
+    std::string err;
+    i64 now = read_story(vm.serial_log()).last->iteration;
+    CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout, vm.pid(),
+                             nullptr, &err),
+                  err);
+  };
+
+  // The Nth RAM write fails: the save (a plain one, that would make QEMU
+  // quit) stops, the guest runs again, and the image already at the
+  // target is the one that was there, whole.
+  for (const char* kind : {"eio", "enospc"}) {
+    for (int nth : {1, 20}) {
+      CAPTURE(std::string(kind));
+      CAPTURE(nth);
+      RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--force"}, kRunTimeout,
+                               {"VMSAVE_FAULT=" + std::to_string(nth) + ":" + kind});
+      CHECK_RUN(r, 1);
+      CHECK_MESSAGE(contains(r.err, std::string(kind) == "eio" ? "Input/output error"
+                                                               : "No space left on device"),
+                    r.err);
+      CHECK_MESSAGE(contains(r.err, image), r.err);
+      CHECK_MESSAGE(list_dir(out) == std::vector<std::string>{"vm.vmsave"}, joined(list_dir(out)));
+      CHECK(uuid() == first);
+      CHECK_RUN(run_vmsave({"verify", image}, kRunTimeout), 0);
+      guest_runs_on();
+      test::record_figure("faults_injected_e2e", 1);
+    }
+  }
+
+  // A real full filesystem: 16 MiB cannot hold the guest's 64 MiB of data.
+  TempMount small("tmpfs", "size=16m");
+  REQUIRE_MESSAGE(small.ok(), small.error());
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), small / "vm.vmsave"}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "No space left on device"), r.err);
+  CHECK_MESSAGE(contains(r.err, "free space"), r.err);
+  CHECK_MESSAGE(list_dir(small.path()).empty(), joined(list_dir(small.path())));
+  guest_runs_on();
 }
 
 // The permissions column of the first line of /proc/PID/maps that maps

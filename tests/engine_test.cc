@@ -34,6 +34,8 @@ using test::contains;
 using test::RunResult;
 using test::show;
 using test::TempDir;
+using test::require_mount;
+using test::TempMount;
 
 namespace {
 
@@ -86,43 +88,6 @@ json info_json(const std::string& image) {
 void require_shm() {
   if (access("/dev/shm", W_OK) != 0) test::skip("/dev/shm is not writable");
 }
-
-// Can a filesystem of `type` be mounted here (root, not in a locked-down
-// container)? Probed in its own directory before the case owns anything,
-// because skip() exits without running destructors.
-void require_mount(const char* type) {
-  std::string why;
-  {
-    TempDir probe;
-    if (mount("none", probe.path().c_str(), type, 0, "size=1m") != 0)
-      why = std::string("cannot mount ") + type + ": " + std::strerror(errno);
-    else
-      umount2(probe.path().c_str(), MNT_DETACH);
-  }
-  if (!why.empty()) test::skip(why);
-}
-
-// A filesystem mounted on a fresh directory, unmounted (then removed) on
-// destruction, whatever the case did.
-class TempMount {
- public:
-  TempMount(const char* type, const std::string& opts) {
-    ok_ = mount("none", dir_.path().c_str(), type, 0, opts.c_str()) == 0;
-    if (!ok_) err_ = std::strerror(errno);
-  }
-  ~TempMount() {
-    if (ok_) umount2(dir_.path().c_str(), MNT_DETACH);
-  }
-  bool ok() const { return ok_; }
-  const std::string& error() const { return err_; }
-  const std::string& path() const { return dir_.path(); }
-  std::string operator/(const std::string& n) const { return dir_ / n; }
-
- private:
-  TempDir dir_;
-  bool ok_ = false;
-  std::string err_;
-};
 
 // Source RAM in /dev/shm, images on disk, restored RAM in /dev/shm.
 struct Dirs {

@@ -8,6 +8,7 @@
 #include "tests/test_util.h"
 
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -346,6 +347,27 @@ void record_figure(const std::string& name, double value) {
   if (fd < 0) return;
   (void)!::write(fd, line.data(), line.size());
   ::close(fd);
+}
+
+void require_mount(const char* type) {
+  std::string why;
+  {
+    TempDir probe;
+    if (mount("none", probe.path().c_str(), type, 0, "size=1m") != 0)
+      why = std::string("cannot mount ") + type + ": " + std::strerror(errno);
+    else
+      umount2(probe.path().c_str(), MNT_DETACH);
+  }
+  if (!why.empty()) skip(why);
+}
+
+TempMount::TempMount(const char* type, const std::string& opts) {
+  ok_ = mount("none", dir_.path().c_str(), type, 0, opts.c_str()) == 0;
+  if (!ok_) err_ = std::strerror(errno);
+}
+
+TempMount::~TempMount() {
+  if (ok_) umount2(dir_.path().c_str(), MNT_DETACH);
 }
 
 }  // namespace vmsave::test

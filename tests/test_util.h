@@ -31,6 +31,29 @@ class TempDir {
   std::string path_;
 };
 
+// Can a filesystem of `type` be mounted here (root, not in a locked-down
+// container)? Probed in its own directory before the case owns anything,
+// because skip() exits without running destructors.
+void require_mount(const char* type);
+
+// A filesystem mounted on a fresh directory, unmounted (then removed) on
+// destruction, whatever the case did.
+class TempMount {
+ public:
+  TempMount(const char* type, const std::string& opts);
+  ~TempMount();
+  TempMount(const TempMount&) = delete;
+  bool ok() const { return ok_; }
+  const std::string& error() const { return err_; }
+  const std::string& path() const { return dir_.path(); }
+  std::string operator/(const std::string& n) const { return dir_ / n; }
+
+ private:
+  TempDir dir_;
+  bool ok_ = false;
+  std::string err_;
+};
+
 struct RunResult {
   int status = -1;  // exit status, or 128+signal
   std::string out;
