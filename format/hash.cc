@@ -7,6 +7,7 @@
 #define XXH_STATIC_LINKING_ONLY  // XXH3_state_t
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <new>
 #include <string_view>
@@ -78,6 +79,12 @@ Hasher::~Hasher() { ::operator delete(state_, std::align_val_t(64)); }
 void Hasher::reset() { XXH3_64bits_reset(as_state(state_)); }
 
 void Hasher::update(const void* data, size_t len) { impl().update(state_, data, len); }
+
+void Hasher::update_zeros(i64 len) {
+  static const std::vector<u8> zeros(1 * kMiB);
+  for (; len > 0; len -= static_cast<i64>(zeros.size()))
+    update(zeros.data(), static_cast<size_t>(std::min<i64>(len, zeros.size())));
+}
 
 u64 Hasher::digest() const { return XXH3_64bits_digest(as_state(state_)); }
 

@@ -29,6 +29,9 @@ class Hasher {
   Hasher& operator=(const Hasher&) = delete;
   void reset();
   void update(const void* data, size_t len);
+  // As update() with `len` zero bytes (holes, zero pages), from a shared
+  // zero buffer.
+  void update_zeros(i64 len);
   u64 digest() const;
 
  private:

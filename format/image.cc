@@ -74,13 +74,8 @@ Result<std::vector<ChunkInfo>> decode_chunk_records(std::span<const u8> bytes,
 u64 checksum(std::span<const u8> bytes) { return xxh3(bytes.data(), bytes.size()); }
 
 u64 zero_checksum(i64 len) {
-  static const std::vector<u8> zeros(kDefaultChunkSize);
   Hasher st;
-  while (len > 0) {
-    i64 n = std::min<i64>(len, zeros.size());
-    st.update(zeros.data(), n);
-    len -= n;
-  }
+  st.update_zeros(len);
   return st.digest();
 }
 
