@@ -188,6 +188,7 @@ int main(int argc, char** argv) {
   RestoreOptions restore;
   std::string image;
   std::string chunk_size = "1M";
+  std::string min_hole;  // empty: by the image's filesystem
   std::string compress;
   std::vector<std::string> rams;
   bool leave_running = false, paused = false, running = false, restore_paused = false;
@@ -207,6 +208,9 @@ int main(int argc, char** argv) {
   lr->excludes(pz);
   save_cmd->add_option("--description", save.description, "Free text stored in the metadata");
   save_cmd->add_option("--chunk-size", chunk_size, "Checksum chunk (power of two, default 1M)");
+  save_cmd->add_option("--min-hole", min_hole,
+                       "Shortest run of zero pages left as a hole between data pages; shorter "
+                       "runs are written as zeros (default 64K, 0 on tmpfs; 0: every zero page a hole)");
   auto* compress_opt = save_cmd->add_option("--compress", compress,
                        "Compress each chunk: lz4, zstd or zstd:LEVEL (1-19, default 3); the "
                        "image then restores eagerly only");
@@ -290,6 +294,12 @@ int main(int argc, char** argv) {
     if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))
       return usage("--chunk-size must be a power of two from 4K to 1G");
     save.chunk_size = *cs;
+  }
+  if (!min_hole.empty()) {
+    auto mh = parse_size(min_hole);
+    if (!mh.ok() || *mh > kMaxChunkSize)
+      return usage("--min-hole takes a size from 0 to 1G (e.g. 0, 64K, 2M)");
+    save.min_hole = *mh;
   }
   if (compress_opt->count() > 0) {
     auto spec = parse_codec_spec(compress);

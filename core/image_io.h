@@ -35,6 +35,7 @@ struct RamStats {
   i64 stored_bytes = 0;  // bytes written or read (data pages)
   i64 data_pages = 0;
   i64 total_pages = 0;
+  i64 zero_filled_bytes = 0;  // zero pages moved along with data (short holes)
   // Compressed images: stored_bytes is what the RAM regions hold on disk,
   // uncompressed_bytes what they would hold raw (data pages).
   bool compressed = false;
@@ -43,6 +44,16 @@ struct RamStats {
   double seconds = 0;
   EngineStats engine;
 };
+
+// The shortest run of zero pages between data pages worth leaving as a hole
+// in an image on the filesystem of `fd`. A hole splits a write in two, and
+// on a block device every write costs a request and an extent: a guest
+// whose zero pages are scattered one by one (25% of them) saved 3.5x slower
+// with every one a hole than with runs under 64 KiB written as zeros (1 GiB,
+// ext4: 2.7 s against 0.8 s). On tmpfs, ramfs and hugetlbfs a hole costs
+// nothing and saves memory: 0 there (every zero page a hole).
+constexpr i64 kDefaultMinHole = 64 * kKiB;
+i64 default_min_hole(int fd);
 
 // Notes for the user that are not errors (e.g. the O_DIRECT fallback).
 using WarnFn = std::function<void(const std::string&)>;
@@ -57,6 +68,13 @@ class ImageWriter {
                                                      std::vector<BlockLayout> blocks,
                                                      i64 chunk_size, const WarnFn& warn);
   ~ImageWriter();  // an uncommitted image is removed
+
+  // Zero pages between data pages in one chunk are kept as holes only in
+  // runs of at least `bytes` (`save --min-hole`); shorter runs are written
+  // as zeros with their neighbours. The bitmap marks zero pages either way.
+  // Negative: default_min_hole() of the image's filesystem. Before write_ram.
+  void set_min_hole(i64 bytes);
+  i64 min_hole() const { return min_hole_; }
 
   // Compress chunks (and the device state) with `spec`; before write_ram.
   // Refuses blocks whose chunks exceed kMaxCompressedChunkSize (kUsage).
@@ -132,6 +150,7 @@ class ImageWriter {
   ImageLayout img_;
   std::vector<std::vector<u8>> bitmaps_;
   std::vector<std::vector<u64>> sums_;
+  i64 min_hole_ = 0;
   CodecSpec compress_;
   std::vector<std::vector<ChunkInfo>> chunk_info_;  // per block, when compressing
   std::unique_ptr<StreamCompressor> vm_codec_;
@@ -206,6 +225,7 @@ class ImageReader {
 
   DirectFile file_;
   ImageLayout img_;
+  i64 min_hole_ = 0;  // gaps under this between runs are read in one request
 };
 
 }  // namespace vmsave

@@ -57,6 +57,7 @@ void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& pre
   j["ram_bytes"] = s.ram_bytes;
   j["stored_bytes"] = s.stored_bytes;
   j["zero_ratio"] = s.total_pages ? 1.0 - double(s.data_pages) / double(s.total_pages) : 0.0;
+  j["zero_filled_bytes"] = s.zero_filled_bytes;
   j[prefix + "_s"] = s.seconds;
   j["throughput_bps"] = s.seconds > 0 ? double(s.stored_bytes) / s.seconds : 0.0;
   j["jobs"] = s.engine.jobs;
@@ -170,6 +171,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   auto warn = [&](const std::string& m) { rep.warn(m); };
   auto w = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size, warn);
   if (!w.ok()) return w.error();
+  (*w)->set_min_hole(opts.min_hole);
   VMSAVE_TRY((*w)->set_compression(opts.compress));
   if (opts.compress.enabled()) meta["compress"] = opts.compress.name();
   timer.lap("prepare");

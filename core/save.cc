@@ -206,6 +206,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                                  [&](const std::string& m) { rep.warn(m); });
   if (!w_r.ok()) return w_r.error();
   ImageWriter& w = **w_r;
+  w.set_min_hole(opts.min_hole);
   VMSAVE_TRY(w.set_compression(opts.compress));
   if (opts.compress.enabled()) meta["compress"] = opts.compress.name();
 

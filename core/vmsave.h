@@ -25,6 +25,7 @@ struct SaveOptions {
   bool force = false;
   EngineConfig engine;
   i64 chunk_size = kDefaultChunkSize;
+  i64 min_hole = -1;   // --min-hole; negative: by the image's filesystem
   CodecSpec compress;  // --compress; Codec::kRaw when not given
   std::string description;
   // Raw mode: memory files, each ID=FILE.
