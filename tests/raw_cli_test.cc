@@ -14,6 +14,7 @@
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -442,6 +443,9 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--ram", "ram=" + src, "--bogus", image},
       {"save", "--ram", "ram=" + src, "--chunk-size", "3K", image},
       {"save", "--ram", "ram=" + src, "--chunk-size", "2K", image},
+      {"save", "--ram", "ram=" + src, "--min-hole", "-4K", image},
+      {"save", "--ram", "ram=" + src, "--min-hole", "2G", image},
+      {"save", "--ram", "ram=" + src, "--min-hole", "lots", image},
       {"save", "--ram", "ram=" + src, "--jobs", "0", image},
       {"save", "--ram", "ram=" + src, "--queue-depth", "0", image},
       {"save", "--ram", "ram=" + src, "--paused", image},
@@ -466,6 +470,30 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
   CHECK_RUN(r, 0);
   CHECK(contains(r.out, "vmsave"));
   CHECK_RUN(run_vmsave({"save", "--help"}), 0);
+}
+
+TEST_CASE("raw: every option --help lists is described in the man page") {
+  const std::string man = test::read_file(std::string(VMSAVE_SOURCE_DIR) + "/man/vmsave.1");
+  for (std::string cmd : {"save", "restore", "prepare", "info", "verify"}) {
+    RunResult r = run_vmsave({cmd, "--help"});
+    REQUIRE_RUN(r, 0);
+    // CLI11 starts a line with each option: "  -j,--jobs INT ...", "  --lazy".
+    std::istringstream lines(r.out);
+    for (std::string line; std::getline(lines, line);) {
+      size_t at = line.find_first_not_of(' ');
+      if (at == std::string::npos || line[at] != '-') continue;
+      at = line.find("--", at);
+      if (at == std::string::npos) continue;
+      std::string opt = line.substr(at, line.find_first_of(" ,=", at) - at);
+      if (opt == "--help") continue;
+      // groff writes a dash in an option as "\-".
+      std::string roff;
+      for (char c : opt) roff += c == '-' ? std::string("\\-") : std::string(1, c);
+      CAPTURE(cmd);
+      CAPTURE(opt);
+      CHECK(contains(man, roff));
+    }
+  }
 }
 
 // ------------------------------------------------- what is not an image
