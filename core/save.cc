@@ -135,6 +135,13 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   if (!status.ok()) return status.error();
   bool was_running = status->value("running", false);
   std::string run_state = status->value("status", "");
+  // After a completed migration (an earlier save --paused) QEMU refuses to
+  // migrate again until the guest runs.
+  if (run_state == "postmigrate")
+    return Error{"cannot save this guest now", opts.qmp,
+                 "it is paused after an earlier migration (QEMU state postmigrate), and QEMU "
+                 "refuses to migrate it again"}
+        .fix("resume it with the QMP command cont (and stop, if it must stay paused), then save");
   auto mig = qmp.execute("query-migrate");
   if (mig.ok() && (mig->value("status", "") == "active" || mig->value("status", "") == "setup"))
     return Error{"a migration is already running in QEMU", opts.qmp, ""}.fix(
@@ -231,6 +238,8 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     fds.buffered = std::move(*b);
   }
   const bool live = opts.live && was_running;
+  if (opts.live && !was_running)
+    rep.warn("the guest is paused: --live has nothing to overlap with, saving it as it is");
   timer.lap("prepare");
 
   auto stop_guest = [&]() -> Status {

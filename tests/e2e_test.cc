@@ -671,10 +671,32 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
   CHECK_MESSAGE(vm.serial_log() == paused_log, "the guest ran while paused:\n"
                                                    << tail(vm.serial_log()));
 
+  // QEMU will not migrate a guest paused by a completed migration: vmsave
+  // says so before touching anything, and how to get past it.
+  const std::string again = vm.dir() + "/again.vmsave";
+  r = run_vmsave({"save", "--qmp", vm.qmp_path(), again, "--paused"}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "postmigrate"), r.err);
+  CHECK_MESSAGE(contains(r.err, "cont"), r.err);
+  CHECK_FALSE(exists(again));
+
+  // --live of a guest paused by `stop` has nothing to overlap with: it says
+  // so and saves the guest as it is, still paused.
+  REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
+  REQUIRE(qmp_execute(vm.qmp_path(), "stop").ok());
+  const std::string stopped_log = vm.serial_log();
+  r = run_vmsave({"save", "--qmp", vm.qmp_path(), vm.dir() + "/live-paused.vmsave", "--live",
+                  "--paused", "--json"},
+                 kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "--live has nothing to overlap with"), r.err);
+  CHECK_FALSE(parse_json(r).value("live", true));
+  CHECK(qmp_status(vm.qmp_path()) != "running");
+
   auto cont = qmp_execute(vm.qmp_path(), "cont");
   REQUIRE_MESSAGE(cont.ok(), cont.error().message());
   CHECK(qmp_status(vm.qmp_path()) == "running");
-  i64 paused_at = read_story(paused_log).last->iteration;
+  i64 paused_at = read_story(stopped_log).last->iteration;
   CHECK_MESSAGE(
       wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
 }
