@@ -28,6 +28,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include <fmt/core.h>
 
@@ -887,6 +888,8 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
   AlignedBuffer tail(img_.file_size - tail_start);
   for (auto& [o, bytes] : pieces) std::memcpy(tail.data() + (o - tail_start), bytes.data(), bytes.size());
   VMSAVE_TRY(pwrite_all(file_.fd.get(), tail.data(), tail.size(), tail_start, target_));
+  if (int ms = FaultPlan::get().flush_delay_ms)
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   if (fdatasync(file_.fd.get()) < 0) return sys_error("fdatasync", target_, errno);
 
   std::vector<u8> header = encode_header(img_);

@@ -26,6 +26,10 @@ const FaultPlan& FaultPlan::get() {
     const char* s = std::getenv("VMSAVE_FAULT");
     if (!s) return p;
     std::string v = s;
+    if (v.starts_with("slow-flush:")) {
+      p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
+      return p;
+    }
     size_t colon = v.find(':');
     if (colon == std::string::npos) return p;
     p.nth = std::atoll(v.substr(0, colon).c_str());

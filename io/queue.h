@@ -37,11 +37,15 @@ struct IoRequest {
 // Test-only fault injection (issue: reliability): when the environment
 // variable VMSAVE_FAULT is "N:KIND" with KIND one of eio, enospc, short, the
 // N-th request submitted by this process (1-based, counted over all queues)
-// fails that way. Read once at start-up.
+// fails that way; "slow-flush:MS" makes the image's commit wait MS
+// milliseconds before its flush (a stalled NFS server or busy disk), so
+// --flush-timeout can be tested without racing a real flush. Read once at
+// start-up.
 struct FaultPlan {
   i64 nth = 0;
   int err = 0;       // positive errno to fail with, or 0
   bool short_io = false;
+  int flush_delay_ms = 0;
   static const FaultPlan& get();
 };
 

@@ -393,11 +393,13 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
     ::unlink(early.c_str());
   }
   if (try_flush_timeout) {
-    // A commit cannot finish in a microsecond: the save fails cleanly, with
-    // no image, and the guest (resumed before the commit) keeps running.
+    // A flush that stalls for 3 s (injected) against a 0.2 s timeout: the
+    // save fails cleanly, with no image, and the guest (resumed before the
+    // commit) keeps running. (A real flush raced a 1 us timeout, and lost
+    // it when a busy machine descheduled vmsave for the flush's duration.)
     RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--live", "--leave-running",
-                              "--flush-timeout", "0.000001"},
-                             kRunTimeout);
+                              "--flush-timeout", "0.2"},
+                             kRunTimeout, {"VMSAVE_FAULT=slow-flush:3000"});
     CHECK_RUN(r, 1);
     CHECK_MESSAGE(contains(r.err, "--flush-timeout"), r.err);
     CHECK_MESSAGE(contains(r.err, "no image was saved"), r.err);
