@@ -94,6 +94,9 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
       fmt::print(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
                  j["compression_ratio"].get<double>(),
                  human_bytes(j["uncompressed_bytes"].get<double>()));
+    if (j.value("zero_filled_bytes", i64(0)) > 0)
+      fmt::print(stderr, " (+{} of short zero runs, see --min-hole)",
+                 human_bytes(j["zero_filled_bytes"].get<double>()));
     if (j.contains("vmstate_bytes"))
       fmt::print(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
     fmt::print(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
@@ -138,8 +141,9 @@ void print_info(const nlohmann::json& j) {
     fmt::print("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
   if (!m.value("description", "").empty())
     fmt::print("description:  {}\n", m["description"].get<std::string>());
-  fmt::print("file size:    {} ({} stored RAM)\n", human_bytes(j["file_size"].get<double>()),
-             human_bytes(j["stored_bytes"].get<double>()));
+  fmt::print("file size:    {} ({} stored RAM, {} allocated on disk)\n",
+             human_bytes(j["file_size"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
+             human_bytes(j["allocated_bytes"].get<double>()));
   if (j["qemu_migration_section"].is_object())
     fmt::print("device state: in QEMU's migration section ({} at offset {})\n",
                human_bytes(j["qemu_migration_section"]["length"].get<double>()),

@@ -169,6 +169,7 @@ void round_trips(const std::string& kind) {
         json info = info_json(image);
         CHECK(info["complete"] == true);
         CHECK(info["file_size"] == test::file_size(image));
+        CHECK(info["allocated_bytes"] == allocated(image));
         CHECK(info["stored_bytes"] == data_pages * kPage);
         REQUIRE(info["blocks"].size() == 1);
         json b = info["blocks"][0];
