@@ -64,16 +64,21 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Joins runs [start, end) separated by fewer than `min_hole` bytes.
-void coalesce(std::vector<std::pair<i64, i64>>& runs, i64 min_hole) {
+// Joins sorted runs [start, end) separated by fewer than `min_hole` bytes.
+// Returns the bytes of the gaps joined.
+i64 coalesce(std::vector<std::pair<i64, i64>>& runs, i64 min_hole) {
   size_t n = 0;
+  i64 joined = 0;
   for (size_t i = 0; i < runs.size(); i++) {
-    if (n > 0 && runs[i].first - runs[n - 1].second < min_hole)
+    if (n > 0 && runs[i].first - runs[n - 1].second < min_hole) {
+      joined += runs[i].first - runs[n - 1].second;
       runs[n - 1].second = runs[i].second;
-    else
+    } else {
       runs[n++] = runs[i];
+    }
   }
   runs.resize(n);
+  return joined;
 }
 
 bool is_zero(const u8* p, i64 n) {
@@ -156,13 +161,8 @@ Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::stri
   const i64 end = offset + len;
   // Skip only large holes: reading a small hole costs less than a separate
   // read per extent (a mixed guest's zero pages make tens of thousands).
-  std::vector<std::pair<i64, i64>> extents;
-  for (auto e : data_extents(fd, offset, len)) {
-    if (!extents.empty() && e.first - extents.back().second < kPiece)
-      extents.back().second = e.second;
-    else
-      extents.push_back(e);
-  }
+  std::vector<std::pair<i64, i64>> extents = data_extents(fd, offset, len);
+  coalesce(extents, kPiece);
   i64 pos = offset;
   auto zeros = [&](i64 upto) {
     if (upto > pos) st.update_zeros(upto - pos);
@@ -494,13 +494,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     // Zero pages between runs closer than min_hole_ go out as zeros with
     // them. Straight from the mapping where the source has every page of a
     // piece; else through an output buffer, source holes as zeros.
-    if (min_hole_ > page && runs.size() > 1) {
-      i64 before = 0, after = 0;
-      for (auto [s, e] : runs) before += e - s;
-      coalesce(runs, min_hole_);
-      for (auto [s, e] : runs) after += e - s;
-      filled.fetch_add(after - before, std::memory_order_relaxed);
-    }
+    const bool join = min_hole_ > page;
+    if (join) filled.fetch_add(coalesce(runs, min_hole_), std::memory_order_relaxed);
     for (auto [s, e] : runs) {
       for (i64 o = s; o < e; o += slot_size) {
         IoRequest r;
@@ -509,8 +504,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
         r.len = static_cast<u32>(std::min(slot_size, e - o));
         r.offset = b.region.offset + start + o;
         r.write = true;
-        bool gaps = false;
-        for (i64 p = o / page; p * page < o + r.len; p++) gaps |= bool(src_hole[p]);
+        bool gaps = false;  // only joined runs span source holes
+        for (i64 p = o / page; join && p * page < o + r.len; p++) gaps |= bool(src_hole[p]);
         if (gaps) {
           Worker& wk = workers[w];
           while (wk.free.empty()) VMSAVE_TRY(q.reap_some());
@@ -1204,13 +1199,10 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     }
     if (runs.empty()) return finish_chunk(w, c, true);
     bool gather = false;
-    if (may_gather && !is_compressed(c) && runs.size() > 1) {
-      i64 before = 0, after = 0;
-      for (auto [s, e] : runs) before += e - s;
-      coalesce(runs, min_hole_);
-      for (auto [s, e] : runs) after += e - s;
-      filled_bytes.fetch_add(after - before, std::memory_order_relaxed);
-      gather = after > before;
+    if (may_gather && !is_compressed(c)) {
+      i64 joined = coalesce(runs, min_hole_);
+      filled_bytes.fetch_add(joined, std::memory_order_relaxed);
+      gather = joined > 0;
     }
     if (verify_only || is_compressed(c) || gather) {
       while (workers[w].free.empty()) VMSAVE_TRY(q.reap_some());
