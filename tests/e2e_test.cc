@@ -195,6 +195,14 @@ bool wait_story(const std::function<std::string()>& read_log, i64 min_iteration,
   }
 }
 
+// Waits until the guest of `vm`, running now, gets `more` iterations past the
+// one it has printed last: it runs, and its memory is intact.
+bool carries_on(const TestVm& vm, i64 more, std::string* why) {
+  i64 now = read_story(vm.serial_log()).last->iteration;
+  return wait_story([&] { return vm.serial_log(); }, now + more, kCarryOnTimeout, vm.pid(), nullptr,
+                    why);
+}
+
 std::string slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -974,10 +982,7 @@ TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or te
       for (auto& c : *caps)
         if (c.value("capability", "") == "x-ignore-shared") CHECK_FALSE(c.value("state", true));
       std::string err;
-      i64 now = read_story(vm.serial_log()).last->iteration;
-      REQUIRE_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout,
-                                 vm.pid(), nullptr, &err),
-                      err);
+      REQUIRE_MESSAGE(carries_on(vm, 2, &err), err);
     }
   }
   if (interrupted == 0) skip("could not interrupt a save while it wrote RAM in 6 tries");
@@ -1246,10 +1251,7 @@ TEST_CASE(
     REQUIRE(qmp_status(vm.qmp_path()) == "running");
     // One more verified pass of its buffer is enough: it runs, intact.
     std::string err;
-    i64 now = read_story(vm.serial_log()).last->iteration;
-    REQUIRE_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 1, kCarryOnTimeout, vm.pid(),
-                               nullptr, &err),
-                    err);
+    REQUIRE_MESSAGE(carries_on(vm, 1, &err), err);
   }
   MESSAGE(killed << " saves killed part-way, " << finished << " finished before the kill");
   test::record_figure("kill_points", points);
@@ -1287,10 +1289,7 @@ TEST_CASE("e2e: SIGTERM during a save stops cleanly with 130, and a killed QEMU 
   CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
   CHECK(qmp_status(vm.qmp_path()) == "running");
   std::string err;
-  i64 now = read_story(vm.serial_log()).last->iteration;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout, vm.pid(),
-                           nullptr, &err),
-                err);
+  CHECK_MESSAGE(carries_on(vm, 2, &err), err);
 
   // QEMU killed while vmsave writes RAM: the device state cannot come, the
   // save fails with 1 naming the cause, and no image appears.
@@ -1323,10 +1322,7 @@ TEST_CASE(
   auto guest_runs_on = [&] {
     CHECK(qmp_status(vm.qmp_path()) == "running");
     std::string err;
-    i64 now = read_story(vm.serial_log()).last->iteration;
-    CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, now + 2, kCarryOnTimeout, vm.pid(),
-                             nullptr, &err),
-                  err);
+    CHECK_MESSAGE(carries_on(vm, 2, &err), err);
   };
 
   // The Nth RAM write fails: the save (a plain one, that would make QEMU
