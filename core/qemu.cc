@@ -194,6 +194,9 @@ Status Capabilities::set(QmpClient& qmp, const std::vector<std::pair<std::string
           "use QEMU 9.1 or newer, as README.md says");
   }
   if (caps.empty()) return Status();
+  nlohmann::json undo = nlohmann::json::array();
+  for (auto& [name, value] : old_) undo.push_back({{"capability", name}, {"state", value}});
+  qmp.note_undo("migrate-set-capabilities", {{"capabilities", undo}});
   auto r = qmp.execute("migrate-set-capabilities", {{"capabilities", caps}});
   if (!r.ok()) {
     old_.clear();
@@ -244,6 +247,7 @@ Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds
     auto p = qmp.execute("query-migrate-parameters");
     if (p.ok() && p->contains("direct-io")) {
       old_direct = (*p)["direct-io"].get<bool>();
+      qmp.note_undo("migrate-set-parameters", {{"direct-io", *old_direct}});
       auto r = qmp.execute("migrate-set-parameters", {{"direct-io", true}});
       if (!r.ok()) return r.error();
     } else {
@@ -265,6 +269,7 @@ Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds
   if (!added.ok()) return added.error();
   i64 set = (*added)["fdset-id"].get<i64>();
   undo.fdset = set;
+  qmp.note_undo("remove-fd", {{"fdset-id", set}});
   if (direct) {
     auto r = qmp.add_fd(fds.direct.get(), set, "vmsave image (O_DIRECT)");
     if (!r.ok()) return r.error();

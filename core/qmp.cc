@@ -290,7 +290,7 @@ Result<nlohmann::json> QmpClient::call(const std::string& cmd, const nlohmann::j
   auto deadline = deadline_in(timeout_s);
   // A fresh id per command: a reply that arrives after we gave up on its
   // command is recognised and dropped instead of answering the next one.
-  nlohmann::json id = fmt::format("vmsave-{}", next_id_++);
+  nlohmann::json id = fmt::format("{}{}", id_prefix_, next_id_++);
   nlohmann::json msg = {{"execute", cmd}, {"id", id}};
   if (!args.is_null()) msg["arguments"] = args;
   VMSAVE_TRY(send(dump(msg) + "\r\n", fd, deadline));
@@ -326,6 +326,30 @@ Result<nlohmann::json> QmpClient::call(const std::string& cmd, const nlohmann::j
     broken_ = protocol_error(dump(r));
     return *broken_;
   }
+}
+
+void QmpClient::resync(double quiet_s) {
+  in_.clear();
+  events_.clear();
+  broken_.reset();
+  char buf[4096];
+  for (;;) {
+    pollfd p{fd_.get(), POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(quiet_s * 1000)) <= 0) break;
+    ssize_t n = ::read(fd_.get(), buf, sizeof(buf));
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) break;  // hung up: the next call reports it
+    in_.append(buf, n);
+  }
+  // Messages end in "\r\n": what follows the last one is the start of the
+  // next, unless it is the tail of one the dead process began reading.
+  size_t nl = in_.rfind('\n');
+  in_.erase(0, nl == std::string::npos ? 0 : nl + 1);
+  if (!in_.empty() && in_[0] != '{') in_.clear();
+  scanned_ = 0;
+  depth_ = 0;
+  in_string_ = escaped_ = false;
+  id_prefix_ = fmt::format("vmsave-{}-", ::getpid());
 }
 
 Result<nlohmann::json> QmpClient::execute(const std::string& cmd, const nlohmann::json& args,

@@ -73,11 +73,30 @@ class QmpClient {
                                     const std::function<bool(const nlohmann::json&)>& match,
                                     double timeout_s = kQmpTimeout);
 
+  // How to put back what a save changes in QEMU: code that changes a
+  // setting first notes the command that restores it. The save's watchdog
+  // (core/watchdog.h) keeps the notes and runs them if vmsave dies part-way;
+  // without one, notes are dropped.
+  void set_undo_journal(std::function<void(const nlohmann::json& command)> journal) {
+    undo_journal_ = std::move(journal);
+  }
+  void note_undo(const std::string& cmd, const nlohmann::json& args) {
+    if (undo_journal_) undo_journal_({{"execute", cmd}, {"arguments", args}});
+  }
+
+  // For a process that takes over this connection from one that died with
+  // a reply half-read (the watchdog): drops what was buffered and whatever
+  // arrives until the line falls quiet for `quiet_s`, keeping only a
+  // message that is still arriving, and numbers commands apart from the
+  // dead process's, so its late replies are never taken for ours.
+  void resync(double quiet_s);
+
   // The QEMU process on the other end (SO_PEERCRED at connect time).
   pid_t peer_pid() const { return peer_pid_; }
   // {"QMP": {"version": {...}, "capabilities": [...]}}
   const nlohmann::json& greeting() const { return greeting_; }
   const std::string& path() const { return path_; }
+  int socket_fd() const { return fd_.get(); }
 
  private:
   QmpClient() = default;
@@ -101,6 +120,8 @@ class QmpClient {
   bool in_string_ = false, escaped_ = false;
   std::deque<nlohmann::json> events_;
   u64 next_id_ = 1;
+  std::string id_prefix_ = "vmsave-";
+  std::function<void(const nlohmann::json&)> undo_journal_;
   // Set when QEMU hung up or broke the protocol: the stream cannot be
   // trusted again, so every later call returns this error.
   std::optional<Error> broken_;

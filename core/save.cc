@@ -16,7 +16,7 @@
 //
 // If any step fails, the guest is put back as it was (resumed if it ran),
 // the capabilities vmsave changed are restored, and no image appears at the
-// target.
+// target; if vmsave itself dies, its watchdog process does the same.
 
 #include <fcntl.h>
 
@@ -32,6 +32,7 @@
 #include "core/qemu.h"
 #include "core/qemu_args.h"
 #include "core/vmsave.h"
+#include "core/watchdog.h"
 #include "lib/cancel.h"
 
 namespace vmsave {
@@ -217,6 +218,10 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   VMSAVE_TRY(w.set_compression(opts.compress));
   if (opts.compress.enabled()) meta["compress"] = opts.compress.name();
 
+  // From the first change to QEMU on, a watchdog process undoes what this
+  // save did if vmsave dies part-way (SIGKILL, a crash).
+  auto watchdog = Watchdog::start(qmp, was_running);
+  if (!watchdog.ok()) return watchdog.error();
   Capabilities caps;
   if (through_qemu)
     VMSAVE_TRY(caps.set(qmp, mapped_ram_capabilities(), {"mapped-ram", "multifd"}));
@@ -274,6 +279,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       if (!p.ok()) return p.error();
       for (auto& [k, v] : want.items())
         if (p->contains(k)) old_params[k] = (*p)[k];
+      qmp.note_undo("migrate-set-parameters", old_params);
       auto r = qmp.execute("migrate-set-parameters", want);
       if (!r.ok()) return r.error();
     }
@@ -425,6 +431,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   // The image is safe on disk: from here, failures no longer undo the save.
   guard.armed = false;
+  watchdog->disarm();
   if (opts.after == AfterSave::kQuit) {
     (void)qmp.execute("quit", nullptr, 5);
   } else if (opts.after == AfterSave::kLeaveRunning) {
