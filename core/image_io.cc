@@ -201,6 +201,29 @@ Status fsync_dir(const std::string& dir) {
   return Status();
 }
 
+// The hidden name a save links its image under before renaming it over an
+// existing target (--force), or writes it under where O_TMPFILE is missing.
+std::string temp_name(const std::string& dir, const std::string& target, pid_t pid) {
+  return fmt::format("{}/.{}.vmsave-{}.tmp", dir, std::filesystem::path(target).filename().string(),
+                     pid);
+}
+
+// Removes the temporary files of earlier saves to `target` whose process is
+// gone: one killed between link and rename (--force), or while writing a
+// named temporary. A live process's file is its own business.
+void remove_stale_temps(const std::string& dir, const std::string& target) {
+  const std::string prefix = "." + std::filesystem::path(target).filename().string() + ".vmsave-";
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    std::string name = e.path().filename().string();
+    if (!name.starts_with(prefix) || !name.ends_with(".tmp")) continue;
+    std::string digits = name.substr(prefix.size(), name.size() - prefix.size() - 4);
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    pid_t pid = static_cast<pid_t>(std::stol(digits));
+    if (pid > 0 && ::kill(pid, 0) < 0 && errno == ESRCH) ::unlink(e.path().c_str());
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- writer
@@ -223,6 +246,7 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   }
   struct stat dst;
   if (stat(w->dir_.c_str(), &dst) < 0) return sys_error("stat", w->dir_, errno);
+  remove_stale_temps(w->dir_, target);
 
   // O_TMPFILE: an inode with no name until commit links it. Mode 0600:
   // guest memory holds keys and passwords.
@@ -230,8 +254,7 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   auto f = open_direct(w->dir_, flags, 0600, true);
   if (!f.ok()) {
     // Filesystems without O_TMPFILE: a named temporary beside the target.
-    w->temp_name_ = fmt::format("{}/.{}.vmsave-{}.tmp", w->dir_,
-                                std::filesystem::path(target).filename().string(), getpid());
+    w->temp_name_ = temp_name(w->dir_, target, getpid());
     f = open_direct(w->temp_name_, O_RDWR | O_CREAT | O_EXCL, 0600, true);
     if (!f.ok()) {
       w->temp_name_.clear();
@@ -924,8 +947,7 @@ Status ImageWriter::link_into_place() {
             "pass --force to replace it");
       return sys_error("linkat", target_, errno);
     }
-    temp_name_ = fmt::format("{}/.{}.vmsave-{}.tmp", dir_,
-                             std::filesystem::path(target_).filename().string(), getpid());
+    temp_name_ = temp_name(dir_, target_, getpid());
     ::unlink(temp_name_.c_str());
     if (linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, temp_name_.c_str(), AT_SYMLINK_FOLLOW) < 0) {
       temp_name_.clear();

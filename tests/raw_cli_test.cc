@@ -8,11 +8,14 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <fmt/core.h>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -341,6 +344,22 @@ TEST_CASE("raw: save refuses an existing image without --force and replaces it w
   CHECK(j["blocks"][0]["size"] == 2 * kMiB + 4096);
   CHECK_RUN(run_vmsave({"verify", image}), 0);
   CHECK(list_dir(disk.path()) == std::vector<std::string>{"image.vmsave"});
+
+  // A save killed between linking its hidden name and renaming it over the
+  // target (--force) leaves .NAME.vmsave-PID.tmp: the next save to that
+  // target removes it once PID is gone, and never a live process's.
+  pid_t dead = fork();
+  REQUIRE(dead >= 0);
+  if (dead == 0) _exit(0);
+  REQUIRE(waitpid(dead, nullptr, 0) == dead);
+  const std::string stale = fmt::format(".image.vmsave.vmsave-{}.tmp", dead);
+  const std::string live = fmt::format(".image.vmsave.vmsave-{}.tmp", getpid());
+  const std::string other = fmt::format(".other.vmsave.vmsave-{}.tmp", dead);
+  for (const std::string& name : {stale, live, other}) std::ofstream(disk / name) << "partial";
+  REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "first=" + a, image}), 0);
+  CHECK(list_dir(disk.path()) == std::vector<std::string>{live, other, "image.vmsave"});
+  std::filesystem::remove(disk / live);
+  std::filesystem::remove(disk / other);
 
   // A directory at the target is never replaced.
   std::string dir = disk / "adir";
