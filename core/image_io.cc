@@ -224,6 +224,21 @@ void remove_stale_temps(const std::string& dir, const std::string& target) {
   }
 }
 
+// Drops the page-table entries of the whole pages in [p, p + len) of a
+// MAP_SHARED file mapping that is done with; the data stays in the file.
+// A save does it request by request, in the workers while the disk works,
+// rather than in one munmap at the end: 4 GiB random to disk went from
+// 3.05-3.16 s to 2.82-2.90 s (4 runs each; the munmap took 0.22 s). A
+// restore gains nothing (its workers are busy with first-touch page
+// allocation) and does not. A hugetlbfs mapping refuses ranges that are not
+// whole huge pages (EINVAL) and is left to munmap.
+void drop_mapped(const u8* p, i64 len) {
+  constexpr uintptr_t kPage = 4096;
+  auto a = reinterpret_cast<uintptr_t>(p);
+  uintptr_t from = (a + kPage - 1) & ~(kPage - 1), to = (a + len) & ~(kPage - 1);
+  if (to > from) ::madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- writer
@@ -391,7 +406,6 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // medians of 8), while it would pin all guest RAM once per worker ring.
   auto setup = [&](IoQueue& q, int w) {
     q.name_fd(fd, target_);
-    if (slots == 0) return;
     Worker& wk = workers[w];
     if (compress) {
       wk.codec = std::make_unique<Compressor>(compress_);
@@ -402,9 +416,13 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       wk.free.push_back(i);
     }
     // Tag = output buffer + 1 for writes from one; 0 for writes straight
-    // from the source mapping.
+    // from the source mapping, whose pages are done with once written
+    // (hashed before).
     q.set_on_done([&wk](const IoRequest& r) -> Status {
-      if (r.tag) wk.free.push_back(static_cast<int>(r.tag - 1));
+      if (r.tag)
+        wk.free.push_back(static_cast<int>(r.tag - 1));
+      else
+        drop_mapped(r.buf, r.len);
       return Status();
     });
   };
