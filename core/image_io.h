@@ -55,6 +55,9 @@ struct RamStats {
 constexpr i64 kDefaultMinHole = 64 * kKiB;
 i64 default_min_hole(int fd);
 
+// Whether `fd` is on a filesystem kept in memory (tmpfs, ramfs, hugetlbfs).
+bool in_memory_fs(int fd);
+
 // Notes for the user that are not errors (e.g. the O_DIRECT fallback).
 using WarnFn = std::function<void(const std::string&)>;
 
@@ -151,6 +154,7 @@ class ImageWriter {
   std::vector<std::vector<u8>> bitmaps_;
   std::vector<std::vector<u64>> sums_;
   i64 min_hole_ = 0;
+  bool block_fs_ = false;  // on a block device's filesystem, with O_DIRECT
   CodecSpec compress_;
   std::vector<std::vector<ChunkInfo>> chunk_info_;  // per block, when compressing
   std::unique_ptr<StreamCompressor> vm_codec_;

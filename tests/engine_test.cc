@@ -21,6 +21,8 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -320,6 +322,53 @@ Interrupted interrupt_mid_phase(std::vector<std::string> args, const std::string
 }
 
 }  // namespace
+
+TEST_CASE("engine: zero pages the source wrote (not holes) end up holes in an image on disk") {
+  require_shm();
+  // The blocks for the source's data are allocated before the writes (on a
+  // block device's filesystem), zero ranges included when the source
+  // wrote them, and punched out again after: the image holds the data only.
+  Dirs d;
+  if (min_hole_of(d.disk.path()) == 0) test::skip("the test directory is on a memory filesystem");
+  std::string src = d.shm / "src";
+  {
+    // 128 KiB of random data, then 128 KiB of written zeros, 32 times; the
+    // last MiB written zeros (a whole zero chunk).
+    std::string bytes;
+    std::mt19937_64 rng(7);
+    for (int i = 0; i < 32; i++) {
+      for (int j = 0; j < 128 * 1024 / 8; j++) {
+        u64 v = rng();
+        bytes.append(reinterpret_cast<const char*>(&v), 8);
+      }
+      bytes.append(128 * 1024, '\0');
+    }
+    bytes.append(kMiB, '\0');
+    std::ofstream(src, std::ios::binary) << bytes;
+  }
+  const i64 size = test::file_size(src);
+  const i64 data = 32 * 128 * kKiB;
+  REQUIRE(allocated(src) == size);  // no holes in the source
+  for (const char* min_hole : {"64K", "0"}) {
+    CAPTURE(min_hole);
+    std::string image = d.disk / "image.vmsave";
+    RunResult r = run_vmsave({"save", "--json", "--force", "--min-hole", min_hole, "--ram", "ram=" + src, image});
+    REQUIRE_RUN(r, 0);
+    json rep = json::parse(r.out);
+    CHECK(rep["stored_bytes"] == data);
+    CHECK(rep["zero_filled_bytes"] == 0);
+    i64 alloc = allocated(image);
+    CHECK(alloc >= data);
+    CHECK(alloc <= data + 256 * kKiB);
+    CHECK_RUN(run_vmsave({"verify", image}), 0);
+    std::string rdir = d.out / min_hole;
+    REQUIRE(mkdir(rdir.c_str(), 0700) == 0);
+    REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", rdir}), 0);
+    std::string why;
+    CHECK_MESSAGE(test::files_equal(src, rdir + "/ram", &why), why);
+    CHECK(allocated(rdir + "/ram") == data);
+  }
+}
 
 TEST_CASE("engine: round trip of random memory over jobs and queue depths") {
   round_trips("random");
