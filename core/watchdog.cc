@@ -82,7 +82,9 @@ void close_all_but(std::vector<int> keep) {
 }  // namespace
 
 Watchdog::Watchdog(Watchdog&& o) noexcept
-    : pid_(std::exchange(o.pid_, -1)), sock_(std::move(o.sock_)), qmp_(std::exchange(o.qmp_, nullptr)) {}
+    : pid_(std::exchange(o.pid_, -1)),
+      sock_(std::move(o.sock_)),
+      qmp_(std::exchange(o.qmp_, nullptr)) {}
 
 Watchdog& Watchdog::operator=(Watchdog&& o) noexcept {
   if (this != &o) {

@@ -577,6 +577,28 @@ Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
   return res;
 }
 
+// interrupt_save with SIGKILL, tried up to 3 times (a save may finish
+// before the kill lands); nullopt when no try was killed part-way.
+std::optional<Interrupted> kill_save(const TestVm& vm, const std::string& image,
+                                     const std::string& phase) {
+  for (int attempt = 0; attempt < 3; attempt++) {
+    Interrupted in = interrupt_save(vm, image, SIGKILL, nullptr, phase);
+    if (in.caught && in.status == 128 + SIGKILL) return in;
+    CHECK_MESSAGE(in.status == 0, "status " << in.status << ": " << in.err);
+    std::filesystem::remove(image);
+  }
+  return std::nullopt;
+}
+
+// Whether QEMU has x-ignore-shared set (a save left it behind).
+bool x_ignore_shared(const TestVm& vm) {
+  auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
+  REQUIRE_MESSAGE(caps.ok(), caps.error().message());
+  for (auto& c : *caps)
+    if (c.value("capability", "") == "x-ignore-shared") return c.value("state", false);
+  return false;
+}
+
 // Flips one byte of `path` at `offset` (a hole reads as zero and becomes
 // 0xff).
 void flip_byte(const std::string& path, i64 offset) {
@@ -980,10 +1002,7 @@ TEST_CASE("e2e: SIGINT during a save resumes the guest and leaves no image or te
       CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
       REQUIRE(qmp_status(vm.qmp_path()) == "running");
       // vmsave put back the migration capability it had set.
-      auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
-      REQUIRE_MESSAGE(caps.ok(), caps.error().message());
-      for (auto& c : *caps)
-        if (c.value("capability", "") == "x-ignore-shared") CHECK_FALSE(c.value("state", true));
+      CHECK_FALSE(x_ignore_shared(vm));
       std::string err;
       REQUIRE_MESSAGE(carries_on(vm, 2, &err), err);
     }
@@ -1003,14 +1022,8 @@ TEST_CASE(
     REQUIRE(::mkdir(out.c_str(), 0755) == 0);
     const std::string image = out + "/vm.vmsave";
 
-    Interrupted in;
-    for (int attempt = 0; attempt < 3; attempt++) {
-      in = interrupt_save(vm, image, SIGKILL);
-      if (in.caught && in.status == 128 + SIGKILL) break;
-      CHECK_MESSAGE(in.status == 0, "status " << in.status << ": " << in.err);
-      std::filesystem::remove(image);
-    }
-    if (!in.caught || in.status != 128 + SIGKILL) {
+    std::optional<Interrupted> in = kill_save(vm, image, "writing RAM");
+    if (!in) {
       why_skip = "could not kill a save while it wrote RAM in 3 tries";
     } else {
       // The image is written to an unnamed (O_TMPFILE) or hidden temporary
@@ -1019,12 +1032,9 @@ TEST_CASE(
       // vmsave stopped the guest and died; its watchdog, holding the same
       // QMP connection, resumed it (this connection waits for it to leave).
       CHECK(qmp_status(vm.qmp_path()) == "running");
-      auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
-      REQUIRE_MESSAGE(caps.ok(), caps.error().message());
-      for (auto& c : *caps)
-        if (c.value("capability", "") == "x-ignore-shared") CHECK_FALSE(c.value("state", true));
+      CHECK_FALSE(x_ignore_shared(vm));
       // It says so where vmsave's errors go.
-      std::string said = slurp(in.log);
+      std::string said = slurp(in->log);
       CHECK_MESSAGE(contains(said, "vmsave: the save was killed part-way: no image was written, "
                                    "QEMU's migration settings are back as they were, and the "
                                    "guest runs again"),
@@ -1064,14 +1074,7 @@ TEST_CASE(
     };
     const json before = settings();
 
-    Interrupted in;
-    for (int attempt = 0; attempt < 3; attempt++) {
-      in = interrupt_save(vm, image, SIGKILL, nullptr, "QEMU writing RAM and device state");
-      if (in.caught && in.status == 128 + SIGKILL) break;
-      CHECK_MESSAGE(in.status == 0, "status " << in.status << ": " << in.err);
-      std::filesystem::remove(image);
-    }
-    if (!in.caught || in.status != 128 + SIGKILL) {
+    if (!kill_save(vm, image, "QEMU writing RAM and device state")) {
       why_skip = "could not kill a save while QEMU wrote RAM in 3 tries";
     } else {
       CHECK_FALSE(exists(image));
@@ -1301,10 +1304,7 @@ TEST_CASE(
     // waits until the watchdog leaves). Either way it runs, x-ignore-shared
     // is off, and memcheck carries on intact.
     REQUIRE(qmp_status(vm.qmp_path()) == "running");
-    auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
-    REQUIRE_MESSAGE(caps.ok(), caps.error().message());
-    for (auto& c : *caps)
-      if (c.value("capability", "") == "x-ignore-shared") CHECK_FALSE(c.value("state", true));
+    CHECK_FALSE(x_ignore_shared(vm));
     // One more verified pass of its buffer is enough: it runs, intact.
     std::string err;
     REQUIRE_MESSAGE(carries_on(vm, 1, &err), err);

@@ -352,7 +352,8 @@ TEST_CASE("engine: zero pages the source wrote (not holes) end up holes in an im
   for (const char* min_hole : {"64K", "0"}) {
     CAPTURE(min_hole);
     std::string image = d.disk / "image.vmsave";
-    RunResult r = run_vmsave({"save", "--json", "--force", "--min-hole", min_hole, "--ram", "ram=" + src, image});
+    RunResult r = run_vmsave(
+        {"save", "--json", "--force", "--min-hole", min_hole, "--ram", "ram=" + src, image});
     REQUIRE_RUN(r, 0);
     json rep = json::parse(r.out);
     CHECK(rep["stored_bytes"] == data);
