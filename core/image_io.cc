@@ -141,20 +141,6 @@ std::vector<std::pair<i64, i64>> data_extents(int fd, i64 offset, i64 size) {
   return out;
 }
 
-// Sorts `ranges` [start, end) and joins those less than `gap` apart (0:
-// those that touch or overlap).
-void merge_ranges(std::vector<std::pair<i64, i64>>& ranges, i64 gap = 0) {
-  std::sort(ranges.begin(), ranges.end());
-  size_t n = 0;
-  for (auto& r : ranges) {
-    if (n > 0 && r.first - ranges[n - 1].second < std::max<i64>(gap, 1))
-      ranges[n - 1].second = std::max(ranges[n - 1].second, r.second);
-    else
-      ranges[n++] = r;
-  }
-  ranges.resize(n);
-}
-
 // Allocates the image's blocks for `ranges` (sorted, disjoint) with
 // fallocate, if the filesystem has room for them and 256 MiB more; returns
 // the ranges it allocated (none when it had no room or no fallocate).
@@ -479,8 +465,9 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
         want.emplace_back(b.region.offset + align_down(a, b.page_size),
                           b.region.offset + std::min(align_up(z, b.page_size), b.region.length));
     }
-    // Zero pages between data closer than min_hole are written anyway.
-    merge_ranges(want, min_hole_);
+    // In block order, so sorted. Zero pages between data closer than
+    // min_hole are written anyway.
+    coalesce(want, min_hole_);
     allocated = preallocate(fd, want);
   }
   const bool track_unwritten = !allocated.empty();
@@ -681,7 +668,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     std::vector<std::pair<i64, i64>> unwritten;
     for (auto& wk : workers)
       unwritten.insert(unwritten.end(), wk.unwritten.begin(), wk.unwritten.end());
-    merge_ranges(unwritten);
+    std::sort(unwritten.begin(), unwritten.end());
+    coalesce(unwritten, 1);  // ranges that touch
     VMSAVE_TRY(punch_unwritten(fd, allocated, unwritten, target_));
   }
   if (!file_.direct) {

@@ -1039,8 +1039,14 @@ TEST_CASE(
                                    "QEMU's migration settings are back as they were, and the "
                                    "guest runs again"),
                     said);
+      // Memory intact: the same checksum after the kill as before it.
+      const MemcheckLine at_kill = *read_story(vm.serial_log()).last;
       std::string err;
-      CHECK_MESSAGE(carries_on(vm, kMoreIterations, &err), err);
+      MemcheckLine line;
+      CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, at_kill.iteration + kMoreIterations,
+                               kCarryOnTimeout, vm.pid(), &line, &err),
+                    err);
+      CHECK(line.checksum == at_kill.checksum);
       // And the VM can still be saved: the killed save wedged nothing.
       RunResult r =
           run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout);
