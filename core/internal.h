@@ -10,6 +10,7 @@
 #include "core/image_io.h"
 #include "core/reporter.h"
 #include "core/vmsave.h"
+#include "core/watchdog.h"
 #include "io/fd.h"
 #include "lib/common.h"
 
@@ -28,13 +29,16 @@ Status check_block_id(const std::string& id, const std::string& image);
 
 // Creates `path` (mode 0600, never through a symlink; an existing file only
 // with `force`), sizes it to the block and fills it from the image, leaving
-// holes where the image has them. Removes the file again on failure.
+// holes where the image has them. Removes the file again on failure, and
+// has `watchdog` remove it if vmsave dies.
 Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats);
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
+                     Watchdog* watchdog);
 
 // Fills DIR/ID for every block of the image (raw restore and `prepare`):
 // checks the directory and the ids, refuses existing files without --force
-// before writing anything, and removes what it wrote if a block fails.
+// before writing anything, and removes what it wrote if a block fails or
+// vmsave dies.
 Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
                                               Reporter& rep, RamStats* ram);
 

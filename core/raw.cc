@@ -94,7 +94,8 @@ Status refuse_lazy_qemu_section(const ImageReader& img) {
 }
 
 Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats) {
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
+                     Watchdog* watchdog) {
   const BlockLayout& b = img.layout().blocks[block];
   int flags = O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
   UniqueFd fd(::open(path.c_str(), flags, 0600));
@@ -112,6 +113,7 @@ Status fill_ram_file(const ImageReader& img, size_t block, const std::string& pa
       if (!keep) ::unlink(path.c_str());
     }
   } guard{path};
+  if (watchdog) watchdog->note_remove(path);
   if (ftruncate(fd.get(), b.size) < 0) {
     Error e = sys_error("ftruncate", path, errno);
     if (errno == EINVAL && file_page_size(fd.get()) > b.page_size)
@@ -215,12 +217,14 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   Progress progress;
   for (auto& b : img.layout().blocks)
     if (!b.via_qemu()) progress.total += b.size;
+  auto watchdog = Watchdog::start();
+  if (!watchdog.ok()) return watchdog.error();
   std::vector<std::string> done;
   rep.begin_phase("reading RAM", &progress);
   for (size_t i = 0; i < img.layout().blocks.size(); i++) {
     if (img.layout().blocks[i].via_qemu()) continue;
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
-    Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, ram);
+    Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, ram, &*watchdog);
     if (!s.ok()) {
       rep.end_phase();
       for (auto& d : done) ::unlink(d.c_str());

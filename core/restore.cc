@@ -131,7 +131,8 @@ void make_lazy(QemuObject& o, const std::string& image, i64 offset) {
 
 // Eager: the RAM file each backend will map, filled from the image.
 Status fill_backends(std::vector<BackendPlan>& plans, const ImageReader& img, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats) {
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
+                     Watchdog* watchdog) {
   for (auto& p : plans) {
     auto mp = p.object.get_string("mem-path");
     if (!mp) return mismatch(fmt::format("memory backend {} has no mem-path", p.object.id));
@@ -148,7 +149,7 @@ Status fill_backends(std::vector<BackendPlan>& plans, const ImageReader& img, bo
   }
   std::vector<std::string> filled;
   for (auto& p : plans) {
-    Status st = fill_ram_file(img, p.block, p.ram_file, force, cfg, progress, stats);
+    Status st = fill_ram_file(img, p.block, p.ram_file, force, cfg, progress, stats, watchdog);
     if (!st.ok()) {
       for (auto& f : filled) ::unlink(f.c_str());
       return st;
@@ -285,6 +286,15 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     if (log.empty()) log = run_dir + "/qemu.log";
   }
   if (!cmd.has_option("incoming")) cmd.append({"-incoming", "defer"});
+  // From here on, if vmsave dies (SIGKILL, a crash), its watchdog kills the
+  // QEMU this restore started and removes the RAM files and directory it
+  // made; else that QEMU would wait for its device state forever.
+  auto watchdog = Watchdog::start();
+  if (!watchdog.ok()) {
+    if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
+    return watchdog.error();
+  }
+  if (!run_dir.empty()) watchdog->note_remove(run_dir);
   timer.lap("plan");
 
   // RAM.
@@ -296,7 +306,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   } else {
     for (auto& p : plans) progress.total += img.layout().blocks[p.block].size;
     rep.begin_phase("reading RAM", &progress);
-    Status st = fill_backends(plans, img, opts.force, opts.engine, &progress, &ram);
+    Status st = fill_backends(plans, img, opts.force, opts.engine, &progress, &ram, &*watchdog);
     rep.end_phase();
     if (!st.ok()) {
       if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
@@ -326,10 +336,14 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   auto started = start_qemu(cmd.argv(), log);
   if (!started.ok()) return started.error();
   q = *started;
+  if (!cmd.daemonize()) watchdog->note_kill(q.pid);
   auto qmp_r = connect_started(q, qmp_path, std::max(opts.qmp_timeout, 30.0), cmd.daemonize());
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
-  if (cmd.daemonize()) q.pid = qmp.peer_pid();
+  if (cmd.daemonize()) {
+    q.pid = qmp.peer_pid();
+    watchdog->note_kill(q.pid);
+  }
   timer.lap("start_qemu");
 
   bool run = opts.running.value_or(meta->value("guest_running", true));
@@ -345,6 +359,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   for (auto& p : plans)
     if (p.unlink_after) ::unlink(p.ram_file.c_str());
   ok = true;
+  watchdog->disarm();  // QEMU and its RAM files are the user's now
 
   nlohmann::json j = {{"command", "restore"}, {"mode", opts.lazy ? "lazy" : "eager"},
                       {"image", opts.image},  {"pid", qmp.peer_pid()},

@@ -3,10 +3,13 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <poll.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <vector>
 
 #include <fmt/core.h>
@@ -29,11 +32,24 @@ void close_all_but(std::vector<int> keep) {
   ::close_range(from, ~0U, 0);
 }
 
-// The watchdog process: waits for "done" or for the save to die, and then
-// puts QEMU back. Never returns.
-[[noreturn]] void watch(QmpClient& qmp, int sock, bool resume) {
-  // Its own session, deaf to the signals the save handles itself: a Ctrl-C
-  // or hangup reaches the save, which cleans up and sends "done".
+// Raw system calls: glibc 2.36's <sys/pidfd.h> declares its wrappers
+// without C linkage.
+int pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+
+// Kills the process behind `pidfd` and waits up to 5 s for it to go. A
+// pidfd, opened when the note came, cannot hit a reused pid.
+void kill_and_wait(int pidfd) {
+  if (::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0) < 0) return;
+  pollfd p{pidfd, POLLIN, 0};
+  while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
+  }
+}
+
+// The watchdog process: waits for "done" or for vmsave to die, and then
+// undoes the notes newest first. Never returns.
+[[noreturn]] void watch(QmpClient* qmp, int sock, bool resume) {
+  // Its own session, deaf to the signals vmsave handles itself: a Ctrl-C or
+  // hangup reaches vmsave, which cleans up and sends "done".
   ::setsid();
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE}) ::signal(sig, SIG_IGN);
   int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
@@ -41,40 +57,64 @@ void close_all_but(std::vector<int> keep) {
     ::dup2(null, STDIN_FILENO);
     ::dup2(null, STDOUT_FILENO);
   }
-  close_all_but({qmp.socket_fd(), sock});
+  if (qmp)
+    close_all_but({qmp->socket_fd(), sock});
+  else
+    close_all_but({sock});
 
-  std::vector<nlohmann::json> undo;
+  std::vector<nlohmann::json> notes;
   std::string in;
   char buf[4096];
   for (;;) {
     ssize_t n = ::read(sock, buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;  // the save is gone without saying "done"
+    if (n <= 0) break;  // vmsave is gone without saying "done"
     in.append(buf, n);
     for (size_t nl; (nl = in.find('\n')) != std::string::npos; in.erase(0, nl + 1)) {
       std::string line = in.substr(0, nl);
       if (line == "done") ::_exit(0);
-      auto cmd = nlohmann::json::parse(line, nullptr, false);
-      if (cmd.is_object()) undo.push_back(std::move(cmd));
+      auto note = nlohmann::json::parse(line, nullptr, false);
+      if (!note.is_object()) continue;
+      if (note.contains("kill")) note["pidfd"] = pidfd_open(note["kill"].get<pid_t>());
+      notes.push_back(std::move(note));
     }
   }
 
-  qmp.resync(0.2);
-  (void)qmp.execute("migrate_cancel", nullptr, 5);
-  (void)wait_migration(qmp, 30, "cancelled save");
-  for (auto it = undo.rbegin(); it != undo.rend(); ++it)
-    (void)qmp.execute(it->value("execute", ""), it->value("arguments", nlohmann::json()), 5);
-  bool resumed = false;
-  if (resume) {
-    auto st = qmp.execute("query-status", nullptr, 5);
-    if (st.ok() && !st->value("running", true)) resumed = qmp.execute("cont", nullptr, 5).ok();
+  if (qmp) {
+    qmp->resync(0.2);
+    (void)qmp->execute("migrate_cancel", nullptr, 5);
+    (void)wait_migration(*qmp, 30, "cancelled save");
   }
-  // write(2), not stdio: a thread of the save may have held stderr's lock
+  bool killed = false, removed = false;
+  for (auto it = notes.rbegin(); it != notes.rend(); ++it) {
+    if (qmp && it->contains("execute")) {
+      (void)qmp->execute(it->value("execute", ""), it->value("arguments", nlohmann::json()), 5);
+    } else if (it->contains("kill") && it->value("pidfd", -1) >= 0) {
+      kill_and_wait(it->value("pidfd", -1));
+      killed = true;
+    } else if (it->contains("remove")) {
+      std::error_code ec;
+      removed |= std::filesystem::remove_all(it->value("remove", ""), ec) > 0;
+    }
+  }
+  bool resumed = false;
+  if (qmp && resume) {
+    auto st = qmp->execute("query-status", nullptr, 5);
+    if (st.ok() && !st->value("running", true)) resumed = qmp->execute("cont", nullptr, 5).ok();
+  }
+  std::string msg;
+  if (qmp)
+    msg = fmt::format(
+        "vmsave: the save was killed part-way: no image was written, QEMU's migration settings "
+        "are back as they were{}\n",
+        resumed ? ", and the guest runs again" : "");
+  else if (killed || removed)
+    msg = fmt::format("vmsave: the restore was killed part-way: {}{}{}\n",
+                      killed ? "the QEMU it started is stopped" : "",
+                      killed && removed ? " and " : "",
+                      removed ? "the files it made are removed" : "");
+  // write(2), not stdio: a thread of vmsave may have held stderr's lock
   // when it forked.
-  std::string msg = fmt::format(
-      "vmsave: the save was killed part-way: no image was written, QEMU's migration settings "
-      "are back as they were{}\n",
-      resumed ? ", and the guest runs again" : "");
   (void)!::write(STDERR_FILENO, msg.data(), msg.size());
   ::_exit(0);
 }
@@ -97,24 +137,43 @@ Watchdog& Watchdog::operator=(Watchdog&& o) noexcept {
 }
 
 Result<Watchdog> Watchdog::start(QmpClient& qmp, bool resume) {
-  int sv[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-    return sys_error("socketpair", "", errno);
-  UniqueFd ours(sv[0]), theirs(sv[1]);
-  pid_t pid = ::fork();
-  if (pid < 0) return sys_error("fork (the save's watchdog)", "", errno);
-  if (pid == 0) watch(qmp, theirs.get(), resume);
-  Watchdog w;
-  w.pid_ = pid;
-  w.sock_ = std::move(ours);
-  w.qmp_ = &qmp;
-  int fd = w.sock_.get();
-  qmp.set_undo_journal([fd](const nlohmann::json& cmd) {
+  auto w = fork_watch(&qmp, resume);
+  if (!w.ok()) return w;
+  qmp.set_undo_journal([fd = w->sock_.get()](const nlohmann::json& cmd) {
     std::string line = cmd.dump() + "\n";
     (void)::send(fd, line.data(), line.size(), MSG_NOSIGNAL);
   });
   return w;
 }
+
+Result<Watchdog> Watchdog::start() { return fork_watch(nullptr, false); }
+
+Result<Watchdog> Watchdog::fork_watch(QmpClient* qmp, bool resume) {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    return sys_error("socketpair", "", errno);
+  UniqueFd ours(sv[0]), theirs(sv[1]);
+  pid_t pid = ::fork();
+  if (pid < 0) return sys_error("fork (vmsave's watchdog)", "", errno);
+  if (pid == 0) watch(qmp, theirs.get(), resume);
+  Watchdog w;
+  w.pid_ = pid;
+  w.sock_ = std::move(ours);
+  w.qmp_ = qmp;
+  return w;
+}
+
+void Watchdog::send(const nlohmann::json& note) {
+  if (pid_ <= 0) return;
+  std::string line = note.dump() + "\n";
+  (void)::send(sock_.get(), line.data(), line.size(), MSG_NOSIGNAL);
+}
+
+void Watchdog::note_kill(pid_t pid) {
+  if (pid > 0) send({{"kill", pid}});
+}
+
+void Watchdog::note_remove(const std::string& path) { send({{"remove", path}}); }
 
 void Watchdog::disarm() {
   if (pid_ <= 0) return;

@@ -1,18 +1,26 @@
-// The save's watchdog: a process that puts QEMU back if vmsave dies.
+// The watchdog: a process that undoes what vmsave did if vmsave dies.
 //
-// SIGINT, SIGTERM and errors unwind through the save's own clean-up. SIGKILL,
-// the OOM killer or a crash do not: the guest would stay paused, and
-// x-ignore-shared stay set, so that the user's next migration of this VM
-// would silently leave its RAM behind. So a save forks a watchdog that shares
-// its QMP connection and waits on a socket. The save sends it the undo
-// commands it notes (QmpClient::note_undo) before each change it makes, and
-// "done" when nothing needs undoing any more. If the socket closes without
-// "done", the save died: the watchdog cancels the migration, runs the undo
-// commands newest first, resumes the guest if it ran, and says so on stderr.
+// SIGINT, SIGTERM and errors unwind through vmsave's own clean-up. SIGKILL,
+// the OOM killer or a crash do not. A killed save would leave the guest
+// paused and x-ignore-shared set, so that the user's next migration of this
+// VM would silently leave its RAM behind; a killed restore would leave a
+// QEMU waiting for a migration that never comes, and RAM files the size of
+// the guest in /dev/shm. So both fork a watchdog that waits on a socket.
+// vmsave sends it what to undo before each change it makes, and "done" when
+// nothing needs undoing any more. If the socket closes without "done",
+// vmsave died, and the watchdog undoes the changes newest first:
+//  - a save's QMP commands (QmpClient::note_undo), on the save's own QMP
+//    connection, after cancelling the migration; then it resumes the guest
+//    if it ran;
+//  - a restore's QEMU (note_kill) is killed and the files and directories
+//    it made (note_remove) are removed.
+// Then it says what it did in one line on stderr.
 
 #pragma once
 
 #include <sys/types.h>
+
+#include <string>
 
 #include "core/qmp.h"
 #include "io/fd.h"
@@ -27,15 +35,26 @@ class Watchdog {
   Watchdog& operator=(Watchdog&& o) noexcept;
   ~Watchdog() { disarm(); }
 
-  // Forks the watchdog for `qmp` and routes qmp's undo notes to it.
-  // `resume`: the guest ran when the save began.
+  // A save's watchdog: shares `qmp` and takes its undo notes. `resume`: the
+  // guest ran when the save began.
   static Result<Watchdog> start(QmpClient& qmp, bool resume);
+  // A restore's watchdog, told what to undo through note_kill/note_remove.
+  static Result<Watchdog> start();
 
-  // Nothing is left to undo: the watchdog exits without touching QEMU, and
-  // this waits for it. Idempotent.
+  // The process `pid` (a QEMU this run started) is killed if vmsave dies.
+  void note_kill(pid_t pid);
+  // `path` (a file, or a directory with everything in it) is removed if
+  // vmsave dies. Note only what this run created or truncated.
+  void note_remove(const std::string& path);
+
+  // Nothing is left to undo: the watchdog exits without touching anything,
+  // and this waits for it. Idempotent.
   void disarm();
 
  private:
+  static Result<Watchdog> fork_watch(QmpClient* qmp, bool resume);
+  void send(const nlohmann::json& note);
+
   pid_t pid_ = -1;
   UniqueFd sock_;
   QmpClient* qmp_ = nullptr;

@@ -283,7 +283,9 @@ class Child {
   Child(const Child&) = delete;
 
   pid_t pid() const { return pid_; }
-  void signal(int sig) const { kill(pid_, sig); }
+  void signal(int sig) const {
+    if (pid_ > 0) kill(pid_, sig);
+  }
   // Exit status, 128 + signal, or -1 after `timeout_s` (the child is then
   // killed).
   int wait(double timeout_s) {
@@ -1095,6 +1097,74 @@ TEST_CASE(
     }
   }
   if (!why_skip.empty()) skip(why_skip);
+}
+
+TEST_CASE(
+    "e2e: after vmsave is killed during a restore, its watchdog stops the QEMU it started and "
+    "removes the RAM file it filled") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  const std::string log = vm.dir() + "/killed-restore.log";
+  std::vector<std::string> argv = {VMSAVE_BINARY};
+  for (auto& a : restore_args(image, vm.dir() + "/restore.log", false, vm.command()))
+    argv.push_back(a);
+
+  // Two moments: while it fills the RAM file, and once its QEMU runs (and
+  // waits for the device state).
+  const std::pair<const char*, std::function<bool()>> moments[] = {
+      {"filling the RAM file", [&] { return exists(vm.ram_path()); }},
+      {"QEMU started", [&] { return !test::qemu_pids_mentioning(vm.dir()).empty(); }},
+  };
+  int killed = 0;
+  for (auto& [what, now] : moments) {
+    CAPTURE(what);
+    for (int attempt = 0; attempt < 5; attempt++) {
+      int status = -1;
+      {
+        Child restore(argv, log);
+        double deadline = now_s() + kRunTimeout;
+        while (!now() && now_s() < deadline && (status = restore.wait(0)) == -1)
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (status == -1) {
+          restore.signal(SIGKILL);
+          status = restore.wait(kRunTimeout);
+        }
+      }
+      if (status != 128 + SIGKILL) {
+        // It finished first: undo its restore and try again.
+        CHECK_MESSAGE(status == 0, "status " << status << ": " << slurp(log));
+        test::kill_qemu_mentioning(vm.dir());
+        ::unlink(vm.ram_path().c_str());
+        continue;
+      }
+      killed++;
+      // The watchdog speaks once it has killed QEMU and removed the file.
+      std::string err;
+      double deadline = now_s() + 15;
+      while (!contains(err = slurp(log), "vmsave: the restore was killed part-way") &&
+             now_s() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      CHECK_MESSAGE(contains(err, "the files it made are removed"), err);
+      if (std::string(what) == "QEMU started")
+        CHECK_MESSAGE(contains(err, "the QEMU it started is stopped"), err);
+      CHECK_FALSE(exists(vm.ram_path()));
+      CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
+      // So the user's retry finds nothing in its way.
+      RunResult r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", false,
+                                            vm.command()),
+                               kRunTimeout);
+      CHECK_RUN(r, 0);
+      CHECK(test::kill_qemu_mentioning(vm.dir()) == 1);
+      ::unlink(vm.ram_path().c_str());
+      break;
+    }
+  }
+  test::record_figure("restore_kills", killed);
+  if (killed < 2) skip(fmt::format("killed {} of 2 restores part-way in 5 tries each", killed));
 }
 
 TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) carries on") {

@@ -533,12 +533,12 @@ std::vector<std::string> TestVm::serial_lines() const {
   return complete_lines(serial_log());
 }
 
-int kill_qemu_mentioning(const std::string& needle) {
-  if (needle.empty()) return 0;
+std::vector<pid_t> qemu_pids_mentioning(const std::string& needle) {
+  std::vector<pid_t> pids;
+  if (needle.empty()) return pids;
   DIR* d = opendir("/proc");
-  if (!d) return 0;
+  if (!d) return pids;
   const pid_t self = getpid();
-  std::vector<pid_t> victims;
   while (dirent* e = readdir(d)) {
     char* end = nullptr;
     long pid = std::strtol(e->d_name, &end, 10);
@@ -549,9 +549,16 @@ int kill_qemu_mentioning(const std::string& needle) {
     std::string base = argv0.substr(argv0.rfind('/') + 1);
     if (base.rfind("qemu-system-", 0) != 0) continue;
     if (cmdline.find(needle) == std::string::npos) continue;
-    if (kill(static_cast<pid_t>(pid), SIGKILL) == 0) victims.push_back(static_cast<pid_t>(pid));
+    pids.push_back(static_cast<pid_t>(pid));
   }
   closedir(d);
+  return pids;
+}
+
+int kill_qemu_mentioning(const std::string& needle) {
+  std::vector<pid_t> victims;
+  for (pid_t pid : qemu_pids_mentioning(needle))
+    if (kill(pid, SIGKILL) == 0) victims.push_back(pid);
 
   double deadline = now_s() + kKillTimeout;
   for (pid_t pid : victims) {

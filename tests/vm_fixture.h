@@ -125,6 +125,10 @@ class TestVm {
   pid_t pid_ = -1;
 };
 
+// The qemu-system-* processes whose command line contains `needle` (never
+// this process). An empty needle matches nothing.
+std::vector<pid_t> qemu_pids_mentioning(const std::string& needle);
+
 // SIGKILLs every qemu-system-* process whose command line contains `needle`
 // (never this process), reaps it if it is our child and waits (up to 5 s) for
 // the others to be gone. Returns how many were signalled. An empty needle
