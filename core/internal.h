@@ -27,6 +27,31 @@ i64 file_page_size(int fd);
 bool is_file_name_id(const std::string& id);
 Status check_block_id(const std::string& id, const std::string& image);
 
+// A RAM file a restore creates and fills: created (mode 0600, never through
+// a symlink; an existing file only with `force`) and sized to its block,
+// then filled from the image, leaving holes where the image has them. It is
+// removed again unless keep() is called, and `watchdog` removes it if vmsave
+// dies. Creating all files first lets QEMU start while they fill.
+class RamFile {
+ public:
+  static Result<RamFile> create(const ImageReader& img, size_t block, const std::string& path,
+                                bool force, Watchdog* watchdog);
+  RamFile() = default;
+  RamFile(RamFile&&) noexcept = default;
+  RamFile& operator=(RamFile&&) noexcept = default;
+  ~RamFile();
+
+  Status fill(const ImageReader& img, const EngineConfig& cfg, Progress* progress,
+              RamStats* stats);
+  void keep() { keep_ = true; }
+
+ private:
+  std::string path_;
+  size_t block_ = 0;
+  UniqueFd fd_;
+  bool keep_ = false;
+};
+
 // Creates `path` (mode 0600, never through a symlink; an existing file only
 // with `force`), sizes it to the block and fills it from the image, leaving
 // holes where the image has them. Removes the file again on failure, and

@@ -93,47 +93,61 @@ Status refuse_lazy_qemu_section(const ImageReader& img) {
       .as(Exit::kUsage);
 }
 
-Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
-                     Watchdog* watchdog) {
+Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,
+                                bool force, Watchdog* watchdog) {
   const BlockLayout& b = img.layout().blocks[block];
   int flags = O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
-  UniqueFd fd(::open(path.c_str(), flags, 0600));
-  if (!fd) {
+  RamFile f;
+  f.fd_ = UniqueFd(::open(path.c_str(), flags, 0600));
+  if (!f.fd_) {
     if (errno == EEXIST)
       return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
           "pass --force to overwrite it, or remove it");
     return sys_error("open", path, errno);
   }
-  // From here on the file is ours: remove it if the restore fails.
-  struct Remove {
-    std::string path;
-    bool keep = false;
-    ~Remove() {
-      if (!keep) ::unlink(path.c_str());
-    }
-  } guard{path};
+  // From here on the file is ours: removed unless the restore completes.
+  f.path_ = path;
+  f.block_ = block;
   if (watchdog) watchdog->note_remove(path);
-  if (ftruncate(fd.get(), b.size) < 0) {
+  if (ftruncate(f.fd_.get(), b.size) < 0) {
     Error e = sys_error("ftruncate", path, errno);
-    if (errno == EINVAL && file_page_size(fd.get()) > b.page_size)
+    if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";
     return e;
   }
-  auto m = Mapping::map(fd.get(), 0, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
-                        MAP_SHARED, path);
+  return f;
+}
+
+RamFile::~RamFile() {
+  if (fd_ && !keep_) ::unlink(path_.c_str());
+}
+
+Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* progress,
+                     RamStats* stats) {
+  const BlockLayout& b = img.layout().blocks[block_];
+  auto m = Mapping::map(fd_.get(), 0, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
+                        MAP_SHARED, path_);
   if (!m.ok()) return m.error();
-  Status st = img.read_ram(block, m->data(), cfg, progress, stats);
+  Status st = img.read_ram(block_, m->data(), cfg, progress, stats);
   if (!st.ok()) {
     // Reads land in the RAM file's mapping; when its filesystem is full the
     // kernel cannot allocate the page and the read fails with EFAULT, which
     // would blame the image. Say what happened.
     if (st.error().detail == std::strerror(EFAULT))
-      return Error{"cannot fill RAM file", path, std::strerror(ENOSPC)}.fix(
+      return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
           "free space on its filesystem or choose another place for it");
     return st;
   }
-  guard.keep = true;
+  return Status();
+}
+
+Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
+                     Watchdog* watchdog) {
+  auto f = RamFile::create(img, block, path, force, watchdog);
+  if (!f.ok()) return f.error();
+  VMSAVE_TRY(f->fill(img, cfg, progress, stats));
+  f->keep();
   return Status();
 }
 

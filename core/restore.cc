@@ -2,8 +2,9 @@
 // themselves.
 //
 //   open image → match the command's memory backends to the image's blocks
-//   → eager: fill each RAM file in parallel | lazy: map the image itself →
-//   start QEMU with -incoming defer → device state → resume
+//   → eager: create the RAM files, start QEMU with -incoming defer and fill
+//     them in parallel while it starts up | lazy: point the backends at the
+//     image itself and start QEMU → device state → resume
 //
 // Lazy restore rewrites each backend to
 //   memory-backend-file,mem-path=IMAGE,offset=REGION,share=off,readonly=on,rom=off
@@ -129,10 +130,11 @@ void make_lazy(QemuObject& o, const std::string& image, i64 offset) {
   o.set("rom", o.json_syntax ? nlohmann::json(false) : nlohmann::json("off"));
 }
 
-// Eager: the RAM file each backend will map, filled from the image.
-Status fill_backends(std::vector<BackendPlan>& plans, const ImageReader& img, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
-                     Watchdog* watchdog) {
+// Eager: creates the RAM file each backend will map, sized but not yet
+// filled, so that QEMU can start while they fill.
+Result<std::vector<RamFile>> create_ram_files(std::vector<BackendPlan>& plans,
+                                              const ImageReader& img, bool force,
+                                              Watchdog* watchdog) {
   for (auto& p : plans) {
     auto mp = p.object.get_string("mem-path");
     if (!mp) return mismatch(fmt::format("memory backend {} has no mem-path", p.object.id));
@@ -147,16 +149,13 @@ Status fill_backends(std::vector<BackendPlan>& plans, const ImageReader& img, bo
       p.ram_file = *mp;
     }
   }
-  std::vector<std::string> filled;
+  std::vector<RamFile> files;
   for (auto& p : plans) {
-    Status st = fill_ram_file(img, p.block, p.ram_file, force, cfg, progress, stats, watchdog);
-    if (!st.ok()) {
-      for (auto& f : filled) ::unlink(f.c_str());
-      return st;
-    }
-    filled.push_back(p.ram_file);
+    auto f = RamFile::create(img, p.block, p.ram_file, force, watchdog);
+    if (!f.ok()) return f.error();
+    files.push_back(std::move(*f));
   }
-  return Status();
+  return files;
 }
 
 // Loads the image's device state into a QEMU waiting with -incoming defer,
@@ -295,26 +294,25 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     return watchdog.error();
   }
   if (!run_dir.empty()) watchdog->note_remove(run_dir);
-  timer.lap("plan");
-
-  // RAM.
+  // RAM: an eager restore creates the RAM files, starts QEMU and fills them
+  // while QEMU starts up (QEMU maps guest RAM at start-up but does not read
+  // it before the device state comes); a lazy one points QEMU at the image.
   Progress progress;
   RamStats ram;
+  std::vector<RamFile> files;
   std::string image_abs = absolute(opts.image);
   if (opts.lazy) {
     for (auto& p : plans) make_lazy(p.object, image_abs, img.layout().blocks[p.block].region.offset);
   } else {
-    for (auto& p : plans) progress.total += img.layout().blocks[p.block].size;
-    rep.begin_phase("reading RAM", &progress);
-    Status st = fill_backends(plans, img, opts.force, opts.engine, &progress, &ram, &*watchdog);
-    rep.end_phase();
-    if (!st.ok()) {
+    auto f = create_ram_files(plans, img, opts.force, &*watchdog);
+    if (!f.ok()) {
       if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
-      return st.error();
+      return f.error();
     }
+    files = std::move(*f);
   }
   for (auto& p : plans) cmd.replace_arg(p.arg_index, format_object(p.object));
-  timer.lap("ram");
+  timer.lap("plan");
 
   // From here on a failure kills the QEMU we started and removes what we made.
   bool ok = false;
@@ -333,10 +331,31 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     }
   } cleanup{&ok, &q, &plans, run_dir};
 
+  auto fill = [&]() -> Status {
+    if (files.empty()) return Status();
+    for (auto& p : plans) progress.total += img.layout().blocks[p.block].size;
+    rep.begin_phase("reading RAM", &progress);
+    Status st;
+    for (auto& f : files)
+      if (st.ok()) st = f.fill(img, opts.engine, &progress, &ram);
+    rep.end_phase();
+    timer.lap("ram");
+    return st;
+  };
+  // A backend with prealloc=on has QEMU touch every page at start-up; where
+  // the kernel lacks MADV_POPULATE_WRITE QEMU does that by reading and
+  // writing back a byte of each page, which could undo a concurrent fill.
+  bool fill_first = false;
+  for (auto& p : plans) {
+    auto pre = p.object.get_bool("prealloc");
+    fill_first |= !pre.ok() || pre->value_or(false);
+  }
+  if (fill_first) VMSAVE_TRY(fill());
   auto started = start_qemu(cmd.argv(), log);
   if (!started.ok()) return started.error();
   q = *started;
   if (!cmd.daemonize()) watchdog->note_kill(q.pid);
+  if (!fill_first) VMSAVE_TRY(fill());
   auto qmp_r = connect_started(q, qmp_path, std::max(opts.qmp_timeout, 30.0), cmd.daemonize());
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
@@ -359,6 +378,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   for (auto& p : plans)
     if (p.unlink_after) ::unlink(p.ram_file.c_str());
   ok = true;
+  for (auto& f : files) f.keep();
   watchdog->disarm();  // QEMU and its RAM files are the user's now
 
   nlohmann::json j = {{"command", "restore"}, {"mode", opts.lazy ? "lazy" : "eager"},
