@@ -421,7 +421,8 @@ std::string log_tail(const std::string& path, int lines) {
   return out;
 }
 
-Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log) {
+Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log,
+                               const std::function<void(pid_t)>& forked) {
   UniqueFd logfd(::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!logfd) return sys_error("open", log, errno);
   UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
@@ -447,6 +448,7 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
     (void)!::write(ewr.get(), &e, sizeof(e));
     _exit(127);
   }
+  if (forked) forked(pid);
   ewr.reset();
   int e = 0;
   if (::read(erd.get(), &e, sizeof(e)) == sizeof(e)) {

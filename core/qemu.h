@@ -110,7 +110,10 @@ struct StartedQemu {
   pid_t pid = -1;
   std::string log;
 };
-Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log);
+// `forked` is told the pid as soon as it exists, before exec (a restore's
+// watchdog must know it before anything else can go wrong).
+Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log,
+                               const std::function<void(pid_t)>& forked = nullptr);
 
 // Connects to `path` as soon as QEMU listens there; fails early with the
 // tail of the log if the process exits first.

@@ -351,10 +351,12 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     fill_first |= !pre.ok() || pre->value_or(false);
   }
   if (fill_first) VMSAVE_TRY(fill());
-  auto started = start_qemu(cmd.argv(), log);
+  // A daemonizing QEMU's first process exits; the daemon is noted below.
+  auto started = start_qemu(cmd.argv(), log, [&](pid_t pid) {
+    if (!cmd.daemonize()) watchdog->note_kill(pid);
+  });
   if (!started.ok()) return started.error();
   q = *started;
-  if (!cmd.daemonize()) watchdog->note_kill(q.pid);
   if (!fill_first) VMSAVE_TRY(fill());
   auto qmp_r = connect_started(q, qmp_path, std::max(opts.qmp_timeout, 30.0), cmd.daemonize());
   if (!qmp_r.ok()) return qmp_r.error();

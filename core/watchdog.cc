@@ -1,9 +1,9 @@
 #include "core/watchdog.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <poll.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -30,6 +30,12 @@ void close_all_but(std::vector<int> keep) {
     from = fd + 1;
   }
   ::close_range(from, ~0U, 0);
+}
+
+// One note to the watchdog: a JSON object per line.
+void send_note(int sock, const nlohmann::json& note) {
+  std::string line = note.dump() + "\n";
+  (void)::send(sock, line.data(), line.size(), MSG_NOSIGNAL);
 }
 
 // Raw system calls: glibc 2.36's <sys/pidfd.h> declares its wrappers
@@ -139,10 +145,7 @@ Watchdog& Watchdog::operator=(Watchdog&& o) noexcept {
 Result<Watchdog> Watchdog::start(QmpClient& qmp, bool resume) {
   auto w = fork_watch(&qmp, resume);
   if (!w.ok()) return w;
-  qmp.set_undo_journal([fd = w->sock_.get()](const nlohmann::json& cmd) {
-    std::string line = cmd.dump() + "\n";
-    (void)::send(fd, line.data(), line.size(), MSG_NOSIGNAL);
-  });
+  qmp.set_undo_journal([fd = w->sock_.get()](const nlohmann::json& cmd) { send_note(fd, cmd); });
   return w;
 }
 
@@ -163,17 +166,13 @@ Result<Watchdog> Watchdog::fork_watch(QmpClient* qmp, bool resume) {
   return w;
 }
 
-void Watchdog::send(const nlohmann::json& note) {
-  if (pid_ <= 0) return;
-  std::string line = note.dump() + "\n";
-  (void)::send(sock_.get(), line.data(), line.size(), MSG_NOSIGNAL);
-}
-
 void Watchdog::note_kill(pid_t pid) {
-  if (pid > 0) send({{"kill", pid}});
+  if (pid_ > 0 && pid > 0) send_note(sock_.get(), {{"kill", pid}});
 }
 
-void Watchdog::note_remove(const std::string& path) { send({{"remove", path}}); }
+void Watchdog::note_remove(const std::string& path) {
+  if (pid_ > 0) send_note(sock_.get(), {{"remove", path}});
+}
 
 void Watchdog::disarm() {
   if (pid_ <= 0) return;

@@ -53,7 +53,6 @@ class Watchdog {
 
  private:
   static Result<Watchdog> fork_watch(QmpClient* qmp, bool resume);
-  void send(const nlohmann::json& note);
 
   pid_t pid_ = -1;
   UniqueFd sock_;
