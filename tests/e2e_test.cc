@@ -362,6 +362,17 @@ std::string save_and_quit(TestVm& vm, const std::string& image,
   return log;
 }
 
+// Boots `vm` to its first memcheck line, saves it to DIR/vm.vmsave (QEMU
+// quits) and removes its RAM file, so that a restore must rebuild it from
+// the image alone. Returns the image's path.
+std::string saved_without_ram(TestVm& vm) {
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  return image;
+}
+
 
 // The argv with every occurrence of `from` in any argument replaced by `to`.
 std::vector<std::string> rewrite(std::vector<std::string> argv, const std::string& from,
@@ -794,10 +805,7 @@ TEST_CASE(
     "before starting QEMU") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
-  boot(vm, 1);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  save_and_quit(vm, image);
-  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  const std::string image = saved_without_ram(vm);
 
   const std::vector<std::string> cmd = vm.command();
   struct Misfit {
@@ -1113,10 +1121,7 @@ TEST_CASE(
     "removes the RAM file it filled") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
-  boot(vm, 1);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  save_and_quit(vm, image);
-  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  const std::string image = saved_without_ram(vm);
   const std::string log = vm.dir() + "/killed-restore.log";
   std::vector<std::string> argv = {VMSAVE_BINARY};
   for (auto& a : restore_args(image, vm.dir() + "/restore.log", false, vm.command()))
@@ -1268,10 +1273,7 @@ TEST_CASE(
 TEST_CASE("e2e: restoring an image with damaged device state exits 3 and leaves no QEMU") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
-  boot(vm, 1);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  save_and_quit(vm, image);
-  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  const std::string image = saved_without_ram(vm);
 
   RunResult r = run_vmsave({"info", image, "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
