@@ -240,16 +240,19 @@ Status fsync_dir(const std::string& dir) {
 
 // The hidden name a save links its image under before renaming it over an
 // existing target (--force), or writes it under where O_TMPFILE is missing.
+// The name up to the pid: ".NAME.vmsave-".
+std::string temp_prefix(const std::string& target) {
+  return "." + std::filesystem::path(target).filename().string() + ".vmsave-";
+}
 std::string temp_name(const std::string& dir, const std::string& target, pid_t pid) {
-  return fmt::format("{}/.{}.vmsave-{}.tmp", dir, std::filesystem::path(target).filename().string(),
-                     pid);
+  return fmt::format("{}/{}{}.tmp", dir, temp_prefix(target), pid);
 }
 
 // Removes the temporary files of earlier saves to `target` whose process is
 // gone: one killed between link and rename (--force), or while writing a
 // named temporary. A live process's file is its own business.
 void remove_stale_temps(const std::string& dir, const std::string& target) {
-  const std::string prefix = "." + std::filesystem::path(target).filename().string() + ".vmsave-";
+  const std::string prefix = temp_prefix(target);
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
     std::string name = e.path().filename().string();

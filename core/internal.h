@@ -31,7 +31,7 @@ Status check_block_id(const std::string& id, const std::string& image);
 // a symlink; an existing file only with `force`) and sized to its block,
 // then filled from the image, leaving holes where the image has them. It is
 // removed again unless keep() is called, and `watchdog` removes it if vmsave
-// dies. Creating all files first lets QEMU start while they fill.
+// dies. Creating before filling lets QEMU start while the files fill.
 class RamFile {
  public:
   static Result<RamFile> create(const ImageReader& img, size_t block, const std::string& path,
@@ -51,14 +51,6 @@ class RamFile {
   UniqueFd fd_;
   bool keep_ = false;
 };
-
-// Creates `path` (mode 0600, never through a symlink; an existing file only
-// with `force`), sizes it to the block and fills it from the image, leaving
-// holes where the image has them. Removes the file again on failure, and
-// has `watchdog` remove it if vmsave dies.
-Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
-                     Watchdog* watchdog);
 
 // Fills DIR/ID for every block of the image (raw restore and `prepare`):
 // checks the directory and the ids, refuses existing files without --force

@@ -141,16 +141,6 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
   return Status();
 }
 
-Status fill_ram_file(const ImageReader& img, size_t block, const std::string& path, bool force,
-                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
-                     Watchdog* watchdog) {
-  auto f = RamFile::create(img, block, path, force, watchdog);
-  if (!f.ok()) return f.error();
-  VMSAVE_TRY(f->fill(img, cfg, progress, stats));
-  f->keep();
-  return Status();
-}
-
 Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   StepTimer timer;
   std::vector<UniqueFd> fds;
@@ -233,20 +223,26 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
     if (!b.via_qemu()) progress.total += b.size;
   auto watchdog = Watchdog::start();
   if (!watchdog.ok()) return watchdog.error();
+  // Each file is removed again unless every block fills.
+  std::vector<RamFile> files;
   std::vector<std::string> done;
   rep.begin_phase("reading RAM", &progress);
-  for (size_t i = 0; i < img.layout().blocks.size(); i++) {
+  Status filled;
+  for (size_t i = 0; i < img.layout().blocks.size() && filled.ok(); i++) {
     if (img.layout().blocks[i].via_qemu()) continue;
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
-    Status s = fill_ram_file(img, i, p, opts.force, opts.engine, &progress, ram, &*watchdog);
-    if (!s.ok()) {
-      rep.end_phase();
-      for (auto& d : done) ::unlink(d.c_str());
-      return s.error();
+    auto f = RamFile::create(img, i, p, opts.force, &*watchdog);
+    if (!f.ok()) {
+      filled = f.error();
+      break;
     }
+    files.push_back(std::move(*f));
+    filled = files.back().fill(img, opts.engine, &progress, ram);
     done.push_back(p);
   }
   rep.end_phase();
+  if (!filled.ok()) return filled.error();
+  for (auto& f : files) f.keep();
   return done;
 }
 

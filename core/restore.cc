@@ -317,19 +317,17 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // From here on a failure kills the QEMU we started and removes what we made.
   bool ok = false;
   StartedQemu q;
+  // (The RAM files remove themselves: `files`, destroyed after this.)
   struct Cleanup {
     bool* ok;
     StartedQemu* q;
-    std::vector<BackendPlan>* plans;
     std::string run_dir;
     ~Cleanup() {
       if (*ok) return;
       kill_qemu(q->pid);
-      for (auto& p : *plans)
-        if (!p.ram_file.empty()) ::unlink(p.ram_file.c_str());
       if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
     }
-  } cleanup{&ok, &q, &plans, run_dir};
+  } cleanup{&ok, &q, run_dir};
 
   auto fill = [&]() -> Status {
     if (files.empty()) return Status();
