@@ -216,7 +216,8 @@ int main(int argc, char** argv) {
                        "Shortest run of zero pages left as a hole between data pages; shorter "
                        "runs are written as zeros (default 64K, 0 on tmpfs; 0: every zero page a hole)");
   auto* compress_opt = save_cmd->add_option("--compress", compress,
-                       "Compress each chunk: lz4, zstd or zstd:LEVEL (1-19, default 3); the "
+                       "Compress each chunk: lz4 (effort follows the disk), zstd or zstd:LEVEL (1-19, "
+                       "default 3); the "
                        "image then restores eagerly only");
   save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
   save_cmd->add_flag("--live", save.live,

@@ -437,13 +437,15 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   const int slots = compress || fill ? compress_slots(jobs, slot_size) : 0;
   struct Worker {
     std::unique_ptr<Compressor> codec;
+    Lz4Effort effort;
     AlignedBuffer staging;
     std::vector<AlignedBuffer> out;
     std::vector<int> free;
     std::vector<std::pair<i64, i64>> unwritten;  // image ranges, when preallocated
   };
   std::vector<Worker> workers(jobs);
-  std::atomic<i64> written{0}, compressed_chunks{0}, filled{0};
+  std::atomic<i64> written{0}, compressed_chunks{0}, filled{0}, acceleration_sum{0},
+      lz4_chunks{0};
 
   // On a block device's filesystem an O_DIRECT write into blocks not yet
   // allocated needs the inode lock exclusively (ext4, XFS): io_uring cannot
@@ -583,17 +585,39 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     // pages, so the output buffer's capacity is that and no more.
     if (compress && raw_bytes > kDirectAlign) {
       Worker& wk = workers[w];
+      const auto t_start = Clock::now();
       const u8* in = base;
       if (runs.size() != 1 || runs[0].first != 0 || runs[0].second < len) {
-        std::memset(wk.staging.data(), 0, len);
-        for (auto [s, e] : runs) std::memcpy(wk.staging.data() + s, base + s, std::min(e, len) - s);
-        in = wk.staging.data();
+        u8* st = wk.staging.data();
+        i64 from = 0;  // zeros only between the runs
+        for (auto [s, e] : runs) {
+          std::memset(st + from, 0, s - from);
+          from = std::min(e, len);
+          std::memcpy(st + s, base + s, from - s);
+        }
+        std::memset(st + from, 0, len - from);
+        in = st;
       }
       sums_[bi][c] = xxh3(in, len);
+      const bool lz4 = compress_.codec == Codec::kLz4;
+      u32 deep = 0;
+      auto t_wait = Clock::now();
+      if (lz4) {
+        VMSAVE_TRY(q.poll());
+        deep = q.in_flight();
+        wk.codec->set_acceleration(wk.effort.acceleration());
+        acceleration_sum.fetch_add(wk.effort.acceleration(), std::memory_order_relaxed);
+        lz4_chunks.fetch_add(1, std::memory_order_relaxed);
+      }
       while (wk.free.empty()) VMSAVE_TRY(q.reap_some());
       int slot = wk.free.back();
       u8* out = wk.out[slot].data();
+      auto t_work = Clock::now();
       size_t n = wk.codec->compress({in, static_cast<size_t>(len)}, out, raw_bytes - kDirectAlign);
+      if (lz4) {  // hashing and compressing against waiting for the disk
+        double waited = std::chrono::duration<double>(t_work - t_wait).count();
+        wk.effort.add(deep, waited, seconds_since(t_start) - waited);
+      }
       if (n > 0) {
         wk.free.pop_back();
         i64 padded = align_up(static_cast<i64>(n), kDirectAlign);
@@ -694,6 +718,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     local.uncompressed_bytes = local.stored_bytes;
     local.stored_bytes = written.load();
     local.compressed_chunks = compressed_chunks.load();
+    if (lz4_chunks.load() > 0)
+      local.lz4_acceleration = double(acceleration_sum.load()) / double(lz4_chunks.load());
   }
   local.ram_bytes = total;
   local.zero_filled_bytes = filled.load();

@@ -41,6 +41,7 @@ struct RamStats {
   bool compressed = false;
   i64 uncompressed_bytes = 0;
   i64 compressed_chunks = 0;
+  double lz4_acceleration = 0;  // mean over the chunks lz4 was tried on
   double seconds = 0;
   EngineStats engine;
 };

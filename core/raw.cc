@@ -69,6 +69,7 @@ void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& pre
     j["compressed_chunks"] = s.compressed_chunks;
     j["compression_ratio"] =
         s.uncompressed_bytes ? double(s.stored_bytes) / double(s.uncompressed_bytes) : 1.0;
+    if (s.lz4_acceleration > 0) j["lz4_acceleration"] = s.lz4_acceleration;
   }
 }
 

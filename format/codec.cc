@@ -68,15 +68,15 @@ Compressor::~Compressor() {
 }
 
 Compressor::Compressor(Compressor&& o) noexcept
-    : spec_(o.spec_), zc_(std::exchange(o.zc_, nullptr)) {}
+    : spec_(o.spec_), acceleration_(o.acceleration_), zc_(std::exchange(o.zc_, nullptr)) {}
 
 size_t Compressor::compress(std::span<const u8> src, u8* dst, size_t cap) {
   if (cap == 0 || src.size() > size_t(LZ4_MAX_INPUT_SIZE)) return 0;
   switch (spec_.codec) {
     case Codec::kLz4: {
-      int n = LZ4_compress_default(reinterpret_cast<const char*>(src.data()),
-                                   reinterpret_cast<char*>(dst), static_cast<int>(src.size()),
-                                   static_cast<int>(std::min<size_t>(cap, INT32_MAX)));
+      int n = LZ4_compress_fast(reinterpret_cast<const char*>(src.data()),
+                                reinterpret_cast<char*>(dst), static_cast<int>(src.size()),
+                                static_cast<int>(std::min<size_t>(cap, INT32_MAX)), acceleration_);
       return n > 0 ? static_cast<size_t>(n) : 0;
     }
     case Codec::kZstd: {
@@ -88,6 +88,20 @@ size_t Compressor::compress(std::span<const u8> src, u8* dst, size_t cap) {
       break;
   }
   return 0;
+}
+
+void Lz4Effort::add(u32 in_flight, double waited_s, double worked_s) {
+  deep_ += in_flight > 1;
+  waited_ += waited_s;
+  worked_ += worked_s;
+  if (++n_ < kWindow) return;
+  if (waited_ > (waited_ + worked_) / 20) {
+    if (shift_ > 0) shift_--;
+  } else if (deep_ == 0 && acceleration() < kMaxLz4Acceleration) {
+    shift_++;
+  }
+  n_ = deep_ = 0;
+  waited_ = worked_ = 0;
 }
 
 Decompressor::Decompressor() : zd_(ZSTD_createDCtx()) {}

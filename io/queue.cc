@@ -184,6 +184,25 @@ Status IoQueue::reap(u32 min_complete) {
     return e;
   }
   unsubmitted_ = 0;
+  return collect();
+}
+
+Status IoQueue::poll() {
+  if (in_flight_ == 0) return first_error_;
+  VMSAVE_TRY(flush());
+  // With DEFER_TASKRUN completions are posted only inside io_uring_enter
+  // with GETEVENTS; this one never waits.
+  int ret = io_uring_get_events(&ring_);
+  if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+    broken_ = true;
+    Error e{"io_uring_get_events", "", std::strerror(-ret)};
+    if (first_error_.ok()) first_error_ = e;
+    return e;
+  }
+  return collect();
+}
+
+Status IoQueue::collect() {
   io_uring_cqe* cqe;
   unsigned head;
   unsigned seen = 0;

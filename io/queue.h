@@ -69,6 +69,8 @@ class IoQueue {
   Status drain();
   // Waits until at least one request completes (its callback has run).
   Status reap_some() { return in_flight_ ? reap(1) : first_error_; }
+  // Runs the callbacks of requests that have completed, waiting for none.
+  Status poll();
   u32 in_flight() const { return in_flight_; }
 
   const LatencyHistogram& latency() const { return latency_; }
@@ -97,6 +99,7 @@ class IoQueue {
 
   void prep(u32 slot);
   Status reap(u32 min_complete);
+  Status collect();  // the completions posted so far
   Status complete(u32 slot, int res);
   std::string fd_name(int fd) const;
 

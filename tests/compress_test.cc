@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/image_io.h"
+#include "format/codec.h"
 #include "format/image.h"
 #include "tests/test_util.h"
 
@@ -134,6 +135,13 @@ void round_trips(const std::string& kind) {
       if (kind == "text") CHECK(stored < data_bytes / 2);
       if (kind == "mixed") CHECK(stored < data_bytes * 9 / 10);
       if (kind == "zero") CHECK(stored == 0);
+      // lz4 reports the mean acceleration its effort control chose.
+      if (codec == "lz4" && rep["compressed_chunks"].get<i64>() > 0) {
+        REQUIRE(rep.contains("lz4_acceleration"));
+        CHECK(rep["lz4_acceleration"].get<double>() >= 1);
+        CHECK(rep["lz4_acceleration"].get<double>() <= kMaxLz4Acceleration);
+      }
+      if (codec != "lz4") CHECK_FALSE(rep.contains("lz4_acceleration"));
 
       // info agrees, and the image occupies about what it stores.
       RunResult ir = run_vmsave({"info", "--json", image});

@@ -922,6 +922,36 @@ TEST_CASE("format: chunk records are bounded by their chunk") {
   check_damaged(decode_chunk_records(shorter, b, kPath), "wrong length");
 }
 
+TEST_CASE("format: lz4's effort rises while the disk keeps up and falls when it waits") {
+  Lz4Effort e;
+  auto window = [&](u32 in_flight, double waited, double worked) {
+    for (int i = 0; i < Lz4Effort::kWindow; i++) e.add(in_flight, waited, worked);
+  };
+  CHECK(e.acceleration() == 1);
+  // Writes at most one deep, no waiting: the disk is short of work.
+  for (int a : {2, 4, 8, 16, 32, 64, 64}) {
+    window(1, 0, 1e-3);
+    CHECK(e.acceleration() == a);
+  }
+  // Only whole windows count.
+  for (int i = 0; i < Lz4Effort::kWindow - 1; i++) e.add(4, 1.0, 1e-3);
+  CHECK(e.acceleration() == 64);
+  e.add(4, 1.0, 1e-3);
+  CHECK(e.acceleration() == 32);
+  // Deeper writes but hardly any waiting: the balance, held.
+  window(3, 1e-5, 1e-3);
+  CHECK(e.acceleration() == 32);
+  // One chunk in a window more than one deep holds it too.
+  for (int i = 0; i < Lz4Effort::kWindow - 1; i++) e.add(0, 0, 1e-3);
+  e.add(2, 0, 1e-3);
+  CHECK(e.acceleration() == 32);
+  // Waiting more than a twentieth of the time: down to 1 and no lower.
+  for (int a : {16, 8, 4, 2, 1, 1}) {
+    window(4, 1e-4, 1e-3);
+    CHECK(e.acceleration() == a);
+  }
+}
+
 TEST_CASE("format: codecs round trip, refuse what does not shrink, and survive garbage") {
   std::mt19937_64 rng(7);
   std::vector<u8> text(kMiB), random(kMiB);
@@ -958,6 +988,23 @@ TEST_CASE("format: codecs round trip, refuse what does not shrink, and survive g
     CHECK(comp.compress(random, out.data(), random.size() - 4096) == 0);
     // Garbage: refused.
     CHECK_FALSE(dec.decompress(cs->codec, {random.data(), 5000}, back));
+  }
+  // lz4 at any acceleration: the same decoder, larger output the faster.
+  {
+    Compressor comp(CodecSpec{Codec::kLz4, 0});
+    Decompressor dec;
+    std::vector<u8> out(kMiB), back(kMiB);
+    size_t last = 0;
+    for (int a : {1, 8, kMaxLz4Acceleration}) {
+      CAPTURE(a);
+      comp.set_acceleration(a);
+      size_t n = comp.compress(text, out.data(), out.size() - 4096);
+      REQUIRE(n > 0);
+      CHECK(n > last);
+      last = n;
+      REQUIRE(dec.decompress(Codec::kLz4, {out.data(), n}, back));
+      CHECK(back == text);
+    }
   }
   for (const char* bad : {"", "lz5", "zstd:", "zstd:0", "zstd:20", "zstd:x", "zstd:3x", "lz4:1",
                           "ZSTD", "zstd:-1"}) {
