@@ -1263,6 +1263,24 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     }
     return damaged(path(), fmt::format("RAM block {} chunk {} {}", b.id, c, why), at);
   };
+  // Stores into the RAM file's mapping fault its pages in; where its
+  // filesystem is full that is SIGBUS, not an error code (reads into the
+  // mapping get EFAULT instead, which RamFile::fill reports the same way).
+  auto no_room = [] {
+    return Error{"cannot fill RAM file", "", std::strerror(ENOSPC)}.fix(
+        "free space on its filesystem or choose another place for it");
+  };
+  // The data pages of chunk c, from `src` (its logical content in a
+  // buffer), into `dest`; zero pages are left alone so they stay holes.
+  auto copy_out = [&](i64 c, const u8* src) -> Status {
+    const i64 len = b.chunk_length(c), first = c * pages_per_chunk;
+    u8* to = dest + c * b.chunk_size;
+    bool stored = store_guarded([&] {
+      for (i64 off = 0; off < len; off += page)
+        if (present(first + off / page)) std::memcpy(to + off, src + off, std::min(page, len - off));
+    });
+    return stored ? Status() : Status(no_room());
+  };
   // A compressed chunk has arrived in its buffer: check the stored bytes,
   // decompress (straight into `dest` when every page of the chunk holds
   // data, else into staging and copy the data pages, so zero pages stay
@@ -1288,14 +1306,16 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     bool dense = !verify_only;
     for (i64 p = 0; dense && p < npages; p++) dense = present(c * pages_per_chunk + p);
     u8* out = dense ? dest + start : wk.staging.data();
-    if (!wk.codec->decompress(ci.codec, {src, static_cast<size_t>(ci.stored_length)},
-                              {out, static_cast<size_t>(len)}))
+    bool decoded = false;
+    if (!store_guarded([&] {
+          decoded = wk.codec->decompress(ci.codec, {src, static_cast<size_t>(ci.stored_length)},
+                                         {out, static_cast<size_t>(len)});
+        }))
+      return no_room();
+    if (!decoded)
       return chunk_damaged(c, fmt::format("{} data does not decompress", codec_name(ci.codec)));
     if (xxh3(out, len) != sums[c]) return chunk_damaged(c, "checksum mismatch");
-    if (!dense && !verify_only)
-      for (i64 p = 0; p < npages; p++)
-        if (present(c * pages_per_chunk + p))
-          std::memcpy(dest + start + p * page, out + p * page, std::min(page, len - p * page));
+    if (!dense && !verify_only) return copy_out(c, out);
     return Status();
   };
   auto finish_chunk = [&](int w, i64 c, bool empty) -> Status {
@@ -1308,12 +1328,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     if (chunk_slot[c] >= 0) {
       workers[w].free.push_back(chunk_slot[c]);
       if (sum != sums[c]) return chunk_damaged(c, "checksum mismatch");
-      if (!verify_only) {  // gathered: copy the data pages out
-        i64 first = c * pages_per_chunk;
-        for (i64 off = 0; off < len; off += page)
-          if (present(first + off / page))
-            std::memcpy(dest + c * b.chunk_size + off, base + off, std::min(page, len - off));
-      }
+      if (!verify_only) return copy_out(c, base);  // gathered
       return Status();
     }
     if (sum != sums[c]) return chunk_damaged(c, "checksum mismatch");

@@ -6,6 +6,7 @@
 #include <linux/magic.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/statvfs.h>
 
 #include <chrono>
 #include <cstring>
@@ -116,6 +117,19 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";
     return e;
   }
+  // Room for its data pages, said now rather than part-way through the fill
+  // (and, for restore, before QEMU starts). Filesystems without a limit
+  // (hugetlbfs or tmpfs without size=) report no blocks at all.
+  struct statvfs sv;
+  const i64 need = b.data_pages * b.page_size;
+  if (!FaultPlan::get().no_space_check && fstatvfs(f.fd_.get(), &sv) == 0 && sv.f_blocks > 0) {
+    const i64 room = static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize);
+    if (room < need)
+      return Error{"not enough space for RAM file", path,
+                   fmt::format("it needs {} for block {}, its filesystem has {} free",
+                               human_bytes(need), b.id, human_bytes(room))}
+          .fix("free space on that filesystem or choose another place for it");
+  }
   return f;
 }
 
@@ -134,10 +148,12 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
     // Reads land in the RAM file's mapping; when its filesystem is full the
     // kernel cannot allocate the page and the read fails with EFAULT, which
     // would blame the image. Say what happened.
-    if (st.error().detail == std::strerror(EFAULT))
+    Error e = st.error();
+    if (e.detail == std::strerror(EFAULT))
       return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
           "free space on its filesystem or choose another place for it");
-    return st;
+    if (e.what == "cannot fill RAM file" && e.path.empty()) e.path = path_;  // a store refused
+    return e;
   }
   return Status();
 }

@@ -2,10 +2,49 @@
 
 #include "io/fd.h"
 
+#include <csetjmp>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace vmsave {
+
+namespace {
+
+thread_local sigjmp_buf* t_store_jump = nullptr;
+
+void on_sigbus(int sig) {
+  if (sigjmp_buf* j = t_store_jump) siglongjmp(*j, 1);
+  // Not from a guarded store: die of it as without this handler.
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+}  // namespace
+
+bool store_guarded(const std::function<void()>& store) {
+  static std::once_flag installed;
+  std::call_once(installed, [] {
+    struct sigaction sa = {};
+    sa.sa_handler = on_sigbus;
+    // SA_NODEFER: the jump leaves the handler without restoring the signal
+    // mask (sigsetjmp(j, 0) saves none, so no syscall per call), and SIGBUS
+    // must not stay blocked after it.
+    sa.sa_flags = SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, nullptr);
+  });
+  sigjmp_buf jump;
+  if (sigsetjmp(jump, 0) != 0) {
+    t_store_jump = nullptr;
+    return false;
+  }
+  t_store_jump = &jump;
+  store();
+  t_store_jump = nullptr;
+  return true;
+}
 
 Result<Mapping> Mapping::map(int fd, i64 offset, i64 len, int prot, int flags,
                              const std::string& path) {

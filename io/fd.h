@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <functional>
 #include <utility>
 
 #include "lib/common.h"
@@ -94,6 +95,14 @@ class AlignedBuffer {
   u8* p_ = nullptr;
   size_t size_ = 0;
 };
+
+// Runs `store`, which writes into a shared file mapping, and returns false
+// if the kernel raised SIGBUS for it instead of letting that kill vmsave: a
+// page its filesystem has no room for (a full tmpfs, no huge page left) or
+// one past a file that shrank. Only SIGBUS raised on this thread while
+// `store` runs is caught; `store` is left by a long jump, so it may only
+// copy or decompress (no locks, nothing to destroy).
+bool store_guarded(const std::function<void()>& store);
 
 // The alignment O_DIRECT needs for offsets, lengths and buffers on every
 // filesystem vmsave targets (ext4, xfs, tmpfs with 4 KiB logical blocks).

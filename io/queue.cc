@@ -26,6 +26,10 @@ const FaultPlan& FaultPlan::get() {
     const char* s = std::getenv("VMSAVE_FAULT");
     if (!s) return p;
     std::string v = s;
+    if (v == "no-space-check") {
+      p.no_space_check = true;
+      return p;
+    }
     if (v.starts_with("slow-flush:")) {
       p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
       return p;

@@ -39,13 +39,16 @@ struct IoRequest {
 // N-th request submitted by this process (1-based, counted over all queues)
 // fails that way; "slow-flush:MS" makes the image's commit wait MS
 // milliseconds before its flush (a stalled NFS server or busy disk), so
-// --flush-timeout can be tested without racing a real flush. Read once at
-// start-up.
+// --flush-timeout can be tested without racing a real flush;
+// "no-space-check" skips a restore's check for room for its RAM files, so
+// a full filesystem is met part-way through the fill (as when something
+// else fills it meanwhile). Read once at start-up.
 struct FaultPlan {
   i64 nth = 0;
   int err = 0;       // positive errno to fail with, or 0
   bool short_io = false;
   int flush_delay_ms = 0;
+  bool no_space_check = false;
   static const FaultPlan& get();
 };
 
