@@ -283,6 +283,29 @@ void drop_mapped(const u8* p, i64 len) {
 
 // ---------------------------------------------------------------- writer
 
+namespace {
+
+// What a save may find at its target: nothing; with --force an earlier
+// image or any regular file, or a symlink (replaced itself, never
+// followed). A directory, device, FIFO or socket is never replaced: a
+// rename would put the image in place of /dev/null as readily.
+Status check_target(const std::string& target, bool force) {
+  struct stat st;
+  if (lstat(target.c_str(), &st) < 0) return Status();
+  if (S_ISDIR(st.st_mode))
+    return Error{"cannot save there", target, "it is a directory"}.fix(
+        "name the image file, e.g. " + (std::filesystem::path(target) / "vm.vmsave").string());
+  if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
+    return Error{"cannot replace", target, "it is not a regular file"}.fix(
+        "choose another path for the image");
+  if (!force)
+    return Error{"image exists", target, "refusing to replace it"}.fix(
+        "pass --force to replace it, or choose another path");
+  return Status();
+}
+
+}  // namespace
+
 Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& target, bool force,
                                                          std::vector<BlockLayout> blocks,
                                                          i64 chunk_size, const WarnFn& warn) {
@@ -292,13 +315,9 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   w->dir_ = dir_of(target);
   w->warn_ = warn;
 
-  struct stat st;
-  if (lstat(target.c_str(), &st) == 0) {
-    if (!force)
-      return Error{"image exists", target, "refusing to replace it"}.fix(
-          "pass --force to replace it, or choose another path");
-    if (S_ISDIR(st.st_mode)) return Error{"cannot replace", target, "is a directory"};
-  }
+  if (target.empty())
+    return Error{"no image path", "", "the image argument is empty"}.as(Exit::kUsage);
+  VMSAVE_TRY(check_target(target, force));
   struct stat dst;
   if (stat(w->dir_.c_str(), &dst) < 0) return sys_error("stat", w->dir_, errno);
   remove_stale_temps(w->dir_, target);
@@ -1099,6 +1118,7 @@ Status ImageWriter::link_into_place() {
     from = temp_name_;
   }
   if (force_) {
+    VMSAVE_TRY(check_target(target_, true));  // what appeared there while saving
     if (rename(from.c_str(), target_.c_str()) < 0) return sys_error("rename", target_, errno);
   } else {
     if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, target_.c_str(), RENAME_NOREPLACE) < 0) {

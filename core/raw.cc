@@ -107,6 +107,11 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
           "pass --force to overwrite it, or remove it");
     return sys_error("open", path, errno);
   }
+  struct stat st;
+  if (fstat(f.fd_.get(), &st) < 0) return sys_error("fstat", path, errno);
+  if (!S_ISREG(st.st_mode))  // --force replaces RAM files, never a device or FIFO
+    return Error{"cannot fill RAM file", path, "it is not a regular file"}.fix(
+        "point the memory backend's mem-path at a file on tmpfs, hugetlbfs or a disk");
   // From here on the file is ours: removed unless the restore completes.
   f.path_ = path;
   f.block_ = block;

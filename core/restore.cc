@@ -127,7 +127,7 @@ void make_lazy(QemuObject& o, const std::string& image, i64 offset) {
   o.set("offset", o.json_syntax ? nlohmann::json(offset) : nlohmann::json(std::to_string(offset)));
   o.set("share", o.json_syntax ? nlohmann::json(false) : nlohmann::json("off"));
   o.set("readonly", o.json_syntax ? nlohmann::json(true) : nlohmann::json("on"));
-  o.set("rom", o.json_syntax ? nlohmann::json(false) : nlohmann::json("off"));
+  o.set("rom", "off");  // OnOffAuto, a string in JSON syntax too
 }
 
 // Eager: creates the RAM file each backend will map, sized but not yet
@@ -410,6 +410,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   std::string image_abs = absolute(opts.image);
   nlohmann::json args = nlohmann::json::array();
   RamStats ram;
+  i64 mapped = 0;  // lazy: the RAM the arguments map from the image
   if (!opts.lazy) {
     auto filled = fill_ram_dir(img, opts, rep, &ram);
     if (!filled.ok()) return filled.error();
@@ -424,6 +425,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     o.set("size", std::to_string(b.size));
     if (opts.lazy) {
       make_lazy(o, image_abs, b.region.offset);
+      mapped += b.size;
     } else {
       o.set("share", "on");
       o.set("mem-path", absolute(opts.ram_dir + "/" + b.id));
@@ -436,7 +438,10 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   nlohmann::json j = {{"command", "prepare"}, {"mode", opts.lazy ? "lazy" : "eager"},
                       {"image", opts.image},  {"qemu_args", args}};
   if (meta->contains("qemu_cmdline")) j["saved_qemu_cmdline"] = (*meta)["qemu_cmdline"];
-  if (!opts.lazy) add_ram_report(j, ram, "ram_read");
+  if (opts.lazy)
+    j["ram_bytes"] = mapped;
+  else
+    add_ram_report(j, ram, "ram_read");
   j["total_s"] = timer.total();
   return j;
 }

@@ -34,6 +34,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -773,6 +774,31 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     std::string sock = vm.dir() + fmt::format("/clone{}.sock", i);
     clone_logs[i] = vm.dir() + fmt::format("/clone{}.log", i);
     auto cmd = rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), clone_logs[i]);
+    // The second clone's backend in JSON syntax, which vmsave rewrites in
+    // kind (QEMU wants "rom" as a string there, "share" as a boolean).
+    if (i == 1) {
+      bool json_backend = false;
+      for (size_t a = 0; a + 1 < cmd.size(); a++) {
+        if (cmd[a] != "-object" || !contains(cmd[a + 1], "id=ram0,")) continue;
+        json o = {{"qom-type", "memory-backend-file"}};
+        std::istringstream kv(cmd[a + 1]);
+        std::string item;
+        std::getline(kv, item, ',');  // the type
+        while (std::getline(kv, item, ',')) {
+          auto eq = item.find('=');
+          std::string k = item.substr(0, eq), v = item.substr(eq + 1);
+          if (k == "size")
+            o[k] = std::stoll(v) << 20;  // "512M"
+          else if (k == "share")
+            o[k] = v == "on";
+          else
+            o[k] = v;
+        }
+        cmd[a + 1] = o.dump();
+        json_backend = true;
+      }
+      REQUIRE(json_backend);
+    }
     RunResult r =
         run_vmsave(restore_args(image, vm.dir() + fmt::format("/clone{}-qemu.log", i), true, cmd),
                    kRunTimeout);

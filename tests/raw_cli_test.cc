@@ -651,3 +651,70 @@ TEST_CASE("raw: bad memory files and image directories fail the save with status
               "No such file or directory");
   CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", src}), 1, "directory");
 }
+
+TEST_CASE("raw: --force replaces files only; a directory, FIFO or empty path is refused up front") {
+  require_shm();
+  SmallImage s;
+  const std::string before = test::read_file(s.image);
+  std::vector<std::string> ram = {"--ram", "ram0=" + (s.shm / "ram0")};
+  auto save = [&](const std::string& target, bool force) {
+    std::vector<std::string> args = {"save"};
+    args.insert(args.end(), ram.begin(), ram.end());
+    if (force) args.push_back("--force");
+    args.push_back(target);
+    return run_vmsave(args);
+  };
+  CHECK_FAILS(save("", false), 2, "no image path");
+  // A directory, with or without a trailing slash, --force or not.
+  for (bool force : {false, true}) {
+    CAPTURE(force);
+    for (const std::string& dir : {s.disk.path(), s.disk.path() + "/"}) {
+      RunResult r = save(dir, force);
+      CHECK_FAILS(r, 1, "it is a directory");
+      CHECK_MESSAGE(contains(r.err, "vm.vmsave"), r.err);  // the fix names a file in it
+    }
+  }
+  // A FIFO (or a device: /dev/null was replaced so once) is never replaced.
+  const std::string fifo = s.disk / "fifo";
+  REQUIRE(mkfifo(fifo.c_str(), 0600) == 0);
+  CHECK_FAILS(save(fifo, true), 1, "not a regular file");
+  struct stat st;
+  REQUIRE(lstat(fifo.c_str(), &st) == 0);
+  CHECK(S_ISFIFO(st.st_mode));
+  // Nor is a FIFO where a restore would put a RAM file.
+  TempDir out("/dev/shm");
+  const std::string ram_fifo = out / "ram0";
+  REQUIRE(mkfifo(ram_fifo.c_str(), 0600) == 0);
+  CHECK_FAILS(run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"}), 1,
+              "not a regular file");
+  REQUIRE(lstat(ram_fifo.c_str(), &st) == 0);
+  CHECK(S_ISFIFO(st.st_mode));
+  CHECK(list_dir(out.path()) == std::vector<std::string>{"ram0"});
+  // The image beside them is untouched.
+  CHECK(test::read_file(s.image) == before);
+}
+
+TEST_CASE("raw: prepare --lazy prints QEMU's arguments and a summary, or JSON") {
+  require_shm();
+  SmallImage s;
+  RunResult r = run_vmsave({"prepare", "--lazy", s.image});
+  REQUIRE_RUN(r, 0);
+  std::vector<std::string> lines;
+  std::istringstream in(r.out);
+  for (std::string l; std::getline(in, l);) lines.push_back(l);
+  REQUIRE(lines.size() == 6);
+  for (int i : {0, 2}) {
+    CHECK(lines[i] == "-object");
+    CHECK_MESSAGE(contains(lines[i + 1], "memory-backend-file,id=" + s.ids[i / 2] + ","),
+                  lines[i + 1]);
+    CHECK(contains(lines[i + 1], "readonly=on,rom=off,share=off"));
+  }
+  CHECK(lines[4] == "-incoming");
+  CHECK(lines[5] == "defer");
+  CHECK_MESSAGE(contains(r.err, "mapped 512.0 KiB of RAM copy-on-write from the image"), r.err);
+  RunResult j = run_vmsave({"prepare", "--lazy", "--json", s.image});
+  REQUIRE_RUN(j, 0);
+  auto doc = nlohmann::json::parse(j.out);
+  CHECK(doc["ram_bytes"] == 512 * kKiB);
+  CHECK(doc["qemu_args"].size() == 6);
+}
