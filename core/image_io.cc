@@ -71,9 +71,9 @@ i64 coalesce(std::vector<std::pair<i64, i64>>& runs, i64 min_hole) {
   size_t n = 0;
   i64 joined = 0;
   for (size_t i = 0; i < runs.size(); i++) {
-    if (n > 0 && runs[i].first - runs[n - 1].second < min_hole) {
-      joined += runs[i].first - runs[n - 1].second;
-      runs[n - 1].second = runs[i].second;
+    if (n > 0 && runs[i].first - runs[n - 1].second < min_hole) {  // overlapping too
+      joined += std::max<i64>(runs[i].first - runs[n - 1].second, 0);
+      runs[n - 1].second = std::max(runs[n - 1].second, runs[i].second);
     } else {
       runs[n++] = runs[i];
     }
@@ -1348,6 +1348,19 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     if (chunk_slot[c] >= 0) {
       workers[w].free.push_back(chunk_slot[c]);
       if (sum != sums[c]) return chunk_damaged(c, "checksum mismatch");
+      if (verify_only) {
+        const i64 first = c * pages_per_chunk;
+        for (i64 off = 0; off < len; off += page) {
+          if (present(first + off / page)) continue;
+          const i64 n = std::min(page, len - off);
+          bool zero = n % 64 == 0 ? is_zero(base + off, n)
+                                  : std::all_of(base + off, base + off + n, [](u8 x) { return !x; });
+          if (!zero)
+            return chunk_damaged(c, fmt::format("page {} is marked zero but holds data (a lazy "
+                                                "restore would map it)",
+                                                first + off / page));
+        }
+      }
       if (!verify_only) return copy_out(c, base);  // gathered
       return Status();
     }
@@ -1397,6 +1410,15 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
           runs.emplace_back(off, off + page);
       }
     }
+    if (verify_only && !is_compressed(c)) {
+      // Pages the bitmap marks zero must hold zeros: a lazy restore maps the
+      // region as it is on disk. So verify reads whatever the file has
+      // allocated in the chunk too, and finish_chunk checks those pages.
+      for (auto [a, z] : data_extents(fd(), b.region.offset + start, len))
+        runs.emplace_back(align_down(a, page), std::min(align_up(z, page), align_up(len, page)));
+      std::sort(runs.begin(), runs.end());
+      coalesce(runs, 1);
+    }
     if (runs.empty()) return finish_chunk(w, c, true);
     bool gather = false;
     if (may_gather && !is_compressed(c)) {
@@ -1410,6 +1432,14 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
       workers[w].free.pop_back();
       chunk_slot[c] = slot;
       chunk_buf[c] = workers[w].buffers[slot].data();
+      if (verify_only && !is_compressed(c)) {  // what is not read is zeros
+        i64 from = 0;
+        for (auto [s, e] : runs) {
+          std::memset(chunk_buf[c] + from, 0, s - from);
+          from = e;
+        }
+        std::memset(chunk_buf[c] + from, 0, align_up(len, page) - from);
+      }
     } else {
       chunk_buf[c] = dest + start;
     }
