@@ -180,16 +180,22 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
     return damaged(path, "not a vmsave image (bad magic)");
   }
   const u8* p = reinterpret_cast<const u8*>(&h);
-  // The version is checked before the checksum: a future format may change
-  // how the header is checksummed, and "too new" is the useful message then.
-  if (h.major > kFormatMajor)
-    return Error{"image too new", path,
-                 fmt::format("format v{}, this vmsave reads up to v{}", u32(h.major), kFormatMajor)}
-        .fix("use a newer vmsave")
-        .as(Exit::kDamaged);
+  const bool sum_ok = checksum({p, offsetof(DiskHeader, checksum)}) == h.checksum;
+  // A newer major version is "too new" even if the checksum does not match
+  // as this vmsave computes it: a future format may checksum its header
+  // differently. Only then, though, may it also be damage (a flipped bit in
+  // the version field), and the message says both.
+  if (h.major > kFormatMajor) {
+    std::string seen =
+        fmt::format("format v{}, this vmsave reads up to v{}", u32(h.major), kFormatMajor);
+    if (!sum_ok)
+      return damaged(path, "header checksum mismatch, or an image from a newer vmsave (" + seen + ")",
+                     0)
+          .fix("if a newer vmsave wrote it, use that one; else the header is damaged");
+    return Error{"image too new", path, seen}.fix("use a newer vmsave").as(Exit::kDamaged);
+  }
   if (h.major == 0) return damaged(path, "format version 0", 8);
-  if (checksum({p, offsetof(DiskHeader, checksum)}) != h.checksum)
-    return damaged(path, "header checksum mismatch", 0);
+  if (!sum_ok) return damaged(path, "header checksum mismatch", 0);
   if (!all_zero(h.reserved, sizeof(h.reserved)))
     return damaged(path, "reserved header fields are not zero", 80);
   // Feature flags this vmsave does not know: the image is fine, this
