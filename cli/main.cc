@@ -128,6 +128,17 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
   if (c.stats && j.contains("io_latency_us")) fmt::print(stderr, "  {}\n", latency_line(j));
 }
 
+// An argument as a POSIX shell would need it: as is when it has nothing
+// the shell treats specially, else in single quotes.
+std::string shell_word(const std::string& a) {
+  const bool plain = !a.empty() && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                     "0123456789_./=,:@%+-") == std::string::npos;
+  if (plain) return a;
+  std::string out = "'";
+  for (char ch : a) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
 void print_info(const nlohmann::json& j) {
   fmt::print("image:        {}\n", j["image"].get<std::string>());
   fmt::print("format:       vmsave image v{} (complete)\n", j["format_version"].get<std::string>());
@@ -137,6 +148,14 @@ void print_info(const nlohmann::json& j) {
              m.value("vmsave_version", "?"));
   fmt::print("mode:         {}\n", m.value("mode", "?"));
   if (m.contains("qemu_version")) fmt::print("qemu:         {}\n", m["qemu_version"].get<std::string>());
+  if (m.contains("qemu_cmdline") && m["qemu_cmdline"].is_array()) {
+    // What `restore -- QEMU-COMMAND` wants back (restore's mismatch errors
+    // point here).
+    std::string line;
+    for (auto& a : m["qemu_cmdline"])
+      if (a.is_string()) line += (line.empty() ? "" : " ") + shell_word(a.get<std::string>());
+    fmt::print("command:      {}\n", line);
+  }
   if (m.contains("guest_running") && !m["guest_running"].is_null())
     fmt::print("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
   if (!m.value("description", "").empty())

@@ -495,6 +495,14 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   for (int i = 0; i < opts.numa_nodes; i++) want.push_back(fmt::format("ram{}", i));
   std::sort(ids.begin(), ids.end());
   CHECK_MESSAGE(ids == want, joined(ids));
+  // The text form shows the command line to restore with, quoted for a
+  // shell where it must be (-append's value has spaces).
+  RunResult text = run_vmsave({"info", image}, kRunTimeout);
+  REQUIRE_RUN(text, 0);
+  CHECK_MESSAGE(contains(text.out, "command:      " + vm.command()[0] + " "), text.out);
+  for (size_t a = 0; a + 1 < vm.command().size(); a++)
+    if (vm.command()[a] == "-append")
+      CHECK_MESSAGE(contains(text.out, " -append '" + vm.command()[a + 1] + "'"), text.out);
   if (!compress.empty()) {
     const json z = parse_json(info)["compression"];
     CHECK(z.value("codec", "") == compress);
