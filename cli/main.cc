@@ -117,8 +117,9 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
                  human_bytes(j["ram_bytes"].get<double>()),
                  human_bytes(j.value("stored_bytes", 0.0)), secs(j, "ram_read_s"));
     if (j.contains("pid"))
-      fmt::print(stderr, "QEMU pid {} is {}; QMP socket {}\n", j["pid"].get<i64>(),
-                 j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>());
+      fmt::print(stderr, "QEMU pid {} is {}; QMP socket {}{}\n", j["pid"].get<i64>(),
+                 j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>(),
+                 j.contains("qemu_log") ? "; its log " + j["qemu_log"].get<std::string>() : "");
     fmt::print(stderr, "  total {}\n", secs(j, "total_s"));
   } else if (cmd == "verify") {
     fmt::print(stderr, "{}: intact ({} chunks, {} read in {})\n", j["image"].get<std::string>(),

@@ -319,7 +319,11 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
     return Error{"no image path", "", "the image argument is empty"}.as(Exit::kUsage);
   VMSAVE_TRY(check_target(target, force));
   struct stat dst;
-  if (stat(w->dir_.c_str(), &dst) < 0) return sys_error("stat", w->dir_, errno);
+  if (stat(w->dir_.c_str(), &dst) < 0) {
+    Error e = sys_error("stat", w->dir_, errno);
+    if (errno == ENOENT) e.hint = "create that directory first, or save the image elsewhere";
+    return e;
+  }
   remove_stale_temps(w->dir_, target);
 
   // O_TMPFILE: an inode with no name until commit links it. Mode 0600:

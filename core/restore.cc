@@ -273,15 +273,16 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
           .fix("add wait=off to it")
           .as(Exit::kUsage);
   }
-  if (qmp_path.empty() || log.empty()) {
+  // The log goes beside the command's own socket (the directory the user
+  // chose for this VM); only a VM without one gets a private directory.
+  if (log.empty() && !qmp_path.empty()) log = qmp_path + ".qemu.log";
+  if (qmp_path.empty()) {
     const char* base = getenv("XDG_RUNTIME_DIR");
     std::string tmpl = fmt::format("{}/vmsave-XXXXXX", base && *base ? base : "/tmp");
     if (!mkdtemp(tmpl.data())) return sys_error("mkdtemp", tmpl, errno);
     run_dir = tmpl;
-    if (qmp_path.empty()) {
-      qmp_path = run_dir + "/qmp.sock";
-      cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", qmp_path)});
-    }
+    qmp_path = run_dir + "/qmp.sock";
+    cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", qmp_path)});
     if (log.empty()) log = run_dir + "/qemu.log";
   }
   if (!cmd.has_option("incoming")) cmd.append({"-incoming", "defer"});
@@ -371,7 +372,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!st.ok()) {
     Error e = st.error();
     std::string tail = log_tail(log, 2);
-    if (!tail.empty()) e.detail += " (QEMU: " + tail + ")";
+    if (!tail.empty()) e.detail += (e.detail.empty() ? "QEMU: " : " (QEMU: ") + tail +
+                                   (e.detail.empty() ? "" : ")");
     return e;
   }
   timer.lap("device_state");
