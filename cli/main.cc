@@ -112,10 +112,13 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     if (j.value("mode", "") == "lazy")
       fmt::print(stderr, "mapped {} of RAM copy-on-write from the image\n",
                  human_bytes(j["ram_bytes"].get<double>()));
-    else if (j.contains("ram_bytes"))
+    else if (j.value("ram_bytes", 0.0) > 0)
       fmt::print(stderr, "restored {} of RAM ({} stored) in {}\n",
                  human_bytes(j["ram_bytes"].get<double>()),
                  human_bytes(j.value("stored_bytes", 0.0)), secs(j, "ram_read_s"));
+    if (j.contains("qemu_ram_bytes"))
+      fmt::print(stderr, "QEMU loaded {} of RAM from its migration section in the image\n",
+                 human_bytes(j["qemu_ram_bytes"].get<double>()));
     if (j.contains("pid"))
       fmt::print(stderr, "QEMU pid {} is {}; QMP socket {}{}\n", j["pid"].get<i64>(),
                  j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>(),

@@ -202,7 +202,10 @@ Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::stri
   coalesce(extents, kPiece);
   i64 pos = offset;
   auto zeros = [&](i64 upto) {
-    if (upto > pos) st.update_zeros(upto - pos);
+    if (upto > pos) {
+      st.update_zeros(upto - pos);
+      if (progress) progress->done.fetch_add(upto - pos, std::memory_order_relaxed);
+    }
     pos = std::max(pos, upto);
   };
   for (auto [ds, de] : extents) {

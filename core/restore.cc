@@ -176,8 +176,8 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
     auto b = img.reopen(O_RDONLY);
     if (!b.ok()) return b.error();
     fds.buffered = std::move(*b);
-    for (auto& blk : img.layout().blocks) progress.total += blk.size;
-    rep.begin_phase("QEMU loading RAM and device state", &progress);
+    // QEMU reports no progress for an incoming migration: time only.
+    rep.begin_phase("QEMU loading RAM and device state", nullptr);
     st = mapped_ram_migrate(qmp, true, fds, img.layout().qemu.offset, [&](const nlohmann::json&) {});
   } else {
     VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
@@ -396,6 +396,10 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   } else {
     add_ram_report(j, ram, "ram_read");
   }
+  i64 by_qemu = 0;  // RAM QEMU loaded from its own section (memfd, anonymous)
+  for (auto& b : img.layout().blocks)
+    if (b.via_qemu()) by_qemu += b.size;
+  if (by_qemu) j["qemu_ram_bytes"] = by_qemu;
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;

@@ -901,6 +901,10 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
 
   RunResult v = run_vmsave({"verify", image}, kRunTimeout);
   CHECK_RUN(v, 0);
+  // Every finished phase got to 100% (holes in QEMU's section count too).
+  CHECK_MESSAGE(contains(v.err, "%)"), v.err);
+  for (size_t at = v.err.find("%)"); at != std::string::npos; at = v.err.find("%)", at + 1))
+    CHECK_MESSAGE(v.err.compare(at - 4, 6, "(100%)") == 0, v.err);
 
   // --lazy cannot map RAM that only QEMU's stream holds: refused before any
   // QEMU starts, saying to restore eagerly.
@@ -925,6 +929,7 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   json j = parse_json(r);
   StartedQemu qemu{j.value("pid", -1)};
   REQUIRE(qemu.pid > 0);
+  CHECK(j.value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);  // not "0 B of RAM"
   MemcheckLine line;
   std::string err;
   CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
