@@ -652,7 +652,7 @@ TEST_CASE("raw: bad memory files and image directories fail the save with status
   CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", src}), 1, "directory");
 }
 
-TEST_CASE("raw: --force replaces files only; a directory, FIFO or empty path is refused up front") {
+TEST_CASE("raw: --force replaces files only, never a directory, FIFO or empty path") {
   require_shm();
   SmallImage s;
   const std::string before = test::read_file(s.image);
