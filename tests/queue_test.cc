@@ -39,32 +39,45 @@ void round_trip(IoQueue& q, int fd, u8* src, u8* dst, i64 len, i64 offset) {
   CHECK(std::memcmp(src, dst, len) == 0);
 }
 
+// A new O_DIRECT file `name` in `dir` and a queue of depth 8 to use on it.
+struct QueueOnFile {
+  DirectFile file;
+  std::unique_ptr<IoQueue> q;
+  QueueOnFile(const TempDir& dir, const char* name) {
+    auto f = open_direct(dir / name, O_RDWR | O_CREAT | O_EXCL, 0600, true);
+    REQUIRE(f.ok());
+    file = std::move(*f);
+    auto r = IoQueue::create(8);
+    REQUIRE(r.ok());
+    q = std::move(*r);
+  }
+  int fd() const { return file.fd.get(); }
+};
+
 }  // namespace
 
 TEST_CASE("queue: registered buffers carry reads and writes, others go out plain") {
   TempDir dir;
-  auto f = open_direct(dir / "data", O_RDWR | O_CREAT | O_EXCL, 0600, true);
-  REQUIRE(f.ok());
-  auto q = IoQueue::create(8);
-  REQUIRE(q.ok());
+  QueueOnFile t(dir, "data");
+  IoQueue& q = *t.q;
   constexpr i64 kLen = 1 * kMiB;
   AlignedBuffer a(kLen), b(kLen), c(kLen);
   fill(a.data(), kLen, 1);
   fill(c.data(), kLen, 2);
 
   std::pair<u8*, i64> ranges[] = {{a.data(), kLen}, {b.data(), kLen}};
-  bool fixed = (*q)->register_memory(ranges);
-  CHECK((*q)->fixed_buffers() == fixed);
+  bool fixed = q.register_memory(ranges);
+  CHECK(q.fixed_buffers() == fixed);
   // Kernels since 5.1 pin anonymous memory for io_uring, and root is not held
   // to the memlock limit; for other users a refusal is the fallback below.
   if (::geteuid() == 0) CHECK(fixed);
 
-  round_trip(**q, f->fd.get(), a.data(), b.data(), kLen, 0);
+  round_trip(q, t.fd(), a.data(), b.data(), kLen, 0);
   // A buffer outside the registered ranges, and one straddling a range's end.
-  round_trip(**q, f->fd.get(), c.data(), b.data(), kLen, kLen);
-  round_trip(**q, f->fd.get(), a.data() + kLen / 2, c.data(), kLen / 2, 2 * kLen);
+  round_trip(q, t.fd(), c.data(), b.data(), kLen, kLen);
+  round_trip(q, t.fd(), a.data() + kLen / 2, c.data(), kLen / 2, 2 * kLen);
   // Registering twice is refused: one table per ring.
-  CHECK_FALSE((*q)->register_memory(ranges));
+  CHECK_FALSE(q.register_memory(ranges));
 }
 
 TEST_CASE("queue: a file-backed mapping the kernel will not pin still transfers") {
@@ -78,46 +91,41 @@ TEST_CASE("queue: a file-backed mapping the kernel will not pin still transfers"
   REQUIRE(m != MAP_FAILED);
   Mapping map(m, kLen);
 
-  auto f = open_direct(dir / "copy", O_RDWR | O_CREAT | O_EXCL, 0600, true);
-  REQUIRE(f.ok());
-  auto q = IoQueue::create(8);
-  REQUIRE(q.ok());
+  QueueOnFile t(dir, "copy");
   std::pair<u8*, i64> ranges[] = {{map.data(), kLen}};
-  bool fixed = (*q)->register_memory(ranges);
+  bool fixed = t.q->register_memory(ranges);
   MESSAGE(std::string(fixed ? "file-backed mapping registered" : "file-backed mapping refused: plain requests"));
   AlignedBuffer back(kLen);
-  round_trip(**q, f->fd.get(), map.data(), back.data(), kLen, 0);
+  round_trip(*t.q, t.fd(), map.data(), back.data(), kLen, 0);
 }
 
 TEST_CASE("queue: poll runs the callbacks of finished requests without waiting for the rest") {
   TempDir dir;
-  auto f = open_direct(dir / "data", O_RDWR | O_CREAT | O_EXCL, 0600, true);
-  REQUIRE(f.ok());
-  auto q = IoQueue::create(8);
-  REQUIRE(q.ok());
+  QueueOnFile t(dir, "data");
+  IoQueue& q = *t.q;
   constexpr i64 kLen = 256 * kKiB;
   AlignedBuffer a(4 * kLen);
   fill(a.data(), 4 * kLen, 3);
   std::vector<u64> done;
-  (*q)->set_on_done([&](const IoRequest& r) {
+  q.set_on_done([&](const IoRequest& r) {
     done.push_back(r.tag);
     return Status();
   });
   // Nothing in flight: returns at once.
-  REQUIRE((*q)->poll().ok());
+  REQUIRE(q.poll().ok());
   for (u64 i = 0; i < 4; i++)
-    REQUIRE((*q)->submit({f->fd.get(), a.data() + i * kLen, kLen, i64(i) * kLen, true, i + 1}).ok());
+    REQUIRE(q.submit({t.fd(), a.data() + i * kLen, kLen, i64(i) * kLen, true, i + 1}).ok());
   // poll() submits what is queued and never blocks: keep polling until the
   // writes have landed (the deadline only guards against a hang).
   auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while ((*q)->in_flight() > 0 && std::chrono::steady_clock::now() < until) {
-    REQUIRE((*q)->poll().ok());
-    CHECK(done.size() + (*q)->in_flight() == 4);
+  while (q.in_flight() > 0 && std::chrono::steady_clock::now() < until) {
+    REQUIRE(q.poll().ok());
+    CHECK(done.size() + q.in_flight() == 4);
   }
-  CHECK((*q)->in_flight() == 0);
+  CHECK(q.in_flight() == 0);
   std::sort(done.begin(), done.end());
   CHECK(done == std::vector<u64>{1, 2, 3, 4});
   AlignedBuffer back(4 * kLen);
-  REQUIRE(pread(f->fd.get(), back.data(), 4 * kLen, 0) == 4 * kLen);
+  REQUIRE(pread(t.fd(), back.data(), 4 * kLen, 0) == 4 * kLen);
   CHECK(std::memcmp(a.data(), back.data(), 4 * kLen) == 0);
 }
