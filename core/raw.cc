@@ -152,13 +152,14 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
   if (!st.ok()) {
     // Reads land in the RAM file's mapping; when its filesystem is full the
     // kernel cannot allocate the page and the read fails with EFAULT, which
-    // would blame the image. Say what happened.
-    Error e = st.error();
-    if (e.detail == std::strerror(EFAULT))
+    // would blame the image, and a store meets SIGBUS, which read_ram turns
+    // into "cannot fill RAM file" without knowing the file. Say what
+    // happened, naming it.
+    const Error& e = st.error();
+    if (e.detail == std::strerror(EFAULT) || e.what == "cannot fill RAM file")
       return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
           "free space on its filesystem or choose another place for it");
-    if (e.what == "cannot fill RAM file" && e.path.empty()) e.path = path_;  // a store refused
-    return e;
+    return st;
   }
   return Status();
 }

@@ -372,8 +372,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!st.ok()) {
     Error e = st.error();
     std::string tail = log_tail(log, 2);
-    if (!tail.empty()) e.detail += (e.detail.empty() ? "QEMU: " : " (QEMU: ") + tail +
-                                   (e.detail.empty() ? "" : ")");
+    if (!tail.empty())
+      e.detail = e.detail.empty() ? "QEMU: " + tail : e.detail + " (QEMU: " + tail + ")";
     return e;
   }
   timer.lap("device_state");
