@@ -3,6 +3,9 @@
 
 #pragma once
 
+#include <sys/types.h>
+
+#include <map>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -32,10 +35,14 @@ Status check_block_id(const std::string& id, const std::string& image);
 // then filled from the image, leaving holes where the image has them. It is
 // removed again unless keep() is called, and `watchdog` removes it if vmsave
 // dies. Creating before filling lets QEMU start while the files fill.
+// `claims` holds, per filesystem, the bytes the files created before this
+// one (and not filled yet) will take there: the room check counts them too.
+using SpaceClaims = std::map<dev_t, i64>;
+
 class RamFile {
  public:
   static Result<RamFile> create(const ImageReader& img, size_t block, const std::string& path,
-                                bool force, Watchdog* watchdog);
+                                bool force, Watchdog* watchdog, SpaceClaims& claims);
   RamFile() = default;
   RamFile(RamFile&&) noexcept = default;
   RamFile& operator=(RamFile&&) noexcept = default;

@@ -96,7 +96,7 @@ Status refuse_lazy_qemu_section(const ImageReader& img) {
 }
 
 Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,
-                                bool force, Watchdog* watchdog) {
+                                bool force, Watchdog* watchdog, SpaceClaims& claims) {
   const BlockLayout& b = img.layout().blocks[block];
   int flags = O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
   RamFile f;
@@ -122,19 +122,26 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";
     return e;
   }
-  // Room for its data pages, said now rather than part-way through the fill
-  // (and, for restore, before QEMU starts). Filesystems without a limit
+  // Room for its data pages, and for those of the files before it on the
+  // same filesystem, said now rather than part-way through the fill (and,
+  // for restore, before QEMU starts). Filesystems without a limit
   // (hugetlbfs or tmpfs without size=) report no blocks at all.
   struct statvfs sv;
   const i64 need = b.data_pages * b.page_size;
+  i64& claimed = claims[st.st_dev];
   if (!FaultPlan::get().no_space_check && fstatvfs(f.fd_.get(), &sv) == 0 && sv.f_blocks > 0) {
     const i64 room = static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize);
-    if (room < need)
+    if (room < claimed + need) {
+      std::string others =
+          claimed ? fmt::format(" (and {} for the RAM files before it there)", human_bytes(claimed))
+                  : "";
       return Error{"not enough space for RAM file", path,
-                   fmt::format("it needs {} for block {}, its filesystem has {} free",
-                               human_bytes(need), b.id, human_bytes(room))}
+                   fmt::format("it needs {} for block {}{}, its filesystem has {} free",
+                               human_bytes(need), b.id, others, human_bytes(room))}
           .fix("free space on that filesystem or choose another place for it");
+    }
   }
+  claimed += need;
   return f;
 }
 
@@ -246,23 +253,23 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
     if (!b.via_qemu()) progress.total += b.size;
   auto watchdog = Watchdog::start();
   if (!watchdog.ok()) return watchdog.error();
-  // Each file is removed again unless every block fills.
+  // Every file is created (and its room checked) before any is filled, and
+  // each is removed again unless every block fills.
   std::vector<RamFile> files;
   std::vector<std::string> done;
-  rep.begin_phase("reading RAM", &progress);
-  Status filled;
-  for (size_t i = 0; i < img.layout().blocks.size() && filled.ok(); i++) {
+  SpaceClaims claims;
+  for (size_t i = 0; i < img.layout().blocks.size(); i++) {
     if (img.layout().blocks[i].via_qemu()) continue;
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
-    auto f = RamFile::create(img, i, p, opts.force, &*watchdog);
-    if (!f.ok()) {
-      filled = f.error();
-      break;
-    }
+    auto f = RamFile::create(img, i, p, opts.force, &*watchdog, claims);
+    if (!f.ok()) return f.error();
     files.push_back(std::move(*f));
-    filled = files.back().fill(img, opts.engine, &progress, ram);
     done.push_back(p);
   }
+  rep.begin_phase("reading RAM", &progress);
+  Status filled;
+  for (size_t i = 0; i < files.size() && filled.ok(); i++)
+    filled = files[i].fill(img, opts.engine, &progress, ram);
   rep.end_phase();
   if (!filled.ok()) return filled.error();
   for (auto& f : files) f.keep();

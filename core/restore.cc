@@ -150,8 +150,9 @@ Result<std::vector<RamFile>> create_ram_files(std::vector<BackendPlan>& plans,
     }
   }
   std::vector<RamFile> files;
+  SpaceClaims claims;
   for (auto& p : plans) {
-    auto f = RamFile::create(img, p.block, p.ram_file, force, watchdog);
+    auto f = RamFile::create(img, p.block, p.ram_file, force, watchdog, claims);
     if (!f.ok()) return f.error();
     files.push_back(std::move(*f));
   }

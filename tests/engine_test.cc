@@ -545,6 +545,20 @@ TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes th
     }
     CHECK_RUN(run_vmsave({"verify", image}), 0);
   }
+  // Two blocks that each fit but not together: also said before anything
+  // is written, naming what the first one takes.
+  std::string a = shm / "a", b = shm / "b";
+  test::write_pattern_file(a, 5 * kMiB, "random", 9);
+  test::write_pattern_file(b, 5 * kMiB, "random", 10);
+  std::string image = disk / "two.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "a=" + a, "--ram", "b=" + b, image}), 0);
+  RunResult r = run_vmsave({"restore", image, "--ram-dir", small.path()});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: not enough space for RAM file (" + small.path() +
+                                    "/b): it needs 5.0 MiB for block b (and 5.0 MiB for the RAM "
+                                    "files before it there), its filesystem has 8.0 MiB free"),
+                r.err);
+  CHECK_MESSAGE(list_dir(small.path()).empty(), joined(list_dir(small.path())));
 }
 
 TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resubmitted") {
