@@ -159,6 +159,14 @@ Result<std::vector<RamFile>> create_ram_files(std::vector<BackendPlan>& plans,
   return files;
 }
 
+// The RAM QEMU loaded from its own section of the image (memfd, anonymous).
+void add_qemu_ram(nlohmann::json& j, const ImageReader& img) {
+  i64 by_qemu = 0;
+  for (auto& b : img.layout().blocks)
+    if (b.via_qemu()) by_qemu += b.size;
+  if (by_qemu) j["qemu_ram_bytes"] = by_qemu;
+}
+
 // Loads the image's device state into a QEMU waiting with -incoming defer,
 // then resumes the guest if `run`.
 Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporter& rep,
@@ -397,10 +405,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   } else {
     add_ram_report(j, ram, "ram_read");
   }
-  i64 by_qemu = 0;  // RAM QEMU loaded from its own section (memfd, anonymous)
-  for (auto& b : img.layout().blocks)
-    if (b.via_qemu()) by_qemu += b.size;
-  if (by_qemu) j["qemu_ram_bytes"] = by_qemu;
+  add_qemu_ram(j, img);
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;
@@ -489,12 +494,14 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   double vmstate_s = 0;
   VMSAVE_TRY(load_and_resume(qmp, img, run, rep, &vmstate_s));
   timer.lap("device_state");
-  return nlohmann::json{{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
-                        {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
-                        {"vmstate_bytes", img.layout().vmstate.length},
-                        {"qemu_section_bytes", img.layout().qemu.length},
-                        {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
-                        {"steps_s", timer.steps()}};
+  nlohmann::json j = {{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
+                      {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
+                      {"vmstate_bytes", img.layout().vmstate.length},
+                      {"qemu_section_bytes", img.layout().qemu.length},
+                      {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
+                      {"steps_s", timer.steps()}};
+  add_qemu_ram(j, img);
+  return j;
 }
 
 }  // namespace vmsave

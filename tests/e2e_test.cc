@@ -980,6 +980,7 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
   CHECK(parse_json(r).value("running", false));
+  CHECK(parse_json(r).value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);
   std::string err;
   MemcheckLine line;
   CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
