@@ -25,6 +25,8 @@
 #include <cmath>
 #include <thread>
 
+#include "lib/cancel.h"
+
 namespace vmsave {
 
 namespace {
@@ -35,6 +37,10 @@ using Clock = std::chrono::steady_clock;
 // (query-qmp-schema, qom-list of a big machine) are a few hundred KiB; a
 // peer that sends 64 MiB without closing a brace is not QEMU.
 constexpr size_t kMaxMessage = 64 << 20;
+
+// How long an interruptible wait sleeps at most before it looks at the
+// cancel flag again.
+constexpr int kInterruptPollMs = 200;
 
 // How often connect() is retried while the listen backlog is full, which is
 // what a second client sees when QEMU's single monitor slot is taken.
@@ -115,6 +121,7 @@ Result<QmpClient> QmpClient::connect(const std::string& path, double timeout_s) 
     if (err == EAGAIN) {
       // The listen backlog is full: QEMU stops accepting while its monitor
       // has a client, so queued connections pile up here.
+      if (cancelled()) return interrupted_error();
       if (Clock::now() >= deadline) return another_client_error(path, timeout_s);
       std::this_thread::sleep_for(kConnectRetry);
       continue;
@@ -138,7 +145,9 @@ Result<QmpClient> QmpClient::connect(const std::string& path, double timeout_s) 
   }
   c.peer_pid_ = cred.pid;
 
-  auto greeting = c.read_message(deadline);
+  // QEMU greets a client only once the one before it has gone: this wait
+  // may be long, and nothing has been changed yet, so a signal ends it.
+  auto greeting = c.read_message(deadline, true);
   VMSAVE_TRY(greeting);
   if (!*greeting) return another_client_error(path, timeout_s);
   if (!(*greeting)->contains("QMP") || !(**greeting)["QMP"].is_object()) {
@@ -161,7 +170,8 @@ Error QmpClient::protocol_error(std::string_view got) const {
   return Error{"QEMU sent a malformed QMP message", path_, fmt::format("\"{}\"", snippet(got))};
 }
 
-Result<std::optional<nlohmann::json>> QmpClient::read_message(Deadline deadline) {
+Result<std::optional<nlohmann::json>> QmpClient::read_message(Deadline deadline,
+                                                               bool interruptible) {
   for (;;) {
     // Between messages: drop the "\r\n" separator; anything but '{' next
     // means the peer is not speaking QMP.
@@ -206,14 +216,21 @@ Result<std::optional<nlohmann::json>> QmpClient::read_message(Deadline deadline)
       return *broken_;
     }
 
+    if (interruptible && cancelled()) return interrupted_error();
     pollfd p{fd_.get(), POLLIN, 0};
+    // Interruptible waits wake now and then: a signal that lands between
+    // the check above and poll() must not wait for the deadline.
     int timeout = ms_left(deadline);
+    if (interruptible) timeout = std::min(timeout, kInterruptPollMs);
     int n = ::poll(&p, 1, timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
       return sys_error("poll on QMP socket", path_, errno);
     }
-    if (n == 0) return std::optional<nlohmann::json>();
+    if (n == 0) {
+      if (Clock::now() < deadline) continue;
+      return std::optional<nlohmann::json>();
+    }
 
     char buf[64 * 1024];
     ssize_t got = ::recv(fd_.get(), buf, sizeof(buf), 0);

@@ -104,8 +104,11 @@ class QmpClient {
   using Deadline = std::chrono::steady_clock::time_point;
 
   Status send(const std::string& bytes, int fd, Deadline deadline);
-  // The next message; nullopt when the deadline passes first.
-  Result<std::optional<nlohmann::json>> read_message(Deadline deadline);
+  // The next message; nullopt when the deadline passes first. With
+  // `interruptible` (waiting to be greeted, before anything has changed),
+  // SIGINT/SIGTERM end the wait.
+  Result<std::optional<nlohmann::json>> read_message(Deadline deadline,
+                                                     bool interruptible = false);
   Result<nlohmann::json> call(const std::string& cmd, const nlohmann::json& args, int fd,
                               double timeout_s);
   Error protocol_error(std::string_view got) const;

@@ -1307,6 +1307,16 @@ TEST_CASE(
     CHECK_MESSAGE(contains(r.err, "another QMP client"), r.err);
     CHECK_MESSAGE(busy_s >= 1.5, busy_s << " s");
     CHECK_MESSAGE(busy_s < 5, busy_s << " s");
+    // Ctrl-C ends that wait at once, not when the other client lets go.
+    const std::string log = vm.dir() + "/busy-save.log";
+    Child save({VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image, "--qmp-timeout", "60"}, log);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    save.signal(SIGINT);
+    t0 = now_s();
+    CHECK(save.wait(30) == 130);
+    double interrupted_s = now_s() - t0;
+    CHECK_MESSAGE(interrupted_s < 2, interrupted_s << " s");
+    CHECK_MESSAGE(contains(slurp(log), "vmsave: error: interrupted"), slurp(log));
     // The connection we hold still works, and the guest never stopped.
     auto status = holder->execute("query-status");
     REQUIRE_MESSAGE(status.ok(), status.error().message());
