@@ -2,10 +2,12 @@
 // calls one function in core/. This file alone prints results, turns errors
 // into one line and an exit status, and owns the signal handlers.
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
 #include <fmt/core.h>
 
@@ -56,6 +58,17 @@ int fail(const Error& e) {
   fmt::print(stderr, "vmsave: error: {}\n", e.message());
   return static_cast<int>(e.status);
 }
+
+// Seconds for a timeout: a positive, finite number (CLI11's PositiveNumber
+// lets nan and inf through, which would mean waiting forever).
+const CLI::Validator kSeconds(
+    [](std::string& text) -> std::string {
+      double v = 0;
+      if (!CLI::detail::lexical_cast(text, v) || !std::isfinite(v) || v <= 0 || v > 1e6)
+        return "a number of seconds, more than 0 and at most 1000000: " + text;
+      return "";
+    },
+    "SECONDS");
 
 void add_common(CLI::App* cmd, Common& c, bool engine) {
   cmd->add_flag("--json", c.json, "Print the report as one JSON object on stdout");
@@ -242,7 +255,8 @@ int main(int argc, char** argv) {
                        "Compress each chunk: lz4 (effort follows the disk), zstd or zstd:LEVEL (1-19, "
                        "default 3); the "
                        "image then restores eagerly only");
-  save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)");
+  save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)")
+      ->check(kSeconds);
   save_cmd->add_flag("--live", save.live,
                      "Write RAM while the guest runs; stop it only to catch up and for the "
                      "device state");
@@ -251,11 +265,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(i64(1), i64(3600000)));
   save_cmd->add_option("--live-timeout", save.live_timeout,
                        "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
-      ->check(CLI::PositiveNumber);
+      ->check(kSeconds);
   save_cmd->add_option("--flush-timeout", save.flush_timeout,
                        "Fail the save (no image, guest as it was) if flushing and committing "
                        "take longer than SECONDS")
-      ->check(CLI::PositiveNumber);
+      ->check(kSeconds);
   add_common(save_cmd, c, true);
 
   // restore
@@ -281,7 +295,8 @@ int main(int argc, char** argv) {
   restore_cmd->add_option("--qemu-log", restore.qemu_log,
                           "File for the started QEMU's output (default: beside its QMP socket)");
   restore_cmd->add_option("--qmp-timeout", restore.qmp_timeout,
-                          "Seconds to wait for QMP (default 10)");
+                          "Seconds to wait for QMP (default 10)")
+      ->check(kSeconds);
   add_common(restore_cmd, c, true);
 
   // prepare
@@ -315,6 +330,18 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "vmsave: error: {}\n", msg);
     return static_cast<int>(Exit::kUsage);
   };
+  if (c.progress_fd >= 0) {
+    // Not open, it would be whatever vmsave opens next under that number
+    // (a RAM file, the QMP socket) that the progress lines went into.
+    int fl = fcntl(c.progress_fd, F_GETFL);
+    if (fl < 0)
+      return usage(fmt::format("--progress-fd {0}: descriptor {0} is not open (open it for "
+                               "writing first, e.g. {0}>FILE in the shell)",
+                               c.progress_fd));
+    if ((fl & O_ACCMODE) == O_RDONLY)
+      return usage(fmt::format("--progress-fd {0}: descriptor {0} is open for reading only",
+                               c.progress_fd));
+  }
   EngineConfig engine{c.jobs, c.queue_depth};
   save.engine = restore.engine = engine;
   {
@@ -395,9 +422,11 @@ int main(int argc, char** argv) {
   }
 
   if (!result.ok()) {
-    if (cmd == "verify" && c.json && result.error().status == Exit::kDamaged) {
-      nlohmann::json j = {{"command", "verify"}, {"image", image}, {"ok", false},
-                          {"error", result.error().message()}};
+    if (c.json) {  // wrappers parse stdout whatever happened
+      const Error& e = result.error();
+      nlohmann::json j = {{"command", cmd}, {"ok", false}, {"error", e.message()},
+                          {"exit_status", static_cast<int>(e.status)}};
+      if (cmd == "info" || cmd == "verify") j["image"] = image;
       fmt::print("{}\n", j.dump(2));
     }
     return fail(result.error());

@@ -286,6 +286,24 @@ TEST_CASE("raw: verify --json reports damage, and a zeroed header is an unfinish
     close(fd);
     for (const char* cmd : {"info", "verify"})
       CHECK_FAILS(run_vmsave({cmd, s.image}), 3, "did not finish");
+    // With --json every command's failure is a JSON object on stdout too.
+    TempDir out;
+    for (std::vector<std::string> args : {std::vector<std::string>{"info", s.image},
+                                          {"verify", s.image},
+                                          {"restore", s.image, "--ram-dir", out.path()},
+                                          {"save", "--ram", "ram=" + out / "missing", s.image}}) {
+      args.push_back("--json");
+      CAPTURE(args[0]);
+      RunResult r = run_vmsave(args);
+      const int status = args[0] == "save" ? 1 : 3;
+      CHECK_RUN(r, status);
+      json j = json::parse(r.out, nullptr, false);
+      REQUIRE_MESSAGE(j.is_object(), r.out);
+      CHECK(j["command"] == args[0]);
+      CHECK(j["ok"] == false);
+      CHECK(j["exit_status"] == status);
+      CHECK_MESSAGE(contains(r.err, "vmsave: error: " + j["error"].get<std::string>()), r.err);
+    }
   }
 }
 
@@ -468,11 +486,18 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--ram", "ram=" + src, "--jobs", "0", image},
       {"save", "--ram", "ram=" + src, "--queue-depth", "0", image},
       {"save", "--ram", "ram=" + src, "--paused", image},
+      {"save", "--ram", "ram=" + src, "--progress-fd", "9", image},  // not open
+      {"save", "--qmp", disk / "qmp.sock", "--qmp-timeout", "nan", image},
+      {"save", "--qmp", disk / "qmp.sock", "--qmp-timeout", "inf", image},
+      {"save", "--qmp", disk / "qmp.sock", "--qmp-timeout", "0", image},
+      {"save", "--qmp", disk / "qmp.sock", "--live", "--live-timeout", "-1", image},
       {"save", "--ram", "ram=" + src},  // no image
       {"restore", image},               // no form
       {"restore", image, "--ram-dir", disk.path(), "--qmp", disk / "qmp.sock"},
       {"restore", image, "--ram-dir", disk.path(), "--lazy"},
       {"restore", image, "--ram-dir", disk.path(), "--bogus"},
+      {"restore", image, "--ram-dir", disk.path(), "--progress-fd", "9"},
+      {"restore", image, "--qmp", disk / "qmp.sock", "--qmp-timeout", "nan"},
       {"info"},
       {"verify", image, "extra"},
   };
