@@ -1509,6 +1509,42 @@ Status ImageReader::read_ram(size_t block, u8* dest, const EngineConfig& cfg, Pr
   return read_chunks(block, *bits, *s, *codecs, dest, cfg, progress, stats, nullptr);
 }
 
+Result<i64> ImageReader::first_differing_chunk(size_t block, int fd, i64 offset, int samples,
+                                               const std::string& file) const {
+  const BlockLayout& b = img_.blocks[block];
+  auto bits = bitmap(block);
+  if (!bits.ok()) return bits.error();
+  auto s = sums(block);
+  if (!s.ok()) return s.error();
+  const i64 pages_per_chunk = b.chunk_size / b.page_size;
+  auto present = [&](i64 p) { return bitmap_test(bits->data(), p); };
+  std::vector<i64> with_data;
+  for (i64 c = 0; c < b.chunks(); c++) {
+    const i64 first = c * pages_per_chunk, n = (b.chunk_length(c) + b.page_size - 1) / b.page_size;
+    for (i64 p = first; p < first + n; p++)
+      if (present(p)) {
+        with_data.push_back(c);
+        break;
+      }
+  }
+  const i64 n = std::min<i64>(samples, with_data.size());
+  AlignedBuffer buf(std::min(b.chunk_size, align_up(b.size, b.page_size)));
+  for (i64 i = 0; i < n; i++) {
+    const i64 c = with_data[n == 1 ? 0 : i * (i64(with_data.size()) - 1) / (n - 1)];
+    const i64 len = b.chunk_length(c);
+    for (i64 done = 0; done < len;) {
+      ssize_t got = ::pread(fd, buf.data() + done, len - done, offset + c * b.chunk_size + done);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) return sys_error("read", file, errno);
+      if (got == 0) return c;  // the file ends before the block does
+      done += got;
+    }
+    if (chunk_checksum(buf.data(), len, b.page_size, c * pages_per_chunk, present) != (*s)[c])
+      return c;
+  }
+  return i64(-1);
+}
+
 Result<UniqueFd> ImageReader::reopen(int flags) const {
   std::string proc = fmt::format("/proc/self/fd/{}", fd());
   UniqueFd f(::open(proc.c_str(), flags | O_CLOEXEC));

@@ -210,6 +210,13 @@ class ImageReader {
   Status read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
                   RamStats* stats) const;
 
+  // Whether `fd` holds block `block`'s RAM from `offset` as this image has
+  // it, judged on up to `samples` chunks with data spread over the block
+  // (the image's zero pages are not read). The first chunk that differs, or
+  // -1 when all agree.
+  Result<i64> first_differing_chunk(size_t block, int fd, i64 offset, int samples,
+                                    const std::string& file) const;
+
   // A second descriptor for the image (e.g. O_RDONLY | O_DIRECT for QEMU).
   Result<UniqueFd> reopen(int flags) const;
 

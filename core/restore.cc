@@ -458,6 +458,60 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   return j;
 }
 
+// The RAM a QEMU started with `prepare`'s arguments maps must be this
+// image's: the device state of one save on the RAM of another runs the
+// guest into the weeds, with QEMU none the wiser. A lazy backend maps the
+// image itself at its block's region; an eager one a RAM file whose sampled
+// chunks must match the image's checksums.
+Status check_prepared_ram(const ImageReader& img, const std::string& image,
+                          std::vector<RamBackend> backends, pid_t pid) {
+  constexpr int kSamples = 64;  // chunks compared per block, at most
+  std::vector<RamBackend> mine;
+  std::vector<size_t> blocks;
+  for (size_t i = 0; i < img.layout().blocks.size(); i++) {
+    const BlockLayout& b = img.layout().blocks[i];
+    if (b.via_qemu()) continue;
+    for (auto& qb : backends)
+      if (qb.id == b.id) {
+        if (qb.qom_type != "memory-backend-file")
+          return mismatch(fmt::format("QEMU's backend {} is a {}, not the file `prepare` filled",
+                                      b.id, qb.qom_type),
+                          "start QEMU with the arguments `vmsave prepare` prints");
+        mine.push_back(std::move(qb));
+        blocks.push_back(i);
+      }
+  }
+  VMSAVE_TRY(open_backend_files(mine, pid));
+  struct stat own;
+  if (stat(image.c_str(), &own) < 0) return sys_error("stat", image, errno);
+  auto not_this_image = [&](const RamBackend& qb, const std::string& why) {
+    return Error{"QEMU's RAM is not this image's", image,
+                 fmt::format("backend {} ({}) {}", qb.id, qb.mem_path, why)}
+        .fix(fmt::format("run `vmsave prepare {}` and start QEMU with the arguments it prints, "
+                         "or restore the image `prepare` was run on",
+                         image));
+  };
+  for (size_t k = 0; k < mine.size(); k++) {
+    const RamBackend& qb = mine[k];
+    const BlockLayout& b = img.layout().blocks[blocks[k]];
+    struct stat st;
+    if (fstat(qb.fd.get(), &st) < 0) return sys_error("fstat", qb.file, errno);
+    if (st.st_dev == own.st_dev && st.st_ino == own.st_ino) {  // lazy
+      if (qb.offset != b.region.offset)
+        return not_this_image(qb, fmt::format("maps it from offset {}, block {}'s region starts "
+                                              "at {}",
+                                              qb.offset, b.id, b.region.offset));
+      continue;
+    }
+    auto c = img.first_differing_chunk(blocks[k], qb.fd.get(), qb.offset, kSamples, qb.file);
+    if (!c.ok()) return c.error();
+    if (*c >= 0)
+      return not_this_image(qb, fmt::format("differs from the image's block {} in chunk {}",
+                                            b.id, *c));
+  }
+  return Status();
+}
+
 Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter& rep) {
   StepTimer timer;
   auto opened = open_image(opts.image, rep);
@@ -489,6 +543,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
       return mismatch(fmt::format("QEMU has no memory backend {} for the image's block", b.id),
                       "start QEMU with the arguments `vmsave prepare` prints");
   }
+  VMSAVE_TRY(check_prepared_ram(img, opts.image, std::move(*backends), qmp.peer_pid()));
   timer.lap("connect");
   bool run = opts.running.value_or(meta->value("guest_running", true));
   double vmstate_s = 0;

@@ -363,6 +363,41 @@ std::string save_and_quit(TestVm& vm, const std::string& image,
   return log;
 }
 
+// The two-step form: the VM's command with each backend `prepare` printed
+// in place of the one of the same id, plus the rest of its arguments
+// (-incoming defer).
+std::vector<std::string> with_prepared(std::vector<std::string> cmd,
+                                       const std::vector<std::string>& prepared) {
+  std::vector<std::string> rest;
+  for (size_t i = 0; i < prepared.size(); i++) {
+    if (prepared[i] == "-object" && i + 1 < prepared.size()) {
+      const std::string& obj = prepared[++i];
+      std::string id = obj.substr(obj.find("id=") + 3);
+      id = "id=" + id.substr(0, id.find(',')) + ",";
+      bool replaced = false;
+      for (size_t k = 0; k + 1 < cmd.size(); k++)
+        if (cmd[k] == "-object" && contains(cmd[k + 1], id)) {
+          cmd[k + 1] = obj;
+          replaced = true;
+        }
+      REQUIRE_MESSAGE(replaced, "no -object with " << id << " in the VM's command");
+    } else {
+      rest.push_back(prepared[i]);
+    }
+  }
+  cmd.insert(cmd.end(), rest.begin(), rest.end());
+  return cmd;
+}
+
+// Waits until `qemu`, started on `vm`'s command line, has its QMP socket.
+void await_qmp_socket(const TestVm& vm, const Child& qemu, const std::string& log) {
+  double deadline = now_s() + 30;
+  struct stat st;
+  while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
+    std::this_thread::sleep_for(kPoll);
+  REQUIRE_MESSAGE(process_runs(qemu.pid()), slurp(log));
+}
+
 // Boots `vm` to its first memcheck line, saves it to DIR/vm.vmsave (QEMU
 // quits) and removes its RAM file, so that a restore must rebuild it from
 // the image alone. Returns the image's path.
@@ -967,15 +1002,9 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   CHECK_RUN(lazy, 2);
   CHECK_MESSAGE(contains(lazy.err, "eagerly"), lazy.err);
 
-  std::vector<std::string> cmd = vm.command();
-  cmd.insert(cmd.end(), extra.begin(), extra.end());
   ::unlink(vm.qmp_path().c_str());
-  Child qemu(cmd, vm.dir() + "/two-step-qemu.log");
-  double deadline = now_s() + 30;
-  struct stat st;
-  while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
-    std::this_thread::sleep_for(kPoll);
-  REQUIRE_MESSAGE(process_runs(qemu.pid()), slurp(vm.dir() + "/two-step-qemu.log"));
+  Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
+  await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
 
   r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
@@ -1243,26 +1272,9 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   REQUIRE(extra[0] == "-object");
   REQUIRE(contains(extra[1], "id=ram0"));
 
-  // The original command with its ram0 backend replaced by prepare's, plus
-  // the rest of prepare's arguments (-incoming defer).
-  std::vector<std::string> cmd = vm.command();
-  bool replaced = false;
-  for (size_t i = 0; i + 1 < cmd.size(); i++) {
-    if (cmd[i] == "-object" && contains(cmd[i + 1], "id=ram0,")) {
-      cmd[i + 1] = extra[1];
-      replaced = true;
-    }
-  }
-  REQUIRE(replaced);
-  cmd.insert(cmd.end(), extra.begin() + 2, extra.end());
-
   ::unlink(vm.qmp_path().c_str());  // a stale socket would look ready
-  Child qemu(cmd, vm.dir() + "/two-step-qemu.log");
-  double deadline = now_s() + 30;
-  struct stat st;
-  while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
-    std::this_thread::sleep_for(kPoll);
-  REQUIRE_MESSAGE(process_runs(qemu.pid()), slurp(vm.dir() + "/two-step-qemu.log"));
+  Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
+  await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
   CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
 
   r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json"}, kRunTimeout);
@@ -1279,6 +1291,51 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
 }
 
+TEST_CASE("e2e: restore --qmp refuses RAM prepared from another image, then loads its own") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm);
+  // Two saves of one VM, a few memcheck rounds apart.
+  const std::string first = vm.dir() + "/first.vmsave", second = vm.dir() + "/second.vmsave";
+  RunResult r =
+      run_vmsave({"save", "--qmp", vm.qmp_path(), first, "--leave-running"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  MemcheckLine line;
+  std::string err;
+  REQUIRE_MESSAGE(vm.wait_for_memcheck(read_story(vm.serial_log()).last->iteration + 3,
+                                       kCarryOnTimeout, &line, &err),
+                  err);
+  const std::string log_at_save = save_and_quit(vm, second);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+
+  const std::string ram_dir = vm.dir() + "/prepared";
+  REQUIRE(::mkdir(ram_dir.c_str(), 0755) == 0);
+  r = run_vmsave({"prepare", second, "--ram-dir", ram_dir, "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  std::vector<std::string> extra = parse_json(r)["qemu_args"].get<std::vector<std::string>>();
+  ::unlink(vm.qmp_path().c_str());
+  const std::string qemu_log = vm.dir() + "/two-step-qemu.log";
+  Child qemu(with_prepared(vm.command(), extra), qemu_log);
+  await_qmp_socket(vm, qemu, qemu_log);
+
+  // The first save's device state on the second save's RAM would wedge the
+  // guest: refused, and QEMU still waits for the right one.
+  r = run_vmsave({"restore", first, "--qmp", vm.qmp_path()}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: QEMU's RAM is not this image's (" + first +
+                                    "): backend ram0 (" + ram_dir +
+                                    "/ram0) differs from the image's block ram0 in chunk "),
+                r.err);
+  CHECK_MESSAGE(contains(r.err, "vmsave prepare " + first), r.err);
+  CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
+
+  r = run_vmsave({"restore", second, "--qmp", vm.qmp_path()}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid(), &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+}
 TEST_CASE(
     "e2e: save fails within --qmp-timeout on a busy QMP socket, and at once on a "
     "missing one") {
