@@ -205,12 +205,13 @@ Status Capabilities::set(QmpClient& qmp, const std::vector<std::pair<std::string
   return Status();
 }
 
-void Capabilities::restore(QmpClient& qmp) {
-  if (old_.empty()) return;
+bool Capabilities::restore(QmpClient& qmp) {
+  if (old_.empty()) return true;
   nlohmann::json caps = nlohmann::json::array();
   for (auto& [name, value] : old_) caps.push_back({{"capability", name}, {"state", value}});
-  (void)qmp.execute("migrate-set-capabilities", {{"capabilities", caps}}, 5);
+  bool ok = qmp.execute("migrate-set-capabilities", {{"capabilities", caps}}, 5).ok();
   old_.clear();
+  return ok;
 }
 
 Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {

@@ -53,9 +53,9 @@ class Capabilities {
   // `required` contains it, ignored otherwise.
   Status set(QmpClient& qmp, const std::vector<std::pair<std::string, bool>>& want,
              const std::vector<std::string>& required);
-  // Puts back the values that were changed. Best effort: errors are ignored,
-  // this runs on error paths.
-  void restore(QmpClient& qmp);
+  // Puts back the values that were changed. Best effort (this runs on error
+  // paths): false when QEMU did not take the command.
+  bool restore(QmpClient& qmp);
 
  private:
   std::vector<std::pair<std::string, bool>> old_;

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "io/fd.h"
+#include "io/queue.h"
 #include "lib/common.h"
 
 namespace vmsave {
@@ -31,6 +32,13 @@ namespace vmsave {
 // hold for seconds; 30 s is long enough not to fail a healthy but busy VM
 // and short enough that a wedged QEMU is reported while the user waits.
 constexpr double kQmpTimeout = 30;
+
+// kQmpTimeout, or what VMSAVE_FAULT=qmp-timeout:S says (tests of a QEMU
+// that stops answering).
+inline double qmp_timeout() {
+  double s = FaultPlan::get().qmp_timeout_s;
+  return s > 0 ? s : kQmpTimeout;
+}
 
 class QmpClient {
  public:
@@ -50,17 +58,17 @@ class QmpClient {
   // null) and returns the reply's "return" value. A QEMU error reply becomes
   // Error{"QEMU refused <cmd>", path, "<class>: <desc>"}.
   Result<nlohmann::json> execute(const std::string& cmd, const nlohmann::json& args = nullptr,
-                                 double timeout_s = kQmpTimeout);
+                                 double timeout_s = qmp_timeout());
 
   // getfd: hands `fd` to QEMU (SCM_RIGHTS) under `name`, for commands that
   // take "fd:name" (migrate, add_client). QEMU keeps its own copy.
-  Status getfd(const std::string& name, int fd, double timeout_s = kQmpTimeout);
+  Status getfd(const std::string& name, int fd, double timeout_s = qmp_timeout());
 
   // add-fd: adds a copy of `fd` to fd set `fdset_id` (a new set when
   // nullopt), for "/dev/fdset/N" paths such as file: migration. Returns the
   // reply ({"fdset-id": N, "fd": M}).
   Result<nlohmann::json> add_fd(int fd, std::optional<i64> fdset_id, const std::string& opaque,
-                                double timeout_s = kQmpTimeout);
+                                double timeout_s = qmp_timeout());
 
   // Every event received and not yet taken, oldest first; reads whatever is
   // already waiting on the socket first, without blocking.
@@ -68,10 +76,10 @@ class QmpClient {
 
   // Waits for the next event called `name` (one already queued counts) and
   // removes it from the queue; other events stay queued in order.
-  Result<nlohmann::json> wait_event(const std::string& name, double timeout_s = kQmpTimeout);
+  Result<nlohmann::json> wait_event(const std::string& name, double timeout_s = qmp_timeout());
   Result<nlohmann::json> wait_event(const std::string& name,
                                     const std::function<bool(const nlohmann::json&)>& match,
-                                    double timeout_s = kQmpTimeout);
+                                    double timeout_s = qmp_timeout());
 
   // How to put back what a save changes in QEMU: code that changes a
   // setting first notes the command that restores it. The save's watchdog

@@ -43,14 +43,26 @@ namespace {
 struct GuestGuard {
   QmpClient* qmp = nullptr;
   Capabilities* caps = nullptr;
+  Watchdog* watchdog = nullptr;
+  Reporter* rep = nullptr;
   bool was_running = false;
   bool stopped = false;
   bool armed = true;
   ~GuestGuard() {
     if (!armed || !qmp) return;
-    (void)qmp->execute("migrate_cancel", nullptr, 5);
-    caps->restore(*qmp);
-    if (stopped && was_running) (void)qmp->execute("cont", nullptr, 5);
+    // The first command QEMU does not take ends the attempt: a QEMU that
+    // does not answer (stuck, or stopped with SIGSTOP) would only make each
+    // of the others wait out its timeout too.
+    bool ok = qmp->execute("migrate_cancel", nullptr, 5).ok() && caps->restore(*qmp) &&
+              (!(stopped && was_running) || qmp->execute("cont", nullptr, 5).ok());
+    if (ok || !watchdog) return;
+    pid_t pid = watchdog->hand_over();
+    if (pid > 0)
+      rep->warn(fmt::format(
+          "QEMU did not take vmsave's clean-up: the guest may still be paused and QEMU's "
+          "migration settings changed; vmsave's watchdog (pid {}) puts them back as soon as "
+          "QEMU answers again (for up to {:g} minutes); or kill it and run `cont` yourself",
+          pid, Watchdog::kPatience / 60));
   }
 };
 
@@ -229,7 +241,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}, {"mapped-ram", false}, {"multifd", false},
                               {"postcopy-ram", false}, {"background-snapshot", false}},
                         {"x-ignore-shared"}));
-  GuestGuard guard{&qmp, &caps, was_running};
+  GuestGuard guard{&qmp, &caps, &*watchdog, &rep, was_running};
   MappedRamFds fds;
   if (through_qemu) {
     // QEMU opens /dev/fdset/N write-only; it takes the O_DIRECT descriptor

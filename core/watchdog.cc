@@ -71,6 +71,7 @@ void kill_and_wait(int pidfd) {
   std::vector<nlohmann::json> notes;
   std::string in;
   char buf[4096];
+  bool patient = false;
   for (;;) {
     ssize_t n = ::read(sock, buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
@@ -79,6 +80,7 @@ void kill_and_wait(int pidfd) {
     for (size_t nl; (nl = in.find('\n')) != std::string::npos; in.erase(0, nl + 1)) {
       std::string line = in.substr(0, nl);
       if (line == "done") ::_exit(0);
+      if (line == "patient") patient = true;
       auto note = nlohmann::json::parse(line, nullptr, false);
       if (!note.is_object()) continue;
       if (note.contains("kill")) note["pidfd"] = pidfd_open(note["kill"].get<pid_t>());
@@ -86,6 +88,18 @@ void kill_and_wait(int pidfd) {
     }
   }
 
+  if (qmp && patient) {
+    // vmsave has said what is left and gone: nobody reads our stderr now
+    // (and a wrapper waiting for the pipe to close must not wait for us).
+    ::dup2(null, STDERR_FILENO);
+    auto give_up = std::chrono::steady_clock::now() + std::chrono::duration<double>(Watchdog::kPatience);
+    for (;;) {
+      qmp->resync(0.2);
+      auto r = qmp->execute("query-status", nullptr, 5);
+      if (r.ok() || std::chrono::steady_clock::now() > give_up) break;
+      if (r.error().what == "QEMU closed the QMP connection") ::_exit(0);
+    }
+  }
   if (qmp) {
     qmp->resync(0.2);
     (void)qmp->execute("migrate_cancel", nullptr, 5);
@@ -172,6 +186,14 @@ void Watchdog::note_kill(pid_t pid) {
 
 void Watchdog::note_remove(const std::string& path) {
   if (pid_ > 0) send_note(sock_.get(), {{"remove", path}});
+}
+
+pid_t Watchdog::hand_over() {
+  if (pid_ <= 0) return -1;
+  if (qmp_) qmp_->set_undo_journal(nullptr);
+  (void)::send(sock_.get(), "patient\n", 8, MSG_NOSIGNAL);
+  sock_.reset();  // end of notes: the watchdog takes over
+  return std::exchange(pid_, -1);
 }
 
 void Watchdog::disarm() {

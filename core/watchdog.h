@@ -51,6 +51,13 @@ class Watchdog {
   // and this waits for it. Idempotent.
   void disarm();
 
+  // A save's clean-up that QEMU did not answer (its main loop stuck, or the
+  // process stopped): the watchdog waits up to kPatience for QEMU to answer
+  // again, then undoes the save as if vmsave had died. vmsave goes on
+  // without waiting for it. Returns the watchdog's pid, or -1 if none.
+  static constexpr double kPatience = 600;
+  pid_t hand_over();
+
  private:
   static Result<Watchdog> fork_watch(QmpClient* qmp, bool resume);
 

@@ -30,6 +30,10 @@ const FaultPlan& FaultPlan::get() {
       p.no_space_check = true;
       return p;
     }
+    if (v.starts_with("qmp-timeout:")) {
+      p.qmp_timeout_s = std::atof(v.c_str() + std::strlen("qmp-timeout:"));
+      return p;
+    }
     if (v.starts_with("slow-flush:")) {
       p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
       return p;

@@ -49,6 +49,7 @@ struct FaultPlan {
   bool short_io = false;
   int flush_delay_ms = 0;
   bool no_space_check = false;
+  double qmp_timeout_s = 0;  // "qmp-timeout:S": QMP commands wait S seconds
   static const FaultPlan& get();
 };
 

@@ -241,9 +241,12 @@ struct StartedQemu {
 // A child of this test process, killed and reaped when it goes out of scope.
 class Child {
  public:
-  // Starts argv with stdout and stderr to `log`, and fd 3 the write end of
-  // `fd3` if given. The child dies with the test process.
-  Child(const std::vector<std::string>& argv, const std::string& log, int fd3 = -1) {
+  // Starts argv with stdout and stderr to `log`, fd 3 the write end of
+  // `fd3` if given, and `env` (NAME=VALUE) added to the environment. The
+  // child dies with the test process.
+  Child(const std::vector<std::string>& argv, const std::string& log, int fd3 = -1,
+        const std::vector<std::string>& env = {}) {
+    std::vector<std::string> vars = env;
     std::vector<std::string> args = argv;
     std::vector<char*> cargv;
     for (auto& a : args) cargv.push_back(a.data());
@@ -270,6 +273,7 @@ class Child {
       sigset_t none;
       sigemptyset(&none);
       sigprocmask(SIG_SETMASK, &none, nullptr);
+      for (auto& v : vars) putenv(v.data());
       execvp(cargv[0], cargv.data());
       _exit(127);
     }
@@ -598,10 +602,12 @@ struct Interrupted {
 
 // Runs `save --leave-running` with --progress-fd and sends `sig` as soon as
 // the progress says RAM is being written (so the guest is stopped); or,
-// when `act` is given, runs it instead of sending a signal.
+// when `act` is given, runs it instead of sending a signal. `env` is added
+// to the save's environment.
 Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
                            const std::function<void()>& act = nullptr,
-                           const std::string& phase = "writing RAM") {
+                           const std::string& phase = "writing RAM",
+                           const std::vector<std::string>& env = {}) {
   int p[2];
   REQUIRE(pipe2(p, O_CLOEXEC) == 0);
   std::string log = vm.dir() + "/interrupted-save.log";
@@ -609,7 +615,7 @@ Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
   {
     Child save({VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image, "--leave-running",
                 "--progress-fd", "3"},
-               log, p[1]);
+               log, p[1], env);
     ::close(p[1]);
     std::string got;
     double deadline = now_s() + kRunTimeout;
@@ -1554,6 +1560,36 @@ TEST_CASE("e2e: SIGTERM during a save stops cleanly with 130, and a killed QEMU 
   CHECK_MESSAGE(contains(in.err, "QEMU closed the QMP connection"), in.err);
   CHECK_MESSAGE(contains(in.err, "has QEMU exited?"), in.err);
   CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+}
+
+TEST_CASE("e2e: when QEMU stops answering mid-save, the watchdog puts the guest back once it does") {
+  test::require_guest_kit();
+  TestVm vm({.ram_mib = 512, .memcheck_mib = 384});
+  boot(vm, 1);
+  const std::string out = vm.dir() + "/out";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  const std::string image = out + "/vm.vmsave";
+  const pid_t qemu = vm.pid();
+  // SIGSTOP while vmsave writes RAM: its next QMP command gets no answer
+  // (within 2 s here instead of 30), nor does its clean-up.
+  Interrupted in = interrupt_save(vm, image, 0, [&] { ::kill(qemu, SIGSTOP); }, "writing RAM",
+                                  {"VMSAVE_FAULT=qmp-timeout:2"});
+  ::kill(qemu, SIGCONT);
+  REQUIRE(in.caught);
+  CHECK_MESSAGE(in.status == 1, "status " << in.status << ": " << in.err);
+  CHECK_MESSAGE(contains(in.err, "vmsave: error: QEMU did not answer"), in.err);
+  CHECK_MESSAGE(contains(in.err, "vmsave's watchdog (pid "), in.err);
+  CHECK_MESSAGE(list_dir(out).empty(), joined(list_dir(out)));
+  // QEMU answers again: the watchdog resumes the guest, puts x-ignore-shared
+  // back and lets go of the QMP socket.
+  double deadline = now_s() + 60;
+  std::string status;
+  while ((status = qmp_status(vm.qmp_path())) != "running" && now_s() < deadline)
+    std::this_thread::sleep_for(kPoll);
+  CHECK(status == "running");
+  CHECK_FALSE(x_ignore_shared(vm));
+  std::string err;
+  CHECK_MESSAGE(carries_on(vm, 2, &err), err);
 }
 
 TEST_CASE(
