@@ -203,6 +203,12 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
   rep.end_phase();
   if (!st.ok()) return st;
   *vmstate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Loaded: the capabilities go back to what QEMU had, or the VM's next
+  // ordinary migration would fail ("Capability x-ignore-shared is off, but
+  // received capability is on").
+  if (!caps.restore(qmp))
+    rep.warn("QEMU did not switch the migration capabilities vmsave set back off; set them off "
+             "(migrate-set-capabilities) before migrating this VM elsewhere");
   if (run) {
     auto r = qmp.execute("cont");
     if (!r.ok()) return r.error();

@@ -326,6 +326,15 @@ std::string qmp_status(const std::string& socket) {
   return r->value("status", "(no status)");
 }
 
+// Whether QEMU has x-ignore-shared set (a save or restore left it behind).
+bool x_ignore_shared(const TestVm& vm) {
+  auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
+  REQUIRE_MESSAGE(caps.ok(), caps.error().message());
+  for (auto& c : *caps)
+    if (c.value("capability", "") == "x-ignore-shared") return c.value("state", false);
+  return false;
+}
+
 // --- Steps shared by the cases ----------------------------------------------
 
 // Starts `vm` and waits until memcheck has verified its buffer `iterations`
@@ -567,6 +576,8 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   CHECK(j.value("mode", "") == (lazy ? "lazy" : "eager"));
   CHECK(j.value("running", false));
   CHECK(j.value("qmp", "") == vm.qmp_path());
+  // Loaded, the VM migrates like any other: the capability is off again.
+  CHECK_FALSE(x_ignore_shared(vm));
 
   MemcheckLine line;
   std::string err;
@@ -658,15 +669,6 @@ std::optional<Interrupted> kill_save(const TestVm& vm, const std::string& image,
     std::filesystem::remove(image);
   }
   return std::nullopt;
-}
-
-// Whether QEMU has x-ignore-shared set (a save left it behind).
-bool x_ignore_shared(const TestVm& vm) {
-  auto caps = qmp_execute(vm.qmp_path(), "query-migrate-capabilities");
-  REQUIRE_MESSAGE(caps.ok(), caps.error().message());
-  for (auto& c : *caps)
-    if (c.value("capability", "") == "x-ignore-shared") return c.value("state", false);
-  return false;
 }
 
 // Flips one byte of `path` at `offset` (a hole reads as zero and becomes
