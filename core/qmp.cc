@@ -85,6 +85,13 @@ Error another_client_error(const std::string& path, double timeout_s) {
 
 Result<QmpClient> QmpClient::connect(const std::string& path, double timeout_s) {
   auto deadline = deadline_in(timeout_s);
+  if (path.starts_with("tcp:") || path.starts_with("unix:") || path.starts_with("fd:"))
+    return Error{"give the QMP socket as a path", path,
+                 "vmsave talks QMP over a Unix socket only (it passes file descriptors to QEMU)"}
+        .fix(path.starts_with("unix:")
+                 ? "drop the unix: prefix and the options after the path"
+                 : "start QEMU with -qmp unix:PATH,server=on,wait=off and give PATH")
+        .as(Exit::kUsage);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {

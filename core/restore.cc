@@ -21,9 +21,12 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
+#include <cstring>
 #include <filesystem>
 
 #include <fmt/core.h>
@@ -240,6 +243,30 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
       .as(Exit::kUsage);
 }
 
+// The command's own QMP socket must not be another process's: QEMU would
+// unlink it and bind anew, taking it from a running VM (a second clone
+// started with the same command), and vmsave could talk to that VM before
+// its own QEMU is up, changing its migration settings.
+Status check_qmp_path_free(const std::string& path) {
+  struct stat st;
+  sockaddr_un addr{};
+  if (stat(path.c_str(), &st) < 0 || !S_ISSOCK(st.st_mode) || path.size() >= sizeof(addr.sun_path))
+    return Status();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
+  addr.sun_family = AF_UNIX;
+  memcpy(addr.sun_path, path.data(), path.size());
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 && errno != EAGAIN)
+    return Status();  // left behind by a QEMU that is gone: QEMU replaces it
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  std::string who = ::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.pid > 0
+                        ? fmt::format("process {} listens on it", cred.pid)
+                        : "another process listens on it";
+  return Error{"the QEMU command's QMP socket is in use", path, who}.fix(
+      "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)");
+}
+
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
   kill(pid, SIGKILL);
@@ -287,6 +314,15 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return Error{"the QEMU command's QMP socket waits for a client at start-up", qmp_path, ""}
           .fix("add wait=off to it")
           .as(Exit::kUsage);
+    VMSAVE_TRY(check_qmp_path_free(qmp_path));
+  }
+  // Said before any RAM file is created (or, with --force, truncated).
+  if (!log.empty()) {
+    std::string dir = std::filesystem::path(absolute(log)).parent_path().string();
+    if (access(dir.c_str(), W_OK | X_OK) < 0)
+      return Error{"cannot write --qemu-log", log,
+                   fmt::format("its directory: {}", std::strerror(errno))}
+          .fix("give --qemu-log a file in a directory that exists and vmsave can write");
   }
   // The log goes beside the command's own socket (the directory the user
   // chose for this VM); only a VM without one gets a private directory.

@@ -880,6 +880,28 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
   CHECK(process_runs(clones[1].pid));
   // The original's log got nothing from the clones.
   CHECK(vm.serial_log() == log_at_save);
+
+  // A third clone started with the first one's command (its QMP socket is
+  // taken) is refused before QEMU starts, and the first clone is untouched:
+  // its socket still its own, its migration settings as they were.
+  const std::string sock0 = vm.dir() + "/clone0.sock";
+  auto cmd = rewrite(rewrite(vm.command(), vm.qmp_path(), sock0), vm.serial_path(),
+                     vm.dir() + "/clone2.log");
+  for (bool lazy : {true, false}) {
+    CAPTURE(lazy);
+    RunResult r = run_vmsave(restore_args(image, vm.dir() + "/clone2-qemu.log", lazy, cmd),
+                             kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: the QEMU command's QMP socket is in use (" +
+                                      sock0 + "): process " + std::to_string(clones[0].pid) +
+                                      " listens on it"),
+                  r.err);
+    CHECK_FALSE(exists(vm.dir() + "/clone2-qemu.log"));
+  }
+  auto caps = qmp_execute(sock0, "query-migrate-capabilities");
+  REQUIRE_MESSAGE(caps.ok(), caps.error().message());
+  for (auto& c : *caps) CHECK_MESSAGE(!c.value("state", false), c.dump());
+  CHECK(qmp_status(sock0) == "running");
 }
 
 TEST_CASE(
@@ -918,8 +940,20 @@ TEST_CASE(
       CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
     }
   }
+  // A --qemu-log vmsave cannot write is said before --force truncates an
+  // existing RAM file.
+  test::write_pattern_file(vm.ram_path(), 4096, "text", 3);
+  const std::string before = slurp(vm.ram_path());
+  std::vector<std::string> args = restore_args(image, "/nonexistent/dir/q.log", false, cmd);
+  args.insert(args.begin() + 1, "--force");
+  RunResult r = run_vmsave(args, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot write --qemu-log (/nonexistent/dir/q.log)"),
+                r.err);
+  CHECK(slurp(vm.ram_path()) == before);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
   // The image itself was fine all along.
-  RunResult r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", true, cmd), kRunTimeout);
+  r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", true, cmd), kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   CHECK(qemu.pid > 0);
@@ -1360,6 +1394,12 @@ TEST_CASE(
   CHECK_RUN(r, 1);
   CHECK_MESSAGE(contains(r.err, "does not exist"), r.err);
   CHECK_MESSAGE(missing_s < 2, missing_s << " s");
+  // QEMU's -qmp syntax instead of a path: a usage error that says so.
+  for (std::string addr : {std::string("tcp:127.0.0.1:4444"), "unix:" + vm.qmp_path() + ",server=on"}) {
+    r = run_vmsave({"save", "--qmp", addr, image}, 30);
+    CHECK_RUN(r, 2);
+    CHECK_MESSAGE(contains(r.err, "vmsave talks QMP over a Unix socket only"), r.err);
+  }
 
   boot(vm, 1);
   {
