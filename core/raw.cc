@@ -8,7 +8,9 @@
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -23,6 +25,23 @@ i64 file_page_size(int fd) {
   struct statfs fs;
   if (fstatfs(fd, &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC) return fs.f_bsize;
   return sysconf(_SC_PAGESIZE);
+}
+
+// Huge pages of `page_size` bytes the pool can still give out: free ones
+// that no mapping has reserved. -1 when the kernel does not say.
+i64 free_huge_pages(i64 page_size) {
+  auto read = [&](const char* what) -> i64 {
+    std::string path =
+        fmt::format("/sys/kernel/mm/hugepages/hugepages-{}kB/{}", page_size / 1024, what);
+    FILE* f = std::fopen(path.c_str(), "re");
+    if (!f) return -1;
+    long long v = -1;
+    if (std::fscanf(f, "%lld", &v) != 1) v = -1;
+    std::fclose(f);
+    return v;
+  };
+  i64 free = read("free_hugepages"), resv = read("resv_hugepages");
+  return free < 0 || resv < 0 ? -1 : std::max<i64>(free - resv, 0);
 }
 
 std::string hostname() {
@@ -125,10 +144,25 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   // Room for its data pages, and for those of the files before it on the
   // same filesystem, said now rather than part-way through the fill (and,
   // for restore, before QEMU starts). Filesystems without a limit
-  // (hugetlbfs or tmpfs without size=) report no blocks at all.
+  // (hugetlbfs or tmpfs without size=) report no blocks at all. A mapping
+  // of a hugetlbfs file takes every page of it, from the huge page pool of
+  // its size, which statvfs does not show.
   struct statvfs sv;
-  const i64 need = b.data_pages * b.page_size;
+  const i64 file_page = file_page_size(f.fd_.get());
+  const bool huge = file_page > 4096;
+  const i64 need = huge ? align_up(b.size, file_page) : b.data_pages * b.page_size;
   i64& claimed = claims[st.st_dev];
+  const i64 pool = huge && !FaultPlan::get().no_space_check ? free_huge_pages(file_page) : -1;
+  if (pool >= 0 && pool * file_page < claimed + need) {
+    std::string others =
+        claimed ? fmt::format(" (and {} for the RAM files before it)", claimed / file_page) : "";
+    return Error{"not enough free huge pages for RAM file", path,
+                 fmt::format("block {} needs {} pages of {}{}, {} are free", b.id,
+                             need / file_page, human_bytes(file_page), others, pool)}
+        .fix(fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
+                         "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
+                         file_page / 1024));
+  }
   if (!FaultPlan::get().no_space_check && fstatvfs(f.fd_.get(), &sv) == 0 && sv.f_blocks > 0) {
     const i64 room = static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize);
     if (room < claimed + need) {

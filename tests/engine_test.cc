@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <doctest/doctest.h>
+#include <fmt/core.h>
 
 #include <chrono>
 #include <filesystem>
@@ -559,6 +560,62 @@ TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes th
                                     "files before it there), its filesystem has 8.0 MiB free"),
                 r.err);
   CHECK_MESSAGE(list_dir(small.path()).empty(), joined(list_dir(small.path())));
+}
+
+// The pool of 2 MiB huge pages, resized for a test and put back after it.
+class HugePagePool {
+ public:
+  HugePagePool() : old_(pages()) {}
+  ~HugePagePool() {
+    if (old_ >= 0) resize(old_);
+  }
+  static i64 pages() {
+    std::ifstream in(kPath);
+    i64 n = -1;
+    in >> n;
+    return in ? n : -1;
+  }
+  // The pool's size afterwards (the kernel may find fewer free pages).
+  static i64 resize(i64 n) {
+    std::ofstream(kPath) << n << "\n";
+    return pages();
+  }
+
+ private:
+  static constexpr const char* kPath = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+  i64 old_;
+};
+
+TEST_CASE("engine: a restore into hugetlbfs says up front when the huge page pool is short") {
+  require_shm();
+  HugePagePool pool;
+  if (HugePagePool::pages() < 0) test::skip("no 2 MiB huge pages here");
+  const i64 have = HugePagePool::resize(HugePagePool::pages() + 4);
+  if (have < 4 || HugePagePool::pages() < 0) test::skip("cannot grow the huge page pool");
+  TempMount huge("hugetlbfs", "pagesize=2M");
+  if (!huge.ok()) test::skip(huge.error());
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  // More pages than the pool has, though its data pages alone would fit.
+  const i64 pages = have + 4;
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, pages * 2 * kMiB, "mixed", 12);
+  std::string image = disk / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + src, image}), 0);
+  RunResult r = run_vmsave({"restore", image, "--ram-dir", huge.path()});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, fmt::format("vmsave: error: not enough free huge pages for RAM "
+                                            "file ({}/ram): block ram needs {} pages of 2.0 MiB, "
+                                            "{} are free",
+                                            huge.path(), pages, have)),
+                r.err);
+  CHECK_MESSAGE(contains(r.err, "vm.nr_hugepages"), r.err);
+  CHECK_MESSAGE(list_dir(huge.path()).empty(), joined(list_dir(huge.path())));
+  // Enough pages: the same restore goes through.
+  if (HugePagePool::resize(pages) < pages) test::skip("cannot grow the huge page pool further");
+  REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", huge.path()}), 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(src, huge / "ram", &why), why);
 }
 
 TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resubmitted") {
