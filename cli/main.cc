@@ -319,6 +319,19 @@ int main(int argc, char** argv) {
   verify_cmd->add_option("image", image, "Image file")->required();
   add_common(verify_cmd, c, true);
 
+  // `restore IMAGE qemu-system-x86_64 ...` without the `--`: CLI11 would
+  // take the QEMU options for its own and list them, mangled.
+  if (argc > 1 && std::string_view(argv[1]) == "restore")
+    for (int i = 2; i < argc && std::string_view(argv[i]) != "--"; i++) {
+      std::string_view base = argv[i];
+      base = base.substr(base.rfind('/') == std::string_view::npos ? 0 : base.rfind('/') + 1);
+      if (base.starts_with("qemu-system-") || base == "qemu-kvm") {
+        fmt::print(stderr, "vmsave: error: put -- before the QEMU command: vmsave restore IMAGE "
+                           "[OPTIONS] -- {} ...\n",
+                   argv[i]);
+        return static_cast<int>(Exit::kUsage);
+      }
+    }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -124,7 +124,10 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     if (errno == EEXIST)
       return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
           "pass --force to overwrite it, or remove it");
-    return sys_error("open", path, errno);
+    Error e = sys_error("cannot create RAM file", path, errno);
+    if (errno == ENOENT) e.hint = "create its directory first";
+    if (errno == EROFS || errno == EACCES) e.hint = "put it where vmsave can write";
+    return e;
   }
   struct stat st;
   if (fstat(f.fd_.get(), &st) < 0) return sys_error("fstat", path, errno);
@@ -268,7 +271,11 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
 Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
                                               Reporter& rep, RamStats* ram) {
   struct stat st;
-  if (stat(opts.ram_dir.c_str(), &st) < 0) return sys_error("stat", opts.ram_dir, errno);
+  if (stat(opts.ram_dir.c_str(), &st) < 0) {
+    Error e = sys_error("stat", opts.ram_dir, errno);
+    if (errno == ENOENT) e.hint = "create that directory first";
+    return e;
+  }
   if (!S_ISDIR(st.st_mode)) return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
   // Blocks saved through QEMU are restored by QEMU (from the image), not
   // into files.

@@ -103,7 +103,9 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
     if (!matched[i] && !blocks[i].via_qemu())
       return mismatch(fmt::format("the image has RAM block {} ({}) but the command has no "
                                   "memory backend with id={}",
-                                  blocks[i].id, format_size(blocks[i].size), blocks[i].id));
+                                  blocks[i].id, format_size(blocks[i].size), blocks[i].id),
+                      "pass the command line the VM was saved with (vmsave info shows it), with "
+                      "an -object and -device for memory hot-plugged after it started");
   return plans;
 }
 
@@ -425,6 +427,11 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     std::string tail = log_tail(log, 2);
     if (!tail.empty())
       e.detail = e.detail.empty() ? "QEMU: " + tail : e.detail + " (QEMU: " + tail + ")";
+    // QEMU refusing intact device state: a command that differs from the
+    // saved one in what vmsave does not compare (-smp, devices, options).
+    if (e.hint.empty() && e.status != Exit::kDamaged)
+      e.hint = "start QEMU with the command line the VM was saved with: same -smp, devices and "
+               "options (vmsave info shows it)";
     return e;
   }
   timer.lap("device_state");

@@ -516,6 +516,21 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
   CHECK_RUN(run_vmsave({"save", "--help"}), 0);
 }
 
+TEST_CASE("raw: a missing RAM directory and a QEMU command without -- say how to fix them") {
+  require_shm();
+  SmallImage s;
+  RunResult r = run_vmsave({"restore", s.image, "--ram-dir", s.disk / "missing"});
+  CHECK_FAILS(r, 1, "missing");
+  CHECK_MESSAGE(contains(r.err, "; create that directory first"), r.err);
+  r = run_vmsave({"restore", s.image, "/usr/bin/qemu-system-x86_64", "-m", "512",
+                  "-qmp", "unix:" + (s.disk / "qmp.sock") + ",server=on"});
+  CHECK_RUN(r, 2);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: put -- before the QEMU command: vmsave restore "
+                                "IMAGE [OPTIONS] -- /usr/bin/qemu-system-x86_64 ..."),
+                r.err);
+  CHECK_FALSE(contains(r.err, "-mp"));
+}
+
 TEST_CASE("raw: every option --help lists is described in the man page") {
   const std::string man = test::read_file(std::string(VMSAVE_SOURCE_DIR) + "/man/vmsave.1");
   for (std::string cmd : {"save", "restore", "prepare", "info", "verify"}) {
