@@ -469,7 +469,9 @@ Status QemuCommand::scan() {
     } else {
       if (i + 1 >= argv_.size()) {
         return Error{fmt::format("QEMU option {} needs a value", a), "",
-                     "it is the last element of the QEMU command line"};
+                     "it is the last element of the QEMU command line"}
+            .fix("give it its value, or check its spelling (qemu-system-x86_64 -help lists "
+                 "QEMU's options)");
       }
       o.value = argv_[i + 1];
       i += 2;

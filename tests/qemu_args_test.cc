@@ -308,6 +308,14 @@ TEST_CASE("flags take no value, everything else takes one") {
   CHECK_FALSE(eq.has_option("m"));
 
   CHECK_FALSE(QemuCommand::parse({"qemu", "-m"}).ok());
+  // A misspelt flag at the end reads as an option without its value: the
+  // error says both.
+  auto typo = QemuCommand::parse({"qemu", "-nodefaultz"});
+  REQUIRE_FALSE(typo.ok());
+  CHECK(typo.error().message() ==
+        "QEMU option -nodefaultz needs a value: it is the last element of the QEMU command line; "
+        "give it its value, or check its spelling (qemu-system-x86_64 -help lists QEMU's "
+        "options)");
   CHECK_FALSE(QemuCommand::parse({}).ok());
   CHECK(QemuCommand::parse({"qemu", "-nographic"}).ok());
 
