@@ -474,8 +474,10 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
     struct stat st;
     if (stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
       auto c = QmpClient::connect(path, std::max(1.0, timeout_s / 2));
-      if (c.ok()) return c;
-      if (Clock::now() > deadline) return c.error();
+      // Until our QEMU has bound the path anew, it may still lead to the
+      // QEMU that had it before (one killed a moment ago, still exiting).
+      if (c.ok() && (daemonize || c->peer_pid() == q.pid)) return c;
+      if (!c.ok() && Clock::now() > deadline) return c.error();
     }
     if (Clock::now() > deadline)
       return Error{"QEMU did not open its QMP socket in time", path, log_tail(q.log, 3)};

@@ -28,6 +28,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include <fmt/core.h>
 
@@ -245,6 +246,16 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
       .as(Exit::kUsage);
 }
 
+// Whether `pid` runs: it exists and is neither a zombie nor dead.
+bool process_alive(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string stat;
+  if (!std::getline(in, stat)) return false;
+  size_t paren = stat.rfind(')');  // the command name may hold anything
+  char state = paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
+  return state != 'Z' && state != 'X';
+}
+
 // The command's own QMP socket must not be another process's: QEMU would
 // unlink it and bind anew, taking it from a running VM (a second clone
 // started with the same command), and vmsave could talk to that VM before
@@ -262,9 +273,13 @@ Status check_qmp_path_free(const std::string& path) {
     return Status();  // left behind by a QEMU that is gone: QEMU replaces it
   ucred cred{};
   socklen_t len = sizeof(cred);
-  std::string who = ::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.pid > 0
-                        ? fmt::format("process {} listens on it", cred.pid)
-                        : "another process listens on it";
+  if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || cred.pid <= 0)
+    cred.pid = -1;
+  // A QEMU that was just killed accepts connections until its last thread
+  // has exited, while its leader is already a zombie: it is going.
+  if (cred.pid > 0 && !process_alive(cred.pid)) return Status();
+  std::string who = cred.pid > 0 ? fmt::format("process {} listens on it", cred.pid)
+                                 : "another process listens on it";
   return Error{"the QEMU command's QMP socket is in use", path, who}.fix(
       "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)");
 }
