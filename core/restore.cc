@@ -418,6 +418,9 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     fill_first |= !pre.ok() || pre->value_or(false);
   }
   if (fill_first) VMSAVE_TRY(fill());
+  // A signal may land between the loops that look for one: each phase
+  // boundary looks again, so an interrupted restore never reports success.
+  if (cancelled()) return interrupted_error();
   // A daemonizing QEMU's first process exits; the daemon is noted below.
   auto started = start_qemu(cmd.argv(), log, [&](pid_t pid) {
     if (!cmd.daemonize()) watchdog->note_kill(pid);
@@ -450,6 +453,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     return e;
   }
   timer.lap("device_state");
+  if (cancelled()) return interrupted_error();
   for (auto& p : plans)
     if (p.unlink_after) ::unlink(p.ram_file.c_str());
   ok = true;
