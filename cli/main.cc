@@ -320,12 +320,15 @@ int main(int argc, char** argv) {
   add_common(verify_cmd, c, true);
 
   // `restore IMAGE qemu-system-x86_64 ...` without the `--`: CLI11 would
-  // take the QEMU options for its own and list them, mangled.
+  // take the QEMU options for its own and list them, mangled. (A QEMU
+  // binary's name has no dot; an image or log named after one does.)
   if (argc > 1 && std::string_view(argv[1]) == "restore")
     for (int i = 2; i < argc && std::string_view(argv[i]) != "--"; i++) {
       std::string_view base = argv[i];
       base = base.substr(base.rfind('/') == std::string_view::npos ? 0 : base.rfind('/') + 1);
-      if (base.starts_with("qemu-system-") || base == "qemu-kvm") {
+      bool qemu = base.starts_with("qemu-system-") || base == "qemu-kvm";
+      if (qemu && base.find('.') == std::string_view::npos && i + 1 < argc &&
+          argv[i + 1][0] == '-') {
         fmt::print(stderr, "vmsave: error: put -- before the QEMU command: vmsave restore IMAGE "
                            "[OPTIONS] -- {} ...\n",
                    argv[i]);
