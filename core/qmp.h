@@ -105,6 +105,8 @@ class QmpClient {
   const nlohmann::json& greeting() const { return greeting_; }
   const std::string& path() const { return path_; }
   int socket_fd() const { return fd_.get(); }
+  // QEMU hung up or broke the protocol: every later call fails.
+  bool broken() const { return broken_.has_value(); }
 
  private:
   QmpClient() = default;

@@ -92,12 +92,13 @@ void kill_and_wait(int pidfd) {
     // vmsave has said what is left and gone: nobody reads our stderr now
     // (and a wrapper waiting for the pipe to close must not wait for us).
     ::dup2(null, STDERR_FILENO);
-    auto give_up = std::chrono::steady_clock::now() + std::chrono::duration<double>(Watchdog::kPatience);
+    auto give_up =
+        std::chrono::steady_clock::now() + std::chrono::duration<double>(Watchdog::kPatience);
     for (;;) {
       qmp->resync(0.2);
-      auto r = qmp->execute("query-status", nullptr, 5);
-      if (r.ok() || std::chrono::steady_clock::now() > give_up) break;
-      if (r.error().what == "QEMU closed the QMP connection") ::_exit(0);
+      if (qmp->execute("query-status", nullptr, 5).ok()) break;
+      if (qmp->broken()) ::_exit(0);  // QEMU is gone: nothing to put back
+      if (std::chrono::steady_clock::now() > give_up) break;
     }
   }
   if (qmp) {
