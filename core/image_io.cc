@@ -617,8 +617,11 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     if (compress && raw_bytes > kDirectAlign) {
       Worker& wk = workers[w];
       const auto t_start = Clock::now();
+      // Straight from the mapping, zero pages and all, unless the source has
+      // holes there (reading a tmpfs hole through a mapping allocates it):
+      // then the data runs are gathered with zeros between them.
       const u8* in = base;
-      if (runs.size() != 1 || runs[0].first != 0 || runs[0].second < len) {
+      if (std::find(src_hole.begin(), src_hole.end(), true) != src_hole.end()) {
         u8* st = wk.staging.data();
         i64 from = 0;  // zeros only between the runs
         for (auto [s, e] : runs) {
