@@ -186,8 +186,10 @@ void print_info(const nlohmann::json& j) {
                j["qemu_migration_section"]["offset"].get<i64>());
   else
     fmt::print("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),
-               j.contains("compression") && j["compression"]["vmstate_codec"] != "none"
-                   ? " stored (" + j["compression"]["vmstate_codec"].get<std::string>() + ")"
+               j.contains("vmstate_stored_bytes")
+                   ? fmt::format(" ({} stored, {})",
+                                 human_bytes(j["vmstate_stored_bytes"].get<double>()),
+                                 j["compression"]["vmstate_codec"].get<std::string>())
                    : "");
   if (j.contains("compression")) {
     auto& z = j["compression"];

@@ -84,9 +84,9 @@ Result<nlohmann::json> info(const std::string& image) {
                         {"complete", true},
                         {"blocks", blocks},
                         {"stored_bytes", stored},
-                        {"vmstate_bytes", img.vmstate.length},
                         {"vmstate_offset", img.vmstate.offset},
                         {"metadata", *meta}};
+  add_vmstate_report(j, img, *meta);
   if ((*r)->compressed()) {
     // The codec as asked ("zstd:3", from the metadata) and as found in the
     // chunk records; the ratio is stored RAM over the same pages raw.

@@ -76,6 +76,11 @@ nlohmann::json base_metadata(const std::string& mode, const std::string& descrip
 // Report fields for a RAM pass.
 void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& prefix);
 
+// vmstate_bytes: the device state's size as QEMU sent it (as the save
+// reported it); vmstate_stored_bytes: what it takes in the image, when
+// compressed.
+void add_vmstate_report(nlohmann::json& j, const ImageLayout& img, const nlohmann::json& meta);
+
 // Is a RAM file's directory on a filesystem vmsave's restore can write
 // with O_DIRECT? Used only for warnings.
 std::string hostname();

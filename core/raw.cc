@@ -93,6 +93,11 @@ void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& pre
   }
 }
 
+void add_vmstate_report(nlohmann::json& j, const ImageLayout& img, const nlohmann::json& meta) {
+  j["vmstate_bytes"] = meta.value("vmstate_bytes", img.vmstate.length);
+  if (img.vmstate_codec != Codec::kRaw) j["vmstate_stored_bytes"] = img.vmstate.length;
+}
+
 nlohmann::json latency_json(const LatencyHistogram& h) {
   return {{"count", h.count()},
           {"p50", h.percentile(50)},

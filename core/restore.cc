@@ -463,17 +463,17 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   nlohmann::json j = {{"command", "restore"}, {"mode", opts.lazy ? "lazy" : "eager"},
                       {"image", opts.image},  {"pid", qmp.peer_pid()},
                       {"qmp", qmp_path},      {"qemu_log", log},
-                      {"running", run},       {"vmstate_bytes", img.layout().vmstate.length},
-                      {"vmstate_s", vmstate_s},
+                      {"running", run},       {"vmstate_s", vmstate_s},
                       {"qemu_section_bytes", img.layout().qemu.length}};
   if (opts.lazy) {
     i64 mapped = 0;
     for (auto& b : img.layout().blocks) mapped += b.size;
     j["ram_bytes"] = mapped;
-  } else {
+  } else if (!files.empty()) {  // else QEMU loaded all of it
     add_ram_report(j, ram, "ram_read");
   }
   add_qemu_ram(j, img);
+  add_vmstate_report(j, img.layout(), *meta);
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;
@@ -619,11 +619,11 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   timer.lap("device_state");
   nlohmann::json j = {{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
                       {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
-                      {"vmstate_bytes", img.layout().vmstate.length},
                       {"qemu_section_bytes", img.layout().qemu.length},
                       {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
                       {"steps_s", timer.steps()}};
   add_qemu_ram(j, img);
+  add_vmstate_report(j, img.layout(), *meta);
   return j;
 }
 

@@ -528,11 +528,19 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   const std::string image = vm.dir() + "/vm.vmsave";
   std::vector<std::string> extra;
   if (!compress.empty()) extra = {"--compress", compress};
-  const std::string log_at_save = save_and_quit(vm, image, extra);
+  json save_report;
+  const std::string log_at_save = save_and_quit(vm, image, extra, &save_report);
   const MemcheckLine saved = *read_story(log_at_save).last;
+  const i64 vmstate_bytes = save_report.value("vmstate_bytes", i64(-1));
 
   RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
   REQUIRE_RUN(info, 0);
+  // The device state's size means what QEMU sent everywhere; compressed,
+  // what it takes in the image is beside it.
+  CHECK(parse_json(info).value("vmstate_bytes", i64(0)) == vmstate_bytes);
+  CHECK(parse_json(info).contains("vmstate_stored_bytes") == !compress.empty());
+  if (!compress.empty())
+    CHECK(parse_json(info).value("vmstate_stored_bytes", i64(0)) < vmstate_bytes);
   // One block per backend, in whatever order QEMU lists them.
   std::vector<std::string> ids, want;
   const json blocks = parse_json(info)["blocks"];
@@ -576,6 +584,7 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   CHECK(j.value("mode", "") == (lazy ? "lazy" : "eager"));
   CHECK(j.value("running", false));
   CHECK(j.value("qmp", "") == vm.qmp_path());
+  CHECK(j.value("vmstate_bytes", i64(0)) == vmstate_bytes);
   // Loaded, the VM migrates like any other: the capability is off again.
   CHECK_FALSE(x_ignore_shared(vm));
 
