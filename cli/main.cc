@@ -259,15 +259,17 @@ int main(int argc, char** argv) {
                        "image then restores eagerly only");
   save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)")
       ->check(kSeconds);
-  save_cmd->add_flag("--live", save.live,
-                     "Write RAM while the guest runs; stop it only to catch up and for the "
-                     "device state");
+  auto* live_opt = save_cmd->add_flag("--live", save.live,
+                                      "Write RAM while the guest runs; stop it only to catch up "
+                                      "and for the device state");
   save_cmd->add_option("--max-downtime", save.max_downtime_ms,
                        "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
-      ->check(CLI::Range(i64(1), i64(3600000)));
+      ->check(CLI::Range(i64(1), i64(3600000)))
+      ->needs(live_opt);
   save_cmd->add_option("--live-timeout", save.live_timeout,
                        "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
-      ->check(kSeconds);
+      ->check(kSeconds)
+      ->needs(live_opt);
   save_cmd->add_option("--flush-timeout", save.flush_timeout,
                        "Fail the save (no image, guest as it was) if flushing and committing "
                        "take longer than SECONDS")
@@ -321,6 +323,21 @@ int main(int argc, char** argv) {
   verify_cmd->add_option("image", image, "Image file")->required();
   add_common(verify_cmd, c, true);
 
+  // --json asked for (before any --): usage errors are JSON on stdout too.
+  bool want_json = false;
+  std::string cmd_name = argc > 1 ? argv[1] : "";
+  for (int i = 1; i < argc && std::string_view(argv[i]) != "--"; i++)
+    want_json |= std::string_view(argv[i]) == "--json";
+  auto usage = [&](const std::string& msg) {
+    if (want_json) {
+      nlohmann::json j = {{"command", cmd_name}, {"ok", false}, {"error", msg},
+                          {"exit_status", static_cast<int>(Exit::kUsage)}};
+      fmt::print("{}\n", j.dump(2));
+      std::fflush(stdout);
+    }
+    fmt::print(stderr, "vmsave: error: {}\n", msg);
+    return static_cast<int>(Exit::kUsage);
+  };
   // `restore IMAGE qemu-system-x86_64 ...` without the `--`: CLI11 would
   // take the QEMU options for its own and list them, mangled. (A QEMU
   // binary's name has no dot; an image or log named after one does.)
@@ -331,23 +348,23 @@ int main(int argc, char** argv) {
       bool qemu = base.starts_with("qemu-system-") || base == "qemu-kvm";
       if (qemu && base.find('.') == std::string_view::npos && i + 1 < argc &&
           argv[i + 1][0] == '-') {
-        fmt::print(stderr, "vmsave: error: put -- before the QEMU command: vmsave restore IMAGE "
-                           "[OPTIONS] -- {} ...\n",
-                   argv[i]);
-        return static_cast<int>(Exit::kUsage);
+        return usage(fmt::format(
+            "put -- before the QEMU command: vmsave restore IMAGE [OPTIONS] -- {} ...", argv[i]));
       }
     }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() != 0 && want_json) {
+      nlohmann::json j = {{"command", cmd_name}, {"ok", false}, {"error", e.what()},
+                          {"exit_status", static_cast<int>(Exit::kUsage)}};
+      fmt::print("{}\n", j.dump(2));
+      std::fflush(stdout);
+    }
     int rc = app.exit(e);
     return rc == 0 ? 0 : static_cast<int>(Exit::kUsage);
   }
 
-  auto usage = [](const std::string& msg) {
-    fmt::print(stderr, "vmsave: error: {}\n", msg);
-    return static_cast<int>(Exit::kUsage);
-  };
   if (c.progress_fd >= 0) {
     // Not open, it would be whatever vmsave opens next under that number
     // (a RAM file, the QMP socket) that the progress lines went into.
@@ -359,6 +376,8 @@ int main(int argc, char** argv) {
     if ((fl & O_ACCMODE) == O_RDONLY)
       return usage(fmt::format("--progress-fd {0}: descriptor {0} is open for reading only",
                                c.progress_fd));
+    if (c.progress_fd == STDOUT_FILENO && c.json)
+      return usage("--progress-fd 1 is stdout, where --json prints the report: give another fd");
   }
   EngineConfig engine{c.jobs, c.queue_depth};
   save.engine = restore.engine = engine;
@@ -449,9 +468,10 @@ int main(int argc, char** argv) {
     }
     return fail(result.error());
   }
-  const nlohmann::json& j = *result;
+  nlohmann::json& j = *result;
   try {
     if (c.json) {
+      j["ok"] = true;  // as on failure, where it is false
       fmt::print("{}\n", j.dump(2));
     } else if (cmd == "info") {
       print_info(j);

@@ -333,7 +333,8 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
   if (img.layout().has_qemu_section())
     return Error{"cannot restore this image into RAM files", opts.image,
                  "its RAM was saved by QEMU's mapped-ram migration, which only QEMU can load"}
-        .fix("restore it with QEMU: vmsave restore IMAGE -- QEMU-COMMAND");
+        .fix("restore it with QEMU: vmsave restore IMAGE -- QEMU-COMMAND")
+        .as(Exit::kUsage);  // like --lazy of such an image: the image is fine
   timer.lap("open");
   RamStats ram;
   auto done = fill_ram_dir(img, opts, rep, &ram);

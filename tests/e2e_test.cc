@@ -1005,7 +1005,7 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   const std::string ram_dir = vm.dir() + "/ramdir";
   REQUIRE(::mkdir(ram_dir.c_str(), 0755) == 0);
   RunResult raw = run_vmsave({"restore", image, "--ram-dir", ram_dir}, kRunTimeout);
-  CHECK_RUN(raw, 1);
+  CHECK_RUN(raw, 2);
   CHECK_MESSAGE(contains(raw.err, "only QEMU can load"), raw.err);
   CHECK_MESSAGE(list_dir(ram_dir).empty(), joined(list_dir(ram_dir)));
 

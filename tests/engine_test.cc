@@ -163,6 +163,7 @@ void round_trips(const std::string& kind) {
         RunResult r = run_vmsave(args);
         REQUIRE_RUN(r, 0);
         json rep = json::parse(r.out);
+        CHECK(rep["ok"] == true);
         CHECK(rep["ram_bytes"] == size);
         CHECK(rep["stored_bytes"] == data_pages * kPage);
         CHECK(rep["zero_filled_bytes"] == (exact ? 0 : gaps));

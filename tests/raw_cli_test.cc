@@ -491,6 +491,9 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--qmp", disk / "qmp.sock", "--qmp-timeout", "inf", image},
       {"save", "--qmp", disk / "qmp.sock", "--qmp-timeout", "0", image},
       {"save", "--qmp", disk / "qmp.sock", "--live", "--live-timeout", "-1", image},
+      {"save", "--qmp", disk / "qmp.sock", "--max-downtime", "100", image},  // no --live
+      {"save", "--qmp", disk / "qmp.sock", "--live-timeout", "5", image},
+      {"save", "--ram", "ram=" + src, "--progress-fd", "1", "--json", image},
       {"save", "--ram", "ram=" + src},  // no image
       {"restore", image},               // no form
       {"restore", image, "--ram-dir", disk.path(), "--qmp", disk / "qmp.sock"},
@@ -509,6 +512,19 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
     CHECK_RUN(r, 2);
     CHECK(!r.err.empty());
     CHECK(list_dir(disk.path()).empty());
+  }
+  // With --json, a usage error is a JSON object on stdout as well, whether
+  // vmsave or CLI11 finds it.
+  for (std::vector<std::string> args :
+       {std::vector<std::string>{"save", "--json", image}, {"save", "--json", "--bogus", image}}) {
+    RunResult r = run_vmsave(args);
+    CHECK_RUN(r, 2);
+    json j = json::parse(r.out, nullptr, false);
+    REQUIRE_MESSAGE(j.is_object(), r.out);
+    CHECK(j["command"] == "save");
+    CHECK(j["ok"] == false);
+    CHECK(j["exit_status"] == 2);
+    CHECK(!j["error"].get<std::string>().empty());
   }
   RunResult r = run_vmsave({"--version"});
   CHECK_RUN(r, 0);
