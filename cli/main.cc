@@ -156,36 +156,57 @@ std::string shell_word(const std::string& a) {
   return out + "'";
 }
 
+// Text from an image (ids, description, the saved command line) goes to
+// the terminal: control characters in it are shown as \xNN, never obeyed
+// (an image from elsewhere could otherwise retitle or clear the terminal).
+template <class... Args>
+void print_text(fmt::format_string<Args...> f, Args&&... args) {
+  std::string s = fmt::format(f, std::forward<Args>(args)...);
+  std::string out;
+  for (size_t i = 0; i < s.size(); i++) {
+    unsigned char ch = s[i];
+    bool c1 = ch == 0xc2 && i + 1 < s.size() && (unsigned char)s[i + 1] >= 0x80 &&
+              (unsigned char)s[i + 1] <= 0x9f;  // U+0080-U+009F in UTF-8
+    if ((ch < 0x20 && ch != '\n') || ch == 0x7f || c1) {
+      out += fmt::format("\\x{:02x}", ch);
+      if (c1) out += fmt::format("\\x{:02x}", (unsigned char)s[++i]);
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  std::fputs(out.c_str(), stdout);
+}
+
 void print_info(const nlohmann::json& j) {
-  fmt::print("image:        {}\n", j["image"].get<std::string>());
-  fmt::print("format:       vmsave image v{} (complete)\n", j["format_version"].get<std::string>());
-  fmt::print("uuid:         {}\n", j["uuid"].get<std::string>());
+  print_text("image:        {}\n", j["image"].get<std::string>());
+  print_text("format:       vmsave image v{} (complete)\n", j["format_version"].get<std::string>());
+  print_text("uuid:         {}\n", j["uuid"].get<std::string>());
   auto& m = j["metadata"];
-  fmt::print("created:      {} on {} by vmsave {}\n", m.value("created", "?"), m.value("host", "?"),
+  print_text("created:      {} on {} by vmsave {}\n", m.value("created", "?"), m.value("host", "?"),
              m.value("vmsave_version", "?"));
-  fmt::print("mode:         {}\n", m.value("mode", "?"));
-  if (m.contains("qemu_version")) fmt::print("qemu:         {}\n", m["qemu_version"].get<std::string>());
+  print_text("mode:         {}\n", m.value("mode", "?"));
+  if (m.contains("qemu_version")) print_text("qemu:         {}\n", m["qemu_version"].get<std::string>());
   if (m.contains("qemu_cmdline") && m["qemu_cmdline"].is_array()) {
     // What `restore -- QEMU-COMMAND` wants back (restore's mismatch errors
     // point here).
     std::string line;
     for (auto& a : m["qemu_cmdline"])
       if (a.is_string()) line += (line.empty() ? "" : " ") + shell_word(a.get<std::string>());
-    fmt::print("command:      {}\n", line);
+    print_text("command:      {}\n", line);
   }
   if (m.contains("guest_running") && !m["guest_running"].is_null())
-    fmt::print("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
+    print_text("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
   if (!m.value("description", "").empty())
-    fmt::print("description:  {}\n", m["description"].get<std::string>());
-  fmt::print("file size:    {} ({} stored RAM, {} allocated on disk)\n",
+    print_text("description:  {}\n", m["description"].get<std::string>());
+  print_text("file size:    {} ({} stored RAM, {} allocated on disk)\n",
              human_bytes(j["file_size"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
              human_bytes(j["allocated_bytes"].get<double>()));
   if (j["qemu_migration_section"].is_object())
-    fmt::print("device state: in QEMU's migration section ({} at offset {})\n",
+    print_text("device state: in QEMU's migration section ({} at offset {})\n",
                human_bytes(j["qemu_migration_section"]["length"].get<double>()),
                j["qemu_migration_section"]["offset"].get<i64>());
   else
-    fmt::print("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),
+    print_text("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),
                j.contains("vmstate_stored_bytes")
                    ? fmt::format(" ({} stored, {})",
                                  human_bytes(j["vmstate_stored_bytes"].get<double>()),
@@ -193,21 +214,21 @@ void print_info(const nlohmann::json& j) {
                    : "");
   if (j.contains("compression")) {
     auto& z = j["compression"];
-    fmt::print("compression:  {}, ratio {:.2f} ({} of data pages stored as {}; {} of {} chunks "
+    print_text("compression:  {}, ratio {:.2f} ({} of data pages stored as {}; {} of {} chunks "
                "compressed)\n",
                z["codec"].get<std::string>(), z["ratio"].get<double>(),
                human_bytes(z["uncompressed_bytes"].get<double>()),
                human_bytes(z["stored_bytes"].get<double>()), z["compressed_chunks"].get<i64>(),
                z["total_chunks"].get<i64>());
   }
-  fmt::print("RAM blocks:\n");
+  print_text("RAM blocks:\n");
   for (auto& b : j["blocks"]) {
     if (b["saved_by"] == "qemu") {
-      fmt::print("  {:<16} {:>10}  saved by QEMU (mapped-ram, in the QEMU migration section)\n",
+      print_text("  {:<16} {:>10}  saved by QEMU (mapped-ram, in the QEMU migration section)\n",
                  b["id"].get<std::string>(), human_bytes(b["size"].get<double>()));
       continue;
     }
-    fmt::print("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero  saved by vmsave\n",
+    print_text("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero  saved by vmsave\n",
                b["id"].get<std::string>(), human_bytes(b["size"].get<double>()),
                human_bytes(b["page_size"].get<double>()), human_bytes(b["stored_bytes"].get<double>()),
                100 * b["zero_ratio"].get<double>());
@@ -332,7 +353,7 @@ int main(int argc, char** argv) {
     if (want_json) {
       nlohmann::json j = {{"command", cmd_name}, {"ok", false}, {"error", msg},
                           {"exit_status", static_cast<int>(Exit::kUsage)}};
-      fmt::print("{}\n", j.dump(2));
+      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
       std::fflush(stdout);
     }
     fmt::print(stderr, "vmsave: error: {}\n", msg);
@@ -358,7 +379,7 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() != 0 && want_json) {
       nlohmann::json j = {{"command", cmd_name}, {"ok", false}, {"error", e.what()},
                           {"exit_status", static_cast<int>(Exit::kUsage)}};
-      fmt::print("{}\n", j.dump(2));
+      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
       std::fflush(stdout);
     }
     int rc = app.exit(e);
@@ -425,6 +446,9 @@ int main(int argc, char** argv) {
         return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
       if (!save.rams.empty() && save.live)
         return usage("--live applies to QEMU mode (--qmp)");
+      if (save.live && save.compress.enabled())
+        return usage("--live rewrites RAM in place as the guest changes it, which compressed "
+                     "chunks cannot take: save with --live or with --compress, not both");
       result = save.rams.empty() ? save_qemu(save, rep) : save_raw(save, rep);
     } else if (*restore_cmd) {
       cmd = "restore";
@@ -464,7 +488,7 @@ int main(int argc, char** argv) {
       nlohmann::json j = {{"command", cmd}, {"ok", false}, {"error", e.message()},
                           {"exit_status", static_cast<int>(e.status)}};
       if (cmd == "info" || cmd == "verify") j["image"] = image;
-      fmt::print("{}\n", j.dump(2));
+      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     return fail(result.error());
   }
@@ -472,7 +496,7 @@ int main(int argc, char** argv) {
   try {
     if (c.json) {
       j["ok"] = true;  // as on failure, where it is false
-      fmt::print("{}\n", j.dump(2));
+      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     } else if (cmd == "info") {
       print_info(j);
     } else if (cmd == "prepare") {
@@ -483,7 +507,12 @@ int main(int argc, char** argv) {
       print_summary(cmd, j, c);
     }
   } catch (const nlohmann::json::exception& e) {
-    return fail(unexpected_json(e));
+    if (cmd == "info") return fail(unexpected_json(e));  // showing the image is the command
+    // The work is done (an image committed, a VM running): a report that
+    // cannot be printed must not turn that into a failure.
+    std::fflush(stdout);
+    fmt::print(stderr, "vmsave: warning: {} succeeded, but its summary could not be printed: {}\n",
+               cmd, e.what());
   }
   return 0;
 }

@@ -1051,7 +1051,8 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
   img_.vmstate.checksum = vm_hash_.digest();
 
   // Lay out the tail: bitmaps, chunk tables, metadata, section table.
-  std::string meta = metadata.dump(2);
+  // A source path or description need not be UTF-8; the metadata must be.
+  std::string meta = metadata.dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
   i64 off = img_.vmstate.offset + vm_written_;
   std::vector<std::pair<i64, std::vector<u8>>> pieces;
   auto place = [&](std::vector<u8> bytes, Extent* e) {

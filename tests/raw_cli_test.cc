@@ -492,6 +492,7 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--qmp", disk / "qmp.sock", "--qmp-timeout", "0", image},
       {"save", "--qmp", disk / "qmp.sock", "--live", "--live-timeout", "-1", image},
       {"save", "--qmp", disk / "qmp.sock", "--max-downtime", "100", image},  // no --live
+      {"save", "--qmp", disk / "qmp.sock", "--live", "--compress", "lz4", image},
       {"save", "--qmp", disk / "qmp.sock", "--live-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--progress-fd", "1", "--json", image},
       {"save", "--ram", "ram=" + src},  // no image
@@ -545,6 +546,28 @@ TEST_CASE("raw: a missing RAM directory and a QEMU command without -- say how to
                                 "IMAGE [OPTIONS] -- /usr/bin/qemu-system-x86_64 ..."),
                 r.err);
   CHECK_FALSE(contains(r.err, "-mp"));
+}
+
+TEST_CASE("raw: info shows control characters from an image as \\xNN, and any bytes save") {
+  require_shm();
+  TempDir shm("/dev/shm");
+  TempDir disk;
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 64 * kKiB, "mixed", 5);
+  std::string image = disk / "image.vmsave";
+  // An escape sequence that would retitle the terminal, and a byte that is
+  // not UTF-8 (JSON, and so the metadata, cannot hold it as it is).
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--description",
+                            "x\x1b]0;pwned\x07 \xfe y"});
+  REQUIRE_RUN(r, 0);
+  r = run_vmsave({"info", image});
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.out, "description:  x\\x1b]0;pwned\\x07 \xef\xbf\xbd y\n"), r.out);
+  CHECK(r.out.find('\x1b') == std::string::npos);
+  CHECK(r.out.find('\x07') == std::string::npos);
+  r = run_vmsave({"info", "--json", image});
+  REQUIRE_RUN(r, 0);
+  CHECK(json::parse(r.out)["metadata"]["description"] == "x\x1b]0;pwned\x07 \xef\xbf\xbd y");
 }
 
 TEST_CASE("raw: every option --help lists is described in the man page") {
