@@ -122,6 +122,13 @@ Status refuse_lazy_qemu_section(const ImageReader& img) {
 Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,
                                 bool force, Watchdog* watchdog, SpaceClaims& claims) {
   const BlockLayout& b = img.layout().blocks[block];
+  // --force truncates: never the image being read (same name, a hard link).
+  struct stat own, at;
+  if (fstat(img.fd(), &own) == 0 && stat(path.c_str(), &at) == 0 && at.st_dev == own.st_dev &&
+      at.st_ino == own.st_ino)
+    return Error{"the RAM file is the image itself", path,
+                 fmt::format("block {} would be written over the image it comes from", b.id)}
+        .fix("give the RAM files another directory (or mem-path)");
   int flags = O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
   RamFile f;
   f.fd_ = UniqueFd(::open(path.c_str(), flags, 0600));

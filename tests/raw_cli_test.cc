@@ -334,6 +334,21 @@ TEST_CASE("raw: restore refuses an existing RAM file without --force and overwri
   REQUIRE_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path(), "-f"}), 0);
   std::string why;
   CHECK_MESSAGE(test::files_equal(s.shm / "ram0", out / "ram0", &why), why);
+
+  // Never over the image itself, by its own name or a hard link.
+  for (const char* how : {"same name", "hard link"}) {
+    CAPTURE(std::string(how));
+    TempDir dir;
+    std::string image = dir / "ram1";
+    std::filesystem::copy_file(s.image, image);
+    if (std::string(how) == "hard link") {
+      std::filesystem::rename(image, dir / "image.vmsave");
+      std::filesystem::create_hard_link(dir / "image.vmsave", image);
+    }
+    r = run_vmsave({"restore", image, "--ram-dir", dir.path(), "--force"});
+    CHECK_FAILS(r, 1, "the RAM file is the image itself (" + image + ")");
+    CHECK_RUN(run_vmsave({"verify", image}), 0);
+  }
 }
 
 TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
