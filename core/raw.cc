@@ -139,6 +139,10 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     Error e = sys_error("cannot create RAM file", path, errno);
     if (errno == ENOENT) e.hint = "create its directory first";
     if (errno == EROFS || errno == EACCES) e.hint = "put it where vmsave can write";
+    if (errno == ELOOP) {
+      e.detail = "it is a symbolic link, and vmsave does not write through one";
+      e.hint = "give the real path, or remove the link";
+    }
     return e;
   }
   struct stat st;
@@ -225,6 +229,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   std::vector<UniqueFd> fds;
   std::vector<RamSource> sources;
   std::vector<BlockLayout> blocks;
+  std::vector<struct stat> before;  // each file as the save found it
   nlohmann::json meta = base_metadata("raw", opts.description);
   meta["guest_running"] = nullptr;
   for (auto& [id, file] : opts.rams) {
@@ -237,12 +242,17 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
         return Error{"duplicate RAM block id", "", id}.as(Exit::kUsage);
     // O_NONBLOCK: a FIFO must not block the open; fstat below refuses it.
     UniqueFd fd(::open(file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK));
+    if (!fd && errno == ELOOP)
+      return Error{"cannot open memory file", file,
+                   "it is a symbolic link, and vmsave reads memory files by their own path"}
+          .fix("give the path it points to (readlink -f)");
     if (!fd) return sys_error("open", file, errno).fix(errno == ENOENT ? "check the path" : "");
     struct stat st;
     if (fstat(fd.get(), &st) < 0) return sys_error("fstat", file, errno);
     if (!S_ISREG(st.st_mode)) return Error{"not a regular file", file, "cannot save it as RAM"};
     if (st.st_size == 0) return Error{"empty memory file", file, "nothing to save"};
     RamSource s{id, file, fd.get(), 0, st.st_size, file_page_size(fd.get())};
+    before.push_back(st);
     BlockLayout b;
     b.id = id;
     b.size = st.st_size;
@@ -268,6 +278,21 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   rep.end_phase();
   if (!st.ok()) return st.error();
   timer.lap("ram");
+  // A file written to meanwhile no longer matches what was hashed and
+  // written: no image then (stores through a mapping leave no trace here;
+  // raw mode saves files nothing writes to, as the man page says).
+  for (size_t i = 0; i < fds.size(); i++) {
+    struct stat now;
+    if (fstat(fds[i].get(), &now) < 0) return sys_error("fstat", sources[i].path, errno);
+    auto same = [](const timespec& a, const timespec& b) {
+      return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
+    };
+    if (now.st_size != before[i].st_size || !same(now.st_mtim, before[i].st_mtim) ||
+        !same(now.st_ctim, before[i].st_ctim))
+      return Error{"memory file changed while it was saved", sources[i].path,
+                   "it was written to or resized during the save; no image was made"}
+          .fix("stop whatever writes it (pause the VM that owns it) and save again");
+  }
   VMSAVE_TRY((*w)->commit(meta));
   timer.lap("commit");
 

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -246,13 +247,15 @@ void round_trips(const std::string& kind) {
 }
 
 // A child vmsave whose progress lines (--progress-fd 3) we watch, so a
-// signal can be sent while it is provably inside a RAM phase.
+// signal can be sent while it is provably inside a RAM phase (or, given
+// `act`, something else done then instead).
 struct Interrupted {
   bool caught = false;  // the signal was sent mid-phase
   RunResult result;
 };
 
-Interrupted interrupt_mid_phase(std::vector<std::string> args, const std::string& phase, int sig) {
+Interrupted interrupt_mid_phase(std::vector<std::string> args, const std::string& phase, int sig,
+                                const std::function<void()>& act = nullptr) {
   Interrupted out;
   args.insert(args.begin(), VMSAVE_BINARY);
   args.push_back("--progress-fd");
@@ -308,7 +311,10 @@ Interrupted interrupt_mid_phase(std::vector<std::string> args, const std::string
         i64 done = j.value("done", i64(0)), total = j.value("total", i64(0));
         if (j.value("phase", "") == phase && !j.value("final", true) && done > 0 &&
             done < total * 3 / 4) {
-          kill(pid, sig);
+          if (act)
+            act();
+          else
+            kill(pid, sig);
           out.caught = true;
         }
       }
@@ -759,6 +765,42 @@ TEST_CASE("engine: SIGINT or SIGTERM during a save leaves nothing behind") {
     }
   }  // the big file in /dev/shm is gone here, pass, fail or skip
   if (!why_skip.empty()) test::skip(why_skip);
+}
+
+TEST_CASE("engine: a memory file written to during a raw save makes no image") {
+  require_shm();
+  bool caught = false;
+  {
+    TempDir shm("/dev/shm");
+    TempDir disk;
+    std::string src = shm / "big";
+    std::string image = disk / "image.vmsave";
+    i64 size = 512 * kMiB;
+    for (int attempt = 0; attempt < 3 && !caught; attempt++) {
+      test::write_pattern_file(src, size, "random", 6);
+      Interrupted in = interrupt_mid_phase(
+          {"save", "--ram", "ram=" + src, image, "--jobs", "1", "--queue-depth", "1"},
+          "writing RAM", 0, [&] {
+            int fd = open(src.c_str(), O_WRONLY | O_CLOEXEC);
+            REQUIRE(fd >= 0);
+            REQUIRE(pwrite(fd, "changed", 7, 0) == 7);
+            close(fd);
+          });
+      caught = in.caught && in.result.status != 0;
+      if (!caught) {  // finished before the write landed
+        CHECK_RUN(in.result, 0);
+        std::filesystem::remove(image);
+        size *= 2;
+        continue;
+      }
+      CHECK_RUN(in.result, 1);
+      CHECK_MESSAGE(contains(in.result.err, "vmsave: error: memory file changed while it was "
+                                            "saved (" + src + ")"),
+                    in.result.err);
+      CHECK_MESSAGE(list_dir(disk.path()).empty(), joined(list_dir(disk.path())));
+    }
+  }  // the big file in /dev/shm is gone here
+  if (!caught) test::skip("could not write to the file while a save ran, in 3 tries");
 }
 
 TEST_CASE("engine: SIGINT or SIGKILL during a restore removes the RAM files") {
