@@ -165,11 +165,15 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   // for restore, before QEMU starts). Filesystems without a limit
   // (hugetlbfs or tmpfs without size=) report no blocks at all. A mapping
   // of a hugetlbfs file takes every page of it, from the huge page pool of
-  // its size, which statvfs does not show.
+  // its size, which statvfs does not show. Elsewhere (ext4 and the like)
+  // the page cache writes back whole large folios, zero pages beside data
+  // included: count the whole block there.
   struct statvfs sv;
   const i64 file_page = file_page_size(f.fd_.get());
   const bool huge = file_page > 4096;
-  const i64 need = huge ? align_up(b.size, file_page) : b.data_pages * b.page_size;
+  const i64 need = huge                           ? align_up(b.size, file_page)
+                   : in_memory_fs(f.fd_.get()) ? b.data_pages * b.page_size
+                                                 : align_up(b.size, 4096);
   i64& claimed = claims[st.st_dev];
   const i64 pool = huge && !FaultPlan::get().no_space_check ? free_huge_pages(file_page) : -1;
   if (pool >= 0 && pool * file_page < claimed + need) {
