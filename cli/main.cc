@@ -278,8 +278,9 @@ int main(int argc, char** argv) {
                        "Compress each chunk: lz4 (effort follows the disk), zstd or zstd:LEVEL (1-19, "
                        "default 3); the "
                        "image then restores eagerly only");
-  save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)")
-      ->check(kSeconds);
+  auto* save_qmp_timeout =
+      save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)")
+          ->check(kSeconds);
   auto* live_opt = save_cmd->add_flag("--live", save.live,
                                       "Write RAM while the guest runs; stop it only to catch up "
                                       "and for the device state");
@@ -291,7 +292,7 @@ int main(int argc, char** argv) {
                        "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
       ->check(kSeconds)
       ->needs(live_opt);
-  save_cmd->add_option("--flush-timeout", save.flush_timeout,
+  auto* flush_timeout = save_cmd->add_option("--flush-timeout", save.flush_timeout,
                        "Fail the save (no image, guest as it was) if flushing and committing "
                        "take longer than SECONDS")
       ->check(kSeconds);
@@ -317,9 +318,9 @@ int main(int argc, char** argv) {
   auto* rp = restore_cmd->add_flag("--paused", restore_paused, "Leave the guest paused when loaded");
   rr->excludes(rp);
   restore_cmd->add_flag("-f,--force", restore.force, "Overwrite existing RAM files");
-  restore_cmd->add_option("--qemu-log", restore.qemu_log,
+  auto* qemu_log = restore_cmd->add_option("--qemu-log", restore.qemu_log,
                           "File for the started QEMU's output (default: beside its QMP socket)");
-  restore_cmd->add_option("--qmp-timeout", restore.qmp_timeout,
+  auto* restore_qmp_timeout = restore_cmd->add_option("--qmp-timeout", restore.qmp_timeout,
                           "Seconds to wait for QMP (default 10)")
       ->check(kSeconds);
   add_common(restore_cmd, c, true);
@@ -405,7 +406,7 @@ int main(int argc, char** argv) {
   {
     auto cs = parse_size(chunk_size);
     if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))
-      return usage("--chunk-size must be a power of two from 4K to 1G");
+      return usage("--chunk-size must be a power of two from 4K to 1G (e.g. 64K, 1M, 2M)");
     save.chunk_size = *cs;
   }
   if (!min_hole.empty()) {
@@ -419,6 +420,8 @@ int main(int argc, char** argv) {
     if (!spec.ok()) return usage(spec.error().message());
     if (save.chunk_size > kMaxCompressedChunkSize)
       return usage("--compress needs a --chunk-size of at most 4M");
+    if (save.chunk_size < 2 * kDirectAlign)  // must save a 4 KiB block to be kept
+      return usage("--compress needs a --chunk-size of at least 8K");
     save.compress = *spec;
   }
   for (auto& r : rams) {
@@ -446,6 +449,8 @@ int main(int argc, char** argv) {
         return usage("--leave-running and --paused apply to QEMU mode (--qmp)");
       if (!save.rams.empty() && save.live)
         return usage("--live applies to QEMU mode (--qmp)");
+      if (!save.rams.empty() && (save_qmp_timeout->count() || flush_timeout->count()))
+        return usage("--qmp-timeout and --flush-timeout apply to QEMU mode (--qmp)");
       if (save.live && save.compress.enabled())
         return usage("--live rewrites RAM in place as the guest changes it, which compressed "
                      "chunks cannot take: save with --live or with --compress, not both");
@@ -458,6 +463,10 @@ int main(int argc, char** argv) {
             "restore needs exactly one of: -- QEMU-COMMAND..., --qmp SOCKET, --ram-dir DIR");
       if (!restore.ram_dir.empty() && (restore.lazy || restore.running))
         return usage("--lazy, --running and --paused do not apply to --ram-dir");
+      if (!restore.ram_dir.empty() && (restore_qmp_timeout->count() || qemu_log->count()))
+        return usage("--qmp-timeout and --qemu-log do not apply to --ram-dir");
+      if (!restore.qmp.empty() && qemu_log->count())
+        return usage("--qemu-log applies to a restore that starts QEMU (-- QEMU-COMMAND)");
       if (!restore.qmp.empty() && restore.lazy)
         return usage("--lazy belongs to `prepare` in the two-step form");
       if (!restore.ram_dir.empty())

@@ -330,6 +330,11 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
     if (errno == ENOENT) e.hint = "create that directory first, or save the image elsewhere";
     return e;
   }
+  struct statfs dfs;
+  if (statfs(w->dir_.c_str(), &dfs) == 0 && dfs.f_type == HUGETLBFS_MAGIC)
+    return Error{"cannot write an image on hugetlbfs", target,
+                 "its files take no write(), only mappings"}
+        .fix("save the image on tmpfs or a disk filesystem");
   remove_stale_temps(w->dir_, target);
 
   // O_TMPFILE: an inode with no name until commit links it. Mode 0600:

@@ -239,7 +239,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   for (auto& [id, file] : opts.rams) {
     if (!is_file_name_id(id))
       return Error{"bad RAM block id", "", fmt::format("\"{}\"", id)}
-          .fix("use a name without '/' of at most 255 characters")
+          .fix("use a name without '/' of at most 255 bytes")
           .as(Exit::kUsage);
     for (auto& b : blocks)
       if (b.id == id)

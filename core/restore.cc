@@ -246,6 +246,13 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
       .as(Exit::kUsage);
 }
 
+// Raw images hold memory files, not a VM: no QEMU can load them.
+Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
+  if (meta.value("mode", "") == "qemu") return Status();
+  return Error{"not a QEMU image", image, "it holds memory files saved with --ram"}.fix(
+      "restore it with vmsave restore IMAGE --ram-dir DIR");
+}
+
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid) {
   std::ifstream in(fmt::format("/proc/{}/stat", pid));
@@ -299,9 +306,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
   if (opts.lazy) VMSAVE_TRY(check_lazy(img, opts.image));
-  if (meta->value("mode", "") != "qemu")
-    return Error{"not a QEMU image", opts.image, "it holds memory files saved with --ram"}.fix(
-        "restore it with --ram-dir DIR");
+  VMSAVE_TRY(check_qemu_image(*meta, opts.image));
 
   if (opts.lazy) VMSAVE_TRY(refuse_lazy_qemu_section(img));
 
@@ -586,6 +591,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   if (!opened.ok()) return opened.error();
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
+  VMSAVE_TRY(check_qemu_image(*meta, opts.image));
   auto qmp_r = QmpClient::connect(opts.qmp, opts.qmp_timeout);
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;

@@ -618,6 +618,11 @@ TEST_CASE("engine: a restore into hugetlbfs says up front when the huge page poo
                 r.err);
   CHECK_MESSAGE(contains(r.err, "vm.nr_hugepages"), r.err);
   CHECK_MESSAGE(list_dir(huge.path()).empty(), joined(list_dir(huge.path())));
+  // Nor can an image go there: hugetlbfs files take no write().
+  r = run_vmsave({"save", "--ram", "ram=" + src, huge / "image.vmsave"});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot write an image on hugetlbfs"), r.err);
+  CHECK_MESSAGE(list_dir(huge.path()).empty(), joined(list_dir(huge.path())));
   // Enough pages: the same restore goes through.
   if (HugePagePool::resize(pages) < pages) test::skip("cannot grow the huge page pool further");
   REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", huge.path()}), 0);

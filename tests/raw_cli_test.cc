@@ -512,6 +512,9 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--qmp", disk / "qmp.sock", "--live", "--live-timeout", "-1", image},
       {"save", "--qmp", disk / "qmp.sock", "--max-downtime", "100", image},  // no --live
       {"save", "--qmp", disk / "qmp.sock", "--live", "--compress", "lz4", image},
+      {"save", "--ram", "ram=" + src, "--flush-timeout", "5", image},  // QEMU mode only
+      {"save", "--ram", "ram=" + src, "--qmp-timeout", "5", image},
+      {"save", "--ram", "ram=" + src, "--compress", "lz4", "--chunk-size", "4K", image},
       {"save", "--qmp", disk / "qmp.sock", "--live-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--progress-fd", "1", "--json", image},
       {"save", "--ram", "ram=" + src},  // no image
@@ -520,6 +523,8 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"restore", image, "--ram-dir", disk.path(), "--lazy"},
       {"restore", image, "--ram-dir", disk.path(), "--bogus"},
       {"restore", image, "--ram-dir", disk.path(), "--progress-fd", "9"},
+      {"restore", image, "--ram-dir", disk.path(), "--qemu-log", disk / "q.log"},
+      {"restore", image, "--qmp", disk / "qmp.sock", "--qemu-log", disk / "q.log"},
       {"restore", image, "--qmp", disk / "qmp.sock", "--qmp-timeout", "nan"},
       {"info"},
       {"verify", image, "extra"},
