@@ -961,6 +961,8 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
   VMSAVE_TRY(run_parallel(c2, n_chunks, setup, task, &es));
   live_passes_++;
   live_bytes_ += written.load();
+  live_engine_.latency.merge(es.latency);
+  live_engine_.jobs = es.jobs;
   double secs = seconds_since(t0);
   live_seconds_ += secs;
   if (stats) *stats = PassStats{rewritten.load(), written.load(), secs};
@@ -991,6 +993,7 @@ Status ImageWriter::finish_live(RamStats* stats) {
     local.ram_bytes += b.size;
   }
   local.seconds = live_seconds_;
+  local.engine = live_engine_;
   local.engine.bytes = live_bytes_;
   live_maps_.clear();
   if (!file_.direct) {

@@ -167,6 +167,7 @@ class ImageWriter {
   int live_passes_ = 0;
   i64 live_bytes_ = 0;
   double live_seconds_ = 0;
+  EngineStats live_engine_;  // every pass's requests, for the report
   AlignedBuffer vm_buf_;
   size_t vm_fill_ = 0;
   i64 vm_written_ = 0;  // bytes of vmstate already on disk (multiple of 4096)

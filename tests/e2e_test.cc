@@ -484,6 +484,10 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
   CHECK(j.contains("downtime_s"));
   CHECK(j.contains("bytes_rewritten"));
   CHECK(j.contains("flush_s"));
+  if (opts.shared_file_ram) {  // vmsave's own passes: its requests counted
+    CHECK(j.value("jobs", 0) > 0);
+    CHECK(j["io_latency_us"].value("count", i64(0)) > 0);
+  }
   RunResult v = run_vmsave({"verify", image}, kRunTimeout);
   CHECK_RUN(v, 0);
   if (opts.shared_file_ram) REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
