@@ -121,6 +121,10 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
       fmt::print(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
                  j.value("passes", 0), human_bytes(j.value("bytes_rewritten", 0.0)),
                  secs(j, "flush_s"));
+    for (auto& f : j.value("ram_files_left", nlohmann::json::array()))
+      fmt::print(stderr, "  QEMU quit and left its RAM file {}: remove it to free that memory "
+                         "(a restore to it needs it gone, or --force)\n",
+                 f.get<std::string>());
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")
       fmt::print(stderr, "mapped {} of RAM copy-on-write from the image\n",

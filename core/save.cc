@@ -465,6 +465,17 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                       {"vmstate_s", vmstate_s},    {"direct_io", w.direct()},
                       {"downtime_s", was_running ? downtime : 0.0}};
   if (qemu_downtime_s >= 0) j["qemu_downtime_s"] = qemu_downtime_s;
+  if (opts.after == AfterSave::kQuit) {
+    // QEMU does not remove a named RAM file when it quits: the guest's
+    // memory stays taken (in /dev/shm, say) until someone does, and a
+    // restore to the same command line refuses it without --force.
+    nlohmann::json left = nlohmann::json::array();
+    struct stat st;
+    for (auto& b : backends)
+      if (!b.mem_path.empty() && stat(b.mem_path.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+        left.push_back(b.mem_path);
+    if (!left.empty()) j["ram_files_left"] = left;
+  }
   if (through_qemu && live) j["live_timeout_reached"] = live_timeout_reached;
   add_ram_report(j, ram, "ram_write");
   if (opts.compress.enabled()) j["compress"] = opts.compress.name();

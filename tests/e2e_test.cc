@@ -536,6 +536,14 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   const std::string log_at_save = save_and_quit(vm, image, extra, &save_report);
   const MemcheckLine saved = *read_story(log_at_save).last;
   const i64 vmstate_bytes = save_report.value("vmstate_bytes", i64(-1));
+  // QEMU quit, its RAM files stay: the report names them.
+  std::vector<std::string> left;
+  for (auto& f : save_report.value("ram_files_left", json::array())) left.push_back(f);
+  std::vector<std::string> files;
+  for (int i = 0; i < opts.numa_nodes; i++) files.push_back(vm.ram_path(i));
+  std::sort(left.begin(), left.end());
+  std::sort(files.begin(), files.end());
+  CHECK_MESSAGE(left == files, joined(left));
 
   RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
   REQUIRE_RUN(info, 0);
