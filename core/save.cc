@@ -333,7 +333,9 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       ram.data_pages = last["ram"].value("normal", i64(0));
       ram.total_pages = last["ram"].value("total", i64(0)) /
                         std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
-      passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));
+      // Stopped, QEMU still syncs its dirty bitmap a few times; one pass
+      // over RAM all the same.
+      if (live) passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));
       if (live && first_round_bytes >= 0)
         rewritten_bytes = std::max<i64>(0, ram.stored_bytes - first_round_bytes);
     }
