@@ -267,6 +267,10 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
                               {"source", file}});
     fds.push_back(std::move(fd));
   }
+  // A memory file truncated while its mapping is read raises SIGBUS in the
+  // workers: one line and status 1, as for a file written to meanwhile.
+  exit_on_sigbus("\nvmsave: error: a memory file shrank while it was saved (reading it raised "
+                 "SIGBUS); no image was made; stop whatever resizes it and save again\n");
   auto warn = [&](const std::string& m) { rep.warn(m); };
   auto w = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size, warn);
   if (!w.ok()) return w.error();

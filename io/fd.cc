@@ -2,6 +2,10 @@
 
 #include "io/fd.h"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
 #include <csetjmp>
 #include <csignal>
 #include <cstdlib>
@@ -14,16 +18,22 @@ namespace {
 
 thread_local sigjmp_buf* t_store_jump = nullptr;
 
+// exit_on_sigbus()'s line: fixed storage, read by the handler.
+char g_sigbus_line[1024];
+std::atomic<size_t> g_sigbus_len{0};
+
 void on_sigbus(int sig) {
   if (sigjmp_buf* j = t_store_jump) siglongjmp(*j, 1);
+  if (size_t n = g_sigbus_len.load()) {
+    (void)!::write(STDERR_FILENO, g_sigbus_line, n);
+    ::_exit(1);
+  }
   // Not from a guarded store: die of it as without this handler.
   std::signal(sig, SIG_DFL);
   std::raise(sig);
 }
 
-}  // namespace
-
-bool store_guarded(const std::function<void()>& store) {
+void install_sigbus_handler() {
   static std::once_flag installed;
   std::call_once(installed, [] {
     struct sigaction sa = {};
@@ -35,6 +45,19 @@ bool store_guarded(const std::function<void()>& store) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGBUS, &sa, nullptr);
   });
+}
+
+}  // namespace
+
+void exit_on_sigbus(const std::string& line) {
+  size_t n = std::min(line.size(), sizeof(g_sigbus_line));
+  std::memcpy(g_sigbus_line, line.data(), n);
+  g_sigbus_len.store(n);
+  install_sigbus_handler();
+}
+
+bool store_guarded(const std::function<void()>& store) {
+  install_sigbus_handler();
   sigjmp_buf jump;
   if (sigsetjmp(jump, 0) != 0) {
     t_store_jump = nullptr;

@@ -104,6 +104,13 @@ class AlignedBuffer {
 // copy or decompress (no locks, nothing to destroy).
 bool store_guarded(const std::function<void()>& store);
 
+// From now on a SIGBUS outside store_guarded() ends vmsave with `line` on
+// stderr and exit status 1 rather than a crash: for reading files through
+// mappings that another process may truncate meanwhile (a raw save's
+// memory files). Nothing else has to be undone then: the image being
+// written has no name yet.
+void exit_on_sigbus(const std::string& line);
+
 // The alignment O_DIRECT needs for offsets, lengths and buffers on every
 // filesystem vmsave targets (ext4, xfs, tmpfs with 4 KiB logical blocks).
 constexpr i64 kDirectAlign = 4096;
