@@ -246,6 +246,29 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
       .as(Exit::kUsage);
 }
 
+// A block QEMU saved is loaded by QEMU into whatever its backend maps: an
+// existing file at a memory-backend-file's mem-path (another VM's RAM, or
+// one left behind) would be overwritten, which needs --force as for the
+// files vmsave fills.
+Status check_qemu_loaded_files(const QemuCommand& cmd, const ImageReader& img, bool force) {
+  if (force) return Status();
+  auto objs = cmd.objects();
+  if (!objs.ok()) return objs.error().as(Exit::kUsage);
+  for (auto& o : *objs) {
+    if (o.object.qom_type != "memory-backend-file") continue;
+    bool by_qemu = false;
+    for (auto& b : img.layout().blocks) by_qemu |= b.id == o.object.id && b.via_qemu();
+    auto mp = o.object.get_string("mem-path");
+    struct stat st;
+    if (by_qemu && mp && stat(mp->c_str(), &st) == 0 && S_ISREG(st.st_mode))
+      return Error{"RAM file exists", *mp,
+                   fmt::format("QEMU would load block {} into it; refusing to overwrite it",
+                               o.object.id)}
+          .fix("pass --force to overwrite it, or remove it (is another VM using it?)");
+  }
+  return Status();
+}
+
 // Raw images hold memory files, not a VM: no QEMU can load them.
 Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
   if (meta.value("mode", "") == "qemu") return Status();
@@ -317,6 +340,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!plans_r.ok()) return plans_r.error();
   std::vector<BackendPlan>& plans = *plans_r;
   VMSAVE_TRY(check_machine(cmd, *meta));
+  VMSAVE_TRY(check_qemu_loaded_files(cmd, img, opts.force));
   for (auto& v : cmd.option_values("incoming"))
     if (v != "defer")
       return Error{"the QEMU command already has -incoming " + v, "", ""}

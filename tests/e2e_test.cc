@@ -1092,11 +1092,21 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
   const std::string log_at_save = save_and_quit(vm, image);
   const MemcheckLine saved = *read_story(log_at_save).last;
   check_saved_by_qemu(image, {"ram0", "ram1"});
+  // QEMU would load ram0 into the file the save left (another VM's RAM, for
+  // all vmsave knows): refused without --force, the file untouched.
+  const std::string left = slurp(vm.ram_path(0));
+  RunResult r =
+      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: RAM file exists (" + vm.ram_path(0) +
+                                    "): QEMU would load block ram0 into it"),
+                r.err);
+  CHECK(slurp(vm.ram_path(0)) == left);
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
   // The shared file's content must come from the image.
   REQUIRE(::unlink(vm.ram_path(0).c_str()) == 0);
 
-  RunResult r =
-      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   REQUIRE(qemu.pid > 0);
