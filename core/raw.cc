@@ -129,9 +129,15 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     return Error{"the RAM file is the image itself", path,
                  fmt::format("block {} would be written over the image it comes from", b.id)}
         .fix("give the RAM files another directory (or mem-path)");
-  int flags = O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
+  // An existing file (--force) is replaced only once every check below has
+  // passed: a restore refused for want of room leaves it as it was.
   RamFile f;
-  f.fd_ = UniqueFd(::open(path.c_str(), flags, 0600));
+  bool created = true;
+  f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!f.fd_ && errno == EEXIST && force) {
+    created = false;
+    f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC));
+  }
   if (!f.fd_) {
     if (errno == EEXIST)
       return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
@@ -139,27 +145,22 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     Error e = sys_error("cannot create RAM file", path, errno);
     if (errno == ENOENT) e.hint = "create its directory first";
     if (errno == EROFS || errno == EACCES) e.hint = "put it where vmsave can write";
+    if (errno == EISDIR) e.hint = "remove that directory or choose another place for the file";
     if (errno == ELOOP) {
       e.detail = "it is a symbolic link, and vmsave does not write through one";
       e.hint = "give the real path, or remove the link";
     }
     return e;
   }
-  struct stat st;
-  if (fstat(f.fd_.get(), &st) < 0) return sys_error("fstat", path, errno);
-  if (!S_ISREG(st.st_mode))  // --force replaces RAM files, never a device or FIFO
-    return Error{"cannot fill RAM file", path, "it is not a regular file"}.fix(
-        "point the memory backend's mem-path at a file on tmpfs, hugetlbfs or a disk");
-  // From here on the file is ours: removed unless the restore completes.
-  f.path_ = path;
-  f.block_ = block;
-  if (watchdog) watchdog->note_remove(path);
-  if (ftruncate(f.fd_.get(), b.size) < 0) {
-    Error e = sys_error("ftruncate", path, errno);
-    if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
-      e.hint = "the block's size is not a multiple of this hugetlbfs page size";
+  auto refuse = [&](Error e) {
+    if (created) ::unlink(path.c_str());  // the empty file we just made
     return e;
-  }
+  };
+  struct stat st;
+  if (fstat(f.fd_.get(), &st) < 0) return refuse(sys_error("fstat", path, errno));
+  if (!S_ISREG(st.st_mode))  // --force replaces RAM files, never a device or FIFO
+    return refuse(Error{"cannot fill RAM file", path, "it is not a regular file"}.fix(
+        "give a path on tmpfs, hugetlbfs or a disk where a regular file can go"));
   // Room for its data pages, and for those of the files before it on the
   // same filesystem, said now rather than part-way through the fill (and,
   // for restore, before QEMU starts). Filesystems without a limit
@@ -167,38 +168,50 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   // of a hugetlbfs file takes every page of it, from the huge page pool of
   // its size, which statvfs does not show. Elsewhere (ext4 and the like)
   // the page cache writes back whole large folios, zero pages beside data
-  // included: count the whole block there.
+  // included: count the whole block there. A file being replaced gives
+  // back what it holds.
   struct statvfs sv;
   const i64 file_page = file_page_size(f.fd_.get());
   const bool huge = file_page > 4096;
   const i64 need = huge                           ? align_up(b.size, file_page)
                    : in_memory_fs(f.fd_.get()) ? b.data_pages * b.page_size
                                                  : align_up(b.size, 4096);
+  const i64 freed = created ? 0 : static_cast<i64>(st.st_blocks) * 512;
   i64& claimed = claims[st.st_dev];
   const i64 pool = huge && !FaultPlan::get().no_space_check ? free_huge_pages(file_page) : -1;
-  if (pool >= 0 && pool * file_page < claimed + need) {
+  if (pool >= 0 && pool * file_page + freed < claimed + need) {
     std::string others =
         claimed ? fmt::format(" (and {} for the RAM files before it)", claimed / file_page) : "";
-    return Error{"not enough free huge pages for RAM file", path,
-                 fmt::format("block {} needs {} pages of {}{}, {} are free", b.id,
-                             need / file_page, human_bytes(file_page), others, pool)}
-        .fix(fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
-                         "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
-                         file_page / 1024));
+    return refuse(Error{"not enough free huge pages for RAM file", path,
+                        fmt::format("block {} needs {} pages of {}{}, {} are free", b.id,
+                                    need / file_page, human_bytes(file_page), others, pool)}
+                      .fix(fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
+                                       "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
+                                       file_page / 1024)));
   }
   if (!FaultPlan::get().no_space_check && fstatvfs(f.fd_.get(), &sv) == 0 && sv.f_blocks > 0) {
     const i64 room = static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize);
-    if (room < claimed + need) {
+    if (room + freed < claimed + need) {
       std::string others =
           claimed ? fmt::format(" (and {} for the RAM files before it there)", human_bytes(claimed))
                   : "";
-      return Error{"not enough space for RAM file", path,
-                   fmt::format("it needs {} for block {}{}, its filesystem has {} free",
-                               human_bytes(need), b.id, others, human_bytes(room))}
-          .fix("free space on that filesystem or choose another place for it");
+      return refuse(Error{"not enough space for RAM file", path,
+                          fmt::format("it needs {} for block {}{}, its filesystem has {} free",
+                                      human_bytes(need), b.id, others, human_bytes(room))}
+                        .fix("free space on that filesystem or choose another place for it"));
     }
   }
   claimed += need;
+  // From here on the file is ours: removed unless the restore completes.
+  f.path_ = path;
+  f.block_ = block;
+  if (watchdog) watchdog->note_remove(path);
+  if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), b.size) < 0) {
+    Error e = sys_error("ftruncate", path, errno);
+    if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
+      e.hint = "the block's size is not a multiple of this hugetlbfs page size";
+    return e;
+  }
   return f;
 }
 

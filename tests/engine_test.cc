@@ -540,6 +540,15 @@ TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes th
                   r.err);
     CHECK_MESSAGE(contains(r.err, "its filesystem has 8.0 MiB free"), r.err);
     CHECK_MESSAGE(list_dir(small.path()).empty(), joined(list_dir(small.path())));
+    // With --force, a file already there is replaced only once the checks
+    // pass: refused for want of room, it keeps what it held.
+    test::write_pattern_file(small / "ram", 1 * kMiB, "text", 2);
+    const std::string before = test::read_file(small / "ram");
+    r = run_vmsave({"restore", image, "--ram-dir", small.path(), "--force"});
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: not enough space for RAM file"), r.err);
+    CHECK(test::read_file(small / "ram") == before);
+    std::filesystem::remove(small / "ram");
     // Met part-way (the space taken by something else meanwhile).
     for (int jobs : {1, 2}) {
       CAPTURE(jobs);
