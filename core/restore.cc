@@ -218,6 +218,15 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
   if (run) {
     auto r = qmp.execute("cont");
     if (!r.ok()) return r.error();
+  } else {
+    // QEMU starts the guest by itself when the stream says it ran to the
+    // end (a live save through QEMU stops it only for the last round).
+    auto s = qmp.execute("query-status");
+    if (!s.ok()) return s.error();
+    if (s->value("running", false)) {
+      auto r = qmp.execute("stop");
+      if (!r.ok()) return r.error();
+    }
   }
   return Status();
 }

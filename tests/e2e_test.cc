@@ -492,11 +492,21 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
   CHECK_RUN(v, 0);
   if (opts.shared_file_ram) REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
 
-  RunResult r =
-      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  // Through QEMU, the stream of a live save says the guest ran to the end,
+  // and QEMU starts it by itself once loaded: --paused must still hold.
+  std::vector<std::string> args =
+      restore_args(image, vm.dir() + "/restore.log", false, vm.command());
+  if (!opts.shared_file_ram) args.insert(args.begin() + 1, "--paused");
+  RunResult r = run_vmsave(args, kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   REQUIRE(qemu.pid > 0);
+  if (!opts.shared_file_ram) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    CHECK(qmp_status(vm.qmp_path()) == "paused");
+    auto c = qmp_execute(vm.qmp_path(), "cont");
+    REQUIRE_MESSAGE(c.ok(), c.error().message());
+  }
   std::string err;
   CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
                            kCarryOnTimeout, qemu.pid, nullptr, &err, /*dirty=*/true),
