@@ -296,6 +296,16 @@ namespace {
 // followed). A directory, device, FIFO or socket is never replaced: a
 // rename would put the image in place of /dev/null as readily.
 Status check_target(const std::string& target, bool force) {
+  // Said now, not at the link once all RAM is written; the temporary name
+  // beside the target is longer by its prefix and suffix.
+  const size_t name = std::filesystem::path(target).filename().string().size();
+  const size_t room = NAME_MAX - (temp_name(".", target, INT32_MAX).size() - 2 - name);
+  if (name > room)
+    return Error{"cannot save there", target,
+                 fmt::format("its file name is {} bytes long, more than the {} vmsave can use",
+                             name, room)}
+        .fix("choose a shorter name")
+        .as(Exit::kUsage);
   struct stat st;
   if (lstat(target.c_str(), &st) < 0) return Status();
   if (S_ISDIR(st.st_mode))

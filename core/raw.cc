@@ -254,9 +254,15 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
       return Error{"bad RAM block id", "", fmt::format("\"{}\"", id)}
           .fix("use a name without '/' of at most 255 bytes")
           .as(Exit::kUsage);
+    if (std::any_of(id.begin(), id.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; }))
+      return Error{"bad RAM block id", "", "it holds control characters"}
+          .fix("use a plain name: it becomes a file name under --ram-dir")
+          .as(Exit::kUsage);
     for (auto& b : blocks)
       if (b.id == id)
-        return Error{"duplicate RAM block id", "", id}.as(Exit::kUsage);
+        return Error{"duplicate RAM block id", "", id}
+            .fix("give each --ram its own ID")
+            .as(Exit::kUsage);
     // O_NONBLOCK: a FIFO must not block the open; fstat below refuses it.
     UniqueFd fd(::open(file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK));
     if (!fd && errno == ELOOP)
@@ -343,6 +349,10 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
     for (auto& b : img.layout().blocks) {
       if (b.via_qemu()) continue;
       std::string p = opts.ram_dir + "/" + b.id;
+      struct stat pst;
+      if (lstat(p.c_str(), &pst) == 0 && S_ISDIR(pst.st_mode))
+        return Error{"cannot create RAM file", p, "a directory is in the way"}.fix(
+            "remove it or choose another --ram-dir");
       if (access(p.c_str(), F_OK) == 0)
         return Error{"RAM file exists", p, "refusing to overwrite it"}.fix(
             "pass --force to overwrite it, or remove it");

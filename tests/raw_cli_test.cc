@@ -515,6 +515,8 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--ram", "ram=" + src, "--flush-timeout", "5", image},  // QEMU mode only
       {"save", "--ram", "ram=" + src, "--qmp-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--compress", "lz4", "--chunk-size", "4K", image},
+      {"save", "--ram", "a\nb=" + src, image},               // control character in the id
+      {"save", "--ram", "ram=" + src, disk / std::string(240, 'x')},  // no room for a temp name
       {"save", "--qmp", disk / "qmp.sock", "--live-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--progress-fd", "1", "--json", image},
       {"save", "--ram", "ram=" + src},  // no image
@@ -563,6 +565,14 @@ TEST_CASE("raw: a missing RAM directory and a QEMU command without -- say how to
   RunResult r = run_vmsave({"restore", s.image, "--ram-dir", s.disk / "missing"});
   CHECK_FAILS(r, 1, "missing");
   CHECK_MESSAGE(contains(r.err, "; create that directory first"), r.err);
+  // A directory where a RAM file goes.
+  TempDir out;
+  REQUIRE(mkdir((out / "ram1").c_str(), 0700) == 0);
+  r = run_vmsave({"restore", s.image, "--ram-dir", out.path()});
+  CHECK_FAILS(r, 1, "cannot create RAM file (" + (out / "ram1") + "): a directory is in the way");
+  r = run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"});
+  CHECK_FAILS(r, 1, "remove that directory or choose another place for the file");
+  CHECK(list_dir(out.path()) == std::vector<std::string>{"ram1"});
   r = run_vmsave({"restore", s.image, "/usr/bin/qemu-system-x86_64", "-m", "512",
                   "-qmp", "unix:" + (s.disk / "qmp.sock") + ",server=on"});
   CHECK_RUN(r, 2);
