@@ -74,7 +74,14 @@ void add_common(CLI::App* cmd, Common& c, bool engine) {
   cmd->add_flag("--json", c.json, "Print the report as one JSON object on stdout");
   cmd->add_flag("-q,--quiet", c.quiet, "Print no progress and no summary");
   cmd->add_option("--progress-fd", c.progress_fd, "Write progress as JSON lines to this fd")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            int fd = -1;
+            return CLI::detail::lexical_cast(text, fd) && fd >= 0
+                       ? ""
+                       : "a file descriptor number, 0 or more: " + text;
+          },
+          "FD"));
   if (engine) {
     cmd->add_flag("--stats", c.stats, "Show the I/O latency histogram in the summary");
     cmd->add_option("-j,--jobs", c.jobs, "I/O worker threads (default: online CPUs)")
@@ -351,7 +358,7 @@ int main(int argc, char** argv) {
 
   // --json asked for (before any --): usage errors are JSON on stdout too.
   bool want_json = false;
-  std::string cmd_name = argc > 1 ? argv[1] : "";
+  std::string cmd_name = argc > 1 && argv[1][0] != '-' ? argv[1] : "";
   for (int i = 1; i < argc && std::string_view(argv[i]) != "--"; i++)
     want_json |= std::string_view(argv[i]) == "--json";
   auto usage = [&](const std::string& msg) {
@@ -378,6 +385,17 @@ int main(int argc, char** argv) {
             "put -- before the QEMU command: vmsave restore IMAGE [OPTIONS] -- {} ...", argv[i]));
       }
     }
+  const bool known = cmd_name == "save" || cmd_name == "restore" || cmd_name == "prepare" ||
+                     cmd_name == "info" || cmd_name == "verify";
+  if (!cmd_name.empty() && !known)
+    return usage(fmt::format("unknown command '{}': vmsave has save, restore, prepare, info and "
+                             "verify (vmsave --help)",
+                             cmd_name));
+  // CLI11's own errors in vmsave's one-line form, with where to look.
+  app.failure_message([&](const CLI::App*, const CLI::Error& e) {
+    return fmt::format("vmsave: error: {}; see vmsave {}--help\n", e.what(),
+                       known ? cmd_name + " " : "");
+  });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

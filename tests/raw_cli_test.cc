@@ -553,6 +553,14 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
     CHECK(j["exit_status"] == 2);
     CHECK(!j["error"].get<std::string>().empty());
   }
+  // Parser errors read like vmsave's own: one line, where to look.
+  RunResult p = run_vmsave({"save", "--bogus", image});
+  CHECK_MESSAGE(p.err == "vmsave: error: The following argument was not expected: --bogus; see "
+                         "vmsave save --help\n",
+                p.err);
+  p = run_vmsave({"frob"});
+  CHECK_RUN(p, 2);
+  CHECK_MESSAGE(contains(p.err, "vmsave: error: unknown command 'frob'"), p.err);
   RunResult r = run_vmsave({"--version"});
   CHECK_RUN(r, 0);
   CHECK(contains(r.out, "vmsave"));
