@@ -486,8 +486,12 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     // QEMU refusing intact device state: a command that differs from the
     // saved one in what vmsave does not compare (-smp, devices, options).
     if (e.hint.empty() && e.status != Exit::kDamaged)
-      e.hint = "start QEMU with the command line the VM was saved with: same -smp, devices and "
-               "options (vmsave info shows it)";
+      e.hint = img.layout().has_qemu_section()
+                   ? "start QEMU with the command line the VM was saved with (vmsave info shows "
+                     "it); QEMU reads its section of the image unchecked, so run vmsave verify "
+                     "IMAGE too"
+                   : "start QEMU with the command line the VM was saved with: same -smp, devices "
+                     "and options (vmsave info shows it)";
     return e;
   }
   timer.lap("device_state");
