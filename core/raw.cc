@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -288,7 +289,9 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   }
   // A memory file truncated while its mapping is read raises SIGBUS in the
   // workers: one line and status 1, as for a file written to meanwhile.
-  exit_on_sigbus("\nvmsave: error: a memory file shrank while it was saved (reading it raised "
+  // (On a terminal the progress line may be half drawn: start a new one.)
+  exit_on_sigbus(std::string(isatty(STDERR_FILENO) ? "\n" : "") +
+                 "vmsave: error: a memory file shrank while it was saved (reading it raised "
                  "SIGBUS); no image was made; stop whatever resizes it and save again\n");
   auto warn = [&](const std::string& m) { rep.warn(m); };
   auto w = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size, warn);
