@@ -53,8 +53,10 @@ Error unexpected_json(const nlohmann::json::exception& e) {
                "is the QMP socket QEMU's, and the image one vmsave wrote?"};
 }
 
-int fail(const Error& e) {
+int fail(Error e) {
   std::fflush(stdout);
+  if (e.status == Exit::kDamaged && e.hint.empty())
+    e.hint = "use an intact copy of the image (vmsave verify names the first damaged place)";
   fmt::print(stderr, "vmsave: error: {}\n", e.message());
   return static_cast<int>(e.status);
 }
@@ -433,8 +435,8 @@ int main(int argc, char** argv) {
   }
   if (!min_hole.empty()) {
     auto mh = parse_size(min_hole);
-    if (!mh.ok() || *mh > kMaxChunkSize)
-      return usage("--min-hole takes a size from 0 to 1G (e.g. 0, 64K, 2M)");
+    if (!mh.ok() || *mh > kMaxChunkSize || *mh % 4096)
+      return usage("--min-hole takes a multiple of 4K from 0 to 1G (e.g. 0, 64K, 2M)");
     save.min_hole = *mh;
   }
   if (compress_opt->count() > 0) {

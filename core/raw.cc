@@ -270,7 +270,11 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
       return Error{"cannot open memory file", file,
                    "it is a symbolic link, and vmsave reads memory files by their own path"}
           .fix("give the path it points to (readlink -f)");
-    if (!fd) return sys_error("open", file, errno).fix(errno == ENOENT ? "check the path" : "");
+    if (!fd)
+      return sys_error("open", file, errno)
+          .fix(errno == ENOENT                      ? "check the path"
+               : errno == EACCES || errno == EPERM ? "run vmsave as a user who can read it"
+                                                   : "");
     struct stat st;
     if (fstat(fd.get(), &st) < 0) return sys_error("fstat", file, errno);
     if (!S_ISREG(st.st_mode)) return Error{"not a regular file", file, "cannot save it as RAM"};

@@ -480,6 +480,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   }
   if (through_qemu && live) j["live_timeout_reached"] = live_timeout_reached;
   add_ram_report(j, ram, "ram_write");
+  if (through_qemu) j["qemu_ram_bytes"] = ram.ram_bytes;  // as a restore reports it
   if (opts.compress.enabled()) j["compress"] = opts.compress.name();
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();

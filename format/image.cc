@@ -177,7 +177,8 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
     if (all_zero(h.magic, 8))
       return damaged(path, "no image header (all zero): the save that wrote it did not finish")
           .fix("save the VM again");
-    return damaged(path, "not a vmsave image (bad magic)");
+    return damaged(path, "not a vmsave image (bad magic)")
+        .fix("give the path of an image vmsave saved");
   }
   const u8* p = reinterpret_cast<const u8*>(&h);
   const bool sum_ok = checksum({p, offsetof(DiskHeader, checksum)}) == h.checksum;
@@ -218,7 +219,8 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
   img.created_ns = static_cast<i64>(u64(h.created_ns));
   u64 fsize = h.file_size;
   if (fsize > u64(file_size))
-    return damaged(path, fmt::format("truncated: {} bytes of {}", file_size, fsize));
+    return damaged(path, fmt::format("truncated: {} bytes of {}", file_size, fsize))
+        .fix("the file was cut short (an incomplete copy?): use a complete one");
   if (fsize < u64(kHeaderSize) || fsize % kSectionAlign)
     return damaged(path, fmt::format("implausible file size {} in header", fsize), 48);
   img.file_size = static_cast<i64>(fsize);

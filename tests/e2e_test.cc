@@ -1003,7 +1003,9 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   CHECK_MESSAGE(contains(z.err, "cannot compress this VM's RAM"), z.err);
   CHECK_MESSAGE(contains(z.err, "without --compress"), z.err);
   CHECK_FALSE(exists(image));
-  const std::string log_at_save = save_and_quit(vm, image);
+  json report;
+  const std::string log_at_save = save_and_quit(vm, image, {}, &report);
+  CHECK(report.value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);
   const MemcheckLine saved = *read_story(log_at_save).last;
   json info = check_saved_by_qemu(image, {"pc.ram"});
 

@@ -516,6 +516,7 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--ram", "ram=" + src, "--qmp-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--compress", "lz4", "--chunk-size", "4K", image},
       {"save", "--ram", "a\nb=" + src, image},               // control character in the id
+      {"save", "--ram", "ram=" + src, "--min-hole", "3K", image},  // not a page multiple
       {"save", "--ram", "ram=" + src, disk / std::string(240, 'x')},  // no room for a temp name
       {"save", "--qmp", disk / "qmp.sock", "--live-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--progress-fd", "1", "--json", image},
@@ -698,6 +699,10 @@ TEST_CASE("raw: missing, empty, foreign and newer images are refused with the ri
         CHECK_MESSAGE(contains(r.err, "v2"), r.err);
         CHECK_MESSAGE(contains(r.err, "v1"), r.err);
       }
+      // Every refusal says what to do: a fix after the cause.
+      CHECK_MESSAGE(contains(r.err, "; "), r.err);
+      if (c.path == foreign)
+        CHECK_MESSAGE(contains(r.err, "give the path of an image vmsave saved"), r.err);
       CHECK(list_dir(out.path()).empty());
     }
   }
