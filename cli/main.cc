@@ -53,6 +53,17 @@ Error unexpected_json(const nlohmann::json::exception& e) {
                "is the QMP socket QEMU's, and the image one vmsave wrote?"};
 }
 
+// With --json, a failure is an object on stdout too: wrappers parse stdout
+// whatever happened.
+void print_failure_json(const std::string& cmd, const std::string& error, Exit status,
+                        const std::string& image = "") {
+  nlohmann::json j = {{"command", cmd}, {"ok", false}, {"error", error},
+                      {"exit_status", static_cast<int>(status)}};
+  if (!image.empty()) j["image"] = image;
+  fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+  std::fflush(stdout);
+}
+
 int fail(Error e) {
   std::fflush(stdout);
   if (e.status == Exit::kDamaged && e.hint.empty())
@@ -364,12 +375,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc && std::string_view(argv[i]) != "--"; i++)
     want_json |= std::string_view(argv[i]) == "--json";
   auto usage = [&](const std::string& msg) {
-    if (want_json) {
-      nlohmann::json j = {{"command", cmd_name}, {"ok", false}, {"error", msg},
-                          {"exit_status", static_cast<int>(Exit::kUsage)}};
-      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
-      std::fflush(stdout);
-    }
+    if (want_json) print_failure_json(cmd_name, msg, Exit::kUsage);
     fmt::print(stderr, "vmsave: error: {}\n", msg);
     return static_cast<int>(Exit::kUsage);
   };
@@ -401,12 +407,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    if (e.get_exit_code() != 0 && want_json) {
-      nlohmann::json j = {{"command", cmd_name}, {"ok", false}, {"error", e.what()},
-                          {"exit_status", static_cast<int>(Exit::kUsage)}};
-      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
-      std::fflush(stdout);
-    }
+    if (e.get_exit_code() != 0 && want_json)
+      print_failure_json(cmd_name, e.what(), Exit::kUsage);
     int rc = app.exit(e);
     return rc == 0 ? 0 : static_cast<int>(Exit::kUsage);
   }
@@ -516,13 +518,9 @@ int main(int argc, char** argv) {
   }
 
   if (!result.ok()) {
-    if (c.json) {  // wrappers parse stdout whatever happened
-      const Error& e = result.error();
-      nlohmann::json j = {{"command", cmd}, {"ok", false}, {"error", e.message()},
-                          {"exit_status", static_cast<int>(e.status)}};
-      if (cmd == "info" || cmd == "verify") j["image"] = image;
-      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
-    }
+    if (c.json)
+      print_failure_json(cmd, result.error().message(), result.error().status,
+                         cmd == "info" || cmd == "verify" ? image : "");
     return fail(result.error());
   }
   nlohmann::json& j = *result;
