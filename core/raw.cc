@@ -135,18 +135,21 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   RamFile f;
   bool created = true;
   f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!f.fd_ && errno == EEXIST && force) {
+  if (!f.fd_ && errno == EEXIST) {
+    struct stat in_way;
+    if (lstat(path.c_str(), &in_way) == 0 && S_ISDIR(in_way.st_mode))
+      return Error{"cannot create RAM file", path, "a directory is in the way"}.fix(
+          "remove that directory or choose another place for the file");
+    if (!force)
+      return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
+          "pass --force to overwrite it, or remove it");
     created = false;
     f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC));
   }
   if (!f.fd_) {
-    if (errno == EEXIST)
-      return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
-          "pass --force to overwrite it, or remove it");
     Error e = sys_error("cannot create RAM file", path, errno);
     if (errno == ENOENT) e.hint = "create its directory first";
     if (errno == EROFS || errno == EACCES) e.hint = "put it where vmsave can write";
-    if (errno == EISDIR) e.hint = "remove that directory or choose another place for the file";
     if (errno == ELOOP) {
       e.detail = "it is a symbolic link, and vmsave does not write through one";
       e.hint = "give the real path, or remove the link";
@@ -351,26 +354,13 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   // Blocks saved through QEMU are restored by QEMU (from the image), not
   // into files.
   for (auto& b : img.layout().blocks) VMSAVE_TRY(check_block_id(b.id, opts.image));
-  // Refuse up front rather than after filling half the blocks.
-  if (!opts.force)
-    for (auto& b : img.layout().blocks) {
-      if (b.via_qemu()) continue;
-      std::string p = opts.ram_dir + "/" + b.id;
-      struct stat pst;
-      if (lstat(p.c_str(), &pst) == 0 && S_ISDIR(pst.st_mode))
-        return Error{"cannot create RAM file", p, "a directory is in the way"}.fix(
-            "remove it or choose another --ram-dir");
-      if (access(p.c_str(), F_OK) == 0)
-        return Error{"RAM file exists", p, "refusing to overwrite it"}.fix(
-            "pass --force to overwrite it, or remove it");
-    }
   Progress progress;
   for (auto& b : img.layout().blocks)
     if (!b.via_qemu()) progress.total += b.size;
   auto watchdog = Watchdog::start();
   if (!watchdog.ok()) return watchdog.error();
-  // Every file is created (and its room checked) before any is filled, and
-  // each is removed again unless every block fills.
+  // Every file is created (an existing one refused, room checked) before
+  // any is filled, and each is removed again unless every block fills.
   std::vector<RamFile> files;
   std::vector<std::string> done;
   SpaceClaims claims;
