@@ -434,9 +434,18 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
   int ep[2];
   if (pipe2(ep, O_CLOEXEC) < 0) return sys_error("pipe2", "", errno);
   UniqueFd erd(ep[0]), ewr(ep[1]);
+  // The child waits to exec until `forked` has run (the watchdog knows its
+  // pid); if vmsave dies before, it reads end of file and exits instead, so
+  // no QEMU can outlive a vmsave killed right after fork.
+  int gp[2];
+  if (pipe2(gp, O_CLOEXEC) < 0) return sys_error("pipe2", "", errno);
+  UniqueFd grd(gp[0]), gwr(gp[1]);
   pid_t pid = fork();
   if (pid < 0) return sys_error("fork", argv[0], errno);
   if (pid == 0) {
+    gwr.reset();
+    char go = 0;
+    if (::read(grd.get(), &go, 1) != 1) _exit(127);
     setsid();
     signal(SIGPIPE, SIG_DFL);
     signal(SIGINT, SIG_DFL);
@@ -450,6 +459,8 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
     _exit(127);
   }
   if (forked) forked(pid);
+  (void)!::write(gwr.get(), "g", 1);
+  gwr.reset();
   ewr.reset();
   int e = 0;
   if (::read(erd.get(), &e, sizeof(e)) == sizeof(e)) {
