@@ -3,6 +3,7 @@
 
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <map>
@@ -29,6 +30,21 @@ i64 file_page_size(int fd);
 // as damage.
 bool is_file_name_id(const std::string& id);
 Status check_block_id(const std::string& id, const std::string& image);
+
+// Whether `pid` runs: it exists and is neither a zombie nor dead.
+bool process_alive(pid_t pid);
+
+// A process other than vmsave that maps the file `st` describes (a VM
+// running on it, a lazy clone of it), found in /proc/*/maps: pid 0 if none
+// (or none vmsave may see). Truncating such a file kills that process.
+struct Mapper {
+  pid_t pid = 0;
+  std::string name;  // its comm
+};
+Mapper find_mapper(const struct stat& st);
+
+// --force replaces files, never one a process maps: an error naming it.
+Status check_not_mapped(const std::string& path, const struct stat& st);
 
 // A RAM file a restore creates and fills: created (mode 0600, never through
 // a symlink; an existing file only with `force`) and sized to its block,

@@ -12,11 +12,14 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <dirent.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -112,6 +115,38 @@ std::vector<MapsEntry> read_maps(pid_t pid) {
 }
 
 }  // namespace
+
+// Whether `pid` runs: it exists and is neither a zombie nor dead.
+bool process_alive(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string stat;
+  if (!std::getline(in, stat)) return false;
+  size_t paren = stat.rfind(')');  // the command name may hold anything
+  char state = paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
+  return state != 'Z' && state != 'X';
+}
+
+Mapper find_mapper(const struct stat& st) {
+  DIR* proc = opendir("/proc");
+  if (!proc) return {};
+  Mapper found;
+  const pid_t self = getpid();
+  while (dirent* d = readdir(proc)) {
+    char* end;
+    long pid = std::strtol(d->d_name, &end, 10);
+    if (*end || pid <= 0 || pid == self) continue;
+    for (auto& m : read_maps(static_cast<pid_t>(pid)))
+      if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev) {
+        found.pid = static_cast<pid_t>(pid);
+        std::ifstream comm(fmt::format("/proc/{}/comm", pid));
+        std::getline(comm, found.name);
+        break;
+      }
+    if (found.pid) break;
+  }
+  closedir(proc);
+  return found;
+}
 
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
   std::vector<MapsEntry> maps = read_maps(pid);

@@ -120,6 +120,15 @@ Status refuse_lazy_qemu_section(const ImageReader& img) {
       .as(Exit::kUsage);
 }
 
+Status check_not_mapped(const std::string& path, const struct stat& st) {
+  Mapper m = find_mapper(st);
+  if (!m.pid) return Status();
+  return Error{"RAM file is in use", path,
+               fmt::format("process {} ({}) maps it; replacing it would kill that process", m.pid,
+                           m.name)}
+      .fix("stop that VM first, or give this restore another mem-path");
+}
+
 Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,
                                 bool force, Watchdog* watchdog, SpaceClaims& claims) {
   const BlockLayout& b = img.layout().blocks[block];
@@ -165,6 +174,8 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   if (!S_ISREG(st.st_mode))  // --force replaces RAM files, never a device or FIFO
     return refuse(Error{"cannot fill RAM file", path, "it is not a regular file"}.fix(
         "give a path on tmpfs, hugetlbfs or a disk where a regular file can go"));
+  if (!created)  // --force, but not under a running VM: truncating would kill it
+    VMSAVE_TRY(check_not_mapped(path, st));
   // Room for its data pages, and for those of the files before it on the
   // same filesystem, said now rather than part-way through the fill (and,
   // for restore, before QEMU starts). Filesystems without a limit

@@ -260,7 +260,6 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
 // one left behind) would be overwritten, which needs --force as for the
 // files vmsave fills.
 Status check_qemu_loaded_files(const QemuCommand& cmd, const ImageReader& img, bool force) {
-  if (force) return Status();
   auto objs = cmd.objects();
   if (!objs.ok()) return objs.error().as(Exit::kUsage);
   for (auto& o : *objs) {
@@ -269,7 +268,10 @@ Status check_qemu_loaded_files(const QemuCommand& cmd, const ImageReader& img, b
     for (auto& b : img.layout().blocks) by_qemu |= b.id == o.object.id && b.via_qemu();
     auto mp = o.object.get_string("mem-path");
     struct stat st;
-    if (by_qemu && mp && stat(mp->c_str(), &st) == 0 && S_ISREG(st.st_mode))
+    if (!by_qemu || !mp || stat(mp->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (force)
+      VMSAVE_TRY(check_not_mapped(*mp, st));
+    else
       return Error{"RAM file exists", *mp,
                    fmt::format("QEMU would load block {} into it; refusing to overwrite it",
                                o.object.id)}
@@ -283,16 +285,6 @@ Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
   if (meta.value("mode", "") == "qemu") return Status();
   return Error{"not a QEMU image", image, "it holds memory files saved with --ram"}.fix(
       "restore it with vmsave restore IMAGE --ram-dir DIR");
-}
-
-// Whether `pid` runs: it exists and is neither a zombie nor dead.
-bool process_alive(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/stat", pid));
-  std::string stat;
-  if (!std::getline(in, stat)) return false;
-  size_t paren = stat.rfind(')');  // the command name may hold anything
-  char state = paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
-  return state != 'Z' && state != 'X';
 }
 
 // The command's own QMP socket must not be another process's: QEMU would

@@ -447,7 +447,12 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   guard.armed = false;
   watchdog->disarm();
   if (opts.after == AfterSave::kQuit) {
-    (void)qmp.execute("quit", nullptr, 5);
+    // Until QEMU has exited it still maps its RAM files: a restore --force
+    // run next would refuse them as in use. Tearing down its memory takes a
+    // moment with a large guest; past 10 s vmsave stops waiting.
+    if (qmp.execute("quit", nullptr, 5).ok())
+      for (int i = 0; i < 1000 && process_alive(pid); i++)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
   } else if (opts.after == AfterSave::kLeaveRunning) {
     after = was_running ? "running" : "paused";
   } else {
@@ -470,11 +475,14 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   if (opts.after == AfterSave::kQuit) {
     // QEMU does not remove a named RAM file when it quits: the guest's
     // memory stays taken (in /dev/shm, say) until someone does, and a
-    // restore to the same command line refuses it without --force.
+    // restore to the same command line refuses it without --force. Only
+    // shared files hold the guest's memory: a share=off file is what QEMU
+    // read it from (a lazy clone's image, say), never to be removed for it.
     nlohmann::json left = nlohmann::json::array();
     struct stat st;
     for (auto& b : backends)
-      if (!b.mem_path.empty() && stat(b.mem_path.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+      if (b.share && !b.mem_path.empty() && stat(b.mem_path.c_str(), &st) == 0 &&
+          S_ISREG(st.st_mode))
         left.push_back(b.mem_path);
     if (!left.empty()) j["ram_files_left"] = left;
   }

@@ -7,6 +7,8 @@
 // ASan/UBSan an error report also ends the process that way).
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -349,6 +351,35 @@ TEST_CASE("raw: restore refuses an existing RAM file without --force and overwri
     CHECK_FAILS(r, 1, "the RAM file is the image itself (" + image + ")");
     CHECK_RUN(run_vmsave({"verify", image}), 0);
   }
+
+  // Nor under a process that maps the file (a VM running on it): truncating
+  // it would kill that process with SIGBUS.
+  int gate[2];
+  REQUIRE(pipe(gate) == 0);
+  pid_t vm = fork();
+  REQUIRE(vm >= 0);
+  if (vm == 0) {
+    int fd = ::open((out / "ram1").c_str(), O_RDWR);
+    void* p = fd < 0 ? MAP_FAILED : mmap(nullptr, 4096, PROT_READ, MAP_SHARED, fd, 0);
+    char ok = p != MAP_FAILED;
+    (void)!write(gate[1], &ok, 1);
+    pause();
+    _exit(0);
+  }
+  char mapped = 0;
+  REQUIRE(read(gate[0], &mapped, 1) == 1);
+  REQUIRE(mapped);
+  const std::string before = test::read_file(out / "ram1");
+  r = run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"});
+  CHECK_FAILS(r, 1,
+              fmt::format("RAM file is in use ({}): process {} (", out / "ram1", vm) +
+                  "vmsave_tests) maps it");
+  CHECK(test::read_file(out / "ram1") == before);
+  kill(vm, SIGKILL);
+  REQUIRE(waitpid(vm, nullptr, 0) == vm);
+  close(gate[0]);
+  close(gate[1]);
+  CHECK_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"}), 0);
 }
 
 TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
