@@ -458,9 +458,20 @@ std::string log_tail(const std::string& path, int lines) {
 }
 
 Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log,
-                               const std::function<void(pid_t)>& forked) {
-  UniqueFd logfd(::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!logfd) return sys_error("open", log, errno);
+                               bool log_named, const std::function<void(pid_t)>& forked) {
+  UniqueFd logfd;
+  if (log_named) {
+    logfd.reset(::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  } else {  // truncated only once known to be a regular file; no FIFO to wait on
+    logfd.reset(::open(log.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600));
+    struct stat st;
+    if ((logfd && (fstat(logfd.get(), &st) < 0 || !S_ISREG(st.st_mode))) ||
+        (!logfd && (errno == ELOOP || errno == ENXIO)))
+      return Error{"cannot write QEMU's log", log, "it is not a regular file (a link, a FIFO?)"}.fix(
+          "remove it, or choose the log with --qemu-log");
+    if (logfd && ftruncate(logfd.get(), 0) < 0) return sys_error("cannot write QEMU's log", log, errno);
+  }
+  if (!logfd) return sys_error("cannot write QEMU's log", log, errno);
   UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
   std::vector<char*> args;
   for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));

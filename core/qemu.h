@@ -111,8 +111,12 @@ struct StartedQemu {
   std::string log;
 };
 // `forked` is told the pid as soon as it exists, before exec (a restore's
-// watchdog must know it before anything else can go wrong).
+// watchdog must know it before anything else can go wrong). A log the user
+// did not name (`log_named` false: the one beside QEMU's socket, in a
+// directory others may write) must be a regular file, not a link: vmsave,
+// often root, must not be steered into truncating another file.
 Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log,
+                               bool log_named,
                                const std::function<void(pid_t)>& forked = nullptr);
 
 // Connects to `path` as soon as QEMU listens there; fails early with the

@@ -452,7 +452,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // boundary looks again, so an interrupted restore never reports success.
   if (cancelled()) return interrupted_error();
   // A daemonizing QEMU's first process exits; the daemon is noted below.
-  auto started = start_qemu(cmd.argv(), log, [&](pid_t pid) {
+  auto started = start_qemu(cmd.argv(), log, !opts.qemu_log.empty(), [&](pid_t pid) {
     if (!cmd.daemonize()) watchdog->note_kill(pid);
   });
   if (!started.ok()) return started.error();

@@ -947,6 +947,24 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     CHECK_FALSE(contains(r.err, image));
     CHECK(exists(image));
   }
+
+  // The log beside a command's socket may sit in a directory others can
+  // write: a link planted there is not followed (nor truncated through).
+  const std::string victim = vm.dir() + "/victim", sock3 = vm.dir() + "/clone3.sock";
+  std::ofstream(victim) << "not QEMU's log\n";
+  REQUIRE(::symlink(victim.c_str(), (sock3 + ".qemu.log").c_str()) == 0);
+  auto cmd3 = rewrite(rewrite(vm.command(), vm.qmp_path(), sock3), vm.serial_path(),
+                      vm.dir() + "/clone3.log");
+  auto args = restore_args(image, "", true, cmd3);
+  args.erase(args.begin() + 3, args.begin() + 5);  // no --qemu-log
+  RunResult r = run_vmsave(args, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot write QEMU's log (" + sock3 +
+                                    ".qemu.log): it is not a regular file (a link, a FIFO?); "
+                                    "remove it, or choose the log with --qemu-log"),
+                r.err);
+  CHECK(slurp(victim) == "not QEMU's log\n");
+  CHECK_FALSE(exists(sock3));
 }
 
 TEST_CASE(
