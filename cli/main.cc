@@ -7,8 +7,11 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fmt/core.h>
 
 #include "cli/terminal.h"
@@ -30,6 +33,20 @@ struct Common {
 };
 
 void on_signal(int sig) { cancel_signal().store(sig); }
+
+// Standard fds the caller closed (`>&-`) would be taken by the first files
+// vmsave opens, and its output would land in them: the JSON report in an
+// image, say. /dev/null takes their place; a closed stdout is then a
+// report that could not be written. Returns whether stdout was closed.
+bool reopen_closed_std_fds() {
+  bool stdout_closed = false;
+  for (int fd = 0; fd <= 2; fd++) {
+    if (fcntl(fd, F_GETFD) >= 0 || errno != EBADF) continue;
+    if (::open("/dev/null", O_RDWR) != fd) std::abort();  // the lowest free number
+    stdout_closed |= fd == 1;
+  }
+  return stdout_closed;
+}
 
 void install_signal_handlers() {
   // No SA_RESTART: blocking calls return EINTR and the loops around them
@@ -60,7 +77,7 @@ void print_failure_json(const std::string& cmd, const std::string& error, Exit s
   nlohmann::json j = {{"command", cmd}, {"ok", false}, {"error", error},
                       {"exit_status", static_cast<int>(status)}};
   if (!image.empty()) j["image"] = image;
-  fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+  say(stdout, "{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
   std::fflush(stdout);
 }
 
@@ -68,7 +85,7 @@ int fail(Error e) {
   std::fflush(stdout);
   if (e.status == Exit::kDamaged && e.hint.empty())
     e.hint = "use an intact copy of the image (vmsave verify names the first damaged place)";
-  fmt::print(stderr, "vmsave: error: {}\n", e.message());
+  say(stderr, "vmsave: error: {}\n", e.message());
   return static_cast<int>(e.status);
 }
 
@@ -120,53 +137,53 @@ std::string latency_line(const nlohmann::json& j) {
 // One human paragraph per command; the JSON report has every figure.
 void print_summary(const std::string& cmd, const nlohmann::json& j, const Common& c) {
   if (cmd == "save") {
-    fmt::print(stderr, "saved {}: {} of RAM, {} stored ({:.0f}% zero)", j["image"].get<std::string>(),
+    say(stderr, "saved {}: {} of RAM, {} stored ({:.0f}% zero)", j["image"].get<std::string>(),
                human_bytes(j["ram_bytes"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
                100 * j["zero_ratio"].get<double>());
     if (j.contains("compress"))
-      fmt::print(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
+      say(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
                  j["compression_ratio"].get<double>(),
                  human_bytes(j["uncompressed_bytes"].get<double>()));
     if (j.value("zero_filled_bytes", i64(0)) > 0)
-      fmt::print(stderr, " (+{} of short zero runs, see --min-hole)",
+      say(stderr, " (+{} of short zero runs, see --min-hole)",
                  human_bytes(j["zero_filled_bytes"].get<double>()));
     if (j.contains("vmstate_bytes"))
-      fmt::print(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
-    fmt::print(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
+      say(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
+    say(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
                secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
-    if (j.contains("downtime_s")) fmt::print(stderr, ", guest paused {}", secs(j, "downtime_s"));
-    if (j.value("ram_saved_by", "") == "qemu") fmt::print(stderr, " (RAM saved by QEMU mapped-ram)");
-    fmt::print(stderr, "\n");
+    if (j.contains("downtime_s")) say(stderr, ", guest paused {}", secs(j, "downtime_s"));
+    if (j.value("ram_saved_by", "") == "qemu") say(stderr, " (RAM saved by QEMU mapped-ram)");
+    say(stderr, "\n");
     if (j.value("live", false))
-      fmt::print(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
+      say(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
                  j.value("passes", 0), human_bytes(j.value("bytes_rewritten", 0.0)),
                  secs(j, "flush_s"));
     for (auto& f : j.value("ram_files_left", nlohmann::json::array()))
-      fmt::print(stderr, "  QEMU quit and left its RAM file {}: remove it to free that memory "
+      say(stderr, "  QEMU quit and left its RAM file {}: remove it to free that memory "
                          "(a restore to it needs it gone, or --force)\n",
                  f.get<std::string>());
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")
-      fmt::print(stderr, "mapped {} of RAM copy-on-write from the image\n",
+      say(stderr, "mapped {} of RAM copy-on-write from the image\n",
                  human_bytes(j["ram_bytes"].get<double>()));
     else if (j.value("ram_bytes", 0.0) > 0)
-      fmt::print(stderr, "restored {} of RAM ({} stored) in {}\n",
+      say(stderr, "restored {} of RAM ({} stored) in {}\n",
                  human_bytes(j["ram_bytes"].get<double>()),
                  human_bytes(j.value("stored_bytes", 0.0)), secs(j, "ram_read_s"));
     if (j.contains("qemu_ram_bytes"))
-      fmt::print(stderr, "QEMU loaded {} of RAM from its migration section in the image\n",
+      say(stderr, "QEMU loaded {} of RAM from its migration section in the image\n",
                  human_bytes(j["qemu_ram_bytes"].get<double>()));
     if (j.contains("pid"))
-      fmt::print(stderr, "QEMU pid {} is {}; QMP socket {}{}\n", j["pid"].get<i64>(),
+      say(stderr, "QEMU pid {} is {}; QMP socket {}{}\n", j["pid"].get<i64>(),
                  j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>(),
                  j.contains("qemu_log") ? "; its log " + j["qemu_log"].get<std::string>() : "");
-    fmt::print(stderr, "  total {}\n", secs(j, "total_s"));
+    say(stderr, "  total {}\n", secs(j, "total_s"));
   } else if (cmd == "verify") {
-    fmt::print(stderr, "{}: intact ({} chunks, {} read in {})\n", j["image"].get<std::string>(),
+    say(stderr, "{}: intact ({} chunks, {} read in {})\n", j["image"].get<std::string>(),
                j["chunks_checked"].get<i64>(), human_bytes(j["bytes_read"].get<double>()),
                secs(j, "verify_s"));
   }
-  if (c.stats && j.contains("io_latency_us")) fmt::print(stderr, "  {}\n", latency_line(j));
+  if (c.stats && j.contains("io_latency_us")) say(stderr, "  {}\n", latency_line(j));
 }
 
 // An argument as a POSIX shell would need it: as is when it has nothing
@@ -262,6 +279,7 @@ void print_info(const nlohmann::json& j) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const bool stdout_closed = reopen_closed_std_fds();
   CLI::App app{
       "vmsave: save a running QEMU virtual machine into one random-access image and restore it.\n"
       "Shared file-backed guest RAM is written by vmsave itself (fastest; lazy restore), e.g.\n"
@@ -376,7 +394,7 @@ int main(int argc, char** argv) {
     want_json |= std::string_view(argv[i]) == "--json";
   auto usage = [&](const std::string& msg) {
     if (want_json) print_failure_json(cmd_name, msg, Exit::kUsage);
-    fmt::print(stderr, "vmsave: error: {}\n", msg);
+    say(stderr, "vmsave: error: {}\n", msg);
     return static_cast<int>(Exit::kUsage);
   };
   // `restore IMAGE qemu-system-x86_64 ...` without the `--`: CLI11 would
@@ -527,12 +545,12 @@ int main(int argc, char** argv) {
   try {
     if (c.json) {
       j["ok"] = true;  // as on failure, where it is false
-      fmt::print("{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+      say(stdout, "{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     } else if (cmd == "info") {
       print_info(j);
     } else if (cmd == "prepare") {
       // The arguments to add, one per line, for wrappers and humans alike.
-      for (auto& a : j["qemu_args"]) fmt::print("{}\n", a.get<std::string>());
+      for (auto& a : j["qemu_args"]) say(stdout, "{}\n", a.get<std::string>());
       if (!c.quiet) print_summary(cmd, j, c);
     } else if (!c.quiet) {
       print_summary(cmd, j, c);
@@ -542,8 +560,19 @@ int main(int argc, char** argv) {
     // The work is done (an image committed, a VM running): a report that
     // cannot be printed must not turn that into a failure.
     std::fflush(stdout);
-    fmt::print(stderr, "vmsave: warning: {} succeeded, but its summary could not be printed: {}\n",
+    say(stderr, "vmsave: warning: {} succeeded, but its summary could not be printed: {}\n",
                cmd, e.what());
+  }
+  // The same for a report stdout did not take (a full disk, a closed pipe),
+  // but for info and prepare, whose output is what the user asked for.
+  bool to_stdout = c.json || cmd == "info" || cmd == "prepare";
+  int err = std::fflush(stdout) != 0 || std::ferror(stdout) ? errno : 0;
+  if (to_stdout && (stdout_closed || err)) {
+    std::string why = stdout_closed ? "it is closed" : std::strerror(err ? err : EIO);
+    if (cmd == "info" || cmd == "prepare")
+      return fail(Error{"cannot write to standard output", "", why});
+    say(stderr, "vmsave: warning: {} succeeded, but its report could not be written to standard "
+                "output: {}\n", cmd, why);
   }
   return 0;
 }

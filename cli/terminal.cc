@@ -75,21 +75,21 @@ void TerminalReporter::draw(bool final) {
   }
   if (final) text += fmt::format(" in {:.2f} s", secs);
   if (smart_) {
-    fmt::print(stderr, "\r{}\x1b[K", text);
+    say(stderr, "\r{}\x1b[K", text);
     line_dirty_ = true;
     if (final) {
-      fmt::print(stderr, "\n");
+      say(stderr, "\n");
       line_dirty_ = false;
     }
   } else if (final) {
-    fmt::print(stderr, "{}\n", text);
+    say(stderr, "{}\n", text);
   }
   std::fflush(stderr);
 }
 
 void TerminalReporter::clear_line() {
   if (line_dirty_) {
-    fmt::print(stderr, "\r\x1b[K");
+    say(stderr, "\r\x1b[K");
     line_dirty_ = false;
   }
 }
@@ -111,14 +111,14 @@ void TerminalReporter::end_phase() {
 void TerminalReporter::warn(const std::string& msg) {
   std::lock_guard lock(mu_);
   clear_line();
-  fmt::print(stderr, "vmsave: warning: {}\n", msg);
+  say(stderr, "vmsave: warning: {}\n", msg);
 }
 
 void TerminalReporter::note(const std::string& msg) {
   std::lock_guard lock(mu_);
   if (quiet_) return;
   clear_line();
-  fmt::print(stderr, "{}\n", msg);
+  say(stderr, "{}\n", msg);
 }
 
 }  // namespace vmsave

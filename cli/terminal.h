@@ -6,13 +6,26 @@
 #pragma once
 
 #include <atomic>
+#include <cstdio>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
+
+#include <fmt/core.h>
 
 #include "core/reporter.h"
 
 namespace vmsave {
+
+// fmt::print, minus the exception it throws when the write fails (stderr on
+// a full disk, a closed pipe): vmsave's output never decides its outcome
+// halfway; main() looks at ferror(stdout) once the work is done.
+template <typename... T>
+void say(std::FILE* f, fmt::format_string<T...> format, T&&... args) {
+  std::string s = fmt::format(format, std::forward<T>(args)...);
+  (void)!std::fwrite(s.data(), 1, s.size(), f);
+}
 
 class TerminalReporter : public Reporter {
  public:

@@ -382,6 +382,40 @@ TEST_CASE("raw: restore refuses an existing RAM file without --force and overwri
   CHECK_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"}), 0);
 }
 
+TEST_CASE("raw: output nobody can take (a full disk, closed fds) never aborts or misplaces work") {
+  require_shm();
+  SmallImage s;
+  const std::string vmsave = VMSAVE_BINARY;
+  auto sh = [&](const std::string& line) {
+    return test::run_program({"/bin/sh", "-c", "\"$0\" " + line, vmsave});
+  };
+  // stderr on a full disk: the save succeeds (it used to abort, status 134).
+  const std::string img = s.disk / "full.vmsave";
+  RunResult r = sh(fmt::format("save --ram ram0={} {} 2>/dev/full", s.shm / "ram0", img));
+  CHECK_RUN(r, 0);
+  CHECK_RUN(run_vmsave({"verify", img}), 0);
+  CHECK_RUN(sh("info /nonexistent.vmsave 2>/dev/full"), 1);
+  // A report stdout cannot take: info's output is the command, so it fails;
+  // a save's report is a warning beside finished work.
+  r = sh("info " + s.image + " >/dev/full");
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot write to standard output: No space left on device"),
+                r.err);
+  r = sh(fmt::format("save --json --ram ram0={} {} --force >/dev/full", s.shm / "ram0", img));
+  CHECK_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "vmsave: warning: save succeeded, but its report could not be "
+                                "written to standard output: No space left on device"),
+                r.err);
+  // A closed stdout is not handed to the first file vmsave opens (the JSON
+  // report used to be able to land in whatever took fd 1).
+  const std::string closed = s.disk / "closed.vmsave";
+  r = sh(fmt::format("save --json --ram ram0={} {} >&-", s.shm / "ram0", closed));
+  CHECK_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "could not be written to standard output: it is closed"), r.err);
+  CHECK_RUN(run_vmsave({"verify", closed}), 0);
+  CHECK_RUN(sh("info " + s.image + " >&-"), 1);
+}
+
 TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
   require_shm();
   TempDir shm("/dev/shm");
