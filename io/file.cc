@@ -22,7 +22,10 @@ int default_jobs() {
 
 Result<DirectFile> open_direct(const std::string& path, int flags, mode_t mode,
                                bool want_direct) {
-  flags |= O_NOFOLLOW | O_CLOEXEC;
+  // Images are read through links (latest.vmsave -> ...) but never
+  // written through one.
+  const bool writes = flags & (O_WRONLY | O_RDWR | O_CREAT);
+  flags |= O_CLOEXEC | (writes ? O_NOFOLLOW : 0);
   DirectFile f;
   f.path = path;
   if (want_direct) {
@@ -40,7 +43,7 @@ Result<DirectFile> open_direct(const std::string& path, int flags, mode_t mode,
   int fd = ::open(path.c_str(), flags, mode);
   if (fd < 0) {
     Error e = sys_error("open", path, errno);
-    if (errno == ELOOP) e.detail = "is a symbolic link; vmsave does not follow links to images";
+    if (errno == ELOOP && writes) e.detail = "is a symbolic link; vmsave does not write through links";
     return e;
   }
   f.fd.reset(fd);

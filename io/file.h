@@ -24,8 +24,8 @@ struct DirectFile {
 };
 
 // Opens `path` with `flags` (O_RDONLY, O_WRONLY|O_CREAT|O_EXCL, ...) plus
-// O_DIRECT when `want_direct`. O_NOFOLLOW and O_CLOEXEC are always added:
-// vmsave never follows a symlink to guest memory.
+// O_DIRECT when `want_direct`, and O_CLOEXEC. Opens that may write get
+// O_NOFOLLOW: vmsave never writes guest memory through a symlink.
 Result<DirectFile> open_direct(const std::string& path, int flags, mode_t mode, bool want_direct);
 
 // Reopens `f` without O_DIRECT (same inode, via /proc/self/fd).

@@ -704,6 +704,29 @@ TEST_CASE("raw: every option --help lists is described in the man page") {
 
 // ------------------------------------------------- what is not an image
 
+TEST_CASE("raw: an image is read through a symbolic link (latest.vmsave -> ...)") {
+  require_shm();
+  SmallImage s;
+  const std::string link = s.disk / "latest.vmsave";
+  REQUIRE(symlink(s.image.c_str(), link.c_str()) == 0);
+  CHECK_RUN(run_vmsave({"info", link}), 0);
+  CHECK_RUN(run_vmsave({"verify", link}), 0);
+  TempDir out("/dev/shm");
+  REQUIRE_RUN(run_vmsave({"restore", link, "--ram-dir", out.path()}), 0);
+  for (auto& id : s.ids) {
+    std::string why;
+    CHECK_MESSAGE(test::files_equal(s.shm / id, out / id, &why), id, ": ", why);
+  }
+  // Never the image itself through the link either.
+  TempDir dir;
+  std::filesystem::copy_file(s.image, dir / "ram1");
+  const std::string to_ram1 = dir / "image-link.vmsave";
+  REQUIRE(symlink((dir / "ram1").c_str(), to_ram1.c_str()) == 0);
+  RunResult r = run_vmsave({"restore", to_ram1, "--ram-dir", dir.path(), "--force"});
+  CHECK_FAILS(r, 1, "the RAM file is the image itself (" + (dir / "ram1") + ")");
+  CHECK_RUN(run_vmsave({"verify", dir / "ram1"}), 0);
+}
+
 TEST_CASE("raw: missing, empty, foreign and newer images are refused with the right status") {
   require_shm();
   TempDir disk;
