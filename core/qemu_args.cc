@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <map>
 
 namespace vmsave {
@@ -652,6 +653,30 @@ Result<std::optional<i64>> QemuCommand::memory_size() const {
     bytes *= kMiB;
   }
   return std::optional<i64>(bytes);
+}
+
+Result<i64> QemuCommand::cpu_count() const {
+  std::map<std::string, i64> smp;  // all -smp merged, the last of each key winning
+  for (const auto& o : options_) {
+    if (o.name != "smp") continue;
+    auto kv = KeyvalList::parse(*o.value, "cpus", KeyvalSyntax::kQemuOpts);
+    if (!kv) return Error{"-smp: " + kv.error().what};
+    for (const char* key : {"cpus", "maxcpus", "drawers", "books", "sockets", "dies", "clusters",
+                            "modules", "cores", "threads"}) {
+      auto v = kv->get(key);
+      if (!v) continue;
+      i64 n = 0;
+      auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
+      if (ec != std::errc() || end != v->data() + v->size() || n <= 0)
+        return Error{fmt::format("-smp: bad {} value: {}", key, *v)};
+      smp[key] = n;
+    }
+  }
+  if (smp.contains("cpus")) return smp["cpus"];
+  if (smp.contains("maxcpus")) return smp["maxcpus"];
+  i64 n = 1;
+  for (auto& [key, v] : smp) n *= v;
+  return n;
 }
 
 }  // namespace vmsave

@@ -167,6 +167,11 @@ class QemuCommand {
   // "-m size=1G,slots=2,maxmem=4G", "-m 1536M"). nullopt: no -m.
   Result<std::optional<i64>> memory_size() const;
 
+  // Guest CPUs at start from -smp, as QEMU counts them: cpus=N (or the
+  // bare number), else maxcpus, else the product of the topology given
+  // (missing members 1); 1 without -smp.
+  Result<i64> cpu_count() const;
+
   bool daemonize() const { return has_option("daemonize"); }
 
  private:

@@ -110,6 +110,28 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
   return plans;
 }
 
+// What QEMU itself does not check before it has read the RAM, or at all:
+// under TCG a guest restored with another -cpu runs on, looping in a fault
+// handler, and another CPU count fails deep in the device state with a
+// message about some device. Compared with the command line the VM was
+// saved with (images from vmsave before 0.1 lack it).
+Status check_cpus(const QemuCommand& cmd, const nlohmann::json& meta) {
+  if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return Status();
+  auto saved = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
+  if (!saved.ok()) return Status();
+  auto model = [](const QemuCommand& c) {
+    auto v = c.option_values("cpu");
+    return v.empty() ? std::string("(none)") : v.back();
+  };
+  if (model(cmd) != model(*saved))
+    return mismatch(fmt::format("-cpu {} differs from the saved {}", model(cmd), model(*saved)));
+  auto n = cmd.cpu_count();
+  auto was = saved->cpu_count();
+  if (n.ok() && was.ok() && *n != *was)
+    return mismatch(fmt::format("-smp gives {} CPUs, the VM was saved with {}", *n, *was));
+  return Status();
+}
+
 Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   if (meta.contains("machine_type")) {
     auto t = cmd.machine_type();
@@ -217,7 +239,12 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
              "(migrate-set-capabilities) before migrating this VM elsewhere");
   if (run) {
     auto r = qmp.execute("cont");
-    if (!r.ok()) return r.error();
+    if (!r.ok()) {  // loaded, but it cannot run: a disk another QEMU holds, say
+      Error e = r.error();
+      e.hint = "the guest's state is loaded but QEMU cannot run it; see QEMU's message (a disk "
+               "image another QEMU still uses?)";
+      return e;
+    }
   } else {
     // QEMU starts the guest by itself when the stream says it ran to the
     // end (a live save through QEMU stops it only for the last round).
@@ -341,6 +368,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!plans_r.ok()) return plans_r.error();
   std::vector<BackendPlan>& plans = *plans_r;
   VMSAVE_TRY(check_machine(cmd, *meta));
+  VMSAVE_TRY(check_cpus(cmd, *meta));
   VMSAVE_TRY(check_qemu_loaded_files(cmd, img, opts.force));
   for (auto& v : cmd.option_values("incoming"))
     if (v != "defer")
@@ -472,7 +500,9 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   Status st = load_and_resume(qmp, img, run, rep, &vmstate_s);
   if (!st.ok()) {
     Error e = st.error();
-    std::string tail = log_tail(log, 2);
+    // QEMU's cause often comes a line or two before its last words
+    // ("Unknown ramblock ...", then "error while loading state ...").
+    std::string tail = log_tail(log, 4);
     if (!tail.empty())
       e.detail = e.detail.empty() ? "QEMU: " + tail : e.detail + " (QEMU: " + tail + ")";
     // QEMU refusing intact device state: a command that differs from the

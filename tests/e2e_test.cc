@@ -431,6 +431,11 @@ std::vector<std::string> rewrite(std::vector<std::string> argv, const std::strin
   return argv;
 }
 
+std::vector<std::string> plus(std::vector<std::string> argv, const std::vector<std::string>& more) {
+  argv.insert(argv.end(), more.begin(), more.end());
+  return argv;
+}
+
 std::vector<std::string> restore_args(const std::string& image, const std::string& qemu_log,
                                       bool lazy, const std::vector<std::string>& qemu) {
   std::vector<std::string> args = {"restore", image, "--json", "--qemu-log", qemu_log};
@@ -986,6 +991,10 @@ TEST_CASE(
       {"other backend id",
        rewrite(rewrite(cmd, "id=ram0,", "id=mem0,"), "memory-backend=ram0", "memory-backend=mem0"),
        "memory backend mem0 is not in the image"},
+      // Under TCG the guest ran on with another CPU model, looping in a
+      // fault handler; another CPU count failed in the device state.
+      {"other -cpu", plus(cmd, {"-cpu", "max"}), "-cpu max differs from the saved "},
+      {"more CPUs", plus(cmd, {"-smp", "cpus=2"}), "-smp gives 2 CPUs, the VM was saved with 1"},
   };
   for (const Misfit& m : misfits) {
     REQUIRE_MESSAGE(m.argv != cmd, "the rewrite did not apply to " << joined(cmd));

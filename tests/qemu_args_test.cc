@@ -477,3 +477,21 @@ TEST_CASE("the flag table matches the installed QEMU") {
     }
   }
 }
+
+TEST_CASE("cpu_count counts CPUs as QEMU does: cpus, else maxcpus, else the topology") {
+  auto count = [](std::vector<std::string> tail) {
+    tail.insert(tail.begin(), "qemu-system-x86_64");
+    auto cmd = QemuCommand::parse(tail);
+    REQUIRE(cmd.ok());
+    auto n = cmd->cpu_count();
+    return n.ok() ? *n : -1;
+  };
+  CHECK(count({}) == 1);
+  CHECK(count({"-smp", "4"}) == 4);
+  CHECK(count({"-smp", "2,sockets=1,cores=2"}) == 2);
+  CHECK(count({"-smp", "sockets=2,cores=2,threads=2"}) == 8);
+  CHECK(count({"-smp", "maxcpus=6"}) == 6);
+  CHECK(count({"-smp", "2,maxcpus=8"}) == 2);
+  CHECK(count({"-smp", "1", "-smp", "cpus=3"}) == 3);  // merged, the last winning
+  CHECK(count({"-smp", "cores=x"}) == -1);
+}
