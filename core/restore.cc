@@ -272,6 +272,36 @@ Result<OpenedImage> open_image(const std::string& path, Reporter& rep) {
   return OpenedImage{std::move(*r), std::move(*meta)};
 }
 
+// virtio-mem discards its unplugged memory when the device state loads,
+// which QEMU cannot do in a read-only mapping ("Discarding RAM with
+// readonly files is not supported"): the load fails after QEMU started.
+Status check_lazy_devices(const QemuCommand& cmd, const std::vector<BackendPlan>& plans) {
+  for (const std::string& dev : cmd.option_values("device")) {
+    std::string driver, memdev;
+    if (!dev.empty() && dev[0] == '{') {
+      auto j = nlohmann::json::parse(dev, nullptr, false);
+      if (!j.is_object()) continue;
+      driver = j.value("driver", "");
+      memdev = j.value("memdev", "");
+    } else {
+      auto kv = KeyvalList::parse(dev, "driver", KeyvalSyntax::kQemuOpts);
+      if (!kv) continue;
+      driver = kv->get("driver").value_or("");
+      memdev = kv->get("memdev").value_or("");
+    }
+    if (!driver.starts_with("virtio-mem")) continue;
+    for (auto& p : plans)
+      if (p.object.id == memdev)
+        return Error{"cannot restore lazily", "",
+                     fmt::format("memory backend {} belongs to a virtio-mem device, which "
+                                 "discards memory that a read-only mapping of the image cannot",
+                                 memdev)}
+            .fix("restore it eagerly (without --lazy)")
+            .as(Exit::kUsage);
+  }
+  return Status();
+}
+
 // A lazy restore maps the RAM regions as guest RAM; compressed chunks are
 // not pages. Checked before anything is started or written.
 Status check_lazy(const ImageReader& img, const std::string& path) {
@@ -367,6 +397,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   auto plans_r = plan_backends(cmd, img, opts.lazy);
   if (!plans_r.ok()) return plans_r.error();
   std::vector<BackendPlan>& plans = *plans_r;
+  if (opts.lazy) VMSAVE_TRY(check_lazy_devices(cmd, plans));
   VMSAVE_TRY(check_machine(cmd, *meta));
   VMSAVE_TRY(check_cpus(cmd, *meta));
   VMSAVE_TRY(check_qemu_loaded_files(cmd, img, opts.force));

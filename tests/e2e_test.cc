@@ -1012,6 +1012,21 @@ TEST_CASE(
       CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
     }
   }
+  // A backend a virtio-mem device uses cannot be mapped read-only: QEMU
+  // discards its unplugged memory as the device state loads, and failed
+  // then. Refused before QEMU starts, in both syntaxes.
+  for (const char* dev : {"virtio-mem-pci,id=vmem0,memdev=ram0,requested-size=0",
+                          R"({"driver":"virtio-mem-pci","id":"vmem0","memdev":"ram0"})"}) {
+    CAPTURE(dev);
+    std::string qemu_log = vm.dir() + "/misfit-qemu.log";
+    RunResult r =
+        run_vmsave(restore_args(image, qemu_log, true, plus(cmd, {"-device", dev})), kRunTimeout);
+    CHECK_RUN(r, 2);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot restore lazily: memory backend ram0 "
+                                  "belongs to a virtio-mem device"),
+                  r.err);
+    CHECK_FALSE(exists(qemu_log));
+  }
   // A --qemu-log vmsave cannot write is said before --force truncates an
   // existing RAM file.
   test::write_pattern_file(vm.ram_path(), 4096, "text", 3);
