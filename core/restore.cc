@@ -105,8 +105,11 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
       return mismatch(fmt::format("the image has RAM block {} ({}) but the command has no "
                                   "memory backend with id={}",
                                   blocks[i].id, format_size(blocks[i].size), blocks[i].id),
-                      "pass the command line the VM was saved with (vmsave info shows it), with "
-                      "an -object and -device for memory hot-plugged after it started");
+                      cmd.has_option("readconfig")
+                          ? "vmsave reads memory backends from the command line, not from "
+                            "-readconfig files: give that -object on the command line"
+                          : "pass the command line the VM was saved with (vmsave info shows it), "
+                            "with an -object and -device for memory hot-plugged after it started");
   return plans;
 }
 

@@ -980,6 +980,14 @@ TEST_CASE(
   const std::string image = saved_without_ram(vm);
 
   const std::vector<std::string> cmd = vm.command();
+  auto without_ram0 = [](std::vector<std::string> argv) {
+    for (size_t a = 0; a + 1 < argv.size(); a++)
+      if (argv[a] == "-object" && contains(argv[a + 1], "id=ram0,")) {
+        argv.erase(argv.begin() + a, argv.begin() + a + 2);
+        break;
+      }
+    return argv;
+  };
   struct Misfit {
     const char* what;
     std::vector<std::string> argv;
@@ -995,6 +1003,9 @@ TEST_CASE(
       // fault handler; another CPU count failed in the device state.
       {"other -cpu", plus(cmd, {"-cpu", "max"}), "-cpu max differs from the saved "},
       {"more CPUs", plus(cmd, {"-smp", "cpus=2"}), "-smp gives 2 CPUs, the VM was saved with 1"},
+      // The backend in a -readconfig file, which vmsave does not read.
+      {"-readconfig", plus(without_ram0(cmd), {"-readconfig", "/dev/null"}),
+       "not from -readconfig files: give that -object on the command line"},
   };
   for (const Misfit& m : misfits) {
     REQUIRE_MESSAGE(m.argv != cmd, "the rewrite did not apply to " << joined(cmd));
