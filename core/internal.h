@@ -34,6 +34,15 @@ Status check_block_id(const std::string& id, const std::string& image);
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);
 
+// A restore whose QEMU command has no QMP socket gives it one in a private
+// run directory (vmsave-XXXXXX, with QEMU's log), which must outlive vmsave
+// as long as QEMU runs. Its qemu.pid names that QEMU; once it is gone, the
+// directory is stale: a save that quits that QEMU removes it, and the next
+// restore removes any stale one of this user in `parent`.
+void note_run_dir_owner(const std::string& run_dir, pid_t qemu);
+void remove_run_dir_of(const std::string& qmp_socket, pid_t qemu);
+void remove_stale_run_dirs(const std::string& parent);
+
 // A process other than vmsave that maps the file `st` describes (a VM
 // running on it, a lazy clone of it), found in /proc/*/maps: pid 0 if none
 // (or none vmsave may see). Truncating such a file kills that process.

@@ -20,7 +20,9 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -124,6 +126,52 @@ bool process_alive(pid_t pid) {
   size_t paren = stat.rfind(')');  // the command name may hold anything
   char state = paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
   return state != 'Z' && state != 'X';
+}
+
+namespace {
+
+pid_t run_dir_owner(const std::string& dir) {
+  std::ifstream in(dir + "/qemu.pid");
+  pid_t pid = 0;
+  return in >> pid ? pid : 0;
+}
+
+// Whether `pid` is alive and still the QEMU started with `dir` (pids wrap).
+bool runs_in(pid_t pid, const std::string& dir) {
+  if (!process_alive(pid)) return false;
+  std::ifstream in(fmt::format("/proc/{}/cmdline", pid));
+  std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return cmdline.find(dir + "/qmp.sock") != std::string::npos;
+}
+
+}  // namespace
+
+void note_run_dir_owner(const std::string& run_dir, pid_t qemu) {
+  std::ofstream(run_dir + "/qemu.pid") << qemu << "\n";
+}
+
+void remove_run_dir_of(const std::string& qmp_socket, pid_t qemu) {
+  std::string dir = std::filesystem::path(qmp_socket).parent_path().string();
+  if (!std::filesystem::path(dir).filename().string().starts_with("vmsave-")) return;
+  if (run_dir_owner(dir) == qemu && !runs_in(qemu, dir)) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+}
+
+void remove_stale_run_dirs(const std::string& parent) {
+  std::error_code ec;
+  for (auto& e : std::filesystem::directory_iterator(parent, ec)) {
+    std::string dir = e.path().string();
+    struct stat st;
+    if (!e.path().filename().string().starts_with("vmsave-") || lstat(dir.c_str(), &st) < 0 ||
+        !S_ISDIR(st.st_mode) || st.st_uid != geteuid())
+      continue;
+    // Without qemu.pid: a restore setting up right now, or one whose
+    // watchdog removes the directory itself.
+    pid_t owner = run_dir_owner(dir);
+    if (owner > 0 && !runs_in(owner, dir)) std::filesystem::remove_all(dir, ec);
+  }
 }
 
 Mapper find_mapper(const struct stat& st) {

@@ -438,10 +438,23 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (log.empty() && !qmp_path.empty()) log = qmp_path + ".qemu.log";
   if (qmp_path.empty()) {
     const char* base = getenv("XDG_RUNTIME_DIR");
-    std::string tmpl = fmt::format("{}/vmsave-XXXXXX", base && *base ? base : "/tmp");
-    if (!mkdtemp(tmpl.data())) return sys_error("mkdtemp", tmpl, errno);
+    std::string parent = base && *base ? base : "/tmp";
+    remove_stale_run_dirs(parent);
+    std::string tmpl = parent + "/vmsave-XXXXXX";
+    if (!mkdtemp(tmpl.data())) {
+      Error e = sys_error("cannot make a directory for QEMU's QMP socket", tmpl, errno);
+      if (base && *base) e.hint = "check XDG_RUNTIME_DIR, or give the QEMU command its own -qmp";
+      return e;
+    }
     run_dir = tmpl;
     qmp_path = run_dir + "/qmp.sock";
+    if (qmp_path.size() >= sizeof(sockaddr_un{}.sun_path)) {
+      std::filesystem::remove_all(run_dir);
+      return Error{"the QMP socket vmsave would give QEMU has too long a path", qmp_path,
+                   fmt::format("{} bytes, a Unix socket path takes at most {}", qmp_path.size(),
+                               sizeof(sockaddr_un{}.sun_path) - 1)}
+          .fix("set XDG_RUNTIME_DIR to a shorter directory, or give the QEMU command its own -qmp");
+    }
     cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", qmp_path)});
     if (log.empty()) log = run_dir + "/qemu.log";
   }
@@ -482,13 +495,18 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   struct Cleanup {
     bool* ok;
     StartedQemu* q;
-    std::string run_dir;
+    std::string run_dir, socket;
     ~Cleanup() {
       if (*ok) return;
       kill_qemu(q->pid);
       if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
+      // The command's own socket, which the QEMU that failed left bound to
+      // nothing (no live process listened there before it started).
+      struct stat st;
+      if (q->pid > 0 && lstat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
+        ::unlink(socket.c_str());
     }
-  } cleanup{&ok, &q, run_dir};
+  } cleanup{&ok, &q, run_dir, qmp_path};
 
   auto fill = [&]() -> Status {
     if (files.empty()) return Status();
@@ -556,6 +574,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     if (p.unlink_after) ::unlink(p.ram_file.c_str());
   ok = true;
   for (auto& f : files) f.keep();
+  if (!run_dir.empty()) note_run_dir_owner(run_dir, qmp.peer_pid());
   watchdog->disarm();  // QEMU and its RAM files are the user's now
 
   nlohmann::json j = {{"command", "restore"}, {"mode", opts.lazy ? "lazy" : "eager"},

@@ -453,6 +453,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     if (qmp.execute("quit", nullptr, 5).ok())
       for (int i = 0; i < 1000 && process_alive(pid); i++)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    remove_run_dir_of(opts.qmp, pid);  // a restore's private socket and log
   } else if (opts.after == AfterSave::kLeaveRunning) {
     after = was_running ? "running" : "paused";
   } else {

@@ -1443,6 +1443,64 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
 }
 
+TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and no longer") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image);
+
+  // The command without its -qmp: vmsave adds one in XDG_RUNTIME_DIR.
+  std::vector<std::string> cmd = vm.command();
+  for (size_t a = 0; a + 1 < cmd.size(); a++)
+    if (cmd[a] == "-qmp") cmd.erase(cmd.begin() + a, cmd.begin() + a + 2);
+  const std::string run = vm.dir() + "/run";
+  REQUIRE(::mkdir(run.c_str(), 0700) == 0);
+  // One left by a restore whose QEMU is gone, one being set up right now.
+  pid_t gone = fork();
+  if (gone == 0) _exit(0);
+  REQUIRE(waitpid(gone, nullptr, 0) == gone);
+  REQUIRE(::mkdir((run + "/vmsave-stale").c_str(), 0700) == 0);
+  REQUIRE(::mkdir((run + "/vmsave-young").c_str(), 0700) == 0);
+  std::ofstream(run + "/vmsave-stale/qemu.pid") << gone << "\n";
+  const std::vector<std::string> env = {"XDG_RUNTIME_DIR=" + run};
+
+  auto args = restore_args(image, "", true, cmd);
+  args.erase(args.begin() + 3, args.begin() + 5);  // no --qemu-log
+  RunResult r = run_vmsave(args, kRunTimeout, env);
+  REQUIRE_RUN(r, 0);
+  json j = parse_json(r);
+  StartedQemu qemu{j.value("pid", -1)};
+  const std::string sock = j.value("qmp", "");
+  const std::string dir = std::filesystem::path(sock).parent_path().string();
+  CHECK(contains(dir, run + "/vmsave-"));
+  CHECK(j.value("qemu_log", "") == dir + "/qemu.log");
+  CHECK(slurp(dir + "/qemu.pid") == fmt::format("{}\n", qemu.pid));
+  CHECK_FALSE(exists(run + "/vmsave-stale"));
+  CHECK(exists(run + "/vmsave-young"));
+
+  // Saving through that socket quits QEMU, and its directory goes too.
+  r = run_vmsave({"save", "--qmp", sock, vm.dir() + "/again.vmsave"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK_FALSE(exists(dir));
+  CHECK(exists(run + "/vmsave-young"));
+
+  // A socket path too long for QEMU is said before QEMU starts.
+  const std::string deep = run + "/" + std::string(100, 'd');
+  REQUIRE(::mkdir(deep.c_str(), 0700) == 0);
+  r = run_vmsave(args, kRunTimeout, {"XDG_RUNTIME_DIR=" + deep});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "the QMP socket vmsave would give QEMU has too long a path"), r.err);
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+
+  // A QEMU that fails at start-up does not leave the command's own socket.
+  const std::string own = vm.dir() + "/own.sock";
+  auto bad = plus(cmd, {"-qmp", "unix:" + own + ",server=on,wait=off", "-device", "no-such-device"});
+  r = run_vmsave(restore_args(image, vm.dir() + "/bad-qemu.log", true, bad), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_FALSE(exists(own));
+}
+
 TEST_CASE("e2e: restore --qmp refuses RAM prepared from another image, then loads its own") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
