@@ -34,6 +34,11 @@ Status check_block_id(const std::string& id, const std::string& image);
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);
 
+// The machine type `type` names in QEMU binary `qemu` (`-machine help`
+// says "alias of pc-i440fx-10.0" for "pc"); `type` itself if it names no
+// alias or QEMU cannot tell.
+std::string resolve_machine(const std::string& qemu, const std::string& type);
+
 // A restore whose QEMU command has no QMP socket gives it one in a private
 // run directory (vmsave-XXXXXX, with QEMU's log), which must outlive vmsave
 // as long as QEMU runs. Its qemu.pid names that QEMU; once it is gone, the

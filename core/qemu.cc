@@ -146,6 +146,50 @@ bool runs_in(pid_t pid, const std::string& dir) {
 
 }  // namespace
 
+std::string resolve_machine(const std::string& qemu, const std::string& type) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) < 0) return type;
+  UniqueFd rd(fds[0]), wr(fds[1]);
+  pid_t pid = fork();
+  if (pid < 0) return type;
+  if (pid == 0) {
+    int null = ::open("/dev/null", O_RDWR);
+    dup2(null, 0);
+    dup2(wr.get(), 1);
+    dup2(null, 2);
+    execlp(qemu.c_str(), qemu.c_str(), "-machine", "help", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  wr.reset();
+  std::string out;
+  char buf[4096];
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (;;) {
+    pollfd p{rd.get(), POLLIN, 0};
+    int left = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                    deadline - std::chrono::steady_clock::now())
+                                    .count());
+    if (left <= 0 || ::poll(&p, 1, left) <= 0) break;
+    ssize_t n = ::read(rd.get(), buf, sizeof(buf));
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  // "pc     Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)"
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.compare(0, type.size(), type) != 0 || line.size() == type.size() ||
+        line[type.size()] != ' ')
+      continue;
+    size_t at = line.find("(alias of ");
+    if (at == std::string::npos) return type;
+    size_t end = line.find(')', at);
+    return line.substr(at + 10, end == std::string::npos ? std::string::npos : end - at - 10);
+  }
+  return type;
+}
+
 void note_run_dir_owner(const std::string& run_dir, pid_t qemu) {
   std::ofstream(run_dir + "/qemu.pid") << qemu << "\n";
 }

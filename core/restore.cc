@@ -138,9 +138,17 @@ Status check_cpus(const QemuCommand& cmd, const nlohmann::json& meta) {
 Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   if (meta.contains("machine_type")) {
     auto t = cmd.machine_type();
-    if (t.ok() && *t && **t != meta["machine_type"].get<std::string>())
-      return mismatch(fmt::format("machine type {} differs from the saved {}", **t,
-                                  meta["machine_type"].get<std::string>()));
+    const std::string saved = meta["machine_type"].get<std::string>();
+    // "pc" and "pc-i440fx-10.0" are one machine in QEMU 10.0: compared as
+    // QEMU resolved the saved one (its QOM type is "pc-i440fx-10.0-machine").
+    std::string resolved = meta.value("machine_qom_type", "");
+    if (resolved.ends_with("-machine")) resolved.resize(resolved.size() - 8);
+    if (t.ok() && *t && **t != saved &&
+        (resolved.empty() || resolve_machine(cmd.argv()[0], **t) != resolved))
+      return mismatch(fmt::format("machine type {} differs from the saved {}{}", **t, saved,
+                                  resolved.empty() || resolved == saved
+                                      ? ""
+                                      : fmt::format(" ({})", resolved)));
   }
   if (meta.contains("memory_size")) {
     auto m = cmd.memory_size();

@@ -39,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/internal.h"
 #include "core/qmp.h"
 #include "tests/test_util.h"
 #include "tests/vm_fixture.h"
@@ -1003,6 +1004,7 @@ TEST_CASE(
       // fault handler; another CPU count failed in the device state.
       {"other -cpu", plus(cmd, {"-cpu", "max"}), "-cpu max differs from the saved "},
       {"more CPUs", plus(cmd, {"-smp", "cpus=2"}), "-smp gives 2 CPUs, the VM was saved with 1"},
+      {"other machine", rewrite(cmd, "q35,", "pc,"), "machine type pc differs from the saved q35"},
       // The backend in a -readconfig file, which vmsave does not read.
       {"-readconfig", plus(without_ram0(cmd), {"-readconfig", "/dev/null"}),
        "not from -readconfig files: give that -object on the command line"},
@@ -1050,8 +1052,12 @@ TEST_CASE(
                 r.err);
   CHECK(slurp(vm.ram_path()) == before);
   REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
-  // The image itself was fine all along.
-  r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", true, cmd), kRunTimeout);
+  // The image itself was fine all along, and q35 is the versioned machine
+  // it stands for (a new user's "pc-i440fx-10.0" for "pc" was refused).
+  const std::string q35 = resolve_machine(cmd[0], "q35");
+  REQUIRE(q35.starts_with("pc-q35-"));
+  r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", true, rewrite(cmd, "q35,", q35 + ",")),
+                 kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   CHECK(qemu.pid > 0);
