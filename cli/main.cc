@@ -208,14 +208,15 @@ void print_text(fmt::format_string<Args...> f, Args&&... args) {
     unsigned char ch = s[i];
     bool c1 = ch == 0xc2 && i + 1 < s.size() && (unsigned char)s[i + 1] >= 0x80 &&
               (unsigned char)s[i + 1] <= 0x9f;  // U+0080-U+009F in UTF-8
-    if ((ch < 0x20 && ch != '\n') || ch == 0x7f || c1) {
+    bool last_newline = ch == '\n' && i + 1 == s.size();  // the line's own; one in a value is shown
+    if ((ch < 0x20 && !last_newline) || ch == 0x7f || c1) {
       out += fmt::format("\\x{:02x}", ch);
       if (c1) out += fmt::format("\\x{:02x}", (unsigned char)s[++i]);
     } else {
       out += static_cast<char>(ch);
     }
   }
-  std::fputs(out.c_str(), stdout);
+  say(stdout, "{}", out);
 }
 
 void print_info(const nlohmann::json& j) {

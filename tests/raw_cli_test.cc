@@ -676,6 +676,12 @@ TEST_CASE("raw: info shows control characters from an image as \\xNN, and any by
   r = run_vmsave({"info", "--json", image});
   REQUIRE_RUN(r, 0);
   CHECK(json::parse(r.out)["metadata"]["description"] == "x\x1b]0;pwned\x07 \xef\xbf\xbd y");
+  // A newline in a value (the image's own name) is shown too: one line per field.
+  const std::string odd = disk / "new\nline.vmsave";
+  std::filesystem::rename(image, odd);
+  r = run_vmsave({"info", odd});
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.out, "image:        " + (disk / "new\\x0aline.vmsave") + "\n"), r.out);
 }
 
 TEST_CASE("raw: every option --help lists is described in the man page") {
