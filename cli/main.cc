@@ -147,7 +147,7 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     if (j.value("zero_filled_bytes", i64(0)) > 0)
       say(stderr, " (+{} of short zero runs, see --min-hole)",
                  human_bytes(j["zero_filled_bytes"].get<double>()));
-    if (j.contains("vmstate_bytes"))
+    if (j.contains("vmstate_bytes") && j.value("ram_saved_by", "") != "qemu")  // else in QEMU's section
       say(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
     say(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
                secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
@@ -163,9 +163,9 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
                          "(a restore to it needs it gone, or --force)\n",
                  f.get<std::string>());
   } else if (cmd == "restore" || cmd == "prepare") {
-    if (j.value("mode", "") == "lazy")
-      say(stderr, "mapped {} of RAM copy-on-write from the image\n",
-                 human_bytes(j["ram_bytes"].get<double>()));
+    if (j.value("mode", "") == "lazy")  // prepare only prints the arguments that map it
+      say(stderr, "{} {} of RAM copy-on-write from the image\n",
+          cmd == "prepare" ? "these arguments map" : "mapped", human_bytes(j["ram_bytes"].get<double>()));
     else if (j.value("ram_bytes", 0.0) > 0)
       say(stderr, "restored {} of RAM ({} stored) in {}\n",
                  human_bytes(j["ram_bytes"].get<double>()),

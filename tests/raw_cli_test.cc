@@ -931,7 +931,8 @@ TEST_CASE("raw: prepare --lazy prints QEMU's arguments and a summary, or JSON") 
   }
   CHECK(lines[4] == "-incoming");
   CHECK(lines[5] == "defer");
-  CHECK_MESSAGE(contains(r.err, "mapped 512.0 KiB of RAM copy-on-write from the image"), r.err);
+  CHECK_MESSAGE(contains(r.err, "these arguments map 512.0 KiB of RAM copy-on-write from the image"),
+                r.err);
   RunResult j = run_vmsave({"prepare", "--lazy", "--json", s.image});
   REQUIRE_RUN(j, 0);
   auto doc = nlohmann::json::parse(j.out);
