@@ -10,9 +10,9 @@
 
 #include "core/qemu.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <dirent.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
