@@ -114,6 +114,21 @@ Status commit_within(std::unique_ptr<ImageWriter>& w, const nlohmann::json& meta
       .fix("retry on a faster or less busy filesystem, or raise --flush-timeout");
 }
 
+// The RAM vmsave wrote matches the device state only if the guest did not
+// run in between: another QMP client's cont (a RESUME event on every
+// monitor) would make an image that restores into a corrupted guest.
+Status check_still_stopped(QmpClient& qmp) {
+  auto s = qmp.execute("query-status");  // also collects the events sent before it
+  if (!s.ok()) return s.error();
+  bool resumed = s->value("running", false);
+  for (auto& e : qmp.take_events()) resumed |= e.value("event", "") == "RESUME";
+  if (!resumed) return Status();
+  return Error{"the guest ran during the save", qmp.path(),
+               "another QMP client resumed it (cont) after vmsave had stopped it, so the RAM "
+               "written does not match its device state; no image was made"}
+      .fix("let no other client resume the guest while vmsave saves it, and save again");
+}
+
 nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmdline) {
   nlohmann::json m;
   auto v = qmp.execute("query-version");
@@ -268,6 +283,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   };
 
   std::chrono::steady_clock::time_point paused_at;
+  bool paused_by_other = false;
   Progress progress;
   RamStats ram;
   double vmstate_s = 0;
@@ -379,8 +395,17 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         prev = ps.bytes_written;
       }
       timer.lap("live_passes");
+      // Someone else may have paused the guest meanwhile (a QMP stop): it
+      // stays paused afterwards, whatever --leave-running says.
+      auto s = qmp.execute("query-status");
+      if (!s.ok()) return s.error();
+      if (!s->value("running", false)) {
+        paused_by_other = true;
+        rep.warn("another QMP client paused the guest during the live save; it stays paused");
+      }
     }
-    VMSAVE_TRY(stop_guest());
+    if (!paused_by_other) VMSAVE_TRY(stop_guest());
+    (void)qmp.take_events();  // from here the guest must not run until the device state is out
     paused_at = timer.now();
     timer.lap("stop");
 
@@ -409,6 +434,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     rep.end_phase();
     if (!st.ok()) return st.error();
     vmstate_s = timer.lap("device_state");
+    VMSAVE_TRY(check_still_stopped(qmp));
   }
   caps.restore(qmp);
   if (cancelled()) return interrupted_error();
@@ -420,7 +446,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   std::string after = "quit";
   bool resumed = false;
   double downtime = 0;
-  if (opts.after == AfterSave::kLeaveRunning && was_running) {
+  if (opts.after == AfterSave::kLeaveRunning && was_running && !paused_by_other) {
     auto r = qmp.execute("cont");
     if (!r.ok()) return r.error();
     guard.stopped = false;
@@ -455,7 +481,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     remove_run_dir_of(opts.qmp, pid);  // a restore's private socket and log
   } else if (opts.after == AfterSave::kLeaveRunning) {
-    after = was_running ? "running" : "paused";
+    after = was_running && !paused_by_other ? "running" : "paused";
   } else {
     after = "paused";
   }

@@ -655,15 +655,17 @@ struct Interrupted {
 Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
                            const std::function<void()>& act = nullptr,
                            const std::string& phase = "writing RAM",
-                           const std::vector<std::string>& env = {}) {
+                           const std::vector<std::string>& env = {},
+                           const std::vector<std::string>& extra = {}) {
   int p[2];
   REQUIRE(pipe2(p, O_CLOEXEC) == 0);
   std::string log = vm.dir() + "/interrupted-save.log";
   Interrupted res;
   {
-    Child save({VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image, "--leave-running",
-                "--progress-fd", "3"},
-               log, p[1], env);
+    std::vector<std::string> argv = {VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image,
+                                     "--leave-running", "--progress-fd", "3"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    Child save(argv, log, p[1], env);
     ::close(p[1]);
     std::string got;
     double deadline = now_s() + kRunTimeout;
@@ -845,6 +847,40 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
   i64 paused_at = read_story(stopped_log).last->iteration;
   CHECK_MESSAGE(
       wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
+}
+
+TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save; pausing it mid-live-save keeps it paused") {
+  test::require_guest_kit();
+  test::TempDir other_dir;  // a second monitor, as a management tool would hold
+  const std::string other = other_dir / "other.sock";
+  VmOptions opts = kSmallVm;
+  opts.dirty_mib = 16;
+  opts.extra_args = {"-qmp", "unix:" + other + ",server=on,wait=off"};
+  TestVm vm(opts);
+  boot(vm);
+
+  // A cont while vmsave writes RAM: the guest ran, the RAM written is not
+  // the RAM the device state goes with. It used to exit 0 with an image
+  // that verify rejected.
+  const std::string image = vm.dir() + "/resumed.vmsave";
+  Interrupted in = interrupt_save(vm, image, 0, [&] { REQUIRE(qmp_execute(other, "cont").ok()); });
+  REQUIRE(in.caught);
+  CHECK_MESSAGE(in.status == 1, in.err);
+  CHECK_MESSAGE(contains(in.err, "vmsave: error: the guest ran during the save"), in.err);
+  CHECK_FALSE(exists(image));
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+
+  // A stop while --live writes RAM: the operator's pause stands.
+  const std::string live = vm.dir() + "/live.vmsave";
+  in = interrupt_save(vm, live, 0, [&] { REQUIRE(qmp_execute(other, "stop").ok()); },
+                      "writing RAM live", {}, {"--live", "--json"});
+  REQUIRE(in.caught);
+  CHECK_MESSAGE(in.status == 0, in.err);
+  CHECK_MESSAGE(contains(in.err, "another QMP client paused the guest during the live save; it "
+                                 "stays paused"),
+                in.err);
+  CHECK(qmp_status(vm.qmp_path()) != "running");
+  CHECK_RUN(run_vmsave({"verify", live}, kRunTimeout), 0);
 }
 
 TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
