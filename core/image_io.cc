@@ -777,6 +777,15 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   return Status();
 }
 
+i64 ImageWriter::qemu_section_stored() const {
+  struct stat st;
+  if (fstat(file_.fd.get(), &st) < 0 || st.st_size <= img_.qemu.offset) return 0;
+  i64 n = 0;
+  for (auto [a, z] : data_extents(file_.fd.get(), img_.qemu.offset, st.st_size - img_.qemu.offset))
+    n += z - a;
+  return n;
+}
+
 Result<UniqueFd> ImageWriter::reopen(int flags) const {
   std::string proc = fmt::format("/proc/self/fd/{}", file_.fd.get());
   UniqueFd fd(::open(proc.c_str(), flags | O_CLOEXEC));

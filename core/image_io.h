@@ -118,6 +118,9 @@ class ImageWriter {
   // without O_DIRECT: QEMU picks by flags). It truncates the file there, so
   // vmsave's RAM regions all lie below it and the tail goes after it.
   i64 qemu_offset() const { return img_.qemu.offset; }
+  // Bytes QEMU's section holds on disk so far (its holes not counted): a
+  // live migration rewrites pages in place, so its own counter overstates.
+  i64 qemu_section_stored() const;
   Result<UniqueFd> reopen(int flags) const;
   // Once QEMU is done: its section ends at the file's end; hashes it (holes
   // as zeros) for verify, and places the tail after it.

@@ -320,6 +320,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     auto t0 = timer.now();
     bool forced_stop = false;
     i64 first_round_bytes = -1;  // pages QEMU wrote before its first re-sync
+    i64 qemu_sent = 0;           // all it wrote, rewrites included
     Status st = mapped_ram_migrate(qmp, false, fds, w.qemu_offset(), [&](const nlohmann::json& r) {
       last = r;
       if (r.contains("ram") && first_round_bytes < 0 && r["ram"].value("dirty-sync-count", 0) >= 2)
@@ -345,7 +346,10 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     ram.seconds = std::chrono::duration<double>(timer.now() - t0).count();
     ram.ram_bytes = progress.total;
     if (last.contains("ram")) {
-      ram.stored_bytes = last["ram"].value("normal-bytes", i64(0));
+      // QEMU's normal-bytes counts every page it sent, a page rewritten
+      // live as often as it went: what the image holds is on disk.
+      qemu_sent = last["ram"].value("normal-bytes", i64(0));
+      ram.stored_bytes = std::min(qemu_sent, w.qemu_section_stored());
       ram.data_pages = last["ram"].value("normal", i64(0));
       ram.total_pages = last["ram"].value("total", i64(0)) /
                         std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
@@ -353,7 +357,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       // over RAM all the same.
       if (live) passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));
       if (live && first_round_bytes >= 0)
-        rewritten_bytes = std::max<i64>(0, ram.stored_bytes - first_round_bytes);
+        rewritten_bytes = std::max<i64>(0, qemu_sent - first_round_bytes);
     }
     if (live && !forced_stop && last.contains("downtime")) {
       // QEMU stopped the guest itself for its last round: the downtime is
@@ -372,7 +376,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                               {"capabilities", nlohmann::json(mapped_ram_capabilities())},
                               {"direct_io", w.direct()},
                               {"live", live},
-                              {"ram_bytes_written", ram.stored_bytes}};
+                              {"ram_bytes_written", qemu_sent}};
   } else {
     if (live) {
       // Passes while the guest runs, as long as each rewrites less than the
