@@ -58,6 +58,7 @@ void install_signal_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGHUP, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
+  signal(SIGXFSZ, SIG_IGN);  // past ulimit -f: EFBIG from the write, said as an error
 }
 
 // A JSON value of an unexpected type, from a QMP peer that is not quite

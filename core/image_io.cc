@@ -385,6 +385,18 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   for (auto& b : w->img_.blocks)
     if (b.via_qemu()) w->img_.flags |= kFlagQemuMigration;
   if (w->img_.has_qemu_section()) w->img_.qemu.offset = align_up(w->img_.vmstate.offset, kRegionAlign);
+  // The image's size up to its RAM regions' end, now: a filesystem with a
+  // smaller file size limit (ext2, ext4 without extents) says so before
+  // the guest is paused, not part-way through its RAM. Holes, no space.
+  const i64 extent = w->img_.has_qemu_section() ? w->img_.qemu.offset : w->img_.vmstate.offset;
+  if (::ftruncate(w->file_.fd.get(), extent) < 0) {
+    Error e = sys_error("cannot create image", target, errno);
+    if (errno == EFBIG)
+      e.detail = fmt::format("it would be {} bytes, more than its filesystem takes in one file",
+                             extent);
+    if (errno == EFBIG) e.hint = "save the image on a filesystem that takes larger files (ext4, xfs)";
+    return e;
+  }
   std::random_device rd;
   for (auto& b : w->img_.uuid) b = static_cast<u8>(rd());
   w->img_.uuid[6] = (w->img_.uuid[6] & 0x0f) | 0x40;
