@@ -366,6 +366,13 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
     }
   }
   w->file_ = std::move(*f);
+  // The finished image is linked from /proc/self/fd: without /proc (a
+  // bare container) that would fail only once all the work was done.
+  if (w->temp_name_.empty() &&
+      access(fmt::format("/proc/self/fd/{}", w->file_.fd.get()).c_str(), F_OK) < 0)
+    return Error{"cannot create image", target, "/proc is not mounted, and vmsave links the "
+                                                "finished image through /proc/self/fd"}
+        .fix("mount /proc (mount -t proc proc /proc)");
   if (w->file_.direct) {
     // Some filesystems accept O_DIRECT at open and refuse it at the first
     // write. Probe with the header's own block, rewritten at commit.

@@ -432,6 +432,20 @@ TEST_CASE("raw: an image larger than its filesystem (or ulimit -f) takes is refu
   CHECK(list_dir(disk.path()).empty());
 }
 
+TEST_CASE("raw: a save without /proc is refused before any RAM is written") {
+  require_shm();
+  if (geteuid() != 0) return;  // a mount namespace of its own needs root
+  TempDir shm("/dev/shm"), disk;
+  const std::string mem = shm / "ram", image = disk / "np.vmsave";
+  test::write_pattern_file(mem, 1 * kMiB, "mixed", 3);
+  // It used to write everything and fail at the link: "linkat: No such file".
+  RunResult r = test::run_program(
+      {"unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
+       "umount -l /proc && exec \"$0\" save --ram ram=\"$1\" \"$2\"", VMSAVE_BINARY, mem, image});
+  CHECK_FAILS(r, 1, "cannot create image (" + image + "): /proc is not mounted");
+  CHECK(list_dir(disk.path()).empty());
+}
+
 TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
   require_shm();
   TempDir shm("/dev/shm");
