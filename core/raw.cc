@@ -247,11 +247,20 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
     // would blame the image, and a store meets SIGBUS, which read_ram turns
     // into "cannot fill RAM file" without knowing the file. Say what
     // happened, naming it.
+    // A filesystem failing its I/O (an xfs shut down) refuses pages the
+    // same way, with room to spare: that is not told to free space.
     const Error& e = st.error();
-    if (e.detail == std::strerror(EFAULT) || e.what == "cannot fill RAM file")
-      return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
-          "free space on its filesystem or choose another place for it");
-    return st;
+    if (e.detail != std::strerror(EFAULT) && e.what != "cannot fill RAM file") return st;
+    struct statvfs sv;
+    if (fstatvfs(fd_.get(), &sv) < 0)
+      return Error{"cannot fill RAM file", path_, std::strerror(errno)}.fix(
+          "check that filesystem (dmesg), or choose another place for the file");
+    if (static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize) >= 16 * b.page_size)
+      return Error{"cannot fill RAM file", path_,
+                   "its filesystem refused a page though it has room (an I/O error?)"}
+          .fix("check that filesystem (dmesg), or choose another place for the file");
+    return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
+        "free space on its filesystem or choose another place for it");
   }
   return Status();
 }
