@@ -210,9 +210,12 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
       std::string others =
           claimed ? fmt::format(" (and {} for the RAM files before it there)", human_bytes(claimed))
                   : "";
+      // Exact when rounding would show the same figure twice (a page short).
+      std::string needs = human_bytes(need), has = human_bytes(room);
+      if (needs == has) needs = fmt::format("{} bytes", need), has = fmt::format("{} bytes", room);
       return refuse(Error{"not enough space for RAM file", path,
                           fmt::format("it needs {} for block {}{}, its filesystem has {} free",
-                                      human_bytes(need), b.id, others, human_bytes(room))}
+                                      needs, b.id, others, has)}
                         .fix("free space on that filesystem or choose another place for it"));
     }
   }
