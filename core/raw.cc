@@ -265,6 +265,12 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
     return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
         "free space on its filesystem or choose another place for it");
   }
+  // Filled, but into nothing anyone can reach if the file (its directory)
+  // was removed meanwhile: not a restore.
+  struct stat now;
+  if (fstat(fd_.get(), &now) == 0 && now.st_nlink == 0)
+    return Error{"RAM file was removed while it was being filled", path_, ""}.fix(
+        "leave the RAM files and their directory alone until the restore ends");
   return Status();
 }
 
