@@ -165,6 +165,10 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     }
     return e;
   }
+  // A file made just now is the watchdog's to remove from this moment:
+  // vmsave killed during the checks below left it behind, and the retry
+  // met "RAM file exists". One being replaced only once the checks pass.
+  if (created && watchdog) watchdog->note_remove(path);
   auto refuse = [&](Error e) {
     if (created) ::unlink(path.c_str());  // the empty file we just made
     return e;
@@ -223,7 +227,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   // From here on the file is ours: removed unless the restore completes.
   f.path_ = path;
   f.block_ = block;
-  if (watchdog) watchdog->note_remove(path);
+  if (watchdog && !created) watchdog->note_remove(path);
   if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), b.size) < 0) {
     Error e = sys_error("ftruncate", path, errno);
     if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
