@@ -439,10 +439,16 @@ TEST_CASE("raw: a save without /proc is refused before any RAM is written") {
   const std::string mem = shm / "ram", image = disk / "np.vmsave";
   test::write_pattern_file(mem, 1 * kMiB, "mixed", 3);
   // It used to write everything and fail at the link: "linkat: No such file".
+  // (Under ASan, its leak checker needs /proc and its runtime warns without
+  // it: both kept out of the way of what vmsave says.)
   RunResult r = test::run_program(
       {"unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
-       "umount -l /proc && exec \"$0\" save --ram ram=\"$1\" \"$2\"", VMSAVE_BINARY, mem, image});
-  CHECK_FAILS(r, 1, "cannot create image (" + image + "): /proc is not mounted");
+       "umount -l /proc && exec \"$0\" save --ram ram=\"$1\" \"$2\"", VMSAVE_BINARY, mem, image},
+      120, {"ASAN_OPTIONS=detect_leaks=0"});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot create image (" + image +
+                                    "): /proc is not mounted"),
+                r.err);
   CHECK(list_dir(disk.path()).empty());
 }
 
