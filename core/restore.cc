@@ -346,11 +346,13 @@ Status check_qemu_loaded_files(const QemuCommand& cmd, const ImageReader& img, b
   return Status();
 }
 
-// Raw images hold memory files, not a VM: no QEMU can load them.
+// Raw images hold memory files, not a VM: no QEMU can load them. A usage
+// error, as --lazy of an image QEMU saved is: the image is fine.
 Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
   if (meta.value("mode", "") == "qemu") return Status();
-  return Error{"not a QEMU image", image, "it holds memory files saved with --ram"}.fix(
-      "restore it with vmsave restore IMAGE --ram-dir DIR");
+  return Error{"not a QEMU image", image, "it holds memory files saved with --ram"}
+      .fix("restore it with vmsave restore IMAGE --ram-dir DIR")
+      .as(Exit::kUsage);
 }
 
 // The command's own QMP socket must not be another process's: QEMU would
@@ -608,6 +610,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
   if (opts.lazy) VMSAVE_TRY(check_lazy(img, opts.image));
+  VMSAVE_TRY(check_qemu_image(*meta, opts.image));
   if (opts.lazy) VMSAVE_TRY(refuse_lazy_qemu_section(img));
   std::string image_abs = absolute(opts.image);
   nlohmann::json args = nlohmann::json::array();

@@ -1461,14 +1461,30 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   const std::string log_at_save = save_and_quit(vm, image);
   const MemcheckLine saved = *read_story(log_at_save).last;
 
+  // Plain: one argument per line, and a summary on stderr.
+  RunResult plain = run_vmsave({"prepare", image, "--lazy"}, kRunTimeout);
+  REQUIRE_RUN(plain, 0);
+  std::vector<std::string> lines;
+  std::istringstream in(plain.out);
+  for (std::string l; std::getline(in, l);) lines.push_back(l);
+  REQUIRE(lines.size() == 4);
+  CHECK(lines[0] == "-object");
+  CHECK_MESSAGE(contains(lines[1], "memory-backend-file,id=ram0,mem-path=" + image + ",offset="),
+                lines[1]);
+  CHECK(contains(lines[1], "readonly=on,rom=off,share=off,size=268435456"));
+  CHECK(lines[2] == "-incoming");
+  CHECK(lines[3] == "defer");
+  CHECK_MESSAGE(contains(plain.err, "these arguments map 256.0 MiB of RAM copy-on-write from the image"),
+                plain.err);
+
   RunResult r = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
-  json prepared = parse_json(r)["qemu_args"];
+  json doc = parse_json(r);
+  CHECK(doc.value("ram_bytes", 0) == 256 * kMiB);
+  json prepared = doc["qemu_args"];
   REQUIRE(prepared.is_array());
   std::vector<std::string> extra = prepared.get<std::vector<std::string>>();
-  REQUIRE(extra.size() >= 2);
-  REQUIRE(extra[0] == "-object");
-  REQUIRE(contains(extra[1], "id=ram0"));
+  CHECK(extra == lines);
 
   ::unlink(vm.qmp_path().c_str());  // a stale socket would look ready
   Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
