@@ -101,6 +101,11 @@ const CLI::Validator kSeconds(
     },
     "SECONDS");
 
+// A path: "" would otherwise read as the option left out ("restore needs
+// exactly one of ...") or fail later naming no option.
+const CLI::Validator kPath(
+    [](std::string& text) -> std::string { return text.empty() ? "an empty path" : ""; }, "");
+
 void add_common(CLI::App* cmd, Common& c, bool engine) {
   cmd->add_flag("--json", c.json, "Print the report as one JSON object on stdout");
   cmd->add_flag("-q,--quiet", c.quiet, "Print no progress and no summary");
@@ -303,8 +308,11 @@ int main(int argc, char** argv) {
   // save
   CLI::App* save_cmd = app.add_subcommand(
       "save", "Save a VM (--qmp) or plain memory files (--ram) into IMAGE");
-  save_cmd->add_option("image", save.image, "Image file to create")->required();
-  auto* qmp_opt = save_cmd->add_option("--qmp", save.qmp, "QEMU's QMP socket (QEMU mode)");
+  save_cmd->add_option("image", save.image, "Image file to create")->required()->check(kPath)->type_name("FILE");
+  auto* qmp_opt =
+      save_cmd->add_option("--qmp", save.qmp, "QEMU's QMP socket (QEMU mode)")
+          ->check(kPath)
+          ->type_name("SOCKET");
   auto* ram_opt = save_cmd->add_option("--ram", rams, "ID=FILE: a memory file to save (raw mode); repeatable")
                       ->allow_extra_args(false);
   qmp_opt->excludes(ram_opt);
@@ -347,14 +355,18 @@ int main(int argc, char** argv) {
       "restore",
       "Restore IMAGE: start QEMU (-- QEMU-COMMAND...), load into a QEMU started with the "
       "arguments from `prepare` (--qmp), or write memory files (--ram-dir)");
-  restore_cmd->add_option("image", restore.image, "Image file")->required();
+  restore_cmd->add_option("image", restore.image, "Image file")->required()->check(kPath)->type_name("FILE");
   restore_cmd->add_option("qemu", restore.qemu_argv,
                           "After --: the QEMU command line the VM was started with");
   auto* rd = restore_cmd->add_option("--ram-dir", restore.ram_dir,
-                                     "Raw mode: write each RAM block to DIR/ID");
+                                     "Raw mode: write each RAM block to DIR/ID")
+                ->check(kPath)
+                ->type_name("DIR");
   auto* rq = restore_cmd->add_option("--qmp", restore.qmp,
                                      "Two-step form: QMP socket of a QEMU started with `prepare`'s "
-                                     "arguments");
+                                     "arguments")
+                ->check(kPath)
+                ->type_name("SOCKET");
   rd->excludes(rq);
   restore_cmd->add_flag("--lazy", restore.lazy,
                         "Map the image copy-on-write instead of reading RAM up front");
@@ -363,7 +375,9 @@ int main(int argc, char** argv) {
   rr->excludes(rp);
   restore_cmd->add_flag("-f,--force", restore.force, "Overwrite existing RAM files");
   auto* qemu_log = restore_cmd->add_option("--qemu-log", restore.qemu_log,
-                          "File for the started QEMU's output (default: beside its QMP socket)");
+                          "File for the started QEMU's output (default: beside its QMP socket)")
+      ->check(kPath)
+      ->type_name("FILE");
   auto* restore_qmp_timeout = restore_cmd->add_option("--qmp-timeout", restore.qmp_timeout,
                           "Seconds to wait for QMP (default 10)")
       ->check(kSeconds);
@@ -373,8 +387,10 @@ int main(int argc, char** argv) {
   CLI::App* prepare_cmd = app.add_subcommand(
       "prepare", "For wrappers that start QEMU: fill RAM files (--ram-dir) or plan a lazy "
                  "restore, and print the QEMU arguments to add");
-  prepare_cmd->add_option("image", restore.image, "Image file")->required();
-  auto* pd = prepare_cmd->add_option("--ram-dir", restore.ram_dir, "Write RAM files to DIR/ID");
+  prepare_cmd->add_option("image", restore.image, "Image file")->required()->check(kPath)->type_name("FILE");
+  auto* pd = prepare_cmd->add_option("--ram-dir", restore.ram_dir, "Write RAM files to DIR/ID")
+                 ->check(kPath)
+                 ->type_name("DIR");
   auto* pl = prepare_cmd->add_flag("--lazy", restore.lazy, "Map the image copy-on-write");
   pd->excludes(pl);
   prepare_cmd->add_flag("-f,--force", restore.force, "Overwrite existing RAM files");
@@ -382,11 +398,11 @@ int main(int argc, char** argv) {
 
   // info, verify
   CLI::App* info_cmd = app.add_subcommand("info", "Describe an image");
-  info_cmd->add_option("image", image, "Image file")->required();
+  info_cmd->add_option("image", image, "Image file")->required()->check(kPath)->type_name("FILE");
   info_cmd->add_flag("--json", c.json, "Print JSON");
   CLI::App* verify_cmd =
       app.add_subcommand("verify", "Check every checksum of an image (exit 3 if damaged)");
-  verify_cmd->add_option("image", image, "Image file")->required();
+  verify_cmd->add_option("image", image, "Image file")->required()->check(kPath)->type_name("FILE");
   add_common(verify_cmd, c, true);
 
   // --json asked for (before any --): usage errors are JSON on stdout too.

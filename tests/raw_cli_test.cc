@@ -660,6 +660,20 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
   CHECK_MESSAGE(p.err == "vmsave: error: The following argument was not expected: --bogus; see "
                          "vmsave save --help\n",
                 p.err);
+  // An empty path is named, not read as the option left out.
+  for (std::vector<std::string> args : {std::vector<std::string>{"restore", image, "--ram-dir", ""},
+                                        {"prepare", image, "--ram-dir", ""},
+                                        {"save", "--qmp", "", image},
+                                        {"restore", image, "--qmp", ""}}) {
+    p = run_vmsave(args);
+    CHECK_RUN(p, 2);
+    CHECK_MESSAGE(p.err == fmt::format("vmsave: error: {}: an empty path; see vmsave {} --help\n",
+                                       args[0] == "save" ? args[1] : args[2],
+                                       args[0]),
+                  p.err);
+  }
+  p = run_vmsave({"info", ""});
+  CHECK_MESSAGE(p.err == "vmsave: error: image: an empty path; see vmsave info --help\n", p.err);
   p = run_vmsave({"frob"});
   CHECK_RUN(p, 2);
   CHECK_MESSAGE(contains(p.err, "vmsave: error: unknown command 'frob'"), p.err);
