@@ -7,12 +7,14 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 
 #include "cli/terminal.h"
 #include "core/qemu_args.h"
@@ -429,12 +431,16 @@ int main(int argc, char** argv) {
             "put -- before the QEMU command: vmsave restore IMAGE [OPTIONS] -- {} ...", argv[i]));
       }
     }
-  const bool known = cmd_name == "save" || cmd_name == "restore" || cmd_name == "prepare" ||
-                     cmd_name == "info" || cmd_name == "verify";
-  if (!cmd_name.empty() && !known)
-    return usage(fmt::format("unknown command '{}': vmsave has save, restore, prepare, info and "
-                             "verify (vmsave --help)",
-                             cmd_name));
+  std::vector<std::string> names;
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
+    names.push_back(sub->get_name());
+  const bool known = std::ranges::find(names, cmd_name) != names.end();
+  if (!cmd_name.empty() && !known) {
+    std::string last = names.back();
+    names.pop_back();
+    return usage(fmt::format("unknown command '{}': vmsave has {} and {} (vmsave --help)",
+                             cmd_name, fmt::join(names, ", "), last));
+  }
   // CLI11's own errors in vmsave's one-line form, with where to look.
   app.failure_message([&](const CLI::App*, const CLI::Error& e) {
     return fmt::format("vmsave: error: {}; see vmsave {}--help\n", e.what(),
