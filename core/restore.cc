@@ -321,13 +321,28 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
       .as(Exit::kUsage);
 }
 
-// A block QEMU saved is loaded by QEMU into whatever its backend maps: an
-// existing file at a memory-backend-file's mem-path (another VM's RAM, or
-// one left behind) would be overwritten, which needs --force as for the
-// files vmsave fills.
-Status check_qemu_loaded_files(const QemuCommand& cmd, const ImageReader& img, bool force) {
+// Truncates the RAM file at `path` to nothing (never through a symlink).
+Status empty_file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+  if (!fd.valid() || ftruncate(fd.get(), 0) < 0)
+    return sys_error("cannot empty the RAM file for QEMU", path, errno)
+        .fix("remove it, or give the backend another mem-path");
+  return Status();
+}
+
+// A block QEMU saved is loaded by QEMU into whatever its backend maps, and
+// only its non-zero pages: mapped-ram leaves zero pages out and expects the
+// destination's to be zero. So an existing file at a memory-backend-file's
+// mem-path must be emptied first, which overwrites it (another VM's RAM, or
+// one left behind) and needs --force as for the files vmsave fills. A
+// private mapping (share=off: a template, a lazy clone's image) cannot be
+// emptied without destroying that file, and would show its pages where the
+// guest had zeros: refused. Returns the files to empty before QEMU starts.
+Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
+                                                         const ImageReader& img, bool force) {
   auto objs = cmd.objects();
   if (!objs.ok()) return objs.error().as(Exit::kUsage);
+  std::vector<std::string> to_empty;
   for (auto& o : *objs) {
     if (o.object.qom_type != "memory-backend-file") continue;
     bool by_qemu = false;
@@ -335,15 +350,26 @@ Status check_qemu_loaded_files(const QemuCommand& cmd, const ImageReader& img, b
     auto mp = o.object.get_string("mem-path");
     struct stat st;
     if (!by_qemu || !mp || stat(mp->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
-    if (force)
-      VMSAVE_TRY(check_not_mapped(*mp, st));
-    else
+    auto share = o.object.get_bool("share");
+    if (!share.ok()) return share.error().as(Exit::kUsage);
+    if (!share->value_or(false)) {
+      if (st.st_size == 0) continue;
+      return Error{"cannot load block " + o.object.id + " over a private mapping", *mp,
+                   "QEMU saved this block and loads only its non-zero pages; with share=off "
+                   "the guest would see this file's content where it had zeros"}
+          .fix(fmt::format("give backend {} a mem-path that does not exist (or use "
+                           "memory-backend-ram); this file is left as it is",
+                           o.object.id));
+    }
+    if (!force)
       return Error{"RAM file exists", *mp,
                    fmt::format("QEMU would load block {} into it; refusing to overwrite it",
                                o.object.id)}
           .fix("pass --force to overwrite it, or remove it (is another VM using it?)");
+    VMSAVE_TRY(check_not_mapped(*mp, st));
+    to_empty.push_back(*mp);
   }
-  return Status();
+  return to_empty;
 }
 
 // Raw images hold memory files, not a VM: no QEMU can load them. A usage
@@ -410,7 +436,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   std::vector<BackendPlan>& plans = *plans_r;
   if (opts.lazy) VMSAVE_TRY(check_lazy_devices(cmd, plans));
   VMSAVE_TRY(check_machine(cmd, *meta));
-  VMSAVE_TRY(check_qemu_loaded_files(cmd, img, opts.force));
+  auto to_empty = check_qemu_loaded_files(cmd, img, opts.force);
+  if (!to_empty.ok()) return to_empty.error();
   for (auto& v : cmd.option_values("incoming"))
     if (v != "defer")
       return Error{"the QEMU command already has -incoming " + v, "", ""}
@@ -491,6 +518,13 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return f.error();
     }
     files = std::move(*f);
+  }
+  for (auto& path : *to_empty) {
+    Status st = empty_file(path);
+    if (!st.ok()) {
+      if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
+      return st;
+    }
   }
   for (auto& p : plans) cmd.replace_arg(p.arg_index, format_object(p.object));
   timer.lap("plan");
