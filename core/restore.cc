@@ -415,6 +415,22 @@ void kill_qemu(pid_t pid) {
   waitpid(pid, nullptr, 0);
 }
 
+// The memory backends as the VM was started, so that the ones prepare
+// prints keep their other properties (dump=off, merge, policy, host-nodes,
+// prealloc), as a restore that rewrites the command line does. None for
+// images without the command line.
+std::vector<ObjectArg> saved_backends(const nlohmann::json& meta) {
+  if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return {};
+  auto cmd = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
+  if (!cmd.ok()) return {};
+  auto objs = cmd->objects();
+  if (!objs.ok()) return {};
+  std::vector<ObjectArg> out;
+  for (auto& o : *objs)
+    if (o.object.qom_type.starts_with("memory-backend-")) out.push_back(std::move(o));
+  return out;
+}
+
 }  // namespace
 
 Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
@@ -654,6 +670,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     auto filled = fill_ram_dir(img, opts, rep, &ram);
     if (!filled.ok()) return filled.error();
   }
+  const std::vector<ObjectArg> saved = saved_backends(*meta);
   for (auto& b : img.layout().blocks) {
     // QEMU loads these from the image; the VM's own command line (its -m,
     // its memory-backend-ram/memfd objects) provides them.
@@ -662,11 +679,14 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     o.qom_type = "memory-backend-file";
     o.id = b.id;
     o.set("size", std::to_string(b.size));
+    for (auto& s : saved)
+      if (s.object.id == b.id) o = s.object;
     if (opts.lazy) {
       make_lazy(o, image_abs, b.region.offset);
       mapped += b.size;
     } else {
-      o.set("share", "on");
+      for (const char* p : {"offset", "readonly", "rom"}) o.erase(p);
+      o.set("share", o.json_syntax ? nlohmann::json(true) : nlohmann::json("on"));
       o.set("mem-path", absolute(opts.ram_dir + "/" + b.id));
     }
     args.push_back("-object");

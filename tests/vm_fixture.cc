@@ -331,8 +331,9 @@ std::vector<std::string> TestVm::command() const {
   };
   auto backend = [&](int node, int64_t mib) {
     if (kind(node) == "file") {
-      return fmt::format("memory-backend-file,id=ram{},size={}M,share=on,mem-path={}", node, mib,
-                         ram_path(node));
+      return fmt::format("memory-backend-file,id=ram{},size={}M,share=on,mem-path={}{}{}", node,
+                         mib, ram_path(node), opts_.file_backend_props.empty() ? "" : ",",
+                         opts_.file_backend_props);
     }
     return fmt::format("memory-backend-{},id=ram{},size={}M", kind(node), node, mib);
   };

@@ -56,6 +56,7 @@ struct VmOptions {
   // backend is the machine's memory-backend.
   std::vector<std::string> node_backends;
   std::vector<std::string> extra_args;  // appended to the QEMU command line
+  std::string file_backend_props;       // appended to each file backend, e.g. "dump=off"
 };
 
 struct MemcheckLine {
