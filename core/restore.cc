@@ -734,8 +734,9 @@ Status check_prepared_ram(const ImageReader& img, const std::string& image,
   auto not_this_image = [&](const RamBackend& qb, const std::string& why) {
     return Error{"QEMU's RAM is not this image's", image,
                  fmt::format("backend {} ({}) {}", qb.id, qb.mem_path, why)}
-        .fix(fmt::format("run `vmsave prepare {}` and start QEMU with the arguments it prints, "
-                         "or restore the image `prepare` was run on",
+        .fix(fmt::format("run `vmsave prepare {} --lazy` (or `--ram-dir DIR`) and start QEMU "
+                         "with the arguments it prints, or restore the image `prepare` was run "
+                         "on",
                          image));
   };
   for (size_t k = 0; k < mine.size(); k++) {
@@ -774,7 +775,17 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   if (status->value("status", "") != "inmigrate")
     return Error{"QEMU is not waiting for a migration", opts.qmp,
                  "its state is " + status->value("status", "?")}
-        .fix("start it with the arguments `vmsave prepare` prints (they include -incoming defer)");
+        .fix("if it was restored already, there is nothing to do; else start it with the "
+             "arguments `vmsave prepare` prints (they include -incoming defer)");
+  // What a restore that starts QEMU checks of its command: device state from
+  // another machine type, -cpu or CPU count fails deep in QEMU's load, and
+  // QEMU exits ("Missing section footer for 0000:00:1f.0/ICH9LPC").
+  if (auto argv = process_cmdline(qmp.peer_pid()); !argv.empty())
+    if (auto cmd = QemuCommand::parse(argv); cmd.ok())
+      if (Status st = check_machine(*cmd, *meta); !st.ok())
+        return st.error().fix(
+            "start QEMU with the command line the VM was saved with (vmsave info shows it) and "
+            "the arguments `vmsave prepare` prints; this one still waits");
   // The backends QEMU has must be the image's blocks, same sizes.
   auto backends = list_ram_backends(qmp);
   if (!backends.ok()) return backends.error();

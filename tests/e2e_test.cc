@@ -1527,7 +1527,24 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   std::vector<std::string> extra = prepared.get<std::vector<std::string>>();
   CHECK(extra == lines);
 
+  // A wrapper that starts QEMU with another CPU count is told so, and its
+  // QEMU still waits (QEMU itself would exit on the device state).
+  std::vector<std::string> two_cpus = with_prepared(vm.command(), extra);
+  for (size_t a = 0; a + 1 < two_cpus.size(); a++)
+    if (two_cpus[a] == "-smp") two_cpus[a + 1] = "2";
   ::unlink(vm.qmp_path().c_str());  // a stale socket would look ready
+  {
+    Child wrong(two_cpus, vm.dir() + "/two-cpus-qemu.log");
+    await_qmp_socket(vm, wrong, vm.dir() + "/two-cpus-qemu.log");
+    r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "-smp gives 2 CPUs, the VM was saved with 1; start QEMU with "
+                                  "the command line the VM was saved with"),
+                  r.err);
+    CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
+  }
+  ::unlink(vm.qmp_path().c_str());
+
   Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
   await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
   CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
