@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
@@ -547,6 +548,13 @@ int main(int argc, char** argv) {
       cmd = "prepare";
       if (restore.ram_dir.empty() && !restore.lazy)
         return usage("prepare needs --lazy or --ram-dir DIR");
+      // Its plain output is one argument per line, and these paths (made
+      // absolute) go into the arguments.
+      std::error_code ec;
+      std::string cwd = std::filesystem::current_path(ec).string();
+      if (!c.json && (restore.image + restore.ram_dir + cwd).find('\n') != std::string::npos)
+        return usage("a path holds a newline, which prepare's one argument per line cannot "
+                     "carry: use --json");
       result = prepare(restore, rep);
     } else if (*info_cmd) {
       cmd = "info";

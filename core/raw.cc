@@ -126,7 +126,7 @@ Status check_not_mapped(const std::string& path, const struct stat& st) {
   return Error{"RAM file is in use", path,
                fmt::format("process {} ({}) maps it; replacing it would kill that process", m.pid,
                            m.name)}
-      .fix("stop that VM first, or give this restore another mem-path");
+      .fix("stop that VM first, or restore into another file (another mem-path or --ram-dir)");
 }
 
 Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,

@@ -630,6 +630,7 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"restore", image, "--ram-dir", disk.path(), "--qemu-log", disk / "q.log"},
       {"restore", image, "--qmp", disk / "qmp.sock", "--qemu-log", disk / "q.log"},
       {"restore", image, "--qmp", disk / "qmp.sock", "--qmp-timeout", "nan"},
+      {"prepare", disk / "a\nb.vmsave", "--lazy"},  // cannot be printed one per line
       {"info"},
       {"verify", image, "extra"},
   };
