@@ -253,8 +253,10 @@ void print_info(const nlohmann::json& j) {
              human_bytes(j["file_size"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
              human_bytes(j["allocated_bytes"].get<double>()));
   if (j["qemu_migration_section"].is_object())
-    print_text("device state: with RAM in QEMU's migration section ({} in all, at offset {})\n",
+    print_text("device state: with RAM in QEMU's migration section ({} in all, {} stored, at "
+               "offset {})\n",
                human_bytes(j["qemu_migration_section"]["length"].get<double>()),
+               human_bytes(j["qemu_migration_section"]["stored_bytes"].get<double>()),
                j["qemu_migration_section"]["offset"].get<i64>());
   else
     print_text("device state: {}{}\n", human_bytes(j["vmstate_bytes"].get<double>()),

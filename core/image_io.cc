@@ -795,13 +795,16 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   return Status();
 }
 
-i64 ImageWriter::qemu_section_stored() const {
+i64 stored_from(int fd, i64 offset) {
   struct stat st;
-  if (fstat(file_.fd.get(), &st) < 0 || st.st_size <= img_.qemu.offset) return 0;
+  if (fstat(fd, &st) < 0 || st.st_size <= offset) return 0;
   i64 n = 0;
-  for (auto [a, z] : data_extents(file_.fd.get(), img_.qemu.offset, st.st_size - img_.qemu.offset))
-    n += z - a;
+  for (auto [a, z] : data_extents(fd, offset, st.st_size - offset)) n += z - a;
   return n;
+}
+
+i64 ImageWriter::qemu_section_stored() const {
+  return stored_from(file_.fd.get(), img_.qemu.offset);
 }
 
 Result<UniqueFd> ImageWriter::reopen(int flags) const {

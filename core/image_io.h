@@ -59,6 +59,11 @@ i64 default_min_hole(int fd);
 // Whether `fd` is on a filesystem kept in memory (tmpfs, ramfs, hugetlbfs).
 bool in_memory_fs(int fd);
 
+// The bytes of `fd` from `offset` to its end that are not holes: what QEMU's
+// migration section stores (its RAM pages, at fixed offsets, and the device
+// state), since vmsave's format does not say where those pages are.
+i64 stored_from(int fd, i64 offset);
+
 // Notes for the user that are not errors (e.g. the O_DIRECT fallback).
 using WarnFn = std::function<void(const std::string&)>;
 
@@ -129,6 +134,7 @@ class ImageWriter {
   // The device-state stream, appended as it arrives; never held whole.
   Status append_vmstate(const u8* data, size_t len);
   i64 vmstate_bytes() const { return vmstate_len_; }  // as QEMU sent them
+  i64 vmstate_stored_bytes() const { return vm_stored_; }  // as the image holds them
 
   // Writes bitmaps, chunk tables, metadata and section table, flushes, then
   // the header, flushes, and links the file at the target (replacing an

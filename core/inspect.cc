@@ -71,9 +71,19 @@ Result<nlohmann::json> info(const std::string& image) {
   // disk writes with it (--min-hole).
   struct stat st;
   i64 allocated = fstat((*r)->fd(), &st) == 0 ? static_cast<i64>(st.st_blocks) * 512 : 0;
+  // RAM QEMU saved is in its section, where vmsave's format does not say
+  // which pages are whose: what the section stores, less its device state
+  // and headers as the save counted them (the RAM pages QEMU wrote).
   nlohmann::json qemu = nullptr;
-  if (img.has_qemu_section())
-    qemu = {{"offset", img.qemu.offset}, {"length", img.qemu.length}};
+  if (img.has_qemu_section()) {
+    i64 in_section = stored_from((*r)->fd(), img.qemu.offset);
+    i64 ram_in_section = in_section;
+    if (auto m = meta->find("qemu_migration"); m != meta->end() && m->is_object())
+      ram_in_section = std::min(in_section, m->value("ram_bytes_written", in_section));
+    qemu = {{"offset", img.qemu.offset}, {"length", img.qemu.length},
+            {"stored_bytes", in_section}, {"ram_stored_bytes", ram_in_section}};
+    stored += ram_in_section;
+  }
   nlohmann::json j{{"image", image},
                         {"qemu_migration_section", qemu},
                         {"format_version", fmt::format("{}.{}", img.major, img.minor)},

@@ -515,12 +515,15 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       if (b.share && !b.mem_path.empty() && stat(b.mem_path.c_str(), &st) == 0 &&
           S_ISREG(st.st_mode))
         left.push_back(b.mem_path);
-    if (!left.empty()) j["ram_files_left"] = left;
+    j["ram_files_left"] = left;
   }
   if (through_qemu && live) j["live_timeout_reached"] = live_timeout_reached;
   add_ram_report(j, ram, "ram_write");
   if (through_qemu) j["qemu_ram_bytes"] = ram.ram_bytes;  // as a restore reports it
-  if (opts.compress.enabled()) j["compress"] = opts.compress.name();
+  if (opts.compress.enabled()) {
+    j["compress"] = opts.compress.name();
+    j["vmstate_stored_bytes"] = w.vmstate_stored_bytes();  // as restore and info report it
+  }
   j["steps_s"] = timer.steps();
   j["total_s"] = timer.total();
   return j;

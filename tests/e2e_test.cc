@@ -570,6 +570,10 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   CHECK(parse_json(info).contains("vmstate_stored_bytes") == !compress.empty());
   if (!compress.empty())
     CHECK(parse_json(info).value("vmstate_stored_bytes", i64(0)) < vmstate_bytes);
+  // The save's report says the same.
+  CHECK(save_report.contains("vmstate_stored_bytes") == !compress.empty());
+  CHECK(save_report.value("vmstate_stored_bytes", i64(-1)) ==
+        parse_json(info).value("vmstate_stored_bytes", i64(-1)));
   // One block per backend, in whatever order QEMU lists them.
   std::vector<std::string> ids, want;
   const json blocks = parse_json(info)["blocks"];
@@ -740,8 +744,14 @@ json check_saved_by_qemu(const std::string& image, const std::vector<std::string
   REQUIRE(j["qemu_migration_section"].is_object());
   CHECK(j["qemu_migration_section"].value("length", i64(0)) > 0);
   CHECK(j["qemu_migration_section"].value("offset", i64(0)) % (2 * kMiB) == 0);
+  const i64 in_section = j["qemu_migration_section"].value("stored_bytes", i64(0));
+  CHECK(in_section > 0);
+  CHECK(in_section <= j.value("allocated_bytes", i64(0)));
   RunResult text = run_vmsave({"info", image}, kRunTimeout);
   CHECK_MESSAGE(contains(text.out, "saved by QEMU (mapped-ram"), text.out);
+  CHECK_MESSAGE(contains(text.out, "(" + human_bytes(j.value("stored_bytes", 0.0)) + " stored RAM,"),
+                text.out);
+  CHECK(j.value("stored_bytes", i64(0)) > 0);
   return j;
 }
 
@@ -986,7 +996,7 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     // The image is not a RAM file QEMU left behind: removing it, as the
     // summary says of those, would take clone 1's memory away.
     CHECK(j.value("ram_saved_by", "") == "qemu");
-    CHECK_MESSAGE(!j.contains("ram_files_left"), j.dump());
+    CHECK_MESSAGE(j["ram_files_left"] == json::array(), j.dump());
     CHECK_FALSE(contains(r.err, image));
     CHECK(exists(image));
   }
@@ -1118,6 +1128,13 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   CHECK(report.value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);
   const MemcheckLine saved = *read_story(log_at_save).last;
   json info = check_saved_by_qemu(image, {"pc.ram"});
+  // The RAM stored is what the save said it stored (info said 0), and the
+  // section holds that and the device state.
+  CHECK(info.value("stored_bytes", i64(-1)) == report.value("stored_bytes", i64(-2)));
+  CHECK(info["qemu_migration_section"].value("ram_stored_bytes", i64(-1)) ==
+        report.value("stored_bytes", i64(-2)));
+  CHECK(info["qemu_migration_section"].value("stored_bytes", i64(0)) >
+        report.value("stored_bytes", i64(0)));
 
   RunResult v = run_vmsave({"verify", image}, kRunTimeout);
   CHECK_RUN(v, 0);
