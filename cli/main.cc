@@ -85,6 +85,15 @@ void print_failure_json(const std::string& cmd, const std::string& error, Exit s
   std::fflush(stdout);
 }
 
+// A share in whole percent, but never 100 or 0 for what is not all or
+// nothing: 12 KiB of data in 10 MiB is "99.9% zero", not "100% zero".
+std::string percent(double share) {
+  double p = 100 * share;
+  if (p > 99.5 && share < 1) return fmt::format("{:.1f}", std::min(p, 99.9));
+  if (p < 0.5 && share > 0) return fmt::format("{:.1f}", std::max(p, 0.1));
+  return fmt::format("{:.0f}", p);
+}
+
 int fail(Error e) {
   std::fflush(stdout);
   if (e.status == Exit::kDamaged && e.hint.empty())
@@ -103,6 +112,19 @@ const CLI::Validator kSeconds(
       return "";
     },
     "SECONDS");
+
+// A size as QEMU spells them (64K, 1M), and as people write them too: 1MiB
+// and 64KB are the same binary sizes here, as info prints them.
+Result<i64> option_size(std::string text) {
+  for (std::string_view unit : {"iB", "B"})
+    if (text.size() > unit.size() + 1 && text.ends_with(unit) &&
+        std::string_view("KMGTkmgt").find(text[text.size() - unit.size() - 1]) !=
+            std::string_view::npos) {
+      text.resize(text.size() - unit.size());
+      break;
+    }
+  return parse_size(text);
+}
 
 // A path: "" would otherwise read as the option left out ("restore needs
 // exactly one of ...") or fail later naming no option.
@@ -146,9 +168,9 @@ std::string latency_line(const nlohmann::json& j) {
 // One human paragraph per command; the JSON report has every figure.
 void print_summary(const std::string& cmd, const nlohmann::json& j, const Common& c) {
   if (cmd == "save") {
-    say(stderr, "saved {}: {} of RAM, {} stored ({:.0f}% zero)", j["image"].get<std::string>(),
+    say(stderr, "saved {}: {} of RAM, {} stored ({}% zero)", j["image"].get<std::string>(),
                human_bytes(j["ram_bytes"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
-               100 * j["zero_ratio"].get<double>());
+               percent(j["zero_ratio"].get<double>()));
     if (j.contains("compress"))
       say(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
                  j["compression_ratio"].get<double>(),
@@ -281,10 +303,10 @@ void print_info(const nlohmann::json& j) {
                  b["id"].get<std::string>(), human_bytes(b["size"].get<double>()));
       continue;
     }
-    print_text("  {:<16} {:>10}  page {:>8}  stored {:>10}  {:.0f}% zero  saved by vmsave\n",
+    print_text("  {:<16} {:>10}  page {:>8}  stored {:>10}  {}% zero  saved by vmsave\n",
                b["id"].get<std::string>(), human_bytes(b["size"].get<double>()),
                human_bytes(b["page_size"].get<double>()), human_bytes(b["stored_bytes"].get<double>()),
-               100 * b["zero_ratio"].get<double>());
+               percent(b["zero_ratio"].get<double>()));
   }
 }
 
@@ -475,13 +497,13 @@ int main(int argc, char** argv) {
   EngineConfig engine{c.jobs, c.queue_depth};
   save.engine = restore.engine = engine;
   {
-    auto cs = parse_size(chunk_size);
+    auto cs = option_size(chunk_size);
     if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))
       return usage("--chunk-size must be a power of two from 4K to 1G (e.g. 64K, 1M, 2M)");
     save.chunk_size = *cs;
   }
   if (!min_hole.empty()) {
-    auto mh = parse_size(min_hole);
+    auto mh = option_size(min_hole);
     if (!mh.ok() || *mh > kMaxChunkSize || *mh % 4096)
       return usage("--min-hole takes a multiple of 4K from 0 to 1G (e.g. 0, 64K, 2M)");
     save.min_hole = *mh;

@@ -987,6 +987,30 @@ TEST_CASE("raw: prepare and a QEMU restore refuse an image of memory files: ther
   CHECK(list_dir(out.path()).empty());
 }
 
+TEST_CASE("raw: sizes take KiB/MiB spellings, and a share is never rounded to all or nothing") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  // 12 KiB of data in 10 MiB: 99.88% zero.
+  const std::string src = shm / "ram";
+  test::write_pattern_file(src, 12 * kKiB, "random", 3);
+  REQUIRE(::truncate(src.c_str(), 10 * kMiB) == 0);
+  for (auto [spelling, bytes] : {std::pair<std::string, i64>{"1MiB", kMiB}, {"64KB", 64 * kKiB},
+                                 {"2M", 2 * kMiB}}) {
+    CAPTURE(spelling);
+    const std::string image = disk / ("image-" + spelling);
+    RunResult r = run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", spelling, image});
+    REQUIRE_RUN(r, 0);
+    CHECK_MESSAGE(contains(r.err, "12.0 KiB stored (99.9% zero)"), r.err);
+    RunResult j = run_vmsave({"info", "--json", image});
+    REQUIRE_RUN(j, 0);
+    CHECK(json::parse(j.out)["blocks"][0]["chunk_size"] == bytes);
+    RunResult text = run_vmsave({"info", image});
+    CHECK_MESSAGE(contains(text.out, "  99.9% zero  saved by vmsave"), text.out);
+  }
+  CHECK_FAILS(run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", "1Mi", disk / "x"}), 2,
+              "--chunk-size must be a power of two");
+}
+
 TEST_CASE("raw: verify finds data in pages the bitmap marks zero, which a lazy restore would map") {
   require_shm();
   TempDir shm("/dev/shm"), disk;
