@@ -935,7 +935,7 @@ TEST_CASE("raw: --force replaces files only, never a directory, FIFO or empty pa
     args.push_back(target);
     return run_vmsave(args);
   };
-  CHECK_FAILS(save("", false), 2, "no image path");
+  CHECK_FAILS(save("", false), 2, "image: an empty path");
   // A directory, with or without a trailing slash, --force or not.
   for (bool force : {false, true}) {
     CAPTURE(force);
