@@ -30,6 +30,7 @@
 #include <fmt/core.h>
 
 #include "core/internal.h"
+#include "core/qemu_args.h"
 #include "lib/cancel.h"
 
 namespace vmsave {
@@ -530,6 +531,44 @@ std::vector<std::string> process_cmdline(pid_t pid) {
     if (all[i] == '\0') {
       out.push_back(all.substr(start, i - start));
       start = i + 1;
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t pid) {
+  auto given = QemuCommand::parse(argv);
+  if (!given.ok()) return argv;
+  std::vector<bool> added(argv.size());
+  for (auto& o : given->options()) {
+    if (!o.value) continue;
+    bool ours = o.name == "incoming" && *o.value == "defer";
+    if (o.name == "qmp" && o.value->starts_with("unix:")) {
+      std::filesystem::path sock = o.value->substr(5, o.value->find(',') - 5);
+      std::filesystem::path dir = sock.parent_path();
+      ours = sock.filename() == "qmp.sock" && dir.filename().string().starts_with("vmsave-") &&
+             run_dir_owner(dir.string()) == pid;
+    }
+    if (ours) added[o.index] = added[o.index + 1] = true;
+  }
+  std::vector<std::string> out;
+  for (size_t i = 0; i < argv.size(); i++)
+    if (!added[i]) out.push_back(std::move(argv[i]));
+  // DIR/vmsave-ID-PID, unlinked: the file a restore made for mem-path=DIR.
+  auto cmd = QemuCommand::parse(out);
+  if (!cmd.ok()) return out;
+  auto objs = cmd->objects();
+  if (!objs.ok()) return out;
+  for (auto& o : *objs) {
+    auto mp = o.object.get_string("mem-path");
+    if (o.object.qom_type != "memory-backend-file" || !mp) continue;
+    std::filesystem::path file = *mp;
+    struct stat st;
+    if (file.filename().string().starts_with("vmsave-" + o.object.id + "-") &&
+        lstat(file.c_str(), &st) < 0 && errno == ENOENT &&
+        std::filesystem::is_directory(file.parent_path())) {
+      o.object.set("mem-path", file.parent_path().string());
+      out[o.index] = format_object(o.object);
     }
   }
   return out;

@@ -104,6 +104,13 @@ Status load_device_state(
 // QEMU's command line, from /proc/PID/cmdline.
 std::vector<std::string> process_cmdline(pid_t pid);
 
+// The command line of QEMU `pid` as its user gave it, when a vmsave restore
+// started it: without the -incoming defer every restore adds, the -qmp of
+// the private directory a restore without one made (gone once QEMU is), and
+// with a directory mem-path where the restore put the RAM file it made (and
+// unlinked) in it. So the command `vmsave info` shows restores the VM again.
+std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t pid);
+
 // A QEMU started for a restore: in its own session, stdin from /dev/null,
 // output to `log`, so it outlives vmsave and holds no pipe of its caller.
 struct StartedQemu {

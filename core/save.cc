@@ -209,7 +209,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     VMSAVE_TRY(open_backend_files(backends, pid));
   }
 
-  std::vector<std::string> cmdline = process_cmdline(pid);
+  std::vector<std::string> cmdline = as_started_by_user(process_cmdline(pid), pid);
   nlohmann::json meta = base_metadata("qemu", opts.description);
   meta.update(qemu_metadata(qmp, cmdline));
   meta["guest_running"] = was_running;

@@ -1587,10 +1587,16 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   const std::string image = vm.dir() + "/vm.vmsave";
   save_and_quit(vm, image);
 
-  // The command without its -qmp: vmsave adds one in XDG_RUNTIME_DIR.
+  // The command without its -qmp: vmsave adds one in XDG_RUNTIME_DIR. Its
+  // RAM goes to a directory, where vmsave makes the file QEMU maps.
   std::vector<std::string> cmd = vm.command();
   for (size_t a = 0; a + 1 < cmd.size(); a++)
     if (cmd[a] == "-qmp") cmd.erase(cmd.begin() + a, cmd.begin() + a + 2);
+  const std::string ram_dir = vm.dir() + "/ramdir";
+  REQUIRE(::mkdir(ram_dir.c_str(), 0700) == 0);
+  for (auto& a : cmd)
+    if (contains(a, "mem-path=" + vm.ram_path(0)))
+      a.replace(a.find(vm.ram_path(0)), vm.ram_path(0).size(), ram_dir);
   const std::string run = vm.dir() + "/run";
   REQUIRE(::mkdir(run.c_str(), 0700) == 0);
   // One left by a restore whose QEMU is gone, one being set up right now.
@@ -1602,7 +1608,7 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   std::ofstream(run + "/vmsave-stale/qemu.pid") << gone << "\n";
   const std::vector<std::string> env = {"XDG_RUNTIME_DIR=" + run};
 
-  auto args = restore_args(image, "", true, cmd);
+  auto args = restore_args(image, "", false, cmd);
   args.erase(args.begin() + 3, args.begin() + 5);  // no --qemu-log
   RunResult r = run_vmsave(args, kRunTimeout, env);
   REQUIRE_RUN(r, 0);
@@ -1621,6 +1627,31 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   REQUIRE_RUN(r, 0);
   CHECK_FALSE(exists(dir));
   CHECK(exists(run + "/vmsave-young"));
+  // The command it records is the user's: not the -qmp of that directory
+  // (pasted from info, it failed on the log beside the gone socket), not
+  // -incoming defer, and the RAM directory rather than the file made in it.
+  CHECK(list_dir(ram_dir).empty());
+  RunResult again = run_vmsave({"info", "--json", vm.dir() + "/again.vmsave"}, kRunTimeout);
+  REQUIRE_RUN(again, 0);
+  const auto recorded =
+      parse_json(again)["metadata"]["qemu_cmdline"].get<std::vector<std::string>>();
+  // (The restore spelled the backend's properties in its own order.)
+  auto in_order = [](std::vector<std::string> argv) {
+    for (auto& a : argv) {
+      if (!a.starts_with("memory-backend-")) continue;
+      std::vector<std::string> props;
+      std::istringstream in(a);
+      for (std::string p; std::getline(in, p, ',');) props.push_back(p);
+      std::sort(props.begin(), props.end());
+      a = joined(props);
+    }
+    return argv;
+  };
+  CHECK_MESSAGE(in_order(recorded) == in_order(cmd), joined(recorded));
+  r = run_vmsave(restore_args(vm.dir() + "/again.vmsave", vm.dir() + "/again.log", false, recorded),
+                 kRunTimeout, env);
+  REQUIRE_RUN(r, 0);
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 1);
 
   // A socket path too long for QEMU is said before QEMU starts.
   const std::string deep = run + "/" + std::string(100, 'd');
