@@ -71,8 +71,11 @@ using SpaceClaims = std::map<dev_t, i64>;
 
 class RamFile {
  public:
+  // The block goes at `offset` in the file (a backend's offset=): the file
+  // is offset + the block's size long, a hole before it.
   static Result<RamFile> create(const ImageReader& img, size_t block, const std::string& path,
-                                bool force, Watchdog* watchdog, SpaceClaims& claims);
+                                bool force, Watchdog* watchdog, SpaceClaims& claims,
+                                i64 offset = 0);
   RamFile() = default;
   RamFile(RamFile&&) noexcept = default;
   RamFile& operator=(RamFile&&) noexcept = default;
@@ -85,6 +88,7 @@ class RamFile {
  private:
   std::string path_;
   size_t block_ = 0;
+  i64 offset_ = 0;
   UniqueFd fd_;
   bool keep_ = false;
 };

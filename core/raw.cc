@@ -130,7 +130,7 @@ Status check_not_mapped(const std::string& path, const struct stat& st) {
 }
 
 Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,
-                                bool force, Watchdog* watchdog, SpaceClaims& claims) {
+                                bool force, Watchdog* watchdog, SpaceClaims& claims, i64 offset) {
   const BlockLayout& b = img.layout().blocks[block];
   // --force truncates: never the image being read (same name, a hard link).
   struct stat own, at;
@@ -227,8 +227,9 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   // From here on the file is ours: removed unless the restore completes.
   f.path_ = path;
   f.block_ = block;
+  f.offset_ = offset;
   if (watchdog && !created) watchdog->note_remove(path);
-  if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), b.size) < 0) {
+  if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), offset + b.size) < 0) {
     Error e = sys_error("ftruncate", path, errno);
     if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";
@@ -244,7 +245,7 @@ RamFile::~RamFile() {
 Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* progress,
                      RamStats* stats) {
   const BlockLayout& b = img.layout().blocks[block_];
-  auto m = Mapping::map(fd_.get(), 0, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
+  auto m = Mapping::map(fd_.get(), offset_, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
                         MAP_SHARED, path_);
   if (!m.ok()) return m.error();
   Status st = img.read_ram(block_, m->data(), cfg, progress, stats);

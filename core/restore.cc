@@ -189,7 +189,10 @@ Result<std::vector<RamFile>> create_ram_files(std::vector<BackendPlan>& plans,
   std::vector<RamFile> files;
   SpaceClaims claims;
   for (auto& p : plans) {
-    auto f = RamFile::create(img, p.block, p.ram_file, force, watchdog, claims);
+    auto offset = p.object.get_size("offset");
+    if (!offset.ok()) return offset.error().as(Exit::kUsage);
+    auto f = RamFile::create(img, p.block, p.ram_file, force, watchdog, claims,
+                             offset->value_or(0));
     if (!f.ok()) return f.error();
     files.push_back(std::move(*f));
   }
