@@ -262,8 +262,15 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
           direct = true;
     }
     if (direct) {
-      UniqueFd fd(::open(b.mem_path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+      // mem-path may be a symbolic link, which QEMU followed: what counts is
+      // that the file opened is the one found in QEMU's mappings.
+      UniqueFd fd(::open(b.mem_path.c_str(), O_RDONLY | O_CLOEXEC));
       if (!fd) return sys_error("open", b.mem_path, errno);
+      struct stat opened;
+      if (fstat(fd.get(), &opened) < 0 || opened.st_ino != st.st_ino || opened.st_dev != st.st_dev)
+        return Error{"the RAM file changed while vmsave opened it", b.mem_path,
+                     "it is no longer the file QEMU maps"}
+            .fix("leave the RAM files alone during a save, and save again");
       b.fd = std::move(fd);
       b.file = b.mem_path;
     } else {

@@ -149,6 +149,10 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     if (lstat(path.c_str(), &in_way) == 0 && S_ISDIR(in_way.st_mode))
       return Error{"cannot create RAM file", path, "a directory is in the way"}.fix(
           "remove that directory or choose another place for the file");
+    if (S_ISLNK(in_way.st_mode))  // dangling or not: never written through
+      return Error{"cannot create RAM file", path,
+                   "it is a symbolic link, and vmsave does not write through one"}
+          .fix("give the real path, or remove the link");
     if (!force)
       return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
           "pass --force to overwrite it, or remove it");

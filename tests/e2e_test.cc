@@ -789,6 +789,44 @@ TEST_CASE("e2e: a backend with offset= (its RAM further into the file) restores 
   save_then_restore(opts, /*lazy=*/false);
 }
 
+TEST_CASE("e2e: a mem-path that is a symbolic link is saved; a restore does not write through it") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  // The link QEMU follows, to a file it can map.
+  const std::string real = vm.ram_path(0) + ".real";
+  {
+    UniqueFd fd(::open(real.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+    REQUIRE(fd.valid());
+    REQUIRE(::ftruncate(fd.get(), kSmallVm.ram_mib * kMiB) == 0);
+  }
+  REQUIRE(::symlink(real.c_str(), vm.ram_path(0).c_str()) == 0);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  // It was "open: Too many levels of symbolic links", and no image.
+  const MemcheckLine saved = *read_story(save_and_quit(vm, image)).last;
+
+  // Dangling now: it was "RAM file exists", and --force the way out.
+  REQUIRE(::unlink(real.c_str()) == 0);
+  RunResult r =
+      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "cannot create RAM file (" + vm.ram_path(0) +
+                                    "): it is a symbolic link, and vmsave does not write "
+                                    "through one; give the real path, or remove the link"),
+                r.err);
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+
+  r = run_vmsave(restore_args(image, vm.dir() + "/lazy.log", true, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  MemcheckLine line;
+  std::string err;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu.pid, &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+}
+
 TEST_CASE("e2e: a guest with two vCPUs carries on after save and restore") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
