@@ -625,6 +625,17 @@ Result<std::optional<std::string>> QemuCommand::machine_option(std::string_view 
   return v;
 }
 
+Result<std::optional<std::string>> QemuCommand::memory_option(std::string_view key) const {
+  std::optional<std::string> value;
+  for (const auto& o : options_) {
+    if (o.name != "m") continue;
+    auto kv = KeyvalList::parse(*o.value, "size", KeyvalSyntax::kQemuOpts);
+    if (!kv) return Error{"-m: " + kv.error().what};
+    if (auto v = kv->get(key)) value = std::move(v);
+  }
+  return value;
+}
+
 Result<std::optional<i64>> QemuCommand::memory_size() const {
   std::optional<std::string> size;
   for (const auto& o : options_) {

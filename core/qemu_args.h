@@ -166,6 +166,8 @@ class QemuCommand {
   // Guest RAM from -m in bytes; a plain number means MiB ("-m 512",
   // "-m size=1G,slots=2,maxmem=4G", "-m 1536M"). nullopt: no -m.
   Result<std::optional<i64>> memory_size() const;
+  // Another -m property ("slots", "maxmem"), all occurrences merged.
+  Result<std::optional<std::string>> memory_option(std::string_view key) const;
 
   // Guest CPUs at start from -smp, as QEMU counts them: cpus=N (or the
   // bare number), else maxcpus, else the product of the topology given

@@ -150,6 +150,22 @@ Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   };
   if (model(cmd) != model(*saved_cmd))
     return mismatch(fmt::format("-cpu {} differs from the saved {}", model(cmd), model(*saved_cmd)));
+  // Memory hot-plug: slots and maxmem shape the machine (ACPI tables, the
+  // device-memory region); QEMU fails in the device state on another
+  // ("Missing section footer for 0000:00:1f.0/ICH9LPC").
+  for (std::string key : {"slots", "maxmem"}) {
+    auto spelled = [&](const QemuCommand& c) -> std::string {
+      auto v = c.memory_option(key);
+      if (!v.ok() || !*v) return "";
+      auto bytes = parse_size(**v);
+      return key + "=" + (key == "maxmem" && bytes.ok() ? format_size(*bytes) : **v);
+    };
+    std::string now = spelled(cmd), was = spelled(*saved_cmd);
+    if (now == was) continue;
+    return mismatch(now.empty()   ? fmt::format("-m has no {}, the VM was saved with {}", key, was)
+                    : was.empty() ? fmt::format("-m has {}, the VM was saved without", now)
+                                  : fmt::format("-m {} differs from the saved {}", now, was));
+  }
   auto n = cmd.cpu_count();
   auto was = saved_cmd->cpu_count();
   if (n.ok() && was.ok() && *n != *was)

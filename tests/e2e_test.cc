@@ -1103,6 +1103,9 @@ TEST_CASE(
       {"other -cpu", plus(cmd, {"-cpu", "max"}), "-cpu max differs from the saved "},
       {"more CPUs", plus(cmd, {"-smp", "cpus=2"}), "-smp gives 2 CPUs, the VM was saved with 1"},
       {"other machine", rewrite(cmd, "q35,", "pc,"), "machine type pc differs from the saved q35"},
+      // Memory hot-plug slots: QEMU failed in the device state.
+      {"hot-plug slots", plus(cmd, {"-m", "256M,slots=1,maxmem=1G"}),
+       "-m has slots=1, the VM was saved without"},
       // The backend in a -readconfig file, which vmsave does not read.
       {"-readconfig", plus(without_ram0(cmd), {"-readconfig", "/dev/null"}),
        "not from -readconfig files: give that -object on the command line"},
