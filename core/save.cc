@@ -327,8 +327,12 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         first_round_bytes = r["ram"].value("normal-bytes", i64(0));
       if (r.contains("ram")) {
         i64 total = r["ram"].value("total", i64(0)), remaining = r["ram"].value("remaining", i64(0));
-        if (total > 0)
-          progress.done = std::max<i64>(0, progress.total.load() * (total - remaining) / total);
+        // QEMU's remaining grows back at each dirty-bitmap sync; a stopped
+        // guest dirties nothing, so the bar does not go back then (an
+        // 8 GiB lazy clone's went back to 0% four times).
+        i64 done = total > 0 ? std::max<i64>(0, progress.total.load() * (total - remaining) / total)
+                             : 0;
+        progress.done = live ? done : std::max<i64>(progress.done.load(), done);
       }
       if (live && !forced_stop && r.value("status", "") == "active" &&
           std::chrono::duration<double>(timer.now() - t0).count() > opts.live_timeout) {
@@ -338,6 +342,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         (void)stop_guest();
       }
     });
+    if (st.ok()) progress.done = progress.total.load();  // the final line: all of it
     rep.end_phase();
     if (!old_params.empty()) (void)qmp.execute("migrate-set-parameters", old_params, 5);
     if (!st.ok()) return st.error();
