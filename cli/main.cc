@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -189,10 +190,15 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
       say(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
                  j.value("passes", 0), human_bytes(j.value("bytes_rewritten", 0.0)),
                  secs(j, "flush_s"));
-    for (auto& f : j.value("ram_files_left", nlohmann::json::array()))
-      say(stderr, "  QEMU quit and left its RAM file {}: remove it to free that memory "
-                         "(a restore to it needs it gone, or --force)\n",
-                 f.get<std::string>());
+    for (auto& f : j.value("ram_files_left", nlohmann::json::array())) {
+      // Empty with discard-data=on (QEMU dropped its pages as it quit).
+      struct stat st;
+      std::string path = f.get<std::string>();
+      bool holds = stat(path.c_str(), &st) != 0 || st.st_blocks > 0;
+      say(stderr, "  QEMU quit and left its RAM file {}: {} (a restore to it needs it gone, or "
+                  "--force)\n",
+          path, holds ? "remove it to free that memory" : "it holds no data");
+    }
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")  // prepare only prints the arguments that map it
       say(stderr, "{} {} of RAM copy-on-write from the image\n",
