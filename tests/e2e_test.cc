@@ -349,6 +349,17 @@ MemcheckLine boot(TestVm& vm, i64 iterations = 3) {
   return line;
 }
 
+// The restored guest carries on: memcheck passes the saved iteration by
+// kMoreIterations with the saved checksum, and never says CORRUPT.
+void check_carries_on(const TestVm& vm, const MemcheckLine& saved, pid_t qemu) {
+  MemcheckLine line;
+  std::string err;
+  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, qemu, &line, &err),
+                err);
+  CHECK(line.checksum == saved.checksum);
+}
+
 // `save` in its default form: QEMU quits once the image is safe. Returns
 // the serial log as the guest left it (its last line may be unfinished; the
 // restored guest finishes it).
@@ -621,12 +632,7 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
   // Loaded, the VM migrates like any other: the capability is off again.
   CHECK_FALSE(x_ignore_shared(vm));
 
-  MemcheckLine line;
-  std::string err;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
-                           kCarryOnTimeout, qemu.pid, &line, &err),
-                err);
-  CHECK(line.checksum == saved.checksum);
+  check_carries_on(vm, saved, qemu.pid);
   CHECK(qmp_status(vm.qmp_path()) == "running");
 
   // A backend's offset= (in MiB here, "offset=64M") puts the RAM that far in.
@@ -819,12 +825,7 @@ TEST_CASE("e2e: a mem-path that is a symbolic link is saved; a restore does not 
   r = run_vmsave(restore_args(image, vm.dir() + "/lazy.log", true, vm.command()), kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
-  MemcheckLine line;
-  std::string err;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
-                           kCarryOnTimeout, qemu.pid, &line, &err),
-                err);
-  CHECK(line.checksum == saved.checksum);
+  check_carries_on(vm, saved, qemu.pid);
 }
 
 TEST_CASE("e2e: a guest with two vCPUs carries on after save and restore") {
@@ -1221,12 +1222,7 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   StartedQemu qemu{j.value("pid", -1)};
   REQUIRE(qemu.pid > 0);
   CHECK(j.value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);  // not "0 B of RAM"
-  MemcheckLine line;
-  std::string err;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
-                           kCarryOnTimeout, qemu.pid, &line, &err),
-                err);
-  CHECK(line.checksum == saved.checksum);
+  check_carries_on(vm, saved, qemu.pid);
   kill_and_wait(qemu.pid);
   qemu.pid = -1;
 
@@ -1266,12 +1262,7 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   REQUIRE_RUN(r, 0);
   CHECK(parse_json(r).value("running", false));
   CHECK(parse_json(r).value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);
-  std::string err;
-  MemcheckLine line;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
-                           kCarryOnTimeout, qemu.pid(), &line, &err),
-                err);
-  CHECK(line.checksum == saved.checksum);
+  check_carries_on(vm, saved, qemu.pid());
 }
 
 TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carries on") {
@@ -1330,12 +1321,7 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   REQUIRE(qemu.pid > 0);
-  MemcheckLine line;
-  std::string err;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
-                           kCarryOnTimeout, qemu.pid, &line, &err),
-                err);
-  CHECK(line.checksum == saved.checksum);
+  check_carries_on(vm, saved, qemu.pid);
   CHECK_MESSAGE(maps_file(qemu.pid, vm.ram_path(0)), maps_of(qemu.pid));
   const std::string now = slurp(vm.ram_path(0));
   i64 stale_pages = 0;
@@ -1625,12 +1611,7 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   json j = parse_json(r);
   CHECK(j.value("pid", -1) == qemu.pid());
   CHECK(j.value("running", false));
-  std::string err;
-  MemcheckLine line;
-  CHECK_MESSAGE(wait_story([&] { return vm.serial_log(); }, saved.iteration + kMoreIterations,
-                           kCarryOnTimeout, qemu.pid(), &line, &err),
-                err);
-  CHECK(line.checksum == saved.checksum);
+  check_carries_on(vm, saved, qemu.pid());
   CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
 }
 
