@@ -595,6 +595,10 @@ int main(int argc, char** argv) {
     }
   } catch (const nlohmann::json::exception& e) {
     result = unexpected_json(e);
+  } catch (const std::bad_alloc&) {
+    // Unwound: what the command made is removed, a guest it paused resumed.
+    result = Error{"out of memory", "", "vmsave could not allocate what this needs"}.fix(
+        "free memory or raise the limit (ulimit -v, a memory cgroup) and try again");
   }
 
   if (!result.ok()) {

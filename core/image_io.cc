@@ -24,6 +24,7 @@
 #include <sys/vfs.h>
 
 #include <algorithm>
+#include <functional>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -389,6 +390,16 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   w->block_fs_ = w->file_.direct && !in_memory_fs(w->file_.fd.get());
   w->img_.blocks = std::move(blocks);
   w->img_.vmstate.offset = plan_regions(w->img_.blocks, chunk_size);
+  i64 chunks = 0;
+  for (auto& b : w->img_.blocks) chunks += b.via_qemu() ? 0 : b.chunks();
+  if (chunks > kMaxChunks)
+    return Error{"too many checksum chunks", target,
+                 fmt::format("{} of RAM in {} chunks makes {} chunks, more than the {} an image "
+                             "may have",
+                             human_bytes(double(chunks) * double(chunk_size)),
+                             human_bytes(double(chunk_size)), chunks, kMaxChunks)}
+        .fix("use a larger --chunk-size")
+        .as(Exit::kUsage);
   for (auto& b : w->img_.blocks)
     if (b.via_qemu()) w->img_.flags |= kFlagQemuMigration;
   if (w->img_.has_qemu_section()) w->img_.qemu.offset = align_up(w->img_.vmstate.offset, kRegionAlign);
@@ -1247,12 +1258,62 @@ Result<std::vector<u8>> ImageReader::read_section(const Extent& e, const char* w
   return out;
 }
 
+namespace {
+
+// The metadata fields vmsave reads, with the JSON type each must have: one
+// of another type (a crafted image, its checksums valid) would otherwise
+// throw wherever it is read, after a restore has started its VM even.
+// Missing fields are fine (older images, raw images).
+std::string metadata_type_error(const nlohmann::json& m) {
+  using T = nlohmann::json::value_t;
+  auto is_int = [](const nlohmann::json& v) { return v.is_number_integer(); };
+  auto is_str = [](const nlohmann::json& v) { return v.is_string(); };
+  auto strings = [](const nlohmann::json& v) {
+    return v.is_array() && std::all_of(v.begin(), v.end(), [](auto& a) { return a.is_string(); });
+  };
+  const std::pair<const char*, std::function<bool(const nlohmann::json&)>> fields[] = {
+      {"mode", is_str},           {"created", is_str},      {"host", is_str},
+      {"vmsave_version", is_str}, {"qemu_version", is_str}, {"description", is_str},
+      {"machine_type", is_str},   {"machine_qom_type", is_str}, {"compress", is_str},
+      {"vmstate_bytes", is_int},  {"memory_size", is_int},  {"qemu_pid", is_int},
+      {"qemu_cmdline", strings},
+      {"guest_running", [](auto& v) { return v.is_boolean() || v.is_null(); }},
+      {"qemu_migration",
+       [&](auto& v) {
+         return v.is_object() && is_int(v.value("offset", nlohmann::json(0))) &&
+                is_int(v.value("ram_bytes_written", nlohmann::json(0)));
+       }},
+  };
+  for (auto& [key, ok] : fields)
+    if (auto it = m.find(key); it != m.end() && !ok(*it))
+      return fmt::format("metadata field \"{}\" has the wrong type ({})", key,
+                         it->type() == T::null ? "null" : it->type_name());
+  return "";
+}
+
+}  // namespace
+
 Result<nlohmann::json> ImageReader::metadata() const {
   auto bytes = read_section(img_.metadata, "metadata");
   if (!bytes.ok()) return bytes.error();
-  auto j = nlohmann::json::parse(bytes->begin(), bytes->end(), nullptr, false);
+  // Nesting is bounded: copying or printing a deep document recurses (a
+  // crafted image nested a million arrays deep crashed info).
+  constexpr int kMaxDepth = 64;
+  bool too_deep = false;
+  auto j = nlohmann::json::parse(
+      bytes->begin(), bytes->end(),
+      [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+        too_deep |= depth > kMaxDepth;
+        return depth <= kMaxDepth;  // deeper values are dropped, not built
+      },
+      false);
   if (j.is_discarded() || !j.is_object())
     return damaged(path(), "metadata is not a JSON object", img_.metadata.offset);
+  if (too_deep)
+    return damaged(path(), fmt::format("metadata is nested deeper than {} levels", kMaxDepth),
+                   img_.metadata.offset);
+  if (std::string why = metadata_type_error(j); !why.empty())
+    return damaged(path(), why, img_.metadata.offset);
   return j;
 }
 

@@ -121,6 +121,9 @@ Result<nlohmann::json> verify(const std::string& image, const EngineConfig& engi
                               Reporter& rep) {
   auto r = ImageReader::open(image, [&](const std::string& m) { rep.warn(m); });
   if (!r.ok()) return r.error();
+  // What info and restore read of the metadata, checked as they check it:
+  // an image verify passes is one they take.
+  if (auto meta = (*r)->metadata(); !meta.ok()) return meta.error();
   Progress progress;
   VerifyReport report;
   rep.begin_phase("verifying", &progress);

@@ -697,9 +697,11 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     QemuObject o;
     o.qom_type = "memory-backend-file";
     o.id = b.id;
-    o.set("size", std::to_string(b.size));
     for (auto& s : saved)
       if (s.object.id == b.id) o = s.object;
+    // The block's size, whatever the metadata says (its own spelling if equal).
+    if (auto size = o.get_size("size"); !size.ok() || *size != b.size)
+      o.set("size", std::to_string(b.size));
     if (opts.lazy) {
       make_lazy(o, image_abs, b.region.offset);
       mapped += b.size;

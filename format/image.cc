@@ -293,6 +293,11 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
         if (idlen == 0 || idlen > kMaxBlockIdLength)
           return damaged(path, "block id is empty or not terminated", at(entry_pos));
         b.id.assign(r.id, idlen);
+        // Ids become file names and QEMU arguments (prepare prints one per
+        // line): a crafted "ram0\n-monitor\n..." must not get that far.
+        auto control = [](unsigned char c) { return c < 0x20 || c == 0x7f; };
+        if (std::any_of(b.id.begin(), b.id.end(), control))
+          return damaged(path, "a block id holds control characters", at(entry_pos));
         b.size = static_cast<i64>(std::min<u64>(r.size, kMaxBlockSize + 1));
         b.page_size = static_cast<i64>(std::min<u64>(r.page_size, kMaxPageSize + 1));
         b.chunk_size = static_cast<i64>(std::min<u64>(r.chunk_size, kMaxChunkSize + 1));
@@ -374,13 +379,22 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
     int want_block = it != blocks.end() && it->second.via_qemu() ? 0x2 : want;
     if (it == blocks.end() || seen[i] != want_block)
       return damaged(path, fmt::format("RAM block {} is incomplete in the section table", i));
+    for (auto& other : img.blocks)
+      if (other.id == it->second.id)
+        return damaged(path, fmt::format("two RAM blocks are named {}", other.id));
     img.blocks.push_back(it->second);
   }
 
   // Every extent inside the file, aligned; no two overlapping.
   std::vector<std::pair<Extent, std::string>> all;
+  i64 chunks = 0;
   for (BlockLayout& b : img.blocks) {
     if (b.via_qemu()) continue;
+    chunks += b.chunks();
+    if (chunks > kMaxChunks)
+      return damaged(path, fmt::format("the image has more than {} checksum chunks, the most "
+                                       "vmsave reads (their table alone would take {})",
+                                       kMaxChunks, human_bytes(double(chunks) * 8)));
     i64 align = std::max(kRegionAlign, b.page_size);
     VMSAVE_TRY(check_extent(b.region, align, img, path, "RAM region of " + b.id));
     if (b.region.length != align_up(b.size, b.page_size))

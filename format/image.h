@@ -89,6 +89,12 @@ constexpr i64 kMaxPageSize = 1 * kGiB;
 constexpr i64 kMaxChunkSize = 1 * kGiB;
 constexpr i64 kMaxBlockSize = i64(1) << 46;  // 64 TiB
 constexpr size_t kMaxBlockIdLength = 255;
+// Checksum chunks of all blocks together: their sums (8 bytes each) are
+// held in memory by save, verify and restore, so this bounds that memory
+// at 128 MiB (16 TiB of RAM in 1 MiB chunks). A sparse file can claim any
+// size on disk; without the bound a 12 KiB crafted image made verify
+// allocate 1.6 GB.
+constexpr i64 kMaxChunks = i64(1) << 24;
 // Compressed chunks are staged in per-worker buffers of a chunk each; this
 // cap keeps those buffers small whatever --chunk-size says.
 constexpr i64 kMaxCompressedChunkSize = 4 * kMiB;

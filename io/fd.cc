@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 
 namespace vmsave {
 
@@ -80,7 +81,7 @@ Result<Mapping> Mapping::map(int fd, i64 offset, i64 len, int prot, int flags,
 AlignedBuffer::AlignedBuffer(size_t size) : size_(size) {
   if (size == 0) return;
   void* p = nullptr;
-  if (posix_memalign(&p, kDirectAlign, align_up(size, kDirectAlign)) != 0) std::abort();
+  if (posix_memalign(&p, kDirectAlign, align_up(size, kDirectAlign)) != 0) throw std::bad_alloc();
   std::memset(p, 0, size);
   p_ = static_cast<u8*>(p);
 }

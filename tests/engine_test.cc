@@ -456,6 +456,59 @@ TEST_CASE("engine: several blocks in one image keep their ids, sizes and order")
   }
 }
 
+TEST_CASE("engine: metadata of the wrong shape is damage that verify, info and restore refuse alike") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", kMiB, "mixed", 4);
+  // Checksums valid, content wrong: a restore read "vmstate_bytes" only once
+  // its VM ran, and failed with the VM left running; deep nesting crashed
+  // info.
+  nlohmann::json deep = 1;
+  for (int i = 0; i < 100; i++) deep = nlohmann::json::array({deep});
+  const std::vector<std::pair<nlohmann::json, std::string>> cases = {
+      {{{"vmstate_bytes", "x"}}, "metadata field \"vmstate_bytes\" has the wrong type (string)"},
+      {{{"guest_running", "yes"}}, "metadata field \"guest_running\" has the wrong type (string)"},
+      {{{"qemu_cmdline", nlohmann::json::array({"qemu", 1})}},
+       "metadata field \"qemu_cmdline\" has the wrong type (array)"},
+      {{{"qemu_migration", {{"offset", "0"}}}}, "metadata field \"qemu_migration\""},
+      {{{"x", deep}}, "metadata is nested deeper than 64 levels"},
+  };
+  for (auto& [extra, why] : cases) {
+    CAPTURE(why);
+    const std::string image = disk / "image.vmsave";
+    std::filesystem::remove(image);
+    {
+      UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
+      REQUIRE(fd);
+      BlockLayout b;
+      b.id = "ram";
+      b.size = kMiB;
+      b.page_size = kPage;
+      auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
+      REQUIRE(w.ok());
+      RamStats st;
+      REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
+                              EngineConfig{1, 4}, nullptr, &st)
+                  .ok());
+      nlohmann::json meta = {{"mode", "raw"}};
+      meta.update(extra);
+      REQUIRE((*w)->commit(meta).ok());
+    }
+    const std::string out = shm / "out";
+    std::filesystem::create_directory(out);
+    for (std::vector<std::string> args : {std::vector<std::string>{"verify", image},
+                                          {"info", image},
+                                          {"info", "--json", image},
+                                          {"restore", image, "--ram-dir", out}}) {
+      CAPTURE(args[0]);
+      RunResult r = run_vmsave(args);
+      CHECK_RUN(r, 3);
+      CHECK_MESSAGE(contains(r.err, why), r.err);
+    }
+    CHECK(std::filesystem::is_empty(out));
+  }
+}
+
 TEST_CASE("engine: a filesystem without O_DIRECT falls back to buffered I/O with a warning") {
   require_shm();
   require_mount("ramfs");

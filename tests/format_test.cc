@@ -25,7 +25,8 @@ const std::string kPath = "/images/test.vmsave";
 // A consistent layout of `n` 4 KiB-page blocks (sizes chosen so none is a
 // chunk or page multiple), with its tail placed the way ImageWriter::commit
 // places it: bitmap and chunk table per block, metadata, section table.
-ImageLayout make_layout(int n = 2, bool compressed = false) {
+ImageLayout make_layout(int n = 2, bool compressed = false, i64 block_size = 0,
+                        i64 chunk_size = kDefaultChunkSize) {
   ImageLayout img;
   if (compressed) {
     img.flags = kFlagCompressed;
@@ -34,11 +35,11 @@ ImageLayout make_layout(int n = 2, bool compressed = false) {
   for (int i = 0; i < n; i++) {
     BlockLayout b;
     b.id = "ram" + std::to_string(i);
-    b.size = 3 * kMiB + 8 * kKiB + 100 * i;
+    b.size = block_size ? block_size : 3 * kMiB + 8 * kKiB + 100 * i;
     b.page_size = 4096;
     img.blocks.push_back(b);
   }
-  img.vmstate.offset = plan_regions(img.blocks, kDefaultChunkSize);
+  img.vmstate.offset = plan_regions(img.blocks, chunk_size);
   img.vmstate.length = 10000;
   img.vmstate.checksum = 42;
   i64 off = img.vmstate.offset + align_up(img.vmstate.length, kSectionAlign);
@@ -449,6 +450,14 @@ TEST_CASE("format: block records are checked") {
             r.id[kMaxBlockIdLength] = 0;
           }).ok());
   }
+  SUBCASE("ids that are no name") {
+    // A newline would split prepare's one-argument-per-line output into
+    // arguments of the image's choosing.
+    check_damaged(with([](BlockRecord& r) { std::strcpy(r.id, "ram1\n-monitor\ntcp:x:1"); }),
+                  "control characters");
+    check_damaged(with([](BlockRecord& r) { std::strcpy(r.id, "ram0"); }),
+                  "two RAM blocks are named ram0");
+  }
   SUBCASE("sizes") {
     for (u64 v : {u64(0), u64(kMaxBlockSize) + 1, ~u64(0), u64(1) << 63}) {
       CAPTURE(v);
@@ -470,6 +479,16 @@ TEST_CASE("format: block records are checked") {
     check_damaged(with([&](BlockRecord& r) { r.size = u64(r.size) + 4 * kMiB; }));
     check_damaged(with([&](BlockRecord& r) { r.size = u64(r.size) - 64 * kKiB; }));
   }
+}
+
+TEST_CASE("format: the chunks of all blocks are bounded, as the memory for their sums") {
+  // A sparse file can claim any size: 64 GiB in 4 KiB chunks takes 12 KiB
+  // on disk and 128 MiB of sums.
+  const i64 at_most = kMaxChunks / 2 * 4096;
+  ImageLayout fits = make_layout(2, false, at_most, 4096);
+  CHECK(decode_table(encode_section_table(fits), fits).ok());
+  ImageLayout over = make_layout(2, false, at_most + 4096, 4096);
+  check_damaged(decode_table(encode_section_table(over), over), "checksum chunks");
 }
 
 TEST_CASE("format: section extents must lie inside the file, aligned") {

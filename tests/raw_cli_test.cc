@@ -1009,6 +1009,14 @@ TEST_CASE("raw: sizes take KiB/MiB spellings, and a share is never rounded to al
   }
   CHECK_FAILS(run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", "1Mi", disk / "x"}), 2,
               "--chunk-size must be a power of two");
+  // So many chunks their sums would not fit the bound a reader keeps to:
+  // refused before anything is written (sparse, this takes no memory).
+  const std::string huge = shm / "huge";
+  test::write_pattern_file(huge, 4096, "random", 5);
+  REQUIRE(::truncate(huge.c_str(), (kMaxChunks + 1) * 4096) == 0);
+  CHECK_FAILS(run_vmsave({"save", "--ram", "r=" + huge, "--chunk-size", "4K", disk / "x"}), 2,
+              "more than the 16777216 an image may have; use a larger --chunk-size");
+  CHECK_FALSE(std::filesystem::exists(disk / "x"));
 }
 
 TEST_CASE("raw: verify finds data in pages the bitmap marks zero, which a lazy restore would map") {
