@@ -233,6 +233,9 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   f.block_ = block;
   f.offset_ = offset;
   if (watchdog && !created) watchdog->note_remove(path);
+  // Guest memory holds secrets: a file replaced with --force gets the mode
+  // a new one has (a 0644 file kept its mode, guest RAM world-readable).
+  if (!created && fchmod(f.fd_.get(), 0600) < 0) return sys_error("fchmod", path, errno);
   if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), offset + b.size) < 0) {
     Error e = sys_error("ftruncate", path, errno);
     if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)

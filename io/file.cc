@@ -64,9 +64,7 @@ Status pwrite_all(int fd, const void* buf, size_t len, i64 offset, const std::st
     ssize_t n = ::pwrite(fd, p, len, offset);
     if (n < 0) {
       if (errno == EINTR) continue;
-      Error e = sys_error("write", path, errno).at(offset);
-      if (errno == ENOSPC || errno == EDQUOT) e.hint = "free space on that filesystem or choose another";
-      return e;
+      return sys_error("write", path, errno).at(offset);
     }
     p += n;
     len -= n;

@@ -241,9 +241,7 @@ Status IoQueue::complete(u32 idx, int res) {
   if (res < 0) {
     release();
     const char* call = s.req.write ? "write" : "read";
-    Error e = sys_error(call, fd_name(s.req.fd), -res).at(s.req.offset + s.done);
-    if (res == -ENOSPC || res == -EDQUOT) e.hint = "free space on that filesystem or choose another";
-    return e;
+    return sys_error(call, fd_name(s.req.fd), -res).at(s.req.offset + s.done);
   }
   if (res == 0 && s.req.len > s.done) {
     release();

@@ -2,6 +2,7 @@
 
 #include "lib/common.h"
 
+#include <cerrno>
 #include <fmt/core.h>
 
 namespace vmsave {
@@ -13,6 +14,26 @@ std::string Error::message() const {
   if (!detail.empty()) s += ": " + detail;
   if (!hint.empty()) s += "; " + hint;
   return s;
+}
+
+const char* errno_hint(int err) {
+  switch (err) {
+    case ENOSPC:
+    case EDQUOT:
+      return "free space on that filesystem (or on the device under it) or choose another";
+    case EIO:
+      return "the device failed (dmesg says more): use another disk, and verify what is on "
+             "this one";
+    case EROFS:
+      return "that filesystem is read-only (remounted so after errors? dmesg says): use another";
+    case EMFILE:
+    case ENFILE:
+      return "raise the open-file limit (ulimit -n) or use fewer --jobs";
+    case ENOMEM:
+      return "free memory or raise the limit (ulimit -v, a memory cgroup), or use fewer --jobs";
+    default:
+      return "";
+  }
 }
 
 std::string human_bytes(double bytes) {

@@ -65,10 +65,17 @@ struct Error {
   std::string message() const;
 };
 
+// The fix for an errno that has one whatever the call failed (a full disk,
+// a failing device, a resource limit); "" for the others. A call site that
+// knows better sets its own with .fix().
+const char* errno_hint(int err);
+
 // An error from a failed system call: which call (in `what`), which file,
 // and the errno text. `err` is a positive errno value.
 inline Error sys_error(std::string what, std::string path, int err) {
-  return Error{std::move(what), std::move(path), std::strerror(err)};
+  Error e{std::move(what), std::move(path), std::strerror(err)};
+  e.hint = errno_hint(err);
+  return e;
 }
 
 inline Error damaged(std::string path, std::string detail, i64 offset = -1) {

@@ -714,8 +714,11 @@ TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resu
           faults++;
           CHECK_RUN(r, 1);
           CHECK_MESSAGE(contains(r.err, image), r.err);
-          CHECK_MESSAGE(contains(r.err, std::string(kind) == "eio" ? "Input/output error"
-                                                                   : "No space left on device"),
+          // Each with its fix.
+          CHECK_MESSAGE(contains(r.err, std::string(kind) == "eio"
+                                            ? "Input/output error; the device failed (dmesg"
+                                            : "No space left on device; free space on that "
+                                              "filesystem (or on the device under it)"),
                         r.err);
           CHECK_MESSAGE(list_dir(disk.path()).empty(), joined(list_dir(disk.path())));
         }

@@ -522,6 +522,11 @@ TEST_CASE("raw: images and RAM files are created mode 0600 whatever the umask") 
   CHECK((st.st_mode & 07777) == 0600);
   REQUIRE(stat((out / "ram").c_str(), &st) == 0);
   CHECK((st.st_mode & 07777) == 0600);
+  // A world-readable file replaced with --force becomes private too.
+  REQUIRE(chmod((out / "ram").c_str(), 0644) == 0);
+  REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", out.path(), "--force"}), 0);
+  REQUIRE(stat((out / "ram").c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0600);
 }
 
 TEST_CASE("raw: a symlink at the target is replaced by --force, never followed") {
