@@ -8,6 +8,7 @@
 
 #include <doctest/doctest.h>
 
+#include <filesystem>
 #include <set>
 #include <sstream>
 #include <string>
@@ -459,6 +460,14 @@ TEST_CASE("the flag table matches the installed QEMU") {
   // QEMU must never get far enough to start a guest, whatever happens.
   const std::vector<std::string> inert = {qemu,   "-machine",    "none", "-display",
                                           "none", "-nodefaults", "-S"};
+  // -jitdump writes jit-PID.dump into the working directory: not the checkout's.
+  test::TempDir scratch;
+  const auto cwd = std::filesystem::current_path();
+  std::filesystem::current_path(scratch.path());
+  struct Back {
+    std::filesystem::path to;
+    ~Back() { std::filesystem::current_path(to); }
+  } back{cwd};
   for (const auto& name : names) {
     CAPTURE(name);
     auto argv = inert;
