@@ -361,7 +361,7 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
       Error e = f.error();
       e.what = "cannot create image";
       e.path = target;
-      if (e.hint.empty() && (e.detail == std::strerror(EROFS) || e.detail == std::strerror(EACCES)))
+      if (e.detail == std::strerror(EROFS) || e.detail == std::strerror(EACCES))
         e.hint = "save the image on a filesystem and in a directory vmsave can write";
       return e;
     }
