@@ -341,7 +341,10 @@ int main(int argc, char** argv) {
   // save
   CLI::App* save_cmd = app.add_subcommand(
       "save", "Save a VM (--qmp) or plain memory files (--ram) into IMAGE");
-  save_cmd->add_option("image", save.image, "Image file to create")->required()->check(kPath)->type_name("FILE");
+  save_cmd->add_option("image", save.image, "Image file to create")
+      ->required()
+      ->check(kPath)
+      ->type_name("FILE");
   auto* qmp_opt =
       save_cmd->add_option("--qmp", save.qmp, "QEMU's QMP socket (QEMU mode)")
           ->check(kPath)
@@ -388,7 +391,10 @@ int main(int argc, char** argv) {
       "restore",
       "Restore IMAGE: start QEMU (-- QEMU-COMMAND...), load into a QEMU started with the "
       "arguments from `prepare` (--qmp), or write memory files (--ram-dir)");
-  restore_cmd->add_option("image", restore.image, "Image file")->required()->check(kPath)->type_name("FILE");
+  restore_cmd->add_option("image", restore.image, "Image file")
+      ->required()
+      ->check(kPath)
+      ->type_name("FILE");
   restore_cmd->add_option("qemu", restore.qemu_argv,
                           "After --: the QEMU command line the VM was started with");
   auto* rd = restore_cmd->add_option("--ram-dir", restore.ram_dir,
@@ -420,7 +426,10 @@ int main(int argc, char** argv) {
   CLI::App* prepare_cmd = app.add_subcommand(
       "prepare", "For wrappers that start QEMU: fill RAM files (--ram-dir) or plan a lazy "
                  "restore, and print the QEMU arguments to add");
-  prepare_cmd->add_option("image", restore.image, "Image file")->required()->check(kPath)->type_name("FILE");
+  prepare_cmd->add_option("image", restore.image, "Image file")
+      ->required()
+      ->check(kPath)
+      ->type_name("FILE");
   auto* pd = prepare_cmd->add_option("--ram-dir", restore.ram_dir, "Write RAM files to DIR/ID")
                  ->check(kPath)
                  ->type_name("DIR");

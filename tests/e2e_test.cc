@@ -759,8 +759,8 @@ json check_saved_by_qemu(const std::string& image, const std::vector<std::string
   CHECK(in_section <= j.value("allocated_bytes", i64(0)));
   RunResult text = run_vmsave({"info", image}, kRunTimeout);
   CHECK_MESSAGE(contains(text.out, "saved by QEMU (mapped-ram"), text.out);
-  CHECK_MESSAGE(contains(text.out, "(" + human_bytes(j.value("stored_bytes", 0.0)) + " stored RAM,"),
-                text.out);
+  const std::string stored = "(" + human_bytes(j.value("stored_bytes", 0.0)) + " stored RAM,";
+  CHECK_MESSAGE(contains(text.out, stored), text.out);
   CHECK(j.value("stored_bytes", i64(0)) > 0);
   return j;
 }
@@ -1572,8 +1572,9 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   CHECK_MESSAGE(props == want, lines[1]);
   CHECK(lines[2] == "-incoming");
   CHECK(lines[3] == "defer");
-  CHECK_MESSAGE(contains(plain.err, "these arguments map 256.0 MiB of RAM copy-on-write from the image"),
-                plain.err);
+  CHECK_MESSAGE(
+      contains(plain.err, "these arguments map 256.0 MiB of RAM copy-on-write from the image"),
+      plain.err);
 
   RunResult r = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);

@@ -456,7 +456,8 @@ TEST_CASE("engine: several blocks in one image keep their ids, sizes and order")
   }
 }
 
-TEST_CASE("engine: metadata of the wrong shape is damage that verify, info and restore refuse alike") {
+TEST_CASE(
+    "engine: metadata of the wrong shape is damage that verify, info and restore refuse alike") {
   require_shm();
   TempDir shm("/dev/shm"), disk;
   test::write_pattern_file(shm / "ram", kMiB, "mixed", 4);
