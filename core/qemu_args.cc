@@ -630,24 +630,20 @@ Result<std::optional<std::string>> QemuCommand::memory_option(std::string_view k
   for (const auto& o : options_) {
     if (o.name != "m") continue;
     auto kv = KeyvalList::parse(*o.value, "size", KeyvalSyntax::kQemuOpts);
-    if (!kv) return Error{"-m: " + kv.error().what};
+    if (!kv) {
+      Error e = kv.error();
+      e.what = "-m: " + e.what;
+      return e;
+    }
     if (auto v = kv->get(key)) value = std::move(v);
   }
   return value;
 }
 
 Result<std::optional<i64>> QemuCommand::memory_size() const {
-  std::optional<std::string> size;
-  for (const auto& o : options_) {
-    if (o.name != "m") continue;
-    auto kv = KeyvalList::parse(*o.value, "size", KeyvalSyntax::kQemuOpts);
-    if (!kv) {
-      Error e = kv.error();
-      e.what = "-m: " + e.what;
-      return e;
-    }
-    if (auto s = kv->get("size")) size = std::move(s);
-  }
+  auto spelled = memory_option("size");
+  if (!spelled) return spelled.error();
+  const std::optional<std::string>& size = *spelled;
   if (!size) return std::optional<i64>();
   if (size->empty()) return Error{"-m: missing 'size' value"};
   auto n = parse_size(*size);
