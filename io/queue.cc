@@ -77,6 +77,7 @@ Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth) {
 
 IoQueue::~IoQueue() {
   if (!ring_ok_) return;
+  waiting_.clear();  // an error unwinds: never made
   (void)drain();
   io_uring_queue_exit(&ring_);
 }
@@ -134,6 +135,14 @@ void IoQueue::prep(u32 idx) {
 
 Status IoQueue::submit(const IoRequest& req) {
   if (!first_error_.ok()) return first_error_;
+  const FaultPlan& fault = FaultPlan::get();
+  const bool faulty = fault.nth && ++g_requests == fault.nth;
+  if (!faulty && req.write && req.fd == serial_fd_) {
+    // Enough waiting to scan on for a while; beyond that, wait for the turn.
+    constexpr size_t kMaxWaiting = 1024;
+    waiting_.push_back(req);
+    return write_waiting(waiting_.size() >= kMaxWaiting);
+  }
   while (free_.empty()) {  // a short or -EAGAIN completion is resubmitted, freeing no slot
     Status st = reap(1);
     if (!st.ok()) return st;
@@ -147,8 +156,7 @@ Status IoQueue::submit(const IoRequest& req) {
   s.start = std::chrono::steady_clock::now();
   in_flight_++;
 
-  const FaultPlan& fault = FaultPlan::get();
-  if (fault.nth && ++g_requests == fault.nth) {
+  if (faulty) {
     if (fault.err) {
       first_error_ = complete(idx, -fault.err);
       return first_error_;
@@ -167,7 +175,40 @@ Status IoQueue::submit(const IoRequest& req) {
   return first_error_;
 }
 
+Status IoQueue::write_waiting(bool wait) {
+  if (waiting_.empty() || !first_error_.ok()) return first_error_;
+  std::unique_lock turn(*turn_, std::defer_lock);
+  if (wait)
+    turn.lock();
+  else if (!turn.try_lock())
+    return first_error_;
+  std::vector<IoRequest> done;
+  done.swap(waiting_);
+  for (const IoRequest& r : done) {
+    auto start = std::chrono::steady_clock::now();
+    for (u32 at = 0; at < r.len;) {
+      ssize_t n = ::pwrite(r.fd, r.buf + at, r.len - at, r.offset + at);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return first_error_ = sys_error("write", fd_name(r.fd), errno).at(r.offset + at);
+      if (n == 0)
+        return first_error_ =
+                   Error{"write", fd_name(r.fd), "unexpected end of file"}.at(r.offset + at);
+      at += static_cast<u32>(n);
+    }
+    auto us = std::chrono::steady_clock::now() - start;
+    latency_.add(std::chrono::duration_cast<std::chrono::microseconds>(us).count());
+    bytes_done_ += r.len;
+  }
+  turn.unlock();
+  for (const IoRequest& r : done) {
+    Status st = on_done_ ? on_done_(r) : Status();
+    if (!st.ok() && first_error_.ok()) first_error_ = st;
+  }
+  return first_error_;
+}
+
 Status IoQueue::flush() {
+  VMSAVE_TRY(write_waiting(false));
   if (unsubmitted_ == 0) return first_error_;
   int ret = io_uring_submit(&ring_);
   if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
@@ -196,6 +237,7 @@ Status IoQueue::reap(u32 min_complete) {
 }
 
 Status IoQueue::poll() {
+  VMSAVE_TRY(write_waiting(false));
   if (in_flight_ == 0) return first_error_;
   VMSAVE_TRY(flush());
   // With DEFER_TASKRUN completions are posted only inside io_uring_enter
@@ -264,6 +306,7 @@ Status IoQueue::complete(u32 idx, int res) {
 }
 
 Status IoQueue::drain() {
+  (void)write_waiting(true);  // an error is first_error_; the ring is drained all the same
   while (in_flight_ > 0 && !broken_) {
     Status st = reap(1);
     if (!st.ok() && in_flight_ == 0) return st;

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <vector>
 
@@ -72,7 +73,10 @@ class IoQueue {
   // Waits for every request in flight. Returns the first error seen.
   Status drain();
   // Waits until at least one request completes (its callback has run).
-  Status reap_some() { return in_flight_ ? reap(1) : first_error_; }
+  Status reap_some() {
+    if (!waiting_.empty()) return write_waiting(true);
+    return in_flight_ ? reap(1) : first_error_;
+  }
   // Runs the callbacks of requests that have completed, waiting for none.
   Status poll();
   u32 in_flight() const { return in_flight_; }
@@ -92,6 +96,18 @@ class IoQueue {
   bool register_memory(std::span<const std::pair<u8*, i64>> ranges);
   bool fixed_buffers() const { return !fixed_.empty(); }
 
+  // Writes to `fd` then bypass the ring: they are made with pwrite() by
+  // this thread, by one queue at a time, under `turn`. For a file in memory
+  // (tmpfs), whose write() copies under the inode's lock, so that the
+  // ring's writes from several workers queued on that lock in kernel
+  // threads, spinning. A write that finds the turn taken waits here while
+  // the worker scans on, and goes out the next time this queue gets the
+  // turn (flush, poll, or a wait).
+  void serialize_writes(int fd, std::mutex* turn) {
+    serial_fd_ = fd;
+    turn_ = turn;
+  }
+
  private:
   IoQueue() = default;
   struct Slot {
@@ -105,6 +121,7 @@ class IoQueue {
   Status reap(u32 min_complete);
   Status collect();  // the completions posted so far
   Status complete(u32 slot, int res);
+  Status write_waiting(bool wait);
   std::string fd_name(int fd) const;
 
   io_uring ring_{};
@@ -124,6 +141,9 @@ class IoQueue {
     i64 len;
   };
   std::vector<FixedRange> fixed_;  // index = io_uring buffer index
+  int serial_fd_ = -1;
+  std::mutex* turn_ = nullptr;
+  std::vector<IoRequest> waiting_;  // serialized writes not yet made
 };
 
 }  // namespace vmsave

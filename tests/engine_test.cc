@@ -395,6 +395,49 @@ TEST_CASE("engine: round trip of mixed memory keeps holes") {
   round_trips("mixed");
 }
 
+
+// Into a file in memory the workers take turns writing with pwrite()
+// (IoQueue::serialize_writes), so writes wait in a worker's queue until its
+// turn: every one must land, once, from plain and from compressed chunks.
+TEST_CASE("engine: an image in /dev/shm holds every page, whichever worker wrote it") {
+  require_shm();
+  Dirs d;
+  std::string src = d.shm / "ram";
+  const i64 size = 48 * kMiB + 12 * kKiB;
+  test::write_pattern_file(src, size, "mixed", 21);
+  std::vector<bool> map = data_page_map(src);
+  const i64 data_pages = count(map);
+  REQUIRE(data_pages > 0);
+  REQUIRE(data_pages < static_cast<i64>(map.size()));
+  std::string image = d.out / "image.vmsave";
+  for (const char* codec : {"", "lz4"}) {
+    for (int jobs : {1, 2, 4}) {
+      CAPTURE(std::string(codec));
+      CAPTURE(jobs);
+      std::vector<std::string> args = {"save", "--json", "--force", "--ram", "ram=" + src, image,
+                                       "--jobs", std::to_string(jobs)};
+      if (*codec) args.insert(args.end(), {"--compress", codec});
+      RunResult r = run_vmsave(args);
+      REQUIRE_RUN(r, 0);
+      json rep = json::parse(r.out);
+      // Zero pages stay holes (no --min-hole on tmpfs): the RAM region
+      // occupies the data pages, or less compressed.
+      if (!*codec) {
+        CHECK(rep["stored_bytes"] == data_pages * kPage);
+        CHECK(rep["zero_filled_bytes"] == 0);
+        CHECK(allocated(image) <= data_pages * kPage + 64 * kKiB);
+      }
+      CHECK(rep["io_latency_us"]["count"].get<i64>() > 0);
+      CHECK_RUN(run_vmsave({"verify", image}), 0);
+      std::string rdir = d.shm / "restored";
+      REQUIRE(mkdir(rdir.c_str(), 0700) == 0);
+      REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", rdir}), 0);
+      std::string why;
+      CHECK_MESSAGE(test::files_equal(src, rdir + "/ram", &why), why);
+      std::filesystem::remove_all(rdir);
+    }
+  }
+}
 TEST_CASE("engine: several blocks in one image keep their ids, sizes and order") {
   require_shm();
   Dirs d;
