@@ -79,7 +79,8 @@ class IoQueue {
   }
   // Runs the callbacks of requests that have completed, waiting for none.
   Status poll();
-  u32 in_flight() const { return in_flight_; }
+  // Requests not yet done: in the ring, or waiting for the turn to write.
+  u32 in_flight() const { return in_flight_ + static_cast<u32>(waiting_.size()); }
 
   const LatencyHistogram& latency() const { return latency_; }
   i64 bytes_done() const { return bytes_done_; }
