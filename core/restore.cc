@@ -255,6 +255,13 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
         return write(d, n);
       });
     });
+    // QEMU may refuse a damaged stream before its end, where the section's
+    // checksum is compared (a flipped byte decompresses to a wrong migration
+    // flag): then the damage is the cause, not the command line.
+    if (!st.ok() && st.error().status != Exit::kDamaged && !cancelled()) {
+      Status whole = img.stream_vmstate(nullptr);
+      if (!whole.ok() && whole.error().status == Exit::kDamaged) st = whole;
+    }
   }
   rep.end_phase();
   if (!st.ok()) return st;

@@ -1836,6 +1836,47 @@ TEST_CASE("e2e: restoring an image with damaged device state exits 3 and leaves 
   }
 }
 
+// Compressed, a flipped byte decompresses to garbage QEMU may refuse before
+// the section's end, where its checksum is compared: that is still damage
+// (exit 3), not a command line that does not fit (exit 1).
+TEST_CASE("e2e: a damaged compressed device state exits 3 wherever QEMU stops reading it") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image, {"--compress", "zstd"});
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  json info = parse_json(run_vmsave({"info", image, "--json"}, kRunTimeout));
+  const i64 offset = info.value("vmstate_offset", i64(0));
+  const i64 length = info.value("vmstate_stored_bytes", i64(0));
+  REQUIRE(offset > 0);
+  REQUIRE(length > 64);
+  auto flip = [&](i64 at) {
+    int fd = ::open(image.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    u8 byte = 0;
+    REQUIRE(pread(fd, &byte, 1, at) == 1);
+    byte ^= 0xff;
+    REQUIRE(pwrite(fd, &byte, 1, at) == 1);
+    ::close(fd);
+  };
+  for (int eighth = 1; eighth < 8; eighth++) {
+    CAPTURE(eighth);
+    const i64 at = offset + length * eighth / 8;
+    flip(at);
+    RunResult r =
+        run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+    CHECK_RUN(r, 3);
+    CHECK_MESSAGE(contains(r.err, "image damaged"), r.err);
+    CHECK_MESSAGE(!contains(r.err, "QEMU refused"), r.err);
+    CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+    CHECK_FALSE(exists(vm.ram_path()));
+    flip(at);  // back as saved
+  }
+  // Put back, it restores.
+  REQUIRE_RUN(run_vmsave({"verify", image}, kRunTimeout), 0);
+}
+
 // Runs `vmsave ARGS` and returns its exit status (for info and verify).
 int vmsave_status(const std::vector<std::string>& args) {
   return run_vmsave(args, kRunTimeout).status;
