@@ -1480,6 +1480,14 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     if (!decoded)
       return chunk_damaged(c, fmt::format("{} data does not decompress", codec_name(ci.codec)));
     if (xxh3(out, len) != sums[c]) return chunk_damaged(c, "checksum mismatch");
+    // Pages the bitmap marks zero are not restored: the checksum holds for
+    // what is restored only if they are.
+    for (i64 p = 0; !dense && p < npages; p++) {
+      const i64 at = p * page;
+      if (!present(c * pages_per_chunk + p) && !is_zero(out + at, std::min(page, len - at)))
+        return chunk_damaged(c, fmt::format("page {} is marked zero but holds data",
+                                            c * pages_per_chunk + p));
+    }
     if (!dense && !verify_only) return copy_out(c, out);
     return Status();
   };

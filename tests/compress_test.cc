@@ -361,6 +361,37 @@ TEST_CASE("compress: garbage behind a valid checksum is refused by the decompres
   }
 }
 
+// A restore writes only the pages the bitmap marks, so a compressed chunk
+// whose page holds data the bitmap calls zero would be restored wrong
+// though its checksum matches: damage, for verify and restore alike.
+TEST_CASE("compress: a page the bitmap marks zero must decompress to zeros") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk, out("/dev/shm");
+  std::string src = shm / "ram";
+  test::write_pattern_file(src, 4 * kMiB, "text", 12);
+  for (const std::string& codec : kCodecs) {
+    CAPTURE(codec);
+    std::string image = disk / "image.vmsave";
+    REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "ram=" + src, image, "--compress", codec}),
+                0);
+    ImageLayout img = layout_of(image);
+    BlockLayout& b = img.blocks[0];
+    REQUIRE(chunks_of(image, b)[1].codec != Codec::kRaw);
+    const i64 page = 300;  // in chunk 1
+    std::vector<u8> bits = read_bytes(image, b.bitmap.offset, b.bitmap.length);
+    REQUIRE(((bits[page / 8] >> (page % 8)) & 1) == 1);
+    bits[page / 8] &= static_cast<u8>(~(1 << (page % 8)));
+    write_bytes(image, b.bitmap.offset, bits);
+    b.bitmap.checksum = checksum(bits);
+    b.data_pages--;
+    reseal(image, img);
+    check_fails(run_vmsave({"verify", image}), 3, "page 300 is marked zero but holds data");
+    check_fails(run_vmsave({"restore", image, "--ram-dir", out.path()}), 3,
+                "page 300 is marked zero but holds data");
+    CHECK(std::filesystem::is_empty(out.path()));
+  }
+}
+
 TEST_CASE("compress: the device state streams through zstd and is checked") {
   require_shm();
   TempDir shm("/dev/shm"), disk;
