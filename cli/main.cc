@@ -181,8 +181,13 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
                  human_bytes(j["zero_filled_bytes"].get<double>()));
     if (j.contains("vmstate_bytes") && j.value("ram_saved_by", "") != "qemu")  // else in QEMU's section
       say(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
-    say(stderr, "\n  total {}, RAM written in {} ({}/s)", secs(j, "total_s"),
+    say(stderr, "\n  total {}, RAM written in {} ({}/s", secs(j, "total_s"),
                secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
+    // Compressed, the rate of stored bytes says little of the RAM's.
+    const double ram_s = j.value("ram_write_s", 0.0);
+    if (j.contains("compress") && ram_s > 0)
+      say(stderr, " stored, {}/s of RAM", human_bytes(j["ram_bytes"].get<double>() / ram_s));
+    say(stderr, ")");
     if (j.contains("downtime_s")) say(stderr, ", guest paused {}", secs(j, "downtime_s"));
     if (j.value("ram_saved_by", "") == "qemu") say(stderr, " (RAM saved by QEMU mapped-ram)");
     say(stderr, "\n");
@@ -364,8 +369,8 @@ int main(int argc, char** argv) {
                        "runs are written as zeros (default 64K, 0 on tmpfs; 0: every zero page a hole)");
   auto* compress_opt = save_cmd->add_option("--compress", compress,
                        "Compress each chunk: lz4 (effort follows the disk), zstd or zstd:LEVEL (1-19, "
-                       "default 3); the "
-                       "image then restores eagerly only");
+                       "default 3); the image then restores eagerly only. Not with --live, nor "
+                       "for RAM QEMU saves (not a shared file)");
   auto* save_qmp_timeout =
       save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)")
           ->check(kSeconds);
