@@ -8,8 +8,11 @@
 
 #include "cli/terminal.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +24,10 @@ namespace vmsave {
 
 TerminalReporter::TerminalReporter(bool quiet, int progress_fd)
     : quiet_(quiet), progress_fd_(progress_fd) {
+  // Not handed on to the QEMU a restore starts: a wrapper reading the
+  // lines to their end would wait for as long as the VM runs.
+  if (progress_fd_ >= 0)
+    ::fcntl(progress_fd_, F_SETFD, ::fcntl(progress_fd_, F_GETFD) | FD_CLOEXEC);
   const char* term = std::getenv("TERM");
   smart_ = isatty(STDERR_FILENO) && term && std::strcmp(term, "dumb") != 0;
   if ((smart_ && !quiet_) || progress_fd_ >= 0) thread_ = std::thread([this] { ticker(); });
@@ -54,8 +61,7 @@ void TerminalReporter::draw(bool final) {
     nlohmann::json j = {{"phase", phase_}, {"done", done}, {"elapsed_s", secs},
                         {"final", final}};
     if (total > 0) j["total"] = total;
-    std::string line = j.dump() + "\n";
-    (void)!::write(progress_fd_, line.data(), line.size());
+    write_progress(j.dump() + "\n");
   }
   if (quiet_) return;
 
@@ -85,6 +91,26 @@ void TerminalReporter::draw(bool final) {
     say(stderr, "{}\n", text);
   }
   std::fflush(stderr);
+}
+
+// Never waits for the reader: a wrapper that stops reading must not keep
+// a guest paused, nor hold up a signal's handling behind mu_. A line the
+// pipe has no room for is dropped (a pipe with room for one page takes a
+// line whole: they are far shorter). Called with mu_ held.
+void TerminalReporter::write_progress(const std::string& line) {
+  pollfd pfd{progress_fd_, POLLOUT, 0};
+  if (::poll(&pfd, 1, 0) != 1 || !(pfd.revents & POLLOUT)) {
+    if (pfd.revents & (POLLERR | POLLHUP)) progress_fd_ = -1;  // the reader is gone
+    return;
+  }
+  ssize_t n = ::write(progress_fd_, line.data(), line.size());
+  if (n >= 0 || errno == EAGAIN || errno == EINTR) return;
+  if (errno != EPIPE) {
+    clear_line();
+    say(stderr, "vmsave: warning: cannot write progress to descriptor {}: {}; no more progress "
+                "lines\n", progress_fd_, std::strerror(errno));
+  }
+  progress_fd_ = -1;
 }
 
 void TerminalReporter::clear_line() {

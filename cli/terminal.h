@@ -41,6 +41,7 @@ class TerminalReporter : public Reporter {
   void ticker();
   void draw(bool final);
   void clear_line();
+  void write_progress(const std::string& line);
 
   bool quiet_;
   int progress_fd_;

@@ -1705,6 +1705,38 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   CHECK_FALSE(exists(own));
 }
 
+// The QEMU a restore starts outlives vmsave: holding the --progress-fd
+// pipe, it kept a wrapper that reads the lines to their end waiting for
+// as long as the VM ran.
+TEST_CASE("e2e: the QEMU a restore starts does not hold the --progress-fd pipe") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  save_and_quit(vm, image);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  int p[2];
+  REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+  REQUIRE(fcntl(p[1], F_SETFD, 0) == 0);  // vmsave inherits the write end
+  auto args = plus(restore_args(image, vm.dir() + "/restore.log", false, vm.command()),
+                   {"--progress-fd", std::to_string(p[1])});
+  // The option goes before "--" and the QEMU command.
+  auto dashes = std::find(args.begin(), args.end(), "--");
+  std::rotate(dashes, args.end() - 2, args.end());
+  RunResult r = run_vmsave(args, kRunTimeout);
+  ::close(p[1]);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  REQUIRE(fcntl(p[0], F_SETFL, O_NONBLOCK) == 0);
+  std::string lines;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(p[0], buf, sizeof buf)) > 0) lines.append(buf, n);
+  CHECK_MESSAGE(n == 0, "the pipe has a writer left: ", std::strerror(errno));
+  ::close(p[0]);
+  CHECK_MESSAGE(contains(lines, "\"final\":true"), lines);
+}
+
 TEST_CASE("e2e: restore --qmp refuses RAM prepared from another image, then loads its own") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);

@@ -452,6 +452,49 @@ TEST_CASE("raw: a save without /proc is refused before any RAM is written") {
   CHECK(list_dir(disk.path()).empty());
 }
 
+// A wrapper that stops reading its --progress-fd pipe: the save and the
+// restore go on (they used to wait for the reader, a QEMU save with its
+// guest paused), dropping the lines that do not fit. A descriptor that
+// fails is said once, and the work goes on.
+TEST_CASE("raw: a --progress-fd nobody reads, or that fails, never holds up the work") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  const std::string src = shm / "ram", image = disk / "image.vmsave";
+  test::write_pattern_file(src, 16 * kMiB, "mixed", 4);
+  int p[2];
+  REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+  REQUIRE(fcntl(p[1], F_SETFD, 0) == 0);  // vmsave inherits the write end
+  REQUIRE(fcntl(p[1], F_SETPIPE_SZ, 4096) >= 0);
+  REQUIRE(fcntl(p[1], F_SETFL, O_NONBLOCK) == 0);
+  const std::string page(4096, 'x');
+  while (write(p[1], page.data(), page.size()) > 0) {
+  }
+  REQUIRE(fcntl(p[1], F_SETFL, 0) == 0);  // full, and blocking as vmsave gets it
+  const std::string fd = std::to_string(p[1]);
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image, "--progress-fd", fd}, 30);
+  CHECK_RUN(r, 0);
+  CHECK_RUN(run_vmsave({"verify", image, "--progress-fd", fd}, 30), 0);
+  const std::string out = shm / "out";
+  REQUIRE(mkdir(out.c_str(), 0700) == 0);
+  r = run_vmsave({"restore", image, "--ram-dir", out, "--progress-fd", fd}, 30);
+  CHECK_RUN(r, 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(src, out + "/ram", &why), why);
+  close(p[0]);
+  close(p[1]);
+
+  int full = open("/dev/full", O_WRONLY);
+  REQUIRE(full >= 0);
+  r = run_vmsave({"save", "--force", "--ram", "ram=" + src, image, "--progress-fd",
+                  std::to_string(full)});
+  close(full);
+  CHECK_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "vmsave: warning: cannot write progress to descriptor " +
+                                    std::to_string(full) + ": No space left on device"),
+                r.err);
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+}
+
 TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
   require_shm();
   TempDir shm("/dev/shm");
