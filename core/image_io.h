@@ -148,6 +148,8 @@ class ImageWriter {
   const ImageLayout& layout() const { return img_; }
   const std::string& target() const { return target_; }
   bool direct() const { return file_.direct; }
+  // The image's file, linked at the target by commit().
+  int fd() const { return file_.fd.get(); }
 
  private:
   ImageWriter() = default;

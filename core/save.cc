@@ -474,13 +474,19 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   meta["vmstate_bytes"] = w.vmstate_bytes();
   meta["live"] = live;
+  watchdog->note_commit(opts.image, w.fd(),
+                        opts.after == AfterSave::kQuit ? "quit"
+                        : resumed                      ? "running"
+                                                       : "paused");
   Status st = commit_within(*w_r, meta, opts.flush_timeout);
   if (!st.ok()) return st.error();
   double flush_s = timer.lap("commit");
 
-  // The image is safe on disk: from here, failures no longer undo the save.
+  // The image is safe on disk: from here, failures no longer undo the save,
+  // and a watchdog that sees vmsave die finishes it instead.
   guard.armed = false;
-  watchdog->disarm();
+  if (int ms = FaultPlan::get().after_commit_ms)
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   if (opts.after == AfterSave::kQuit) {
     // Until QEMU has exited it still maps its RAM files: a restore --force
     // run next would refuse them as in use. Tearing down its memory takes a
@@ -494,6 +500,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   } else {
     after = "paused";
   }
+  watchdog->disarm();
   if (!resumed) downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
   timer.lap("finish");
 

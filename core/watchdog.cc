@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -101,6 +102,30 @@ void kill_and_wait(int pidfd) {
       if (std::chrono::steady_clock::now() > give_up) break;
     }
   }
+  // Killed once the image was linked: the save is complete, and undoing it
+  // would resume a guest whose image is there to be restored (two of one
+  // VM, each writing its disks).
+  for (auto& note : notes) {
+    if (!qmp || !note.contains("commit")) continue;
+    const std::string path = note.value("commit", "");
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0 || st.st_dev != note.value("dev", dev_t(0)) ||
+        st.st_ino != note.value("ino", ino_t(0)))
+      break;  // not linked: undone below
+    qmp->resync(0.2);
+    const std::string after = note.value("after", "");
+    std::string done = "the guest stays paused";
+    if (after == "quit")
+      done = qmp->execute("quit", nullptr, 5).ok() ? "QEMU was told to quit, as the save does"
+                                                   : "QEMU did not take the quit command";
+    else if (after == "running")
+      done = "the guest runs on";
+    std::string msg =
+        fmt::format("vmsave: the save was killed after its image was committed ({}): {}\n", path,
+                    done);
+    (void)!::write(STDERR_FILENO, msg.data(), msg.size());
+    ::_exit(0);
+  }
   if (qmp) {
     qmp->resync(0.2);
     (void)qmp->execute("migrate_cancel", nullptr, 5);
@@ -187,6 +212,18 @@ void Watchdog::note_kill(pid_t pid) {
 
 void Watchdog::note_remove(const std::string& path) {
   if (pid_ > 0) send_note(sock_.get(), {{"remove", path}});
+}
+
+void Watchdog::note_commit(const std::string& path, int fd, const std::string& after) {
+  struct stat st;
+  if (pid_ <= 0 || ::fstat(fd, &st) != 0) return;
+  // Absolute: the watchdog looks it up after vmsave has gone.
+  std::error_code ec;
+  std::string abs = std::filesystem::absolute(path, ec).string();
+  send_note(sock_.get(), {{"commit", ec ? path : abs},
+                          {"dev", st.st_dev},
+                          {"ino", st.st_ino},
+                          {"after", after}});
 }
 
 pid_t Watchdog::hand_over() {

@@ -11,7 +11,8 @@
 // vmsave died, and the watchdog undoes the changes newest first:
 //  - a save's QMP commands (QmpClient::note_undo), on the save's own QMP
 //    connection, after cancelling the migration; then it resumes the guest
-//    if it ran;
+//    if it ran; unless the image was committed (note_commit), and the save
+//    is then finished as it would have been;
 //  - a restore's QEMU (note_kill) is killed and the files and directories
 //    it made (note_remove) are removed.
 // Then it says what it did in one line on stderr.
@@ -46,6 +47,13 @@ class Watchdog {
   // `path` (a file, or a directory with everything in it) is removed if
   // vmsave dies. Note only what this run created or truncated.
   void note_remove(const std::string& path);
+
+  // A save is about to link the image whose file `fd` is at `path`. If
+  // vmsave dies after that, the watchdog finds that file at `path` and,
+  // rather than undo a save that is complete, does what the save does once
+  // its image is safe: `after` is "quit" (tells QEMU to quit), "running" or
+  // "paused" (leaves the guest as it is).
+  void note_commit(const std::string& path, int fd, const std::string& after);
 
   // Nothing is left to undo: the watchdog exits without touching anything,
   // and this waits for it. Idempotent.

@@ -34,6 +34,10 @@ const FaultPlan& FaultPlan::get() {
       p.qmp_timeout_s = std::atof(v.c_str() + std::strlen("qmp-timeout:"));
       return p;
     }
+    if (v.starts_with("after-commit:")) {
+      p.after_commit_ms = std::atoi(v.c_str() + std::strlen("after-commit:"));
+      return p;
+    }
     if (v.starts_with("slow-flush:")) {
       p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
       return p;

@@ -41,6 +41,8 @@ struct IoRequest {
 // fails that way; "slow-flush:MS" makes the image's commit wait MS
 // milliseconds before its flush (a stalled NFS server or busy disk), so
 // --flush-timeout can be tested without racing a real flush;
+// "after-commit:MS" makes a QEMU save wait MS milliseconds once its image
+// is committed, before it tells QEMU to quit (a kill lands there);
 // "no-space-check" skips a restore's check for room for its RAM files, so
 // a full filesystem is met part-way through the fill (as when something
 // else fills it meanwhile). Read once at start-up.
@@ -49,6 +51,7 @@ struct FaultPlan {
   int err = 0;       // positive errno to fail with, or 0
   bool short_io = false;
   int flush_delay_ms = 0;
+  int after_commit_ms = 0;
   bool no_space_check = false;
   double qmp_timeout_s = 0;  // "qmp-timeout:S": QMP commands wait S seconds
   static const FaultPlan& get();

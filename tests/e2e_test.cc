@@ -1438,6 +1438,54 @@ TEST_CASE(
   if (!why_skip.empty()) skip(why_skip);
 }
 
+// Killed once the image is committed, the save is complete: the watchdog
+// used to say "no image was written" and resume the guest beside its
+// image, or, once told "done", leave it paused with nothing said.
+TEST_CASE("e2e: after vmsave is killed with its image committed, the watchdog finishes the save") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  for (const char* after : {"--paused", ""}) {
+    CAPTURE(std::string(after));
+    std::filesystem::remove(image);
+    std::vector<std::string> argv = {VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image};
+    if (*after) argv.push_back(after);
+    const std::string log = vm.dir() + "/save.log";
+    Child save(argv, log, -1, {"VMSAVE_FAULT=after-commit:30000"});
+    const double deadline = now_s() + 60;
+    while (!exists(image) && now_s() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    REQUIRE(exists(image));
+    save.signal(SIGKILL);
+    CHECK(save.wait(10) == 128 + SIGKILL);
+    CHECK_RUN(run_vmsave({"verify", image}, kRunTimeout), 0);
+    if (*after) {
+      CHECK(qmp_status(vm.qmp_path()) == "postmigrate");  // paused, its state sent
+      CHECK_MESSAGE(contains(slurp(log), "vmsave: the save was killed after its image was "
+                                         "committed (" + image + "): the guest stays paused"),
+                    slurp(log));
+      CHECK_FALSE(x_ignore_shared(vm));
+      REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
+    } else {
+      std::optional<int> exit = wait_exit_unreaped(vm.pid(), 15);
+      CHECK_MESSAGE(exit.has_value(), "QEMU did not quit");
+      CHECK_MESSAGE(contains(slurp(log), "vmsave: the save was killed after its image was "
+                                         "committed (" + image + "): QEMU was told to quit, as "
+                                         "the save does"),
+                    slurp(log));
+    }
+  }
+  // What it committed carries on.
+  const MemcheckLine saved = *read_story(vm.serial_log()).last;
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  RunResult r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()),
+                           kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  check_carries_on(vm, saved, qemu.pid);
+}
+
 TEST_CASE(
     "e2e: a save of anonymous RAM killed while QEMU writes it is undone by the watchdog: "
     "capabilities, direct-io and fd sets back, the guest running") {
