@@ -649,6 +649,12 @@ int main(int argc, char** argv) {
   int err = std::fflush(stdout) != 0 || std::ferror(stdout) ? errno : 0;
   if (to_stdout && (stdout_closed || err)) {
     std::string why = stdout_closed ? "it is closed" : std::strerror(err ? err : EIO);
+    if (cmd == "prepare" && j.contains("ram_files")) {
+      // Filled for arguments nobody got: gone, as on any other failure, so
+      // that a retry finds nothing in its way.
+      for (auto& f : j["ram_files"]) ::unlink(f.get<std::string>().c_str());
+      why += "; the RAM files it filled are removed";
+    }
     if (cmd == "info" || cmd == "prepare")
       return fail(Error{"cannot write to standard output", "", why});
     say(stderr, "vmsave: warning: {} succeeded, but its report could not be written to standard "

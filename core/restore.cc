@@ -692,9 +692,11 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   nlohmann::json args = nlohmann::json::array();
   RamStats ram;
   i64 mapped = 0;  // lazy: the RAM the arguments map from the image
+  std::vector<std::string> files;
   if (!opts.lazy) {
     auto filled = fill_ram_dir(img, opts, rep, &ram);
     if (!filled.ok()) return filled.error();
+    files = std::move(*filled);
   }
   const std::vector<ObjectArg> saved = saved_backends(*meta);
   for (auto& b : img.layout().blocks) {
@@ -725,10 +727,12 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   nlohmann::json j = {{"command", "prepare"}, {"mode", opts.lazy ? "lazy" : "eager"},
                       {"image", opts.image},  {"qemu_args", args}};
   if (meta->contains("qemu_cmdline")) j["saved_qemu_cmdline"] = (*meta)["qemu_cmdline"];
-  if (opts.lazy)
+  if (opts.lazy) {
     j["ram_bytes"] = mapped;
-  else
+  } else {
+    j["ram_files"] = files;
     add_ram_report(j, ram, "ram_read");
+  }
   j["total_s"] = timer.total();
   return j;
 }

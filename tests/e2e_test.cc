@@ -1601,6 +1601,27 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   const std::string log_at_save = save_and_quit(vm, image);
   const MemcheckLine saved = *read_story(log_at_save).last;
 
+  // Arguments that cannot be printed are a failure, and the RAM files
+  // filled for them are removed: a retry finds nothing in its way.
+  const std::string filled = vm.dir() + "/filled";
+  REQUIRE(::mkdir(filled.c_str(), 0700) == 0);
+  for (const char* json : {"", "--json"}) {
+    CAPTURE(std::string(json));
+    RunResult full = test::run_program(
+        {"/bin/sh", "-c", "exec \"$0\" prepare \"$1\" --ram-dir \"$2\" $3 >/dev/full",
+         VMSAVE_BINARY, image, filled, json},
+        kRunTimeout);
+    CHECK_RUN(full, 1);
+    CHECK_MESSAGE(contains(full.err, "vmsave: error: cannot write to standard output: No space "
+                                     "left on device; the RAM files it filled are removed"),
+                  full.err);
+    CHECK_MESSAGE(list_dir(filled).empty(), joined(list_dir(filled)));
+  }
+  RunResult eager = run_vmsave({"prepare", image, "--ram-dir", filled, "--json"}, kRunTimeout);
+  REQUIRE_RUN(eager, 0);
+  CHECK(parse_json(eager)["ram_files"] == json::array({filled + "/ram0"}));
+  std::filesystem::remove_all(filled);
+
   // Plain: one argument per line, and a summary on stderr.
   RunResult plain = run_vmsave({"prepare", image, "--lazy"}, kRunTimeout);
   REQUIRE_RUN(plain, 0);
