@@ -633,6 +633,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   bool run = opts.running.value_or(meta->value("guest_running", true));
   double vmstate_s = 0;
   Status st = load_and_resume(qmp, img, run, rep, &vmstate_s);
+  if (!st.ok() && st.error().status == Exit::kInterrupted) return st;  // nothing to explain
   if (!st.ok()) {
     Error e = st.error();
     // QEMU's cause often comes a line or two before its last words
