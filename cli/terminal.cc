@@ -107,8 +107,10 @@ void TerminalReporter::write_progress(const std::string& line) {
   if (n >= 0 || errno == EAGAIN || errno == EINTR) return;
   if (errno != EPIPE) {
     clear_line();
-    say(stderr, "vmsave: warning: cannot write progress to descriptor {}: {}; no more progress "
-                "lines\n", progress_fd_, std::strerror(errno));
+    say(stderr,
+        "vmsave: warning: cannot write progress to descriptor {}: {}; no more progress "
+        "lines\n",
+        progress_fd_, std::strerror(errno));
   }
   progress_fd_ = -1;
 }

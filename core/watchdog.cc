@@ -120,9 +120,8 @@ void kill_and_wait(int pidfd) {
                                                    : "QEMU did not take the quit command";
     else if (after == "running")
       done = "the guest runs on";
-    std::string msg =
-        fmt::format("vmsave: the save was killed after its image was committed ({}): {}\n", path,
-                    done);
+    std::string msg = fmt::format(
+        "vmsave: the save was killed after its image was committed ({}): {}\n", path, done);
     (void)!::write(STDERR_FILENO, msg.data(), msg.size());
     ::_exit(0);
   }
@@ -220,10 +219,9 @@ void Watchdog::note_commit(const std::string& path, int fd, const std::string& a
   // Absolute: the watchdog looks it up after vmsave has gone.
   std::error_code ec;
   std::string abs = std::filesystem::absolute(path, ec).string();
-  send_note(sock_.get(), {{"commit", ec ? path : abs},
-                          {"dev", st.st_dev},
-                          {"ino", st.st_ino},
-                          {"after", after}});
+  send_note(
+      sock_.get(),
+      {{"commit", ec ? path : abs}, {"dev", st.st_dev}, {"ino", st.st_ino}, {"after", after}});
 }
 
 pid_t Watchdog::hand_over() {
