@@ -446,26 +446,20 @@ Status ImageWriter::set_compression(const CodecSpec& spec) {
   return Status();
 }
 
-bool in_memory_fs(int fd) {
+// The magic number of the filesystem `fd` is on, 0 if unknown.
+static u64 fs_magic(int fd) {
   struct statfs sf;
-  if (fstatfs(fd, &sf) < 0) return false;
-  switch (static_cast<u64>(sf.f_type)) {
-    case TMPFS_MAGIC:
-    case RAMFS_MAGIC:
-    case HUGETLBFS_MAGIC:
-      return true;
-    default:
-      return false;
-  }
+  return fstatfs(fd, &sf) == 0 ? static_cast<u64>(sf.f_type) : 0;
 }
 
 // A file that lives in the page cache alone: tmpfs, ramfs (not hugetlbfs,
 // which has no write()).
 static bool page_cache_only(int fd) {
-  struct statfs sf;
-  if (fstatfs(fd, &sf) < 0) return false;
-  return static_cast<u64>(sf.f_type) == TMPFS_MAGIC || static_cast<u64>(sf.f_type) == RAMFS_MAGIC;
+  const u64 magic = fs_magic(fd);
+  return magic == TMPFS_MAGIC || magic == RAMFS_MAGIC;
 }
+
+bool in_memory_fs(int fd) { return page_cache_only(fd) || fs_magic(fd) == HUGETLBFS_MAGIC; }
 
 i64 default_min_hole(int fd) { return in_memory_fs(fd) ? 0 : kDefaultMinHole; }
 

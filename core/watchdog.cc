@@ -115,9 +115,10 @@ void kill_and_wait(int pidfd) {
     qmp->resync(0.2);
     const std::string after = note.value("after", "");
     std::string done = "the guest stays paused";
-    if (after == "quit")
-      done = qmp->execute("quit", nullptr, 5).ok() ? "QEMU was told to quit, as the save does"
-                                                   : "QEMU did not take the quit command";
+    if (after == "quit" && qmp->execute("quit", nullptr, 5).ok())
+      done = "QEMU was told to quit, as the save does";
+    else if (after == "quit")
+      done = qmp->broken() ? "QEMU has quit" : "QEMU did not take the quit command";
     else if (after == "running")
       done = "the guest runs on";
     std::string msg = fmt::format(
