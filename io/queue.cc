@@ -193,15 +193,10 @@ Status IoQueue::write_waiting(bool wait) {
     for (u32 at = 0; at < r.len;) {
       ssize_t n = ::pwrite(r.fd, r.buf + at, r.len - at, r.offset + at);
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return first_error_ = sys_error("write", fd_name(r.fd), errno).at(r.offset + at);
-      if (n == 0)
-        return first_error_ =
-                   Error{"write", fd_name(r.fd), "unexpected end of file"}.at(r.offset + at);
+      if (n <= 0) return first_error_ = transfer_error(r, at, n < 0 ? errno : 0);
       at += static_cast<u32>(n);
     }
-    auto us = std::chrono::steady_clock::now() - start;
-    latency_.add(std::chrono::duration_cast<std::chrono::microseconds>(us).count());
-    bytes_done_ += r.len;
+    count_done(r, start);
   }
   turn.unlock();
   for (const IoRequest& r : done) {
@@ -241,9 +236,8 @@ Status IoQueue::reap(u32 min_complete) {
 }
 
 Status IoQueue::poll() {
-  VMSAVE_TRY(write_waiting(false));
+  VMSAVE_TRY(flush());  // writes waiting for the turn too
   if (in_flight_ == 0) return first_error_;
-  VMSAVE_TRY(flush());
   // With DEFER_TASKRUN completions are posted only inside io_uring_enter
   // with GETEVENTS; this one never waits.
   int ret = io_uring_get_events(&ring_);
@@ -284,15 +278,9 @@ Status IoQueue::complete(u32 idx, int res) {
     prep(idx);
     return Status();
   }
-  if (res < 0) {
+  if (res < 0 || (res == 0 && s.req.len > s.done)) {
     release();
-    const char* call = s.req.write ? "write" : "read";
-    return sys_error(call, fd_name(s.req.fd), -res).at(s.req.offset + s.done);
-  }
-  if (res == 0 && s.req.len > s.done) {
-    release();
-    return Error{s.req.write ? "write" : "read", fd_name(s.req.fd), "unexpected end of file"}.at(
-        s.req.offset + s.done);
+    return transfer_error(s.req, s.done, -res);
   }
   s.done += res;
   if (s.done < s.req.len) {
@@ -300,13 +288,26 @@ Status IoQueue::complete(u32 idx, int res) {
     prep(idx);
     return Status();
   }
-  auto now = std::chrono::steady_clock::now();
-  latency_.add(std::chrono::duration_cast<std::chrono::microseconds>(now - s.start).count());
-  bytes_done_ += s.req.len;
+  count_done(s.req, s.start);
   IoRequest req = s.req;
   release();
   if (on_done_) return on_done_(req);
   return Status();
+}
+
+// A request that failed after `done` bytes: with `err` (a positive errno),
+// or at the end of the file when `err` is 0.
+Error IoQueue::transfer_error(const IoRequest& r, u32 done, int err) const {
+  const char* call = r.write ? "write" : "read";
+  Error e = err ? sys_error(call, fd_name(r.fd), err)
+                : Error{call, fd_name(r.fd), "unexpected end of file"};
+  return e.at(r.offset + done);
+}
+
+void IoQueue::count_done(const IoRequest& r, std::chrono::steady_clock::time_point start) {
+  auto took = std::chrono::steady_clock::now() - start;
+  latency_.add(std::chrono::duration_cast<std::chrono::microseconds>(took).count());
+  bytes_done_ += r.len;
 }
 
 Status IoQueue::drain() {
