@@ -100,8 +100,9 @@ bool is_zero(const u8* p, i64 n) {
   return true;
 }
 
+// Aligned for O_DIRECT, like every buffer a write goes out from.
 const u8* zero_block() {
-  static const std::vector<u8> z(kMaxIoSize);
+  static const AlignedBuffer z(kMaxIoSize);
   return z.data();
 }
 
@@ -500,19 +501,13 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
 
   // Compression: each worker owns a codec context, a staging buffer (a
   // chunk with holes gathered into one piece) and a few output buffers that
-  // stay busy until their write completes. Filling short holes with zeros
-  // (min_hole_) needs the output buffers too, for runs that span pages the
-  // source file does not have: those are never read through the mapping.
+  // stay busy until their write completes.
   const bool compress = compress_.enabled();
   const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
-  i64 max_chunk = 0, min_page = kMaxChunkSize;
-  for (auto& b : img_.blocks) {
-    max_chunk = std::max(max_chunk, b.chunk_size);
-    min_page = std::min(min_page, b.page_size);
-  }
-  const bool fill = min_hole_ > min_page;
+  i64 max_chunk = 0;
+  for (auto& b : img_.blocks) max_chunk = std::max(max_chunk, b.chunk_size);
   const i64 slot_size = compress ? max_chunk : std::min(max_chunk, kMaxIoSize);
-  const int slots = compress || fill ? compress_slots(jobs, slot_size) : 0;
+  const int slots = compress ? compress_slots(jobs, slot_size) : 0;
   struct Worker {
     std::unique_ptr<Compressor> codec;
     Lz4Effort effort;
@@ -744,6 +739,27 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       const i64 end = align_up(len, page);
       if (end > from) workers[w].unwritten.emplace_back(at + from, at + end);
     }
+    // The pages of [o, o + n) as pieces: data straight from the mapping,
+    // source holes from the shared zero block (never read through the
+    // mapping, and no copy: 4 GiB mixed to disk spent its time copying into
+    // a few output buffers and waiting for them).
+    auto gather = [&](i64 o, i64 n) {
+      std::vector<iovec> v;
+      bool in_zeros = false;
+      for (i64 p = o; p < o + n; p += page) {
+        const bool hole = src_hole[p / page];
+        const i64 m = std::min(page, o + n - p);
+        u8* end = v.empty() ? nullptr : static_cast<u8*>(v.back().iov_base) + v.back().iov_len;
+        u8* at = const_cast<u8*>(base + p);
+        if (hole) at = in_zeros ? end : const_cast<u8*>(zero_block());
+        if (at == end)
+          v.back().iov_len += m;
+        else
+          v.push_back({at, static_cast<size_t>(m)});
+        in_zeros = hole;
+      }
+      return v;
+    };
     for (auto [s, e] : runs) {
       for (i64 o = s; o < e; o += slot_size) {
         IoRequest r;
@@ -754,22 +770,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
         r.write = true;
         bool gaps = false;  // only joined runs span source holes
         for (i64 p = o / page; join && p * page < o + r.len; p++) gaps |= bool(src_hole[p]);
-        if (gaps) {
-          Worker& wk = workers[w];
-          while (wk.free.empty()) VMSAVE_TRY(q.reap_some());
-          int slot = wk.free.back();
-          wk.free.pop_back();
-          u8* out = wk.out[slot].data();
-          for (i64 p = o; p < o + r.len; p += page) {
-            i64 n = std::min<i64>(page, o + r.len - p);
-            if (src_hole[p / page])
-              std::memset(out + (p - o), 0, n);
-            else
-              std::memcpy(out + (p - o), base + p, n);
-          }
-          r.buf = out;
-          r.tag = static_cast<u64>(slot) + 1;
-        }
+        if (gaps) r.iov = gather(o, r.len);
         VMSAVE_TRY(q.submit(r));
       }
     }

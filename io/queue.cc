@@ -111,6 +111,16 @@ bool IoQueue::register_memory(std::span<const std::pair<u8*, i64>> ranges) {
   return true;
 }
 
+void slice_iov(const std::vector<iovec>& all, u32 from, u32 to, std::vector<iovec>& out) {
+  out.clear();
+  size_t at = 0;
+  for (const iovec& v : all) {
+    size_t a = std::max<size_t>(at, from), z = std::min<size_t>(at + v.iov_len, to);
+    if (a < z) out.push_back({static_cast<u8*>(v.iov_base) + (a - at), z - a});
+    at += v.iov_len;
+  }
+}
+
 void IoQueue::prep(u32 idx) {
   Slot& s = slots_[idx];
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -119,6 +129,17 @@ void IoQueue::prep(u32 idx) {
   u8* buf = s.req.buf + s.done;
   u32 len = s.req.len - s.done;
   i64 off = s.req.offset + s.done;
+  if (!s.req.iov.empty()) {
+    slice_iov(s.req.iov, s.done, s.req.len, s.cur);
+    auto n = static_cast<unsigned>(s.cur.size());
+    if (s.req.write)
+      io_uring_prep_writev(sqe, s.req.fd, s.cur.data(), n, off);
+    else
+      io_uring_prep_readv(sqe, s.req.fd, s.cur.data(), n, off);
+    io_uring_sqe_set_data64(sqe, idx);
+    unsubmitted_++;
+    return;
+  }
   int fixed = -1;
   for (size_t i = 0; i < fixed_.size(); i++)
     if (buf >= fixed_[i].base && buf + len <= fixed_[i].base + fixed_[i].len) {
@@ -188,10 +209,17 @@ Status IoQueue::write_waiting(bool wait) {
     return first_error_;
   std::vector<IoRequest> done;
   done.swap(waiting_);
+  std::vector<iovec> rest;
   for (const IoRequest& r : done) {
     auto start = std::chrono::steady_clock::now();
     for (u32 at = 0; at < r.len;) {
-      ssize_t n = ::pwrite(r.fd, r.buf + at, r.len - at, r.offset + at);
+      ssize_t n;
+      if (r.iov.empty()) {
+        n = ::pwrite(r.fd, r.buf + at, r.len - at, r.offset + at);
+      } else {
+        slice_iov(r.iov, at, r.len, rest);
+        n = ::pwritev(r.fd, rest.data(), static_cast<int>(rest.size()), r.offset + at);
+      }
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) return first_error_ = transfer_error(r, at, n < 0 ? errno : 0);
       at += static_cast<u32>(n);
@@ -289,7 +317,7 @@ Status IoQueue::complete(u32 idx, int res) {
     return Status();
   }
   count_done(s.req, s.start);
-  IoRequest req = s.req;
+  IoRequest req = std::move(s.req);
   release();
   if (on_done_) return on_done_(req);
   return Status();

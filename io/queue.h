@@ -12,6 +12,7 @@
 #pragma once
 
 #include <liburing.h>
+#include <sys/uio.h>
 
 #include <chrono>
 #include <functional>
@@ -33,6 +34,10 @@ struct IoRequest {
   i64 offset = 0;
   bool write = false;
   u64 tag = 0;  // handed back to the completion callback
+  // When not empty, the transfer gathers from (or scatters into) these
+  // pieces instead of `buf`, `len` being their sum; the queue keeps its own
+  // copy until the request is done.
+  std::vector<iovec> iov;
 };
 
 // Test-only fault injection (issue: reliability): when the environment
@@ -56,6 +61,10 @@ struct FaultPlan {
   double qmp_timeout_s = 0;  // "qmp-timeout:S": QMP commands wait S seconds
   static const FaultPlan& get();
 };
+
+// The bytes [from, to) of the pieces `all`, as pieces, into `out` (what a
+// vectored transfer cut short still has to move).
+void slice_iov(const std::vector<iovec>& all, u32 from, u32 to, std::vector<iovec>& out);
 
 class IoQueue {
  public:
@@ -119,6 +128,7 @@ class IoQueue {
     u32 done = 0;  // bytes already transferred (short transfers)
     std::chrono::steady_clock::time_point start;
     bool busy = false;
+    std::vector<iovec> cur;  // the pieces of req.iov still to transfer
   };
 
   void prep(u32 slot);
