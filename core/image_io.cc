@@ -477,9 +477,14 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   auto t0 = Clock::now();
   struct Block {
     Mapping map;
-    std::vector<std::pair<i64, i64>> data;  // source data extents
+    std::vector<std::pair<i64, i64>> data;  // source data extents (prealloc)
     i64 first_chunk = 0;
   };
+  // The source's data extents are found up front where the image's blocks
+  // are allocated for them first (below); else each task finds its chunk's,
+  // in parallel with the others' writes. A mixed 4 GiB source takes half a
+  // million lseek() calls, which had kept every worker waiting.
+  const bool prealloc = block_fs_ && !compress_.enabled() && min_hole_ >= kDefaultMinHole;
   std::vector<Block> bs(sources.size());
   i64 n_chunks = 0;
   i64 total = 0;
@@ -488,7 +493,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     auto m = Mapping::map(s.fd, s.offset, s.size, PROT_READ, MAP_SHARED, s.path);
     if (!m.ok()) return m.error();
     bs[i].map = std::move(*m);
-    bs[i].data = data_extents(s.fd, s.offset, s.size);
+    if (prealloc) bs[i].data = data_extents(s.fd, s.offset, s.size);
     bs[i].first_chunk = n_chunks;
     n_chunks += img_.blocks[i].chunks();
     total += s.size;
@@ -538,7 +543,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // with runs under --min-hole joined (the default): with every zero page a
   // hole the punches would outnumber the writes.
   std::vector<std::pair<i64, i64>> allocated;
-  if (block_fs_ && !compress && min_hole_ >= kDefaultMinHole) {
+  if (prealloc) {
     std::vector<std::pair<i64, i64>> want;
     for (size_t i = 0; i < bs.size(); i++) {
       const BlockLayout& b = img_.blocks[i];
@@ -626,17 +631,23 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     u8* bitmap = bitmaps_[bi].data();
 
     // Which pages of this chunk are in source holes.
-    auto it = std::upper_bound(blk.data.begin(), blk.data.end(), std::make_pair(start, INT64_MAX));
-    if (it != blk.data.begin()) --it;
+    std::vector<std::pair<i64, i64>> found;
+    if (!prealloc) {
+      found = data_extents(sources[bi].fd, sources[bi].offset + start, len);
+      for (auto& [a, z] : found) a += start, z += start;
+    }
+    const auto& data = prealloc ? blk.data : found;  // relative to the block
+    auto it = std::upper_bound(data.begin(), data.end(), std::make_pair(start, INT64_MAX));
+    if (it != data.begin()) --it;
     auto in_data = [&](i64 off) {  // off relative to block
-      while (it != blk.data.end() && it->second <= off) ++it;
-      return it != blk.data.end() && it->first <= off + page - 1 && off < it->second;
+      while (it != data.end() && it->second <= off) ++it;
+      return it != data.end() && it->first <= off + page - 1 && off < it->second;
     };
 
     // A chunk entirely in source holes: nothing to scan, hash or write.
-    if (it == blk.data.end() || it->first >= start + len || it->second <= start) {
+    if (it == data.end() || it->first >= start + len || it->second <= start) {
       bool any = false;
-      for (auto e = it; e != blk.data.end() && e->first < start + len; ++e)
+      for (auto e = it; e != data.end() && e->first < start + len; ++e)
         if (e->second > start) any = true;
       if (!any) {
         sums_[bi][c] = len == b.chunk_size ? zero_sums[bi] : zero_checksum(len);
@@ -665,7 +676,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       u8* buf = wk.copies[copy].data();
       const RamSource& src = sources[bi];
       i64 done_to = 0;  // relative to the chunk
-      for (auto e = it; e != blk.data.end() && e->first < start + len; ++e) {
+      for (auto e = it; e != data.end() && e->first < start + len; ++e) {
         i64 from = std::max(align_down(e->first, page), start + done_to);
         i64 to = std::min(align_up(e->second, page), start + len);
         for (i64 at = from; at < to;) {
@@ -684,7 +695,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       if (len % page) std::memset(buf + len, 0, align_up(len, page) - len);
       base = buf;
     }
-    for (auto e = it; copy < 0 && e != blk.data.end() && e->first < start + len; ++e) {
+    for (auto e = it; copy < 0 && e != data.end() && e->first < start + len; ++e) {
       i64 from = std::max(e->first, start), to = std::min(e->second, start + len);
       if (to > from) {
         i64 a = align_down(from, kDirectAlign), z = align_up(to, kDirectAlign);
