@@ -1582,8 +1582,16 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     return Status();
   };
 
+  // From an image in memory (tmpfs) the ring's reads all went to kernel
+  // worker threads, which faulted in the RAM file's pages there, and
+  // switched between each other at that: each worker reads with pread()
+  // itself instead. 4 GiB mixed from /dev/shm into a RAM file there, 4
+  // alternating runs: 1.38-1.46 s and 2.6-2.8 CPU-seconds, against
+  // 1.81-1.88 s and 3.5-3.6 through the ring; verify 0.31 s against 0.42.
+  const bool image_in_memory = page_cache_only(fd());
   auto setup = [&](IoQueue& q, int w) {
     q.name_fd(fd(), path());
+    if (image_in_memory) q.read_inline(fd());
     for (i64 i = 0; i < pool; i++) {
       workers[w].buffers.emplace_back(buffer_size);
       workers[w].free.push_back(static_cast<int>(i));

@@ -121,6 +121,12 @@ class IoQueue {
     turn_ = turn;
   }
 
+  // Reads from `fd` then bypass the ring too: made with pread() by this
+  // thread as they are submitted, their callback run before submit()
+  // returns. For a file in memory, whose reads the ring could only hand
+  // to kernel worker threads (they fault in the destination's pages).
+  void read_inline(int fd) { inline_read_fd_ = fd; }
+
  private:
   IoQueue() = default;
   struct Slot {
@@ -158,6 +164,7 @@ class IoQueue {
   };
   std::vector<FixedRange> fixed_;  // index = io_uring buffer index
   int serial_fd_ = -1;
+  int inline_read_fd_ = -1;
   std::mutex* turn_ = nullptr;
   std::vector<IoRequest> waiting_;  // serialized writes not yet made
 };

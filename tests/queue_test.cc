@@ -182,3 +182,32 @@ TEST_CASE("queue: a vectored request moves every piece, through the ring and by 
   slice_iov(pieces, 16 * kPage, 16 * kPage, rest);
   CHECK(rest.empty());
 }
+
+TEST_CASE("queue: inline reads complete within submit, and a read past the end fails") {
+  TempDir dir;
+  QueueOnFile t(dir, "data");
+  IoQueue& q = *t.q;
+  constexpr i64 kLen = 256 * kKiB;
+  AlignedBuffer a(kLen), back(kLen);
+  fill(a.data(), kLen, 9);
+  REQUIRE(pwrite(t.fd(), a.data(), kLen, 0) == kLen);
+  std::vector<u64> done;
+  q.set_on_done([&](const IoRequest& r) {
+    done.push_back(r.tag);
+    return Status();
+  });
+  q.read_inline(t.fd());
+  REQUIRE(q.submit({t.fd(), back.data(), kLen / 2, 0, false, 1}).ok());
+  CHECK(done == std::vector<u64>{1});  // before any wait
+  CHECK(q.in_flight() == 0);
+  REQUIRE(q.submit({t.fd(), back.data() + kLen / 2, kLen / 2, kLen / 2, false, 2}).ok());
+  CHECK(done == std::vector<u64>{1, 2});
+  CHECK(std::memcmp(a.data(), back.data(), kLen) == 0);
+  CHECK(q.latency().count() == 2);
+  // Past the file's end: the error names the offset, and sticks.
+  Status st = q.submit({t.fd(), back.data(), kLen / 2, kLen - 4096, false, 3});
+  REQUIRE_FALSE(st.ok());
+  CHECK(st.error().message().find("unexpected end of file") != std::string::npos);
+  CHECK(done.size() == 2);
+  CHECK_FALSE(q.drain().ok());
+}
