@@ -599,8 +599,9 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       wk.copies_free.push_back(i);
     }
     wk.copy_users.assign(wk.copies.size(), 0);
-    // Tag = output buffer + 1 for writes from one; 0 for writes straight
-    // from the source mapping, whose pages are done with once written
+    // Tag = output buffer + 1 for writes from one; kCopyTag | buffer for
+    // writes from a chunk read into one; 0 for writes straight from the
+    // source mapping, whose pages are done with once written
     // (hashed before). Only large writes to a disk: there the workers wait
     // for the device anyway. Into tmpfs the kernel copies on worker threads
     // sharing this address space, so every drop interrupts them to flush
@@ -789,8 +790,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     }
 
     // Zero pages between runs closer than min_hole_ go out as zeros with
-    // them. Straight from the mapping where the source has every page of a
-    // piece; else through an output buffer, source holes as zeros.
+    // them, in the same request (gathered below where the source has holes
+    // among them).
     const bool join = min_hole_ > page;
     if (join) filled.fetch_add(coalesce(runs, min_hole_), std::memory_order_relaxed);
     if (track_unwritten) {  // what the runs leave out of the chunk
@@ -803,8 +804,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       const i64 end = align_up(len, page);
       if (end > from) workers[w].unwritten.emplace_back(at + from, at + end);
     }
-    // The pages of [o, o + n) as pieces: data straight from the mapping,
-    // source holes from the shared zero block (never read through the
+    // The pages of [o, o + n) as pieces: data straight from the source's
+    // pages, its holes from the shared zero block (never read through the
     // mapping, and no copy: 4 GiB mixed to disk spent its time copying into
     // a few output buffers and waiting for them).
     auto gather = [&](i64 o, i64 n) {
