@@ -443,6 +443,54 @@ TEST_CASE("engine: an image in /dev/shm holds every page, whichever worker wrote
   }
 }
 
+TEST_CASE("engine: data extents longer than a chunk, and holes between them, are found per chunk") {
+  // Each worker keeps the last source extent it found and skips the search
+  // for the chunks inside it: a hole after such an extent must still be
+  // found (never read, never made data in the source), and so must the
+  // image's holes when verify looks for pages marked zero.
+  require_shm();
+  Dirs d;
+  std::string src = d.shm / "ram";
+  const std::vector<std::pair<i64, i64>> data = {
+      {0, 3 * kMiB}, {5 * kMiB, 6 * kMiB + 512 * kKiB}, {10 * kMiB + 512 * kKiB, 12 * kMiB}};
+  const i64 size = 16 * kMiB;
+  {
+    UniqueFd fd(::open(src.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    REQUIRE(fd.get() >= 0);
+    REQUIRE(ftruncate(fd.get(), size) == 0);
+    std::mt19937_64 rng(11);
+    for (auto [a, z] : data) {
+      std::vector<u64> words((z - a) / 8);
+      for (u64& v : words) v = rng() | 1;
+      REQUIRE(pwrite(fd.get(), words.data(), z - a, a) == z - a);
+    }
+  }
+  i64 data_bytes = 0;
+  for (auto [a, z] : data) data_bytes += z - a;
+  REQUIRE(allocated(src) == data_bytes);
+  for (const TempDir* to : {&d.out, &d.disk}) {
+    for (int jobs : {1, 2}) {
+      CAPTURE(to->path());
+      CAPTURE(jobs);
+      std::string image = *to / "image.vmsave";
+      RunResult r = run_vmsave({"save", "--json", "--force", "--min-hole", "0", "--jobs",
+                                std::to_string(jobs), "--ram", "ram=" + src, image});
+      REQUIRE_RUN(r, 0);
+      CHECK(json::parse(r.out)["stored_bytes"] == data_bytes);
+      CHECK(allocated(src) == data_bytes);  // no hole of the source filled
+      CHECK(allocated(image) <= data_bytes + 256 * kKiB);
+      CHECK_RUN(run_vmsave({"verify", "--jobs", std::to_string(jobs), image}), 0);
+      std::string rdir = d.shm / "restored";
+      REQUIRE(mkdir(rdir.c_str(), 0700) == 0);
+      REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", rdir}), 0);
+      std::string why;
+      CHECK_MESSAGE(test::files_equal(src, rdir + "/ram", &why), why);
+      CHECK(allocated(rdir + "/ram") == data_bytes);
+      std::filesystem::remove_all(rdir);
+    }
+  }
+}
+
 TEST_CASE("engine: several blocks in one image keep their ids, sizes and order") {
   require_shm();
   Dirs d;
