@@ -169,14 +169,7 @@ Status IoQueue::submit(const IoRequest& req) {
     return write_waiting(waiting_.size() >= kMaxWaiting);
   }
   if (!faulty && !req.write && req.fd == inline_read_fd_) {
-    auto start = std::chrono::steady_clock::now();
-    for (u32 at = 0; at < req.len;) {
-      ssize_t n = ::pread(req.fd, req.buf + at, req.len - at, req.offset + at);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return first_error_ = transfer_error(req, at, n < 0 ? errno : 0);
-      at += static_cast<u32>(n);
-    }
-    count_done(req, start);
+    if (Status st = transfer_now(req); !st.ok()) return first_error_ = st;
     Status st = on_done_ ? on_done_(req) : Status();
     if (!st.ok() && first_error_.ok()) first_error_ = st;
     return first_error_;
@@ -222,29 +215,37 @@ Status IoQueue::write_waiting(bool wait) {
     return first_error_;
   std::vector<IoRequest> done;
   done.swap(waiting_);
-  std::vector<iovec> rest;
-  for (const IoRequest& r : done) {
-    auto start = std::chrono::steady_clock::now();
-    for (u32 at = 0; at < r.len;) {
-      ssize_t n;
-      if (r.iov.empty()) {
-        n = ::pwrite(r.fd, r.buf + at, r.len - at, r.offset + at);
-      } else {
-        slice_iov(r.iov, at, r.len, rest);
-        n = ::pwritev(r.fd, rest.data(), static_cast<int>(rest.size()), r.offset + at);
-      }
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return first_error_ = transfer_error(r, at, n < 0 ? errno : 0);
-      at += static_cast<u32>(n);
-    }
-    count_done(r, start);
-  }
+  for (const IoRequest& r : done)
+    if (Status st = transfer_now(r); !st.ok()) return first_error_ = st;
   turn.unlock();
   for (const IoRequest& r : done) {
     Status st = on_done_ ? on_done_(r) : Status();
     if (!st.ok() && first_error_.ok()) first_error_ = st;
   }
   return first_error_;
+}
+
+// Moves `r` with pread/pwrite on this thread, to its end or the first error.
+Status IoQueue::transfer_now(const IoRequest& r) {
+  auto start = std::chrono::steady_clock::now();
+  std::vector<iovec> rest;
+  for (u32 at = 0; at < r.len;) {
+    ssize_t n;
+    if (!r.iov.empty()) {
+      slice_iov(r.iov, at, r.len, rest);
+      auto cnt = static_cast<int>(rest.size());
+      n = r.write ? ::pwritev(r.fd, rest.data(), cnt, r.offset + at)
+                  : ::preadv(r.fd, rest.data(), cnt, r.offset + at);
+    } else {
+      n = r.write ? ::pwrite(r.fd, r.buf + at, r.len - at, r.offset + at)
+                  : ::pread(r.fd, r.buf + at, r.len - at, r.offset + at);
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return transfer_error(r, at, n < 0 ? errno : 0);
+    at += static_cast<u32>(n);
+  }
+  count_done(r, start);
+  return Status();
 }
 
 Status IoQueue::flush() {

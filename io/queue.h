@@ -142,6 +142,7 @@ class IoQueue {
   Status collect();  // the completions posted so far
   Status complete(u32 slot, int res);
   Status write_waiting(bool wait);
+  Status transfer_now(const IoRequest& r);
   Error transfer_error(const IoRequest& r, u32 done, int err) const;
   void count_done(const IoRequest& r, std::chrono::steady_clock::time_point start);
   std::string fd_name(int fd) const;
