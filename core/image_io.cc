@@ -712,17 +712,14 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       for (auto e = it; e != data.end() && e->first < start + len; ++e) {
         i64 from = std::max(align_down(e->first, page), start + done_to);
         i64 to = std::min(align_up(e->second, page), start + len);
-        for (i64 at = from; at < to;) {
-          ssize_t n = ::pread(src.fd, buf + (at - start), to - at, src.offset + at);
-          if (n < 0 && errno == EINTR) continue;
-          if (n < 0) return sys_error("read", src.path, errno).at(src.offset + at);
-          if (n == 0)
-            return Error{
-                "a memory file shrank while it was saved", src.path,
-                fmt::format("it ends before byte {} now; no image was made", src.offset + at)}
-                .fix("stop whatever resizes it and save again");
-          at += n;
-        }
+        if (from >= to) continue;  // within the pages read already
+        Status st = pread_all(src.fd, buf + (from - start), to - from, src.offset + from, src.path);
+        struct stat now;
+        if (!st.ok() && fstat(src.fd, &now) == 0 && now.st_size < src.offset + to)
+          return Error{"a memory file shrank while it was saved", src.path,
+                       fmt::format("it has {} bytes now; no image was made", i64(now.st_size))}
+              .fix("stop whatever resizes it and save again");
+        VMSAVE_TRY(st);
         done_to = std::max(done_to, to - start);
       }
       if (len % page) std::memset(buf + len, 0, align_up(len, page) - len);
