@@ -7,8 +7,8 @@
 // mapping would allocate it), tests the others for zero, hashes the chunk's
 // logical content, and queues O_DIRECT writes of its non-zero runs straight
 // from the source mapping: no bounce copy. The restore pass mirrors it,
-// reading runs into the destination mapping and checking each chunk's
-// checksum once its reads complete.
+// reading a chunk's runs into a buffer, checking its checksum once its reads
+// complete and writing its data pages into the RAM file.
 //
 // Commit: data, tail and vmstate are flushed, then the header is written and
 // flushed, then the nameless O_TMPFILE inode is linked at the target and the
@@ -1469,30 +1469,30 @@ Result<std::vector<ChunkInfo>> ImageReader::chunk_table(size_t block) const {
 }
 
 Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
-                                const std::vector<u64>& sums,
-                                const std::vector<ChunkInfo>& codecs, u8* dest,
-                                const EngineConfig& cfg, Progress* progress, RamStats* stats,
-                                VerifyReport* report) const {
+                                const std::vector<u64>& sums, const std::vector<ChunkInfo>& codecs,
+                                const RamDest& dest, const EngineConfig& cfg, Progress* progress,
+                                RamStats* stats, VerifyReport* report) const {
   const BlockLayout& b = img_.blocks[block];
   const i64 page = b.page_size;
   const i64 pages_per_chunk = b.chunk_size / page;
-  const bool verify_only = dest == nullptr;
+  const bool verify_only = dest.fd < 0 && dest.map == nullptr;
+  const bool to_fd = dest.fd >= 0;
   const bool compressed = !codecs.empty();
   const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
-  // Chunk buffers per worker: verify reads every chunk into one; a restore
-  // reads compressed chunks into one and decompresses from there. Never
-  // more buffers than chunks nor bigger than the block's region (chunk size
-  // and block size come from the image: a 16 KiB block with 1 GiB chunks
-  // must not allocate 1 GiB).
-  // A restore also reads a chunk into a buffer when its data runs lie closer
-  // than min_hole_ (as a save on a disk writes them): one request for the
-  // runs and their gaps, then the data pages copied out, so zero pages stay
-  // holes in the RAM file.
-  // Verify reads every chunk into a buffer anyway, so it joins gaps too.
+  // Chunk buffers per worker: verify and a restore into the RAM file's
+  // descriptor read every chunk into one (the restore then writes the data
+  // pages out, so zero pages stay holes in the RAM file); a restore into a
+  // mapping reads compressed chunks into one, and chunks whose data runs
+  // lie closer than min_hole_. Never more buffers than chunks nor bigger
+  // than the block's region (chunk size and block size come from the
+  // image: a 16 KiB block with 1 GiB chunks must not allocate 1 GiB).
+  // Runs closer than min_hole_ (as a save on a disk writes them) are read
+  // in one request with their gaps.
   const bool may_gather = min_hole_ > page && (verify_only || b.chunk_size <= kMaxCompressedChunkSize);
   const i64 pool = verify_only ? std::clamp<i64>(kVerifyPoolBytes / b.chunk_size, 1, b.chunks())
-                   : compressed || may_gather ? std::min<i64>(compress_slots(jobs, b.chunk_size), b.chunks())
-                                              : 0;
+                   : compressed || may_gather || to_fd
+                       ? std::min<i64>(compress_slots(jobs, b.chunk_size), b.chunks())
+                       : 0;
   const i64 buffer_size = std::min(b.chunk_size, b.region.length);
   auto is_compressed = [&](i64 c) { return compressed && codecs[c].codec != Codec::kRaw; };
 
@@ -1523,9 +1523,9 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     }
     return damaged(path(), fmt::format("RAM block {} chunk {} {}", b.id, c, why), at);
   };
-  // Stores into the RAM file's mapping fault its pages in; where its
-  // filesystem is full that is SIGBUS, not an error code (reads into the
-  // mapping get EFAULT instead, which RamFile::fill reports the same way).
+  // A full filesystem: ENOSPC from write(); stores into a mapping meet it
+  // as SIGBUS, not an error code (reads into the mapping get EFAULT
+  // instead, which RamFile::fill reports the same way).
   auto no_room = [] {
     return Error{"cannot fill RAM file", "", std::strerror(ENOSPC)}.fix(
         "free space on its filesystem or choose another place for it");
@@ -1534,7 +1534,27 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   // buffer), into `dest`; zero pages are left alone so they stay holes.
   auto copy_out = [&](i64 c, const u8* src) -> Status {
     const i64 len = b.chunk_length(c), first = c * pages_per_chunk;
-    u8* to = dest + c * b.chunk_size;
+    if (to_fd) {
+      for (i64 off = 0; off < len;) {
+        if (!present(first + off / page)) {
+          off += page;
+          continue;
+        }
+        i64 end = off + page;
+        while (end < len && present(first + end / page)) end += page;
+        end = std::min(end, len);
+        const i64 at = dest.offset + c * b.chunk_size;
+        while (off < end) {
+          ssize_t n = ::pwrite(dest.fd, src + off, end - off, at + off);
+          if (n < 0 && errno == EINTR) continue;
+          if (n < 0 && (errno == ENOSPC || errno == EDQUOT)) return no_room();
+          if (n <= 0) return Error{"cannot fill RAM file", "", std::strerror(n ? errno : EIO)};
+          off += n;
+        }
+      }
+      return Status();
+    }
+    u8* to = dest.map + c * b.chunk_size;
     bool stored = store_guarded([&] {
       for (i64 off = 0; off < len; off += page)
         if (present(first + off / page)) std::memcpy(to + off, src + off, std::min(page, len - off));
@@ -1563,9 +1583,9 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     i64 padded = align_up(ci.stored_length, kDirectAlign);
     for (i64 i = ci.stored_length; i < padded; i++)
       if (src[i]) return chunk_damaged(c, "padding after the compressed data is not zero");
-    bool dense = !verify_only;
+    bool dense = !verify_only && !to_fd;
     for (i64 p = 0; dense && p < npages; p++) dense = present(c * pages_per_chunk + p);
-    u8* out = dense ? dest + start : wk.staging.data();
+    u8* out = dense ? dest.map + start : wk.staging.data();
     bool decoded = false;
     if (!store_guarded([&] {
           decoded = wk.codec->decompress(ci.codec, {src, static_cast<size_t>(ci.stored_length)},
@@ -1680,7 +1700,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
       filled_bytes.fetch_add(joined, std::memory_order_relaxed);
       gather = joined > 0;
     }
-    if (verify_only || is_compressed(c) || gather) {
+    if (verify_only || is_compressed(c) || gather || to_fd) {
       while (workers[w].free.empty()) VMSAVE_TRY(q.reap_some());
       int slot = workers[w].free.back();
       workers[w].free.pop_back();
@@ -1695,7 +1715,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
         std::memset(chunk_buf[c] + from, 0, align_up(len, page) - from);
       }
     } else {
-      chunk_buf[c] = dest + start;
+      chunk_buf[c] = dest.map + start;
     }
     std::vector<IoRequest> reqs;
     for (auto [s, e] : runs) {
@@ -1741,8 +1761,8 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   return st;
 }
 
-Status ImageReader::read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
-                             RamStats* stats) const {
+Status ImageReader::read_ram(size_t block, const RamDest& dest, const EngineConfig& cfg,
+                             Progress* progress, RamStats* stats) const {
   if (img_.blocks[block].via_qemu())
     return Error{"RAM block " + img_.blocks[block].id + " is in QEMU's migration section", path(),
                  "vmsave cannot read it by itself"}
@@ -1864,7 +1884,7 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
     if (!s.ok()) return fail(s.error());
     auto codecs = chunk_table(i);
     if (!codecs.ok()) return fail(codecs.error());
-    Status st = read_chunks(i, *bits, *s, *codecs, nullptr, cfg, progress, nullptr, report);
+    Status st = read_chunks(i, *bits, *s, *codecs, RamDest(), cfg, progress, nullptr, report);
     if (!st.ok()) return fail(st.error());
   }
   report->seconds = seconds_since(t0);

@@ -200,6 +200,15 @@ struct VerifyReport {
   EngineStats engine;
 };
 
+// Where a restore puts a block's pages: written into `fd` at `offset` on,
+// or, where the file takes no write() (hugetlbfs), stored into `map`, a
+// MAP_SHARED mapping of its whole logical size.
+struct RamDest {
+  int fd = -1;
+  i64 offset = 0;
+  u8* map = nullptr;
+};
+
 class ImageReader {
  public:
   // Opens and checks header and section table (status kDamaged on damage).
@@ -216,10 +225,9 @@ class ImageReader {
   Result<std::vector<ChunkInfo>> chunk_table(size_t block) const;
   bool compressed() const { return img_.flags & kFlagCompressed; }
 
-  // Reads block `block`'s data pages into `dest` (its whole logical size,
-  // e.g. a MAP_SHARED mapping of the RAM file), never touching pages that are
-  // holes in the image, and checks every chunk's checksum.
-  Status read_ram(size_t block, u8* dest, const EngineConfig& cfg, Progress* progress,
+  // Reads block `block`'s data pages into `dest`, never touching pages that
+  // are holes in the image, and checks every chunk's checksum.
+  Status read_ram(size_t block, const RamDest& dest, const EngineConfig& cfg, Progress* progress,
                   RamStats* stats) const;
 
   // Whether `fd` holds block `block`'s RAM from `offset` as this image has
@@ -244,8 +252,9 @@ class ImageReader {
   ImageReader() = default;
   Result<std::vector<u8>> read_section(const Extent& e, const char* what) const;
   Status read_chunks(size_t block, const std::vector<u8>& bitmap, const std::vector<u64>& sums,
-                     const std::vector<ChunkInfo>& codecs, u8* dest, const EngineConfig& cfg,
-                     Progress* progress, RamStats* stats, VerifyReport* report) const;
+                     const std::vector<ChunkInfo>& codecs, const RamDest& dest,
+                     const EngineConfig& cfg, Progress* progress, RamStats* stats,
+                     VerifyReport* report) const;
 
   DirectFile file_;
   ImageLayout img_;

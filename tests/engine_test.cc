@@ -669,10 +669,8 @@ TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes th
   TempDir disk;
   TempMount small("tmpfs", "size=8m");
   REQUIRE_MESSAGE(small.ok(), small.error());
-  // random: read straight into the RAM file's mapping (EFAULT when full);
-  // mixed: scattered zero pages, so chunks are read into a buffer and
-  // copied out; text with lz4: decompressed into the mapping. The stores
-  // of the last two meet the full filesystem as SIGBUS.
+  // random: every page written out; mixed: scattered zero pages, so only
+  // the data runs; text with lz4: decompressed, then written.
   for (auto [kind, codec] : {std::pair{"random", ""}, {"mixed", ""}, {"text", "lz4"}}) {
     CAPTURE(std::string(kind));
     std::string src = shm / "ram";

@@ -53,7 +53,7 @@ AlignedBuffer read_back(const std::string& image, size_t block, i64 size) {
   v = (*r)->verify(cfg, nullptr, &report);
   CHECK_MESSAGE(v.ok(), v.error().message());
   AlignedBuffer out(size);
-  Status st = (*r)->read_ram(block, out.data(), cfg, nullptr, nullptr);
+  Status st = (*r)->read_ram(block, RamDest{-1, 0, out.data()}, cfg, nullptr, nullptr);
   REQUIRE_MESSAGE(st.ok(), st.error().message());
   return out;
 }

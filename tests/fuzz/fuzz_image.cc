@@ -131,7 +131,7 @@ extern "C" int LLVMFuzzerTestOneInput(const u8* data, size_t size) {
       const BlockLayout& bl = (*r)->layout().blocks[b];
       if (bl.size > i64(64) * kMiB) continue;  // bounded by the file anyway
       AlignedBuffer dest(align_up(bl.size, bl.page_size));
-      Status st = (*r)->read_ram(b, dest.data(), cfg, nullptr, nullptr);
+      Status st = (*r)->read_ram(b, RamDest{-1, 0, dest.data()}, cfg, nullptr, nullptr);
       (void)st;
     }
   }
