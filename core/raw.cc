@@ -267,6 +267,16 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
   if (is_hugetlbfs(fd_.get())) {
     m = Mapping::map(fd_.get(), offset_, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
                      MAP_SHARED, path_);
+    // The mapping reserves its huge pages: ENOMEM is a short pool (taken
+    // since create() counted it), not a memory limit.
+    const i64 file_page = file_page_size(fd_.get());
+    if (!m.ok() && m.error().detail == std::strerror(ENOMEM))
+      return Error{"not enough free huge pages for RAM file", path_,
+                   fmt::format("block {} needs {} pages of {}, the pool has fewer free", b.id,
+                               align_up(b.size, file_page) / file_page, human_bytes(file_page))}
+          .fix(fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
+                           "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
+                           file_page / 1024));
     if (!m.ok()) return m.error();
     dest = RamDest{-1, 0, m->data()};
   }

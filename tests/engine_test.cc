@@ -775,6 +775,16 @@ TEST_CASE("engine: a restore into hugetlbfs says up front when the huge page poo
                 r.err);
   CHECK_MESSAGE(contains(r.err, "vm.nr_hugepages"), r.err);
   CHECK_MESSAGE(list_dir(huge.path()).empty(), joined(list_dir(huge.path())));
+  // Pages taken after that check: the mapping cannot reserve them.
+  r = run_vmsave({"restore", image, "--ram-dir", huge.path()}, 120,
+                 {"VMSAVE_FAULT=no-space-check"});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, fmt::format("vmsave: error: not enough free huge pages for RAM "
+                                            "file ({}/ram): block ram needs {} pages of 2.0 MiB, "
+                                            "the pool has fewer free; add huge pages",
+                                            huge.path(), pages)),
+                r.err);
+  CHECK_MESSAGE(list_dir(huge.path()).empty(), joined(list_dir(huge.path())));
   // Nor can an image go there: hugetlbfs files take no write().
   r = run_vmsave({"save", "--ram", "ram=" + src, huge / "image.vmsave"});
   CHECK_RUN(r, 1);
