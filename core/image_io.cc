@@ -1534,32 +1534,28 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   // buffer), into `dest`; zero pages are left alone so they stay holes.
   auto copy_out = [&](i64 c, const u8* src) -> Status {
     const i64 len = b.chunk_length(c), first = c * pages_per_chunk;
-    if (to_fd) {
-      for (i64 off = 0; off < len;) {
-        if (!present(first + off / page)) {
-          off += page;
-          continue;
-        }
-        i64 end = off + page;
-        while (end < len && present(first + end / page)) end += page;
-        end = std::min(end, len);
-        const i64 at = dest.offset + c * b.chunk_size;
-        while (off < end) {
-          ssize_t n = ::pwrite(dest.fd, src + off, end - off, at + off);
-          if (n < 0 && errno == EINTR) continue;
-          if (n < 0 && (errno == ENOSPC || errno == EDQUOT)) return no_room();
-          if (n <= 0) return Error{"cannot fill RAM file", "", std::strerror(n ? errno : EIO)};
-          off += n;
-        }
+    const i64 at = c * b.chunk_size;
+    // One run of data pages, [off, end) of the chunk.
+    auto put = [&](i64 off, i64 end) -> Status {
+      if (to_fd) {
+        Status st = pwrite_all(dest.fd, src + off, end - off, dest.offset + at + off, "");
+        if (st.ok()) return st;
+        const std::string& why = st.error().detail;
+        if (why == std::strerror(ENOSPC) || why == std::strerror(EDQUOT)) return no_room();
+        return Error{"cannot fill RAM file", "", why};
       }
-      return Status();
+      return store_guarded([&] { std::memcpy(dest.map + at + off, src + off, end - off); })
+                 ? Status()
+                 : Status(no_room());
+    };
+    for (i64 off = 0; off < len;) {
+      i64 end = off;
+      while (end < len && present(first + end / page)) end += page;
+      end = std::min(end, len);
+      if (end > off) VMSAVE_TRY(put(off, end));
+      off = end + page;  // past the zero page that ended the run
     }
-    u8* to = dest.map + c * b.chunk_size;
-    bool stored = store_guarded([&] {
-      for (i64 off = 0; off < len; off += page)
-        if (present(first + off / page)) std::memcpy(to + off, src + off, std::min(page, len - off));
-    });
-    return stored ? Status() : Status(no_room());
+    return Status();
   };
   // A compressed chunk has arrived in its buffer: check the stored bytes,
   // decompress (straight into `dest` when every page of the chunk holds

@@ -200,7 +200,7 @@ struct VerifyReport {
   EngineStats engine;
 };
 
-// Where a restore puts a block's pages: written into `fd` at `offset` on,
+// Where a restore puts a block's pages: written into `fd` from `offset` on,
 // or, where the file takes no write() (hugetlbfs), stored into `map`, a
 // MAP_SHARED mapping of its whole logical size.
 struct RamDest {
