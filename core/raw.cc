@@ -28,9 +28,12 @@ i64 file_page_size(int fd) {
   return sysconf(_SC_PAGESIZE);
 }
 
-static bool is_hugetlbfs(int fd) {
-  struct statfs fs;
-  return fstatfs(fd, &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC;
+// The huge page pool of `file_page` bytes has too few pages for `path`.
+static Error short_huge_pool(const std::string& path, std::string detail, i64 file_page) {
+  return Error{"not enough free huge pages for RAM file", path, std::move(detail)}.fix(
+      fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
+                  "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
+                  file_page / 1024));
 }
 
 // Huge pages of `page_size` bytes the pool can still give out: free ones
@@ -210,12 +213,11 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   if (pool >= 0 && pool * file_page + freed < claimed + need) {
     std::string others =
         claimed ? fmt::format(" (and {} for the RAM files before it)", claimed / file_page) : "";
-    return refuse(Error{"not enough free huge pages for RAM file", path,
+    return refuse(
+        short_huge_pool(path,
                         fmt::format("block {} needs {} pages of {}{}, {} are free", b.id,
-                                    need / file_page, human_bytes(file_page), others, pool)}
-                      .fix(fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
-                                       "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
-                                       file_page / 1024)));
+                                    need / file_page, human_bytes(file_page), others, pool),
+                        file_page));
   }
   if (!FaultPlan::get().no_space_check && fstatvfs(f.fd_.get(), &sv) == 0 && sv.f_blocks > 0) {
     const i64 room = static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize);
@@ -264,19 +266,17 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
   // hugetlbfs has no write(): that file is filled through a mapping.
   RamDest dest{fd_.get(), offset_, nullptr};
   Result<Mapping> m = Mapping();
-  if (is_hugetlbfs(fd_.get())) {
+  if (const i64 file_page = file_page_size(fd_.get()); file_page > 4096) {  // as create()
     m = Mapping::map(fd_.get(), offset_, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
                      MAP_SHARED, path_);
     // The mapping reserves its huge pages: ENOMEM is a short pool (taken
     // since create() counted it), not a memory limit.
-    const i64 file_page = file_page_size(fd_.get());
     if (!m.ok() && m.error().detail == std::strerror(ENOMEM))
-      return Error{"not enough free huge pages for RAM file", path_,
-                   fmt::format("block {} needs {} pages of {}, the pool has fewer free", b.id,
-                               align_up(b.size, file_page) / file_page, human_bytes(file_page))}
-          .fix(fmt::format("add huge pages (sysctl vm.nr_hugepages, or "
-                           "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
-                           file_page / 1024));
+      return short_huge_pool(
+          path_,
+          fmt::format("block {} needs {} pages of {}, the pool has fewer free", b.id,
+                      align_up(b.size, file_page) / file_page, human_bytes(file_page)),
+          file_page);
     if (!m.ok()) return m.error();
     dest = RamDest{-1, 0, m->data()};
   }
