@@ -359,6 +359,17 @@ Status check_target(const std::string& target, bool force) {
 
 }  // namespace
 
+Status check_target_not_source(const std::string& target, const std::vector<RamSource>& sources) {
+  struct stat st, src;
+  if (lstat(target.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) return Status();
+  for (const RamSource& s : sources)
+    if (fstat(s.fd, &src) == 0 && src.st_ino == st.st_ino && src.st_dev == st.st_dev)
+      return Error{"cannot save there", target,
+                   fmt::format("it is the memory file of block {}, which this save reads", s.id)}
+          .fix("choose another path for the image");
+  return Status();
+}
+
 Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& target, bool force,
                                                          std::vector<BlockLayout> blocks,
                                                          i64 chunk_size, const WarnFn& warn) {

@@ -64,6 +64,11 @@ bool in_memory_fs(int fd);
 // state), since vmsave's format does not say where those pages are.
 i64 stored_from(int fd, i64 offset);
 
+// Refuses a save whose target is one of the files it saves, by any name (a
+// hard link, say): the image would take that file's name, and a VM that
+// maps it would run on unnamed.
+Status check_target_not_source(const std::string& target, const std::vector<RamSource>& sources);
+
 // Notes for the user that are not errors (e.g. the O_DIRECT fallback).
 using WarnFn = std::function<void(const std::string&)>;
 

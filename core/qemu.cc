@@ -247,7 +247,15 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
     return Error{"cannot read QEMU's memory map", fmt::format("/proc/{}/maps", pid),
                  "permission denied or QEMU exited"}
         .fix("run vmsave as the user QEMU runs as, or as root");
+  // QEMU opened a relative mem-path in its working directory, which it
+  // may have left since (-daemonize moves to /): the mappings show where
+  // the file really is, as an absolute path ending in the relative one.
+  std::error_code ec;
+  std::filesystem::path cwd = std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec);
   for (RamBackend& b : backends) {
+    const bool relative = !b.mem_path.empty() && b.mem_path[0] != '/';
+    const std::string rel = std::filesystem::path(b.mem_path).lexically_normal().string();
+    b.path = relative && !ec ? (cwd / rel).lexically_normal().string() : b.mem_path;
     // The file mapping of this backend: the VMA(s) of one inode whose file
     // offsets cover [offset, offset + size).
     auto covers = [&](const MapsEntry& m) {
@@ -255,7 +263,7 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
     };
     struct stat st;
     bool direct = false;
-    if (stat(b.mem_path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    if (stat(b.path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
       for (auto& m : maps)
         if (covers(m) && m.inode == st.st_ino && m.offset == u64(b.offset) &&
             m.end - m.start == u64(b.size))
@@ -264,19 +272,25 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
     if (direct) {
       // mem-path may be a symbolic link, which QEMU followed: what counts is
       // that the file opened is the one found in QEMU's mappings.
-      UniqueFd fd(::open(b.mem_path.c_str(), O_RDONLY | O_CLOEXEC));
-      if (!fd) return sys_error("open", b.mem_path, errno);
+      UniqueFd fd(::open(b.path.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!fd) return sys_error("open", b.path, errno);
       struct stat opened;
       if (fstat(fd.get(), &opened) < 0 || opened.st_ino != st.st_ino || opened.st_dev != st.st_dev)
-        return Error{"the RAM file changed while vmsave opened it", b.mem_path,
+        return Error{"the RAM file changed while vmsave opened it", b.path,
                      "it is no longer the file QEMU maps"}
             .fix("leave the RAM files alone during a save, and save again");
       b.fd = std::move(fd);
-      b.file = b.mem_path;
+      b.file = b.path;
     } else {
       // Unlinked or replaced file, or a directory mem-path: find the
-      // mapping whose path lies under mem-path and whose length is the
-      // backend's size, and open it through /proc/PID/map_files.
+      // mapping of the backend's length whose path is mem-path or lies
+      // in it, and open it through /proc/PID/map_files.
+      auto names = [&](const std::string& p) {
+        if (p == b.path || p.starts_with(b.path + "/")) return true;
+        const std::string tail = "/" + rel;
+        return relative && (p.ends_with(tail) ||
+                            std::filesystem::path(p).parent_path().string().ends_with(tail));
+      };
       const MapsEntry* found = nullptr;
       for (auto& m : maps) {
         if (!covers(m) || m.end - m.start != u64(b.size) || m.offset != u64(b.offset)) continue;
@@ -284,7 +298,7 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
         const std::string deleted = " (deleted)";
         if (p.size() > deleted.size() && p.compare(p.size() - deleted.size(), deleted.size(), deleted) == 0)
           p.resize(p.size() - deleted.size());
-        if (p == b.mem_path || p.rfind(b.mem_path + "/", 0) == 0) {
+        if (names(p)) {
           found = &m;
           break;
         }

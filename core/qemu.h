@@ -25,10 +25,12 @@ struct RamBackend {
   std::string qom_type;  // memory-backend-file, -ram, -memfd, ...
   i64 size = 0;
   bool share = false;
-  std::string mem_path;  // memory-backend-file only
+  std::string mem_path;  // memory-backend-file only, as QEMU has it
   i64 offset = 0;        // file offset QEMU maps from
-  // Resolved for saving: the file QEMU maps (opened read-only).
+  // Resolved for saving: the file QEMU maps (opened read-only), and
+  // mem-path as vmsave reaches it (a relative one is QEMU's, not vmsave's).
   UniqueFd fd;
+  std::string path;
   std::string file;      // what we opened: mem-path or /proc/PID/map_files/...
   i64 page_size = 4096;
 };
@@ -39,7 +41,8 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp);
 // Opens the file behind each backend, checking it is what QEMU `pid` maps:
 // mem-path itself when its inode is mapped, otherwise the mapping found in
 // /proc/PID/maps (a directory mem-path makes QEMU create and unlink a
-// file; it is reached through /proc/PID/map_files).
+// file; it is reached through /proc/PID/map_files). A relative mem-path
+// is looked up from QEMU's directory.
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid);
 
 // The explanation for RAM vmsave cannot read when QEMU lacks mapped-ram,

@@ -366,6 +366,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
                  "vmsave: error: a memory file shrank while it was saved (reading it raised "
                  "SIGBUS); no image was made; stop whatever resizes it and save again\n");
   auto warn = [&](const std::string& m) { rep.warn(m); };
+  VMSAVE_TRY(check_target_not_source(opts.image, sources));
   auto w = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size, warn);
   if (!w.ok()) return w.error();
   (*w)->set_min_hole(opts.min_hole);

@@ -237,6 +237,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   // Create the image before stopping the guest: a target that exists or a
   // directory we cannot write fails while the guest still runs.
+  VMSAVE_TRY(check_target_not_source(opts.image, sources));
   auto w_r = ImageWriter::create(opts.image, opts.force, blocks, opts.chunk_size,
                                  [&](const std::string& m) { rep.warn(m); });
   if (!w_r.ok()) return w_r.error();
@@ -521,12 +522,18 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     // restore to the same command line refuses it without --force. Only
     // shared files hold the guest's memory: a share=off file is what QEMU
     // read it from (a lazy clone's image, say), never to be removed for it.
+    // Nor is a file that took mem-path's name after QEMU opened its own
+    // (known when vmsave opened that, i.e. saved the block itself).
     nlohmann::json left = nlohmann::json::array();
-    struct stat st;
-    for (auto& b : backends)
-      if (b.share && !b.mem_path.empty() && stat(b.mem_path.c_str(), &st) == 0 &&
-          S_ISREG(st.st_mode))
-        left.push_back(b.mem_path);
+    for (auto& b : backends) {
+      const std::string& path = b.path.empty() ? b.mem_path : b.path;
+      struct stat st, mapped;
+      if (!b.share || path.empty() || stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) continue;
+      if (b.fd && (fstat(b.fd.get(), &mapped) < 0 || st.st_ino != mapped.st_ino ||
+                   st.st_dev != mapped.st_dev))
+        continue;
+      left.push_back(path);
+    }
     j["ram_files_left"] = left;
   }
   if (through_qemu && live) j["live_timeout_reached"] = live_timeout_reached;

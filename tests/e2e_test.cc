@@ -828,6 +828,39 @@ TEST_CASE("e2e: a mem-path that is a symbolic link is saved; a restore does not 
   check_carries_on(vm, saved, qemu.pid);
 }
 
+TEST_CASE(
+    "e2e: a relative mem-path is found from QEMU's directory, and a save never replaces the RAM "
+    "file it reads") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.relative_mem_path = true;
+  TestVm vm(opts);
+  boot(vm);
+  // --force over the VM's RAM file: it was saved, the image took the RAM
+  // file's name and the guest ran on, unnamed; a later save called the
+  // image "its RAM file" and said to remove it.
+  RunResult r = run_vmsave(
+      {"save", "--qmp", vm.qmp_path(), "--force", "--leave-running", vm.ram_path(0)}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "cannot save there (" + vm.ram_path(0) +
+                                    "): it is the memory file of block ram0, which this save "
+                                    "reads; choose another path for the image"),
+                r.err);
+  CHECK(test::file_size(vm.ram_path(0)) == kSmallVm.ram_mib * kMiB);
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+
+  // vmsave runs in another directory: it was "cannot find the RAM file of
+  // backend ram0 (ram0): QEMU has no mapping of it".
+  const std::string image = vm.dir() + "/vm.vmsave";
+  json report;
+  const MemcheckLine saved = *read_story(save_and_quit(vm, image, {}, &report)).last;
+  CHECK(report["ram_files_left"] == json::array({vm.ram_path(0)}));
+  r = run_vmsave(restore_args(image, vm.dir() + "/lazy.log", true, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  check_carries_on(vm, saved, qemu.pid);
+}
+
 TEST_CASE("e2e: a guest with two vCPUs carries on after save and restore") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;

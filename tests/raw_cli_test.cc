@@ -971,7 +971,8 @@ TEST_CASE("raw: bad memory files and image directories fail the save with status
   CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", src}), 1, "directory");
 }
 
-TEST_CASE("raw: --force replaces files only, never a directory, FIFO or empty path") {
+TEST_CASE(
+    "raw: --force replaces files only, never a directory, FIFO, empty path or the file it saves") {
   require_shm();
   SmallImage s;
   const std::string before = test::read_file(s.image);
@@ -1009,6 +1010,14 @@ TEST_CASE("raw: --force replaces files only, never a directory, FIFO or empty pa
   REQUIRE(lstat(ram_fifo.c_str(), &st) == 0);
   CHECK(S_ISFIFO(st.st_mode));
   CHECK(list_dir(out.path()) == std::vector<std::string>{"ram0"});
+  // Nor the memory file being saved, by its name or a hard link's.
+  const std::string memory = test::read_file(s.shm / "ram0");
+  const std::string link = s.shm / "ram0.link";
+  REQUIRE(::link((s.shm / "ram0").c_str(), link.c_str()) == 0);
+  for (const std::string& target : {s.shm / "ram0", link})
+    CHECK_FAILS(save(target, true), 1,
+                "(" + target + "): it is the memory file of block ram0, which this save reads");
+  CHECK(test::read_file(s.shm / "ram0") == memory);
   // The image beside them is untouched.
   CHECK(test::read_file(s.image) == before);
 }

@@ -332,8 +332,8 @@ std::vector<std::string> TestVm::command() const {
   auto backend = [&](int node, int64_t mib) {
     if (kind(node) == "file") {
       return fmt::format("memory-backend-file,id=ram{},size={}M,share=on,mem-path={}{}{}", node,
-                         mib, ram_path(node), opts_.file_backend_props.empty() ? "" : ",",
-                         opts_.file_backend_props);
+                         mib, opts_.relative_mem_path ? fmt::format("ram{}", node) : ram_path(node),
+                         opts_.file_backend_props.empty() ? "" : ",", opts_.file_backend_props);
     }
     return fmt::format("memory-backend-{},id=ram{},size={}M", kind(node), node, mib);
   };
@@ -381,6 +381,7 @@ bool TestVm::start(std::string* err) {
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  const char* cwd = opts_.relative_mem_path ? shm_dir_.c_str() : nullptr;
 
   int log_fd = open(qemu_log_path().c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (log_fd < 0) {
@@ -417,6 +418,7 @@ bool TestVm::start(std::string* err) {
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
     signal(SIGPIPE, SIG_DFL);
+    if (cwd && chdir(cwd) != 0) _exit(127);
     execvp(argv[0], argv.data());
     int e = errno;
     [[maybe_unused]] ssize_t n = write(report[1], &e, sizeof e);

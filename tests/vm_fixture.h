@@ -57,6 +57,9 @@ struct VmOptions {
   std::vector<std::string> node_backends;
   std::vector<std::string> extra_args;  // appended to the QEMU command line
   std::string file_backend_props;       // appended to each file backend, e.g. "dump=off"
+  // QEMU runs in the RAM files' directory and names them relative to it
+  // (mem-path=ram0), so vmsave, running elsewhere, must find them from there.
+  bool relative_mem_path = false;
 };
 
 struct MemcheckLine {
