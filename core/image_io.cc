@@ -363,7 +363,7 @@ Status check_target_not_source(const std::string& target, const std::vector<RamS
   struct stat st, src;
   if (lstat(target.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) return Status();
   for (const RamSource& s : sources)
-    if (fstat(s.fd, &src) == 0 && src.st_ino == st.st_ino && src.st_dev == st.st_dev)
+    if (fstat(s.fd, &src) == 0 && same_file(src, st))
       return Error{"cannot save there", target,
                    fmt::format("it is the memory file of block {}, which this save reads", s.id)}
           .fix("choose another path for the image");

@@ -275,7 +275,7 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
       UniqueFd fd(::open(b.path.c_str(), O_RDONLY | O_CLOEXEC));
       if (!fd) return sys_error("open", b.path, errno);
       struct stat opened;
-      if (fstat(fd.get(), &opened) < 0 || opened.st_ino != st.st_ino || opened.st_dev != st.st_dev)
+      if (fstat(fd.get(), &opened) < 0 || !same_file(opened, st))
         return Error{"the RAM file changed while vmsave opened it", b.path,
                      "it is no longer the file QEMU maps"}
             .fix("leave the RAM files alone during a save, and save again");

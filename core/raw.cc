@@ -142,8 +142,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   const BlockLayout& b = img.layout().blocks[block];
   // --force truncates: never the image being read (same name, a hard link).
   struct stat own, at;
-  if (fstat(img.fd(), &own) == 0 && stat(path.c_str(), &at) == 0 && at.st_dev == own.st_dev &&
-      at.st_ino == own.st_ino)
+  if (fstat(img.fd(), &own) == 0 && stat(path.c_str(), &at) == 0 && same_file(at, own))
     return Error{"the RAM file is the image itself", path,
                  fmt::format("block {} would be written over the image it comes from", b.id)}
         .fix("give the RAM files another directory (or mem-path)");

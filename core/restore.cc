@@ -777,7 +777,7 @@ Status check_prepared_ram(const ImageReader& img, const std::string& image,
     const BlockLayout& b = img.layout().blocks[blocks[k]];
     struct stat st;
     if (fstat(qb.fd.get(), &st) < 0) return sys_error("fstat", qb.file, errno);
-    if (st.st_dev == own.st_dev && st.st_ino == own.st_ino) {  // lazy
+    if (same_file(st, own)) {  // lazy
       if (qb.offset != b.region.offset)
         return not_this_image(qb, fmt::format("maps it from offset {}, block {}'s region starts "
                                               "at {}",

@@ -529,9 +529,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       const std::string& path = b.path.empty() ? b.mem_path : b.path;
       struct stat st, mapped;
       if (!b.share || path.empty() || stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) continue;
-      if (b.fd && (fstat(b.fd.get(), &mapped) < 0 || st.st_ino != mapped.st_ino ||
-                   st.st_dev != mapped.st_dev))
-        continue;
+      if (b.fd && (fstat(b.fd.get(), &mapped) < 0 || !same_file(st, mapped))) continue;
       left.push_back(path);
     }
     j["ram_files_left"] = left;

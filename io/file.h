@@ -3,6 +3,8 @@
 
 #pragma once
 
+#include <sys/stat.h>
+
 #include <atomic>
 #include <functional>
 #include <string>
@@ -27,6 +29,11 @@ struct DirectFile {
 // O_DIRECT when `want_direct`, and O_CLOEXEC. Opens that may write get
 // O_NOFOLLOW: vmsave never writes guest memory through a symlink.
 Result<DirectFile> open_direct(const std::string& path, int flags, mode_t mode, bool want_direct);
+
+// Whether two stat results are of one file (a name, a hard link, a descriptor).
+inline bool same_file(const struct stat& a, const struct stat& b) {
+  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
 
 // Reopens `f` without O_DIRECT (same inode, via /proc/self/fd).
 Status reopen_buffered(DirectFile& f);
