@@ -152,12 +152,16 @@ Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
     return mismatch(fmt::format("-cpu {} differs from the saved {}", model(cmd), model(*saved_cmd)));
   // Memory hot-plug: slots and maxmem shape the machine (ACPI tables, the
   // device-memory region); QEMU fails in the device state on another
-  // ("Missing section footer for 0000:00:1f.0/ICH9LPC").
+  // ("Missing section footer for 0000:00:1f.0/ICH9LPC"). slots=0 and a
+  // maxmem equal to the size are QEMU's defaults, the same machine as none.
   for (std::string key : {"slots", "maxmem"}) {
     auto spelled = [&](const QemuCommand& c) -> std::string {
       auto v = c.memory_option(key);
       if (!v.ok() || !*v) return "";
       auto bytes = parse_size(**v);
+      auto size = c.memory_size();
+      if (key == "slots" && **v == "0") return "";
+      if (key == "maxmem" && bytes.ok() && size.ok() && *size && *bytes == **size) return "";
       return key + "=" + (key == "maxmem" && bytes.ok() ? format_size(*bytes) : **v);
     };
     std::string now = spelled(cmd), was = spelled(*saved_cmd);

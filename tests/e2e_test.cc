@@ -1187,12 +1187,15 @@ TEST_CASE(
                 r.err);
   CHECK(slurp(vm.ram_path()) == before);
   REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
-  // The image itself was fine all along, and q35 is the versioned machine
-  // it stands for (a new user's "pc-i440fx-10.0" for "pc" was refused).
+  // The image itself was fine all along, q35 is the versioned machine it
+  // stands for (a new user's "pc-i440fx-10.0" for "pc" was refused), and
+  // slots=0 and maxmem equal to the size are QEMU's defaults spelled out.
   const std::string q35 = resolve_machine(cmd[0], "q35");
   REQUIRE(q35.starts_with("pc-q35-"));
-  r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", true, rewrite(cmd, "q35,", q35 + ",")),
-                 kRunTimeout);
+  r = run_vmsave(
+      restore_args(image, vm.dir() + "/restore.log", true,
+                   plus(rewrite(cmd, "q35,", q35 + ","), {"-m", "256M,slots=0,maxmem=256M"})),
+      kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   CHECK(qemu.pid > 0);
