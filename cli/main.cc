@@ -58,9 +58,17 @@ void install_signal_handlers() {
   struct sigaction sa {};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGHUP, &sa, nullptr);
+  sigset_t mask;
+  sigemptyset(&mask);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    // Ignored on entry stays ignored, as nohup and a shell's background
+    // jobs (SIGINT) mean it to be.
+    struct sigaction old {};
+    if (sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    sigaction(sig, &sa, nullptr);
+    sigaddset(&mask, sig);  // blocked by the parent: vmsave could not be stopped
+  }
+  sigprocmask(SIG_UNBLOCK, &mask, nullptr);
   signal(SIGPIPE, SIG_IGN);
   signal(SIGXFSZ, SIG_IGN);  // past ulimit -f: EFBIG from the write, said as an error
 }
@@ -114,6 +122,17 @@ const CLI::Validator kSeconds(
     },
     "SECONDS");
 
+// A whole number in [lo, hi]; CLI11's Range calls "abc" out of range.
+CLI::Validator whole_number(i64 lo, i64 hi) {
+  return CLI::Validator(
+      [lo, hi](std::string& text) -> std::string {
+        i64 v = 0;
+        if (CLI::detail::lexical_cast(text, v) && v >= lo && v <= hi) return "";
+        return fmt::format("a whole number from {} to {}: {}", lo, hi, text);
+      },
+      "N");
+}
+
 // A size as QEMU spells them (64K, 1M), and as people write them too: 1MiB
 // and 64KB are the same binary sizes here, as info prints them.
 Result<i64> option_size(std::string text) {
@@ -147,10 +166,10 @@ void add_common(CLI::App* cmd, Common& c, bool engine) {
   if (engine) {
     cmd->add_flag("--stats", c.stats, "Show the I/O latency histogram in the summary");
     cmd->add_option("-j,--jobs", c.jobs, "I/O worker threads (default: online CPUs)")
-        ->check(CLI::Range(1, 256));
+        ->check(whole_number(1, 256));
     cmd->add_option("--queue-depth", c.queue_depth, "Requests in flight per worker")
         ->default_val(32)
-        ->check(CLI::Range(1, 4096));
+        ->check(whole_number(1, 4096));
   }
 }
 
@@ -325,6 +344,9 @@ void print_info(const nlohmann::json& j) {
 
 int main(int argc, char** argv) {
   const bool stdout_closed = reopen_closed_std_fds();
+  // First: a signal that arrives while the arguments are parsed is an
+  // interruption too (130), not the default death (128+signal).
+  install_signal_handlers();
   CLI::App app{
       "vmsave: save a running QEMU virtual machine into one random-access image and restore it.\n"
       "Shared file-backed guest RAM is written by vmsave itself (fastest; lazy restore), e.g.\n"
@@ -377,9 +399,10 @@ int main(int argc, char** argv) {
   auto* live_opt = save_cmd->add_flag("--live", save.live,
                                       "Write RAM while the guest runs; stop it only to catch up "
                                       "and for the device state");
-  save_cmd->add_option("--max-downtime", save.max_downtime_ms,
-                       "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
-      ->check(CLI::Range(i64(1), i64(3600000)))
+  save_cmd
+      ->add_option("--max-downtime", save.max_downtime_ms,
+                   "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
+      ->check(whole_number(1, 3600000))
       ->needs(live_opt);
   save_cmd->add_option("--live-timeout", save.live_timeout,
                        "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
@@ -486,6 +509,27 @@ int main(int argc, char** argv) {
     return usage(fmt::format("unknown command '{}': vmsave has {} and {} (vmsave --help)",
                              cmd_name, fmt::join(names, ", "), last));
   }
+  // `--qmp --force IMAGE`: CLI11 takes an option for the value before it
+  // (a QMP socket named "--force"), and what fails later says nothing of that.
+  if (known) {
+    const CLI::App* sub = app.get_subcommand(cmd_name);
+    auto option = [&](std::string_view arg) -> const CLI::Option* {
+      if (!arg.starts_with('-')) return nullptr;
+      return sub->get_option_no_throw(std::string(arg.substr(0, arg.find('='))));
+    };
+    for (int i = 2; i + 1 < argc && std::string_view(argv[i]) != "--"; i++) {
+      const CLI::Option* o = option(argv[i]);
+      if (!o || o->get_expected_min() == 0 ||
+          std::string_view(argv[i]).find('=') != std::string_view::npos)
+        continue;
+      if (option(argv[i + 1]))
+        return usage(
+            fmt::format("{} needs a value, but the next argument is the option {} "
+                        "(a value that starts with '-' is written {}=VALUE)",
+                        argv[i], argv[i + 1], argv[i]));
+      i++;  // its value
+    }
+  }
   // CLI11's own errors in vmsave's one-line form, with where to look.
   app.failure_message([&](const CLI::App*, const CLI::Error& e) {
     return fmt::format("vmsave: error: {}; see vmsave {}--help\n", e.what(),
@@ -548,13 +592,15 @@ int main(int argc, char** argv) {
   if (running) restore.running = true;
   if (restore_paused) restore.running = false;
 
-  install_signal_handlers();
   TerminalReporter rep(c.quiet || c.json, c.progress_fd);
   std::string cmd;
   Result<nlohmann::json> result = Error{"no command"};
   // See unexpected_json().
   try {
-    if (*save_cmd) {
+    if (cancelled()) {  // before the command began
+      cmd = cmd_name;
+      result = interrupted_error();
+    } else if (*save_cmd) {
       cmd = "save";
       if (save.qmp.empty() && save.rams.empty())
         return usage("save needs --qmp SOCKET (a running QEMU) or --ram ID=FILE (memory files)");

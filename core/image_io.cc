@@ -1526,11 +1526,15 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   // the block's size when that is less than one chunk).
   const i64 full = b.chunk_length(0);
   const u64 zero_full = zero_checksum(full);
-  auto chunk_damaged = [&](i64 c, const std::string& why) -> Status {
-    i64 at = b.region.offset + c * b.chunk_size;
+  // Where: the chunk, or the page in it when one page is at fault.
+  auto chunk_damaged = [&](i64 c, const std::string& why, i64 bad_page = -1) -> Status {
+    i64 at = bad_page < 0 ? b.region.offset + c * b.chunk_size : b.region.offset + bad_page * page;
     if (report) {
       report->ok = false;
-      report->first_damage = fmt::format("block {} chunk {} (image offset {})", b.id, c, at);
+      report->first_damage =
+          bad_page < 0
+              ? fmt::format("block {} chunk {} (image offset {})", b.id, c, at)
+              : fmt::format("block {} chunk {} page {} (image offset {})", b.id, c, bad_page, at);
     }
     return damaged(path(), fmt::format("RAM block {} chunk {} {}", b.id, c, why), at);
   };
@@ -1607,8 +1611,9 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     for (i64 p = 0; !dense && p < npages; p++) {
       const i64 at = p * page;
       if (!present(c * pages_per_chunk + p) && !is_zero(out + at, std::min(page, len - at)))
-        return chunk_damaged(c, fmt::format("page {} is marked zero but holds data",
-                                            c * pages_per_chunk + p));
+        return chunk_damaged(
+            c, fmt::format("page {} is marked zero but holds data", c * pages_per_chunk + p),
+            c * pages_per_chunk + p);
     }
     if (!dense && !verify_only) return copy_out(c, out);
     return Status();
@@ -1628,9 +1633,11 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
         for (i64 off = 0; off < len; off += page) {
           if (present(first + off / page)) continue;
           if (!is_zero(base + off, std::min(page, len - off)))
-            return chunk_damaged(c, fmt::format("page {} is marked zero but holds data (a lazy "
-                                                "restore would map it)",
-                                                first + off / page));
+            return chunk_damaged(c,
+                                 fmt::format("page {} is marked zero but holds data (a lazy "
+                                             "restore would map it)",
+                                             first + off / page),
+                                 first + off / page);
         }
       }
       if (!verify_only) return copy_out(c, base);  // gathered

@@ -645,9 +645,12 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
     char go = 0;
     if (::read(grd.get(), &go, 1) != 1) _exit(127);
     setsid();
-    signal(SIGPIPE, SIG_DFL);
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
+    // QEMU outlives vmsave: it starts with the signals vmsave changed as a
+    // program expects them (SIGXFSZ kills, none blocked).
+    for (int sig : {SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGXFSZ}) signal(sig, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
     dup2(devnull.get(), 0);
     dup2(logfd.get(), 1);
     dup2(logfd.get(), 2);

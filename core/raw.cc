@@ -320,7 +320,8 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   for (auto& [id, file] : opts.rams) {
     if (!is_file_name_id(id))
       return Error{"bad RAM block id", "", fmt::format("\"{}\"", id)}
-          .fix("use a name without '/' of at most 255 bytes")
+          .fix(id == "." || id == ".." ? "use another name: it becomes a file name under --ram-dir"
+                                       : "use a name without '/' of at most 255 bytes")
           .as(Exit::kUsage);
     if (std::any_of(id.begin(), id.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; }))
       return Error{"bad RAM block id", "", "it holds control characters"}

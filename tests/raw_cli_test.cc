@@ -709,6 +709,32 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
   CHECK_MESSAGE(p.err == "vmsave: error: The following argument was not expected: --bogus; see "
                          "vmsave save --help\n",
                 p.err);
+  // Each names the rule its argument breaks.
+  const std::pair<std::vector<std::string>, std::string> named[] = {
+      {{"save", "--ram", "ram=" + src, "--jobs", "abc", image},
+       "--jobs: a whole number from 1 to 256: abc"},
+      {{"save", "--ram", "ram=" + src, "--queue-depth", "1.5", image},
+       "--queue-depth: a whole number from 1 to 4096: 1.5"},
+      {{"save", "--ram", ".=" + src, image},
+       "bad RAM block id: \".\"; use another name: it becomes a file name under --ram-dir"},
+      // An option where a value belongs was taken for the value.
+      {{"save", "--qmp", "--force", image},
+       "--qmp needs a value, but the next argument is the option --force (a value that starts "
+       "with '-' is written --qmp=VALUE)"},
+      {{"save", "--ram", "ram=" + src, "--description", "-j", "2", image},
+       "--description needs a value, but the next argument is the option -j"},
+  };
+  for (auto& [args, message] : named) {
+    CAPTURE(message);
+    p = run_vmsave(args);
+    CHECK_RUN(p, 2);
+    CHECK_MESSAGE(contains(p.err, "vmsave: error: " + message), p.err);
+    CHECK(list_dir(disk.path()).empty());
+  }
+  // Where the value is given with '=', it may start with '-'.
+  CHECK_RUN(run_vmsave({"save", "--ram", "ram=" + src, "--description=-j 2", image}), 0);
+  CHECK(contains(run_vmsave({"info", "--json", image}).out, "\"description\": \"-j 2\""));
+  REQUIRE(::unlink(image.c_str()) == 0);
   // An empty path is named, not read as the option left out.
   for (std::vector<std::string> args : {std::vector<std::string>{"restore", image, "--ram-dir", ""},
                                         {"prepare", image, "--ram-dir", ""},
@@ -1097,7 +1123,68 @@ TEST_CASE("raw: verify finds data in pages the bitmap marks zero, which a lazy r
     xor_byte(image, region + page * kPage + 123, 0x40);
     RunResult r = run_vmsave({"verify", image});
     CHECK_FAILS(r, 3, fmt::format("page {} is marked zero but holds data", page));
+    CHECK(contains(r.err, fmt::format("at offset {}:", region + page * kPage)));  // the page's
     xor_byte(image, region + page * kPage + 123, 0x40);
     CHECK_RUN(run_vmsave({"verify", image}), 0);
+  }
+}
+
+namespace {
+
+// vmsave started with `sig` blocked and pending, as a signal sent in the
+// instant before it set its handlers; `ignored`: and set to SIG_IGN first,
+// as nohup does with SIGHUP.
+RunResult run_with_pending_signal(const std::vector<std::string>& args, int sig, bool ignored,
+                                  const std::string& err_file) {
+  std::vector<char*> argv{const_cast<char*>(VMSAVE_BINARY)};  // built before fork: no malloc after
+  for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int fd = ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || dup2(fd, 2) < 0) _exit(126);
+    if (ignored) signal(sig, SIG_IGN);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, sig);
+    sigprocmask(SIG_BLOCK, &mask, nullptr);
+    raise(sig);  // pending across exec: delivered once vmsave unblocks it
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  RunResult r;
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.err = test::read_file(err_file);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("raw: a signal at start-up interrupts with 130, and one ignored on entry stays ignored") {
+  require_shm();
+  SmallImage s;
+  TempDir out, ram;
+  const std::string err = out / "stderr";
+  // Before its handlers were set, SIGTERM killed vmsave with 143, and one
+  // blocked by the parent could not stop it at all.
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    CAPTURE(sig);
+    RunResult r =
+        run_with_pending_signal({"restore", s.image, "--ram-dir", ram.path()}, sig, false, err);
+    CHECK_FAILS(r, 130, fmt::format("vmsave: error: interrupted: {}", strsignal(sig)));
+    CHECK(list_dir(ram.path()).empty());
+  }
+  // nohup's SIGHUP (and a background job's SIGINT) are the caller's word
+  // that the job must not stop for them.
+  for (int sig : {SIGHUP, SIGINT}) {
+    CAPTURE(sig);
+    RunResult r = run_with_pending_signal({"restore", s.image, "--ram-dir", ram.path(), "-q"}, sig,
+                                          true, err);
+    CHECK_MESSAGE(r.status == 0, show(r));
+    CHECK(list_dir(ram.path()) == s.ids);
+    for (auto& id : s.ids) std::filesystem::remove(ram / id);
   }
 }
