@@ -130,7 +130,7 @@ CLI::Validator whole_number(i64 lo, i64 hi) {
         if (CLI::detail::lexical_cast(text, v) && v >= lo && v <= hi) return "";
         return fmt::format("a whole number from {} to {}: {}", lo, hi, text);
       },
-      "N");
+      fmt::format("INT in [{} - {}]", lo, hi));
 }
 
 // A size as QEMU spells them (64K, 1M), and as people write them too: 1MiB
