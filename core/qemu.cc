@@ -363,6 +363,19 @@ bool Capabilities::restore(QmpClient& qmp) {
   return ok;
 }
 
+bool wait_migration_ended(QmpClient& qmp, double timeout_s) {
+  auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+  for (;;) {
+    auto r = qmp.execute("query-migrate", nullptr, 5);
+    if (!r.ok()) return false;
+    std::string status = r->value("status", "");
+    if (status.empty() || status == "completed" || status == "failed" || status == "cancelled")
+      return true;
+    if (Clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
 Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   for (;;) {

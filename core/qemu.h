@@ -64,6 +64,12 @@ class Capabilities {
   std::vector<std::pair<std::string, bool>> old_;
 };
 
+// After migrate_cancel: polls until the migration has ended (QEMU refuses
+// to change capabilities while it is "cancelling", as multifd threads stop),
+// for at most timeout_s. Not cut short by a signal: it is the clean-up
+// after one. False if QEMU does not answer or the migration goes on.
+bool wait_migration_ended(QmpClient& qmp, double timeout_s);
+
 // Polls query-migrate until the migration is no longer in progress; returns
 // an Error naming QEMU's error-desc unless it completed.
 Status wait_migration(QmpClient& qmp, double timeout_s, const char* what);

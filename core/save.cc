@@ -53,7 +53,8 @@ struct GuestGuard {
     // The first command QEMU does not take ends the attempt: a QEMU that
     // does not answer (stuck, or stopped with SIGSTOP) would only make each
     // of the others wait out its timeout too.
-    bool ok = qmp->execute("migrate_cancel", nullptr, 5).ok() && caps->restore(*qmp) &&
+    bool ok = qmp->execute("migrate_cancel", nullptr, 5).ok() && wait_migration_ended(*qmp, 10) &&
+              caps->restore(*qmp) &&
               (!(stopped && was_running) || qmp->execute("cont", nullptr, 5).ok());
     if (ok || !watchdog) return;
     pid_t pid = watchdog->hand_over();

@@ -129,7 +129,7 @@ void kill_and_wait(int pidfd) {
   if (qmp) {
     qmp->resync(0.2);
     (void)qmp->execute("migrate_cancel", nullptr, 5);
-    (void)wait_migration(*qmp, 30, "cancelled save");
+    (void)wait_migration_ended(*qmp, 30);
   }
   bool killed = false, removed = false;
   for (auto it = notes.rbegin(); it != notes.rend(); ++it) {
