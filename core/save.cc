@@ -19,6 +19,7 @@
 // target; if vmsave itself dies, its watchdog process does the same.
 
 #include <fcntl.h>
+#include <poll.h>
 
 #include <condition_variable>
 #include <memory>
@@ -56,7 +57,9 @@ struct GuestGuard {
     bool ok = qmp->execute("migrate_cancel", nullptr, 5).ok() && wait_migration_ended(*qmp, 10) &&
               caps->restore(*qmp) &&
               (!(stopped && was_running) || qmp->execute("cont", nullptr, 5).ok());
-    if (ok || !watchdog) return;
+    // A QEMU that has exited has no guest to put back, nor a watchdog
+    // anything to wait for.
+    if (ok || !watchdog || process_exited(qmp->peer_pid())) return;
     pid_t pid = watchdog->hand_over();
     if (pid > 0)
       rep->warn(fmt::format(
@@ -65,6 +68,39 @@ struct GuestGuard {
           "QEMU answers again (for up to {:g} minutes); or kill it and run `cont` yourself",
           pid, Watchdog::kPatience / 60));
   }
+};
+
+// While vmsave writes the RAM itself it does not hear from QEMU; if QEMU
+// exits meanwhile (killed, crashed), this stops the write at once rather
+// than reading the rest of its RAM file for the image of a VM that is gone.
+class QemuExitWatch {
+ public:
+  QemuExitWatch(pid_t pid, const std::string& qmp_path) : pidfd_(open_pidfd(pid)) {
+    int p[2];
+    if (!pidfd_.valid() || pipe2(p, O_CLOEXEC) < 0) return;  // then QMP finds out later
+    stop_r_ = UniqueFd(p[0]);
+    stop_w_ = UniqueFd(p[1]);
+    thread_ = std::thread([this, pid, qmp_path] {
+      pollfd fds[2] = {{pidfd_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
+      while (::poll(fds, 2, -1) < 0 && errno == EINTR) {
+      }
+      if (fds[0].revents & POLLIN)
+        cancel_with(Error{"QEMU exited during the save", qmp_path,
+                          fmt::format("process {} is gone; no image was written", pid)}
+                        .fix("start the VM again, and save it then"));
+    });
+  }
+  ~QemuExitWatch() {
+    if (!thread_.joinable()) return;
+    (void)!::write(stop_w_.get(), "x", 1);
+    thread_.join();
+  }
+  QemuExitWatch(const QemuExitWatch&) = delete;
+  QemuExitWatch& operator=(const QemuExitWatch&) = delete;
+
+ private:
+  UniqueFd pidfd_, stop_r_, stop_w_;
+  std::thread thread_;
 };
 
 // Running passes of a live save: at most this many, and no more once one
@@ -385,6 +421,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                               {"live", live},
                               {"ram_bytes_written", qemu_sent}};
   } else {
+    QemuExitWatch exit_watch(qmp.peer_pid(), opts.qmp);
     if (live) {
       // Passes while the guest runs, as long as each rewrites less than the
       // one before; then the stopped pass makes the image exact.

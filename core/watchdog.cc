@@ -39,10 +39,6 @@ void send_note(int sock, const nlohmann::json& note) {
   (void)::send(sock, line.data(), line.size(), MSG_NOSIGNAL);
 }
 
-// Raw system calls: glibc 2.36's <sys/pidfd.h> declares its wrappers
-// without C linkage.
-int pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
-
 // Kills the process behind `pidfd` and waits up to 5 s for it to go. A
 // pidfd, opened when the note came, cannot hit a reused pid.
 void kill_and_wait(int pidfd) {
@@ -84,7 +80,7 @@ void kill_and_wait(int pidfd) {
       if (line == "patient") patient = true;
       auto note = nlohmann::json::parse(line, nullptr, false);
       if (!note.is_object()) continue;
-      if (note.contains("kill")) note["pidfd"] = pidfd_open(note["kill"].get<pid_t>());
+      if (note.contains("kill")) note["pidfd"] = open_pidfd(note["kill"].get<pid_t>()).release();
       notes.push_back(std::move(note));
     }
   }

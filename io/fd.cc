@@ -2,10 +2,13 @@
 
 #include "io/fd.h"
 
+#include <poll.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <csetjmp>
 #include <csignal>
 #include <cstdlib>
@@ -55,6 +58,19 @@ void exit_on_sigbus(const std::string& line) {
   std::memcpy(g_sigbus_line, line.data(), n);
   g_sigbus_len.store(n);
   install_sigbus_handler();
+}
+
+UniqueFd open_pidfd(pid_t pid) {
+  // The raw system call: glibc 2.36's <sys/pidfd.h> declares its wrapper
+  // without C linkage.
+  return UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+}
+
+bool process_exited(pid_t pid) {
+  UniqueFd fd = open_pidfd(pid);
+  if (!fd.valid()) return errno == ESRCH;
+  pollfd p{fd.get(), POLLIN, 0};
+  return ::poll(&p, 1, 0) == 1;
 }
 
 bool store_guarded(const std::function<void()>& store) {

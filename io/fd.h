@@ -96,6 +96,14 @@ class AlignedBuffer {
   size_t size_ = 0;
 };
 
+// A pidfd for process `pid` (invalid if it is gone, or on kernels before
+// 5.3): readable once the process has exited, never confused with a later
+// process that reuses the number.
+UniqueFd open_pidfd(pid_t pid);
+
+// Whether process `pid` has exited (a zombie not yet reaped has).
+bool process_exited(pid_t pid);
+
 // Runs `store`, which writes into a shared file mapping, and returns false
 // if the kernel raised SIGBUS for it instead of letting that kill vmsave: a
 // page its filesystem has no room for (a full tmpfs, no huge page left) or

@@ -19,8 +19,28 @@ inline std::atomic<int>& cancel_signal() {
 
 inline bool cancelled() { return cancel_signal().load(std::memory_order_relaxed) != 0; }
 
+// Not a signal: cancel_with() stopped the work for a reason of its own.
+constexpr int kCancelledWithError = -1;
+
+inline Error& cancel_reason() {
+  static Error e;
+  return e;
+}
+
+// Stops the work the way a signal does, for `why` (the QEMU being saved has
+// exited): the loops unwind as on SIGINT, and interrupted_error() returns
+// `why`. The first reason stays; a signal that comes later takes over.
+inline void cancel_with(Error why) {
+  static std::atomic<bool> taken{false};
+  if (taken.exchange(true)) return;
+  cancel_reason() = std::move(why);
+  int none = 0;
+  cancel_signal().compare_exchange_strong(none, kCancelledWithError);
+}
+
 inline Error interrupted_error() {
   int sig = cancel_signal().load();
+  if (sig == kCancelledWithError) return cancel_reason();
   Error e{"interrupted", "", sig ? strsignal(sig) : "cancelled"};
   e.status = Exit::kInterrupted;
   return e;
