@@ -939,6 +939,19 @@ i64 stored_from(int fd, i64 offset) {
   return n;
 }
 
+Result<i64> first_nonzero(int fd, i64 offset, i64 size, const std::string& path) {
+  AlignedBuffer buf(kMiB);
+  for (auto [a, z] : data_extents(fd, offset, size)) {
+    for (i64 at = a; at < z; at += kMiB) {
+      const i64 n = std::min(kMiB, z - at);
+      VMSAVE_TRY(pread_all(fd, buf.data(), n, offset + at, path));
+      for (i64 page = 0; page < n; page += 4096)
+        if (!is_zero(buf.data() + page, std::min<i64>(4096, n - page))) return at + page;
+    }
+  }
+  return -1;
+}
+
 i64 ImageWriter::qemu_section_stored() const {
   return stored_from(file_.fd.get(), img_.qemu.offset);
 }

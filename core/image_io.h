@@ -64,6 +64,11 @@ bool in_memory_fs(int fd);
 // state), since vmsave's format does not say where those pages are.
 i64 stored_from(int fd, i64 offset);
 
+// Where the first non-zero byte of `size` bytes of `fd` from `offset` is,
+// relative to `offset` (to the 4 KiB page), or -1 when they are all zero.
+// Reads only what is not a hole.
+Result<i64> first_nonzero(int fd, i64 offset, i64 size, const std::string& path);
+
 // Refuses a save whose target is one of the files it saves, by any name (a
 // hard link, say): the image would take that file's name, and a VM that
 // maps it would run on unnamed.

@@ -750,11 +750,15 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
 Status check_prepared_ram(const ImageReader& img, const std::string& image,
                           std::vector<RamBackend> backends, pid_t pid) {
   constexpr int kSamples = 64;  // chunks compared per block, at most
-  std::vector<RamBackend> mine;
+  std::vector<RamBackend> mine, loaded;
   std::vector<size_t> blocks;
   for (size_t i = 0; i < img.layout().blocks.size(); i++) {
     const BlockLayout& b = img.layout().blocks[i];
-    if (b.via_qemu()) continue;
+    if (b.via_qemu()) {
+      for (auto& qb : backends)
+        if (qb.id == b.id && qb.qom_type == "memory-backend-file") loaded.push_back(std::move(qb));
+      continue;
+    }
     for (auto& qb : backends)
       if (qb.id == b.id) {
         if (qb.qom_type != "memory-backend-file")
@@ -764,6 +768,24 @@ Status check_prepared_ram(const ImageReader& img, const std::string& image,
         mine.push_back(std::move(qb));
         blocks.push_back(i);
       }
+  }
+  // QEMU loads only the non-zero pages of a block it saved: a file that
+  // holds data (one left behind, another VM's) would show it where the
+  // guest had zeros, and the guest crashed so. A restore that starts QEMU
+  // empties it first; this QEMU has mapped it already.
+  VMSAVE_TRY(open_backend_files(loaded, pid));
+  for (auto& qb : loaded) {
+    auto at = first_nonzero(qb.fd.get(), qb.offset, qb.size, qb.file);
+    if (!at.ok()) return at.error();
+    if (*at >= 0)
+      return Error{"QEMU's RAM file holds data", qb.path.empty() ? qb.file : qb.path,
+                   fmt::format("QEMU loads only block {}'s non-zero pages from the image, so the "
+                               "guest would see this file's data (at offset {}) where it had "
+                               "zeros",
+                               qb.id, qb.offset + *at)}
+          .fix(
+              "start QEMU with a mem-path that does not exist (or an empty file) and the "
+              "arguments `vmsave prepare` prints; this one still waits");
   }
   VMSAVE_TRY(open_backend_files(mine, pid));
   struct stat own;

@@ -1355,6 +1355,21 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
     std::ofstream stale(vm.ram_path(0), std::ios::binary | std::ios::trunc);
     stale << std::string(left.size(), '\xAA');
   }
+  // The two-step form cannot empty it (QEMU maps it already): refused, the
+  // QEMU left waiting (the guest had crashed on 0xAAAA... addresses).
+  {
+    ::unlink(vm.qmp_path().c_str());
+    const std::string log = vm.dir() + "/two-step-qemu.log";
+    Child waiting(with_prepared(vm.command(), {"-incoming", "defer"}), log);
+    await_qmp_socket(vm, waiting, log);
+    r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: QEMU's RAM file holds data (" + vm.ram_path(0) +
+                                      "): QEMU loads only block ram0's non-zero pages"),
+                  r.err);
+    CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
+  }
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
   forced = restore_args(image, vm.dir() + "/restore.log", false, vm.command());
   forced.insert(forced.begin() + 2, "--force");
   r = run_vmsave(forced, kRunTimeout);
