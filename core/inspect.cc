@@ -84,18 +84,19 @@ Result<nlohmann::json> info(const std::string& image) {
             {"stored_bytes", in_section}, {"ram_stored_bytes", ram_in_section}};
     stored += ram_in_section;
   }
-  nlohmann::json j{{"image", image},
-                        {"qemu_migration_section", qemu},
-                        {"format_version", fmt::format("{}.{}", img.major, img.minor)},
-                        {"uuid", uuid_string(img.uuid)},
-                        {"created_ns", img.created_ns},
-                        {"file_size", img.file_size},
-                        {"allocated_bytes", allocated},
-                        {"complete", true},
-                        {"blocks", blocks},
-                        {"stored_bytes", stored},
-                        {"vmstate_offset", img.vmstate.offset},
-                        {"metadata", *meta}};
+  nlohmann::json j{{"command", "info"},
+                   {"image", image},
+                   {"qemu_migration_section", qemu},
+                   {"format_version", fmt::format("{}.{}", img.major, img.minor)},
+                   {"uuid", uuid_string(img.uuid)},
+                   {"created_ns", img.created_ns},
+                   {"file_size", img.file_size},
+                   {"allocated_bytes", allocated},
+                   {"complete", true},
+                   {"blocks", blocks},
+                   {"stored_bytes", stored},
+                   {"vmstate_offset", img.vmstate.offset},
+                   {"metadata", *meta}};
   add_vmstate_report(j, img, *meta);
   if ((*r)->compressed()) {
     // The codec as asked ("zstd:3", from the metadata) and as found in the
@@ -119,25 +120,31 @@ Result<nlohmann::json> info(const std::string& image) {
 
 Result<nlohmann::json> verify(const std::string& image, const EngineConfig& engine,
                               Reporter& rep) {
+  StepTimer timer;
   auto r = ImageReader::open(image, [&](const std::string& m) { rep.warn(m); });
   if (!r.ok()) return r.error();
   // What info and restore read of the metadata, checked as they check it:
   // an image verify passes is one they take.
   if (auto meta = (*r)->metadata(); !meta.ok()) return meta.error();
+  timer.lap("open");
   Progress progress;
   VerifyReport report;
   rep.begin_phase("verifying", &progress);
   Status st = (*r)->verify(engine, &progress, &report);
   rep.end_phase();
   if (!st.ok()) return st.error();
-  return nlohmann::json{{"command", "verify"},
-                        {"image", image},
-                        {"ok", true},
-                        {"chunks_checked", report.chunks_checked},
-                        {"bytes_read", report.bytes_read},
-                        {"verify_s", report.seconds},
-                        {"throughput_bps", report.seconds > 0 ? report.bytes_read / report.seconds : 0},
-                        {"io_latency_us", latency_json(report.engine.latency)}};
+  timer.lap("verify");
+  return nlohmann::json{
+      {"command", "verify"},
+      {"total_s", timer.total()},
+      {"steps_s", timer.steps()},
+      {"image", image},
+      {"ok", true},
+      {"chunks_checked", report.chunks_checked},
+      {"bytes_read", report.bytes_read},
+      {"verify_s", report.seconds},
+      {"throughput_bps", report.seconds > 0 ? report.bytes_read / report.seconds : 0},
+      {"io_latency_us", latency_json(report.engine.latency)}};
 }
 
 }  // namespace vmsave

@@ -698,10 +698,12 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   RamStats ram;
   i64 mapped = 0;  // lazy: the RAM the arguments map from the image
   std::vector<std::string> files;
+  timer.lap("open");
   if (!opts.lazy) {
     auto filled = fill_ram_dir(img, opts, rep, &ram);
     if (!filled.ok()) return filled.error();
     files = std::move(*filled);
+    timer.lap("ram");
   }
   const std::vector<ObjectArg> saved = saved_backends(*meta);
   for (auto& b : img.layout().blocks) {
@@ -739,6 +741,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     add_ram_report(j, ram, "ram_read");
   }
   j["total_s"] = timer.total();
+  j["steps_s"] = timer.steps();
   return j;
 }
 

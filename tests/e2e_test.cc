@@ -1288,6 +1288,7 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   // prepare adds no backend (QEMU loads ram0 from the image itself).
   RunResult r = run_vmsave({"prepare", image, "--ram-dir", vm.dir(), "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
+  CHECK(parse_json(r)["steps_s"].is_object());  // as every report but info's
   std::vector<std::string> extra = parse_json(r)["qemu_args"].get<std::vector<std::string>>();
   CHECK_MESSAGE((extra == std::vector<std::string>{"-incoming", "defer"}), joined(extra));
   RunResult lazy = run_vmsave({"prepare", image, "--lazy"}, kRunTimeout);

@@ -1188,3 +1188,29 @@ TEST_CASE("raw: a signal at start-up interrupts with 130, and one ignored on ent
     for (auto& id : s.ids) std::filesystem::remove(ram / id);
   }
 }
+
+TEST_CASE("raw: every --json report has command and ok, and all but info's total_s and steps_s") {
+  require_shm();
+  SmallImage s;
+  TempDir ram;
+  const std::string again = s.disk / "again.vmsave";
+  const std::vector<std::vector<std::string>> runs = {
+      {"save", "--json", "--ram", "ram0=" + (s.shm / "ram0"), again},
+      {"info", "--json", s.image},
+      {"verify", "--json", s.image},
+      {"restore", "--json", s.image, "--ram-dir", ram.path()},
+  };
+  for (auto& args : runs) {
+    CAPTURE(args[0]);
+    RunResult r = run_vmsave(args);
+    REQUIRE_RUN(r, 0);
+    json j = json::parse(r.out, nullptr, false);
+    REQUIRE_MESSAGE(j.is_object(), r.out);
+    CHECK(j.value("command", "") == args[0]);  // info had none
+    CHECK(j.value("ok", false));
+    if (args[0] == "info") continue;
+    CHECK(j["total_s"].is_number());  // verify had neither
+    CHECK_MESSAGE(j["steps_s"].is_object(), j.dump());
+    CHECK(!j["steps_s"].empty());
+  }
+}
