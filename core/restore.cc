@@ -367,7 +367,8 @@ Status empty_file(const std::string& path) {
 // one left behind) and needs --force as for the files vmsave fills. A
 // private mapping (share=off: a template, a lazy clone's image) cannot be
 // emptied without destroying that file, and would show its pages where the
-// guest had zeros: refused. Returns the files to empty before QEMU starts.
+// guest had zeros: refused, unless they are all zeros. Returns the files to empty before QEMU
+// starts.
 Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
                                                          const ImageReader& img, bool force) {
   auto objs = cmd.objects();
@@ -383,7 +384,13 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
     auto share = o.object.get_bool("share");
     if (!share.ok()) return share.error().as(Exit::kUsage);
     if (!share->value_or(false)) {
-      if (st.st_size == 0) continue;
+      // All zeros (the file QEMU made for a share=off backend: its writes
+      // never reach the file) shows the guest nothing but zeros.
+      UniqueFd fd(::open(mp->c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+      if (!fd.valid()) return sys_error("cannot read the RAM file for QEMU", *mp, errno);
+      auto at = first_nonzero(fd.get(), 0, st.st_size, *mp);
+      if (!at.ok()) return at.error();
+      if (*at < 0) continue;
       return Error{"cannot load block " + o.object.id + " over a private mapping", *mp,
                    "QEMU saved this block and loads only its non-zero pages; with share=off "
                    "the guest would see this file's content where it had zeros"}

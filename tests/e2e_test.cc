@@ -1348,6 +1348,18 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
   CHECK_MESSAGE(contains(r.err, "give backend ram0 a mem-path that does not exist"), r.err);
   CHECK(slurp(vm.ram_path(0)) == left);
   CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+  // A file of zeros (what QEMU leaves of a share=off backend it created:
+  // its writes never reach the file) shows the guest only zeros: taken.
+  REQUIRE(::truncate(vm.ram_path(0).c_str(), 0) == 0);
+  REQUIRE(::truncate(vm.ram_path(0).c_str(), i64(left.size())) == 0);
+  {
+    r = run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, priv), kRunTimeout);
+    REQUIRE_RUN(r, 0);
+    StartedQemu zeros{parse_json(r).value("pid", -1)};
+    REQUIRE(zeros.pid > 0);
+    check_carries_on(vm, saved, zeros.pid);
+  }
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
 
   // With --force a shared file is overwritten: emptied first, so that the
   // guest's zero pages are zeros and not what the file held (every byte
