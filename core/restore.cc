@@ -511,6 +511,12 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
           .fix("add wait=off to it")
           .as(Exit::kUsage);
     VMSAVE_TRY(check_qmp_path_free(qmp_path));
+    // QEMU would fail to bind it; said before any RAM file is filled.
+    std::string dir = std::filesystem::path(absolute(qmp_path)).parent_path().string();
+    struct stat st;
+    if (stat(dir.c_str(), &st) < 0 || !S_ISDIR(st.st_mode))
+      return Error{"no directory for the QEMU command's QMP socket", dir, "it does not exist"}.fix(
+          "create it, or give -qmp a socket in a directory that exists");
   }
   // Said before any RAM file is created (or, with --force, truncated).
   if (!log.empty()) {

@@ -1179,6 +1179,20 @@ TEST_CASE(
                   r.err);
     CHECK_FALSE(exists(qemu_log));
   }
+  // A -qmp socket in a directory that does not exist: said as that, before
+  // any RAM file is made (it was "cannot write QEMU's log (DIR/qmp.sock.qemu.log)").
+  {
+    const std::string gone = vm.dir() + "/no-such-dir";
+    auto args = restore_args(image, "", false, rewrite(cmd, vm.qmp_path(), gone + "/qmp.sock"));
+    args.erase(args.begin() + 3, args.begin() + 5);  // no --qemu-log: beside the socket
+    RunResult r = run_vmsave(args, kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(
+        contains(r.err, "vmsave: error: no directory for the QEMU command's QMP socket (" + gone +
+                            "): it does not exist; create it"),
+        r.err);
+    CHECK_FALSE(exists(vm.ram_path()));
+  }
   // A --qemu-log vmsave cannot write is said before --force truncates an
   // existing RAM file.
   test::write_pattern_file(vm.ram_path(), 4096, "text", 3);
