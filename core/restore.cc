@@ -367,8 +367,8 @@ Status empty_file(const std::string& path) {
 // one left behind) and needs --force as for the files vmsave fills. A
 // private mapping (share=off: a template, a lazy clone's image) cannot be
 // emptied without destroying that file, and would show its pages where the
-// guest had zeros: refused, unless they are all zeros. Returns the files to empty before QEMU
-// starts.
+// guest had zeros: refused, unless they are all zeros. Returns the files to
+// empty before QEMU starts.
 Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
                                                          const ImageReader& img, bool force) {
   auto objs = cmd.objects();
