@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -176,6 +177,17 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     }
     return e;
   }
+  // One restore at a time fills a file: two --force restores of the same
+  // command at once both passed the check that no VM maps it, filled it
+  // together, and two QEMUs ran on one RAM file, both guests crashing. The
+  // lock lasts while this vmsave runs; by then its QEMU maps the file,
+  // which check_not_mapped() refuses. Not unlinked when we made it: the
+  // other restore took it in the instant between.
+  if (::flock(f.fd_.get(), LOCK_EX | LOCK_NB) < 0)
+    return errno == EWOULDBLOCK
+               ? Error{"RAM file is in use", path, "another vmsave is filling it"}.fix(
+                     "wait for that restore to finish, or give this one another path")
+               : sys_error("cannot lock RAM file", path, errno);
   // A file made just now is the watchdog's to remove from this moment:
   // vmsave killed during the checks below left it behind, and the retry
   // met "RAM file exists". One being replaced only once the checks pass.

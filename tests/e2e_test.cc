@@ -1109,6 +1109,55 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
   CHECK_FALSE(exists(sock3));
 }
 
+TEST_CASE("e2e: two restores --force into one RAM file at once: one runs, the other is refused") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string log_at_save = save_and_quit(vm, image);
+  const MemcheckLine saved = *read_story(log_at_save).last;
+  // Both passed the check that no VM maps the file, filled it together, and
+  // two QEMUs ran on it: both guests crashed, both restores said success.
+  std::vector<std::unique_ptr<Child>> twins;
+  std::vector<std::string> logs, serials;
+  for (int i = 0; i < 2; i++) {
+    serials.push_back(vm.dir() + fmt::format("/twin{}-serial.log", i));
+    logs.push_back(vm.dir() + fmt::format("/twin{}.out", i));
+    auto cmd =
+        rewrite(rewrite(vm.command(), vm.qmp_path(), vm.dir() + fmt::format("/twin{}.sock", i)),
+                vm.serial_path(), serials[i]);
+    auto args = restore_args(image, vm.dir() + fmt::format("/twin{}-qemu.log", i), false, cmd);
+    args.insert(args.begin(), VMSAVE_BINARY);
+    args.insert(args.begin() + 2, "--force");
+    twins.push_back(std::make_unique<Child>(args, logs[i]));
+  }
+  int won = -1, lost = 0;
+  for (int i = 0; i < 2; i++) {
+    int status = twins[i]->wait(kRunTimeout);
+    std::string out = slurp(logs[i]);
+    CAPTURE(out);
+    if (status == 0) {
+      CHECK(won < 0);
+      won = i;
+      continue;
+    }
+    lost++;
+    CHECK(status == 1);
+    // Refused while the other fills the file, or once its QEMU maps it.
+    CHECK(contains(out, "vmsave: error: RAM file is in use (" + vm.ram_path() + ")"));
+  }
+  REQUIRE(won >= 0);
+  CHECK(lost == 1);
+  StartedQemu winner{json::parse(slurp(logs[won]), nullptr, false).value("pid", -1)};
+  REQUIRE(winner.pid > 0);
+  std::string err;
+  CHECK_MESSAGE(
+      wait_story([&] { return log_at_save + slurp(serials[won]); },
+                 saved.iteration + kMoreIterations, kCarryOnTimeout, winner.pid, nullptr, &err),
+      err);
+  CHECK(test::kill_qemu_mentioning(vm.dir() + "/twin" + std::to_string(1 - won)) == 0);
+}
+
 TEST_CASE(
     "e2e: restore refuses a command whose memory size or backend id differs, "
     "before starting QEMU") {
