@@ -503,11 +503,13 @@ int main(int argc, char** argv) {
   for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
     names.push_back(sub->get_name());
   const bool known = std::ranges::find(names, cmd_name) != names.end();
-  if (!cmd_name.empty() && !known) {
+  if (argc == 1 || (!cmd_name.empty() && !known)) {
     std::string last = names.back();
     names.pop_back();
-    return usage(fmt::format("unknown command '{}': vmsave has {} and {} (vmsave --help)",
-                             cmd_name, fmt::join(names, ", "), last));
+    return usage(fmt::format(
+        "{}: vmsave has {} and {} (vmsave --help)",
+        argc == 1 ? std::string("no command") : fmt::format("unknown command '{}'", cmd_name),
+        fmt::join(names, ", "), last));
   }
   // `--qmp --force IMAGE`: CLI11 takes an option for the value before it
   // (a QMP socket named "--force"), and what fails later says nothing of that.

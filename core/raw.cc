@@ -358,7 +358,15 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
     struct stat st;
     if (fstat(fd.get(), &st) < 0) return sys_error("fstat", file, errno);
     if (!S_ISREG(st.st_mode)) return Error{"not a regular file", file, "cannot save it as RAM"};
-    if (st.st_size == 0) return Error{"empty memory file", file, "nothing to save"};
+    if (st.st_size == 0) {
+      // /proc and /sys files say 0 whatever they hold.
+      struct statfs fs;
+      bool pseudo = fstatfs(fd.get(), &fs) == 0 &&
+                    (fs.f_type == PROC_SUPER_MAGIC || fs.f_type == SYSFS_MAGIC);
+      return pseudo
+                 ? Error{"not a memory file", file, "files in /proc and /sys have no size to save"}
+                 : Error{"empty memory file", file, "nothing to save"};
+    }
     RamSource s{id, file, fd.get(), 0, st.st_size, file_page_size(fd.get())};
     before.push_back(st);
     BlockLayout b;

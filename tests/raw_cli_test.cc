@@ -752,6 +752,11 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
   p = run_vmsave({"frob"});
   CHECK_RUN(p, 2);
   CHECK_MESSAGE(contains(p.err, "vmsave: error: unknown command 'frob'"), p.err);
+  p = run_vmsave({});  // was CLI11's "A subcommand is required"
+  CHECK_MESSAGE(p.err ==
+                    "vmsave: error: no command: vmsave has save, restore, prepare, info and "
+                    "verify (vmsave --help)\n",
+                p.err);
   RunResult r = run_vmsave({"--version"});
   CHECK_RUN(r, 0);
   CHECK(contains(r.out, "vmsave"));
@@ -979,7 +984,11 @@ TEST_CASE("raw: bad memory files and image directories fail the save with status
   std::string image = disk / "image.vmsave";
   const std::vector<Case> cases = {
       {{"save", "--ram", "ram=" + (shm / "missing"), image}, "No such file or directory"},
-      {{"save", "--ram", "ram=" + empty, image}, "empty"},
+      {{"save", "--ram", "ram=" + empty, image},
+       "empty memory file (" + empty + "): nothing to save"},
+      // Not "empty": /proc says 0 of files that hold something.
+      {{"save", "--ram", "ram=/proc/meminfo", image},
+       "not a memory file (/proc/meminfo): files in /proc and /sys have no size to save"},
       {{"save", "--ram", "ram=" + shm.path(), image}, "regular file"},
       {{"save", "--ram", "ram=" + src, disk / "no/such/dir/image.vmsave"},
        "No such file or directory"},
