@@ -380,6 +380,18 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
     for (auto& b : img.layout().blocks) by_qemu |= b.id == o.object.id && b.via_qemu();
     auto mp = o.object.get_string("mem-path");
     struct stat st;
+    if (by_qemu && mp && stat(mp->c_str(), &st) != 0 && errno == ENOENT) {
+      // A lazy clone's command, saved with it, maps the image it came from
+      // read-only; moved or removed, QEMU fails at start-up.
+      auto ro = o.object.get_bool("readonly");
+      if (ro.ok() && ro->value_or(false))
+        return Error{"backend " + o.object.id + " maps a file that does not exist", *mp,
+                     "read-only (readonly=on, as a lazy clone maps its image), so QEMU cannot "
+                     "create it"}
+            .fix(fmt::format("give backend {} a mem-path without readonly=on (as the VM was "
+                             "first started), or use memory-backend-ram",
+                             o.object.id));
+    }
     if (!by_qemu || !mp || stat(mp->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
     auto share = o.object.get_bool("share");
     if (!share.ok()) return share.error().as(Exit::kUsage);

@@ -1088,6 +1088,26 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     CHECK_MESSAGE(j["ram_files_left"] == json::array(), j.dump());
     CHECK_FALSE(contains(r.err, image));
     CHECK(exists(image));
+    // Its own command maps that image read-only: refused before QEMU starts,
+    // with the image there (it would show through) and moved away (QEMU
+    // failed: "can't open backing store ... for guest RAM").
+    RunResult i = run_vmsave({"info", "--json", vm.dir() + "/clone0.vmsave"});
+    REQUIRE_RUN(i, 0);
+    auto own = parse_json(i)["metadata"]["qemu_cmdline"].get<std::vector<std::string>>();
+    const std::string moved = image + ".moved";
+    for (bool there : {true, false}) {
+      CAPTURE(there);
+      if (!there) REQUIRE(::rename(image.c_str(), moved.c_str()) == 0);
+      const std::string log = vm.dir() + "/own-qemu.log";
+      r = run_vmsave(restore_args(vm.dir() + "/clone0.vmsave", log, false, own), kRunTimeout);
+      CHECK_RUN(r, 1);
+      CHECK_MESSAGE(contains(r.err, there ? "over a private mapping (" + image + ")"
+                                          : "backend ram0 maps a file that does not exist (" +
+                                                image + "): read-only"),
+                    r.err);
+      CHECK_FALSE(exists(log));
+    }
+    REQUIRE(::rename(moved.c_str(), image.c_str()) == 0);
   }
 
   // The log beside a command's socket may sit in a directory others can
