@@ -155,6 +155,14 @@ Result<QmpClient> QmpClient::connect(const std::string& path, double timeout_s) 
   // QEMU greets a client only once the one before it has gone: this wait
   // may be long, and nothing has been changed yet, so a signal ends it.
   auto greeting = c.read_message(deadline, true);
+  // Gone before a word: while another client had it, which may have told
+  // it to quit (a second save of one VM got only "has QEMU exited?").
+  if (!greeting.ok() && c.broken_ && process_exited(c.peer_pid_, 2000))
+    return Error{"QEMU exited before it greeted vmsave", path,
+                 fmt::format("process {} is gone; a QMP client before vmsave (another save?) may "
+                             "have told it to quit",
+                             c.peer_pid_)}
+        .fix("start the VM again if it should run");
   VMSAVE_TRY(greeting);
   if (!*greeting) return another_client_error(path, timeout_s);
   if (!(*greeting)->contains("QMP") || !(**greeting)["QMP"].is_object()) {

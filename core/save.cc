@@ -59,7 +59,7 @@ struct GuestGuard {
               (!(stopped && was_running) || qmp->execute("cont", nullptr, 5).ok());
     // A QEMU that has exited has no guest to put back, nor a watchdog
     // anything to wait for.
-    if (ok || !watchdog || process_exited(qmp->peer_pid())) return;
+    if (ok || !watchdog || process_exited(qmp->peer_pid(), 1000)) return;
     pid_t pid = watchdog->hand_over();
     if (pid > 0)
       rep->warn(fmt::format(

@@ -66,11 +66,11 @@ UniqueFd open_pidfd(pid_t pid) {
   return UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 }
 
-bool process_exited(pid_t pid) {
+bool process_exited(pid_t pid, int wait_ms) {
   UniqueFd fd = open_pidfd(pid);
   if (!fd.valid()) return errno == ESRCH;
   pollfd p{fd.get(), POLLIN, 0};
-  return ::poll(&p, 1, 0) == 1;
+  return ::poll(&p, 1, wait_ms) == 1;  // a signal meanwhile: not known to have
 }
 
 bool store_guarded(const std::function<void()>& store) {

@@ -101,8 +101,9 @@ class AlignedBuffer {
 // process that reuses the number.
 UniqueFd open_pidfd(pid_t pid);
 
-// Whether process `pid` has exited (a zombie not yet reaped has).
-bool process_exited(pid_t pid);
+// Whether process `pid` has exited (a zombie not yet reaped has), waiting
+// up to `wait_ms` for it: a QEMU that is quitting closes its sockets first.
+bool process_exited(pid_t pid, int wait_ms = 0);
 
 // Runs `store`, which writes into a shared file mapping, and returns false
 // if the kernel raised SIGBUS for it instead of letting that kill vmsave: a

@@ -1129,6 +1129,39 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
   CHECK_FALSE(exists(sock3));
 }
 
+TEST_CASE("e2e: two saves of one VM at once: one image, and the other told QEMU quit meanwhile") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm);
+  // QMP serves one client at a time: the second waits for the first, whose
+  // save tells QEMU to quit. It said only "has QEMU exited?".
+  std::vector<std::unique_ptr<Child>> saves;
+  for (int i = 0; i < 2; i++)
+    saves.push_back(std::make_unique<Child>(
+        std::vector<std::string>{VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(),
+                                 vm.dir() + fmt::format("/both{}.vmsave", i), "--qmp-timeout",
+                                 "60"},
+        vm.dir() + fmt::format("/both{}.out", i)));
+  int won = -1;
+  for (int i = 0; i < 2; i++) {
+    int status = saves[i]->wait(kRunTimeout);
+    std::string out = slurp(vm.dir() + fmt::format("/both{}.out", i));
+    CAPTURE(out);
+    if (status == 0) {
+      CHECK(won < 0);
+      won = i;
+      continue;
+    }
+    CHECK(status == 1);
+    CHECK(contains(out, "vmsave: error: QEMU exited before it greeted vmsave (" + vm.qmp_path() +
+                            "): process "));
+    CHECK(contains(out, "may have told it to quit"));
+    CHECK_FALSE(exists(vm.dir() + fmt::format("/both{}.vmsave", i)));
+  }
+  REQUIRE(won >= 0);
+  CHECK_RUN(run_vmsave({"verify", vm.dir() + fmt::format("/both{}.vmsave", won)}), 0);
+}
+
 TEST_CASE("e2e: two restores --force into one RAM file at once: one runs, the other is refused") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
