@@ -799,7 +799,7 @@ TEST_CASE("e2e: a backend with offset= (its RAM further into the file) restores 
   save_then_restore(opts, /*lazy=*/false);
 }
 
-TEST_CASE("e2e: a mem-path that is a symbolic link is saved; a restore does not write through it") {
+TEST_CASE("e2e: a mem-path that is a symbolic link is saved, and a restore does not write through it") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
   // The link QEMU follows, to a file it can map.
@@ -949,7 +949,7 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
       wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
 }
 
-TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save; pausing it mid-live-save keeps it paused") {
+TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, and pausing it mid-live-save keeps it paused") {
   test::require_guest_kit();
   test::TempDir other_dir;  // a second monitor, as a management tool would hold
   const std::string other = other_dir / "other.sock";
