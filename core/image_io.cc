@@ -45,6 +45,9 @@ namespace {
 // on this project's ext4 disk: larger requests are split by the block layer
 // anyway, smaller ones cost more submissions per byte.
 constexpr i64 kMaxIoSize = 1 * kMiB;
+// The largest chunk a save reads from a hugetlbfs file into buffers of its
+// own (8 per worker): 2 MiB pages make 2 MiB chunks.
+constexpr i64 kMaxHugeCopyChunk = 4 * kMiB;
 // vmstate is copied through one buffer of this size.
 constexpr size_t kStreamBuffer = 1 * kMiB;
 // Verify reads chunks into buffers; per worker at most this much memory.
@@ -517,6 +520,19 @@ ImageWriter::~ImageWriter() {
   if (!committed_ && !temp_name_.empty()) ::unlink(temp_name_.c_str());
 }
 
+// Maps a memory file to read. On hugetlbfs a mapping that reserves (no
+// MAP_NORESERVE) needs a free huge page for each hole of the file, and
+// fails with ENOMEM, which is no memory limit: said as the pool.
+static Result<Mapping> map_source(const RamSource& s, int flags) {
+  auto m = Mapping::map(s.fd, s.offset, s.size, PROT_READ, flags, s.path);
+  if (!m.ok() && m.error().detail == std::strerror(ENOMEM) && fs_magic(s.fd) == HUGETLBFS_MAGIC)
+    return Error{"not enough free huge pages to read memory file", s.path,
+                 "reading it through a mapping (a --live or --compress save, or 1 GiB pages) "
+                 "takes a huge page for each of its holes"}
+        .fix("add huge pages (sysctl vm.nr_hugepages), or save without --live and --compress");
+  return m;
+}
+
 Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const EngineConfig& cfg,
                               Progress* progress, RamStats* stats) {
   auto t0 = Clock::now();
@@ -524,6 +540,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     Mapping map;
     std::vector<std::pair<i64, i64>> data;  // source data extents (prealloc)
     i64 first_chunk = 0;
+    bool copy = false;  // read with pread() into a buffer, not through `map`
   };
   // The source's data extents are found up front where the image's blocks
   // are allocated for them first (below); else each task finds its chunk's,
@@ -535,7 +552,17 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   i64 total = 0;
   for (size_t i = 0; i < sources.size(); i++) {
     const RamSource& s = sources[i];
-    auto m = Mapping::map(s.fd, s.offset, s.size, PROT_READ, MAP_SHARED, s.path);
+    // hugetlbfs has no SEEK_DATA, and a hole read through a shared mapping
+    // takes a huge page from the pool for good, where read() returns zeros:
+    // a save of a 256 MiB guest that had used 154 MiB left its file at
+    // 256 MiB. And the mapping reserves pages for the whole file, so with
+    // the pool short of that the save failed (ENOMEM). So such a file is
+    // read with pread(), never through its mapping, which then reserves
+    // nothing. Not for chunks of 1 GiB pages (buffers of 1 GiB), nor
+    // compressed (read through the mapping as before).
+    bs[i].copy = fs_magic(s.fd) == HUGETLBFS_MAGIC && !compress_.enabled() &&
+                 img_.blocks[i].chunk_size <= kMaxHugeCopyChunk;
+    auto m = map_source(s, MAP_SHARED | (bs[i].copy ? MAP_NORESERVE : 0));
     if (!m.ok()) return m.error();
     bs[i].map = std::move(*m);
     if (prealloc) bs[i].data = data_extents(s.fd, s.offset, s.size);
@@ -624,6 +651,11 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   constexpr int kCopyBuffers = 8;
   constexpr u64 kCopyTag = u64(1) << 63;
   const bool copy_source = serialize && !compress && max_chunk <= kMaxIoSize;
+  i64 copy_size = 0;  // the copy buffers' size: the largest chunk read so
+  for (size_t i = 0; i < bs.size(); i++) {
+    bs[i].copy |= copy_source;
+    if (bs[i].copy) copy_size = std::max(copy_size, img_.blocks[i].chunk_size);
+  }
 
   // The RAM mapping is not registered as fixed buffers: pinning it made no
   // difference (1 GiB random, tmpfs to tmpfs: 0.708 against 0.704 CPU-seconds,
@@ -640,8 +672,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       wk.out.emplace_back(slot_size);
       wk.free.push_back(i);
     }
-    for (int i = 0; copy_source && i < kCopyBuffers; i++) {
-      wk.copies.emplace_back(max_chunk);
+    for (int i = 0; copy_size > 0 && i < kCopyBuffers; i++) {
+      wk.copies.emplace_back(copy_size);
       wk.copies_free.push_back(i);
     }
     wk.copy_users.assign(wk.copies.size(), 0);
@@ -711,7 +743,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     // Or read them into a buffer (copy_source): whole pages, a hole's part
     // of one read as zeros, and zeros past the file's end.
     int copy = -1;
-    if (copy_source) {
+    if (blk.copy) {
       Worker& wk = workers[w];
       while (wk.copies_free.empty()) VMSAVE_TRY(q.reap_some());
       copy = wk.copies_free.back();
@@ -1006,7 +1038,7 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
       if (b.size % kDirectAlign)
         return Error{"cannot save RAM block " + b.id + " live", s.path,
                      "its size is not a multiple of 4 KiB"};
-      auto m = Mapping::map(s.fd, s.offset, s.size, PROT_READ, MAP_SHARED, s.path);
+      auto m = map_source(s, MAP_SHARED);
       if (!m.ok()) return m.error();
       live_maps_.push_back(std::move(*m));
       i64 piece = std::max(kLivePiece, b.page_size);

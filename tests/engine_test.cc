@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -795,6 +796,63 @@ TEST_CASE("engine: a restore into hugetlbfs says up front when the huge page poo
   REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", huge.path()}), 0);
   std::string why;
   CHECK_MESSAGE(test::files_equal(src, huge / "ram", &why), why);
+}
+
+TEST_CASE(
+    "engine: a save reads a hugetlbfs file without filling its holes, however few pages are free") {
+  require_shm();
+  HugePagePool pool;
+  if (HugePagePool::pages() < 0) test::skip("no 2 MiB huge pages here");
+  // A file of 16 huge pages with data in every other one, made through a
+  // mapping that reserves nothing (QEMU's reserve=off), and a pool with one
+  // page free beside it: too few for the 8 holes.
+  constexpr i64 kPages = 16, kHuge = 2 * kMiB;
+  const i64 want = HugePagePool::pages() + kPages / 2 + 1;
+  if (HugePagePool::resize(want) < want) test::skip("cannot grow the huge page pool");
+  TempMount huge("hugetlbfs", "pagesize=2M");
+  if (!huge.ok()) test::skip(huge.error());
+  const std::string src = huge / "ram";
+  {
+    int fd = ::open(src.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(::ftruncate(fd, kPages * kHuge) == 0);
+    void* m =
+        ::mmap(nullptr, kPages * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    REQUIRE(m != MAP_FAILED);
+    std::mt19937_64 rng(21);
+    for (i64 p = 0; p < kPages; p += 2)
+      for (i64 o = 0; o < kHuge; o += 8)
+        *reinterpret_cast<u64*>(static_cast<u8*>(m) + p * kHuge + o) = rng();
+    ::munmap(m, kPages * kHuge);
+    ::close(fd);
+  }
+  auto blocks = [&] {
+    struct stat st;
+    REQUIRE(::stat(src.c_str(), &st) == 0);
+    return i64(st.st_blocks);
+  };
+  const i64 before = blocks();
+  CHECK(before * 512 == kPages / 2 * kHuge);
+  TempDir disk, shm("/dev/shm");
+  const std::string image = disk / "image.vmsave";
+  // Its mapping reserved huge pages for the whole file (ENOMEM: "raise the
+  // limit (ulimit -v ...)"), and reading holes through it filled them.
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image});
+  REQUIRE_RUN(r, 0);
+  CHECK(blocks() == before);
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+  REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", shm.path()}), 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(src, shm / "ram", &why), why);
+  json info = json::parse(run_vmsave({"info", "--json", image}).out);
+  CHECK(info["blocks"][0]["stored_bytes"] == kPages / 2 * kHuge);
+  // Compressed, it is still read through a mapping: said as the pool.
+  r = run_vmsave({"save", "--compress", "lz4", "--ram", "ram=" + src, disk / "lz4.vmsave"});
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: not enough free huge pages to read memory file (" +
+                                    src + ")"),
+                r.err);
+  CHECK(blocks() == before);
 }
 
 TEST_CASE("engine: injected I/O faults fail cleanly and short transfers are resubmitted") {
