@@ -953,11 +953,13 @@ TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, a
   test::require_guest_kit();
   test::TempDir other_dir;  // a second monitor, as a management tool would hold
   const std::string other = other_dir / "other.sock";
-  VmOptions opts = kSmallVm;
-  opts.dirty_mib = 16;
+  // 384 MiB of data: the RAM write lasts several 100 ms progress ticks, so
+  // the other client acts while it runs (with 64 MiB it was often over
+  // before the first tick, and nothing was tried).
+  VmOptions opts{.ram_mib = 512, .memcheck_mib = 384, .dirty_mib = 16};
   opts.extra_args = {"-qmp", "unix:" + other + ",server=on,wait=off"};
   TestVm vm(opts);
-  boot(vm);
+  boot(vm, 1);
 
   // A cont while vmsave writes RAM: the guest ran, the RAM written is not
   // the RAM the device state goes with. It used to exit 0 with an image
