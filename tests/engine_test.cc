@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -728,9 +729,13 @@ TEST_CASE("engine: a restore into a full filesystem fails cleanly and removes th
 }
 
 // The pool of 2 MiB huge pages, resized for a test and put back after it.
+// The pool is the machine's: a test holds a lock on it throughout, so that
+// tests run side by side (ctest -j) neither take each other's pages nor
+// give them back early (a page missing under a mapping without a
+// reservation is a SIGBUS).
 class HugePagePool {
  public:
-  HugePagePool() : old_(pages()) {}
+  HugePagePool() : lock_(take_lock()), old_(pages()) {}
   ~HugePagePool() {
     if (old_ >= 0) resize(old_);
   }
@@ -748,6 +753,13 @@ class HugePagePool {
 
  private:
   static constexpr const char* kPath = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+  static UniqueFd take_lock() {
+    UniqueFd fd(::open("/tmp/vmsave-test-hugepages.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    REQUIRE(fd.get() >= 0);
+    REQUIRE(::flock(fd.get(), LOCK_EX) == 0);
+    return fd;
+  }
+  UniqueFd lock_;
   i64 old_;
 };
 
