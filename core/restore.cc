@@ -380,7 +380,8 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
     for (auto& b : img.layout().blocks) by_qemu |= b.id == o.object.id && b.via_qemu();
     auto mp = o.object.get_string("mem-path");
     struct stat st;
-    if (by_qemu && mp && stat(mp->c_str(), &st) != 0 && errno == ENOENT) {
+    const bool found = mp && stat(mp->c_str(), &st) == 0;
+    if (by_qemu && mp && !found && errno == ENOENT) {
       // A lazy clone's command, saved with it, maps the image it came from
       // read-only; moved or removed, QEMU fails at start-up.
       auto ro = o.object.get_bool("readonly");
@@ -392,7 +393,7 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
                              "first started), or use memory-backend-ram",
                              o.object.id));
     }
-    if (!by_qemu || !mp || stat(mp->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (!by_qemu || !found || !S_ISREG(st.st_mode)) continue;
     auto share = o.object.get_bool("share");
     if (!share.ok()) return share.error().as(Exit::kUsage);
     if (!share->value_or(false)) {

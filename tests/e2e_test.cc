@@ -393,6 +393,22 @@ std::string save_and_quit(TestVm& vm, const std::string& image,
   return log;
 }
 
+// Boots `vm` and saves it into DIR/vm.vmsave, QEMU quitting: the image, the
+// serial log as the save left it, and the last memcheck line in it.
+struct SavedVm {
+  std::string image;
+  std::string log;
+  MemcheckLine last;
+};
+
+SavedVm boot_and_save(TestVm& vm) {
+  boot(vm);
+  SavedVm s{vm.dir() + "/vm.vmsave", "", {}};
+  s.log = save_and_quit(vm, s.image);
+  s.last = *read_story(s.log).last;
+  return s;
+}
+
 // The two-step form: the VM's command with each backend `prepare` printed
 // in place of the one of the same id, plus the rest of its arguments
 // (-incoming defer).
@@ -988,10 +1004,7 @@ TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, a
 TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
-  boot(vm);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
-  const MemcheckLine saved = *read_story(log_at_save).last;
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
 
   StartedQemu clones[2];
   std::string clone_logs[2];
@@ -1167,10 +1180,7 @@ TEST_CASE("e2e: two saves of one VM at once: one image, and the other told QEMU 
 TEST_CASE("e2e: two restores --force into one RAM file at once: one runs, the other is refused") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
-  boot(vm);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
-  const MemcheckLine saved = *read_story(log_at_save).last;
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
   // Both passed the check that no VM maps the file, filled it together, and
   // two QEMUs ran on it: both guests crashed, both restores said success.
   std::vector<std::unique_ptr<Child>> twins;
@@ -1397,10 +1407,7 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   VmOptions opts = kSmallVm;
   opts.node_backends = {"memfd"};
   TestVm vm(opts);
-  boot(vm);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
-  const MemcheckLine saved = *read_story(log_at_save).last;
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
   check_saved_by_qemu(image, {"ram0"});
 
   // prepare adds no backend (QEMU loads ram0 from the image itself).
@@ -1430,10 +1437,7 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
   opts.numa_nodes = 2;
   opts.node_backends = {"file", "ram"};
   TestVm vm(opts);
-  boot(vm);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
-  const MemcheckLine saved = *read_story(log_at_save).last;
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
   check_saved_by_qemu(image, {"ram0", "ram1"});
   // QEMU would load ram0 into the file the save left (another VM's RAM, for
   // all vmsave knows): refused without --force, the file untouched.
@@ -1821,10 +1825,7 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   VmOptions opts = kSmallVm;
   opts.file_backend_props = "dump=off,merge=off";
   TestVm vm(opts);
-  boot(vm);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
-  const MemcheckLine saved = *read_story(log_at_save).last;
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
 
   // Arguments that cannot be printed are a failure, and the RAM files
   // filled for them are removed: a retry finds nothing in its way.
@@ -2451,10 +2452,7 @@ TEST_CASE(
   test::require_guest_kit();
   // Small guests: nine TCG guests share two cores.
   TestVm vm({.ram_mib = 128, .memcheck_mib = 16});
-  boot(vm);
-  const std::string image = vm.dir() + "/vm.vmsave";
-  const std::string log_at_save = save_and_quit(vm, image);
-  const MemcheckLine saved = *read_story(log_at_save).last;
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
   const std::string image_bytes = slurp(image);
   REQUIRE(::unlink(vm.ram_path().c_str()) == 0);  // the eager restore rebuilds it
 
