@@ -164,6 +164,42 @@ Result<bool> parse_bool(std::string_view text, std::string_view key) {
 }
 
 // ---------------------------------------------------------------------------
+// -cpu
+
+// The model and each property's final value, for comparison.
+static std::pair<std::string, std::map<std::string, std::string>> cpu_spec(std::string_view text) {
+  std::map<std::string, std::string> props, plus_minus;
+  size_t end = std::min(text.find(','), text.size());
+  std::string model(text.substr(0, end));
+  while (end < text.size()) {
+    size_t start = end + 1;
+    end = std::min(text.find(',', start), text.size());
+    std::string name(text.substr(start, end - start));
+    if (name.empty()) continue;
+    const bool sign = name[0] == '+' || name[0] == '-';
+    std::string value = name[0] == '-' ? "off" : "on";
+    if (sign) {
+      name.erase(0, 1);
+    } else if (size_t eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name.resize(eq);
+    }
+    std::replace(name.begin(), name.end(), '_', '-');
+    if (auto b = parse_bool(value, name); b.ok()) value = *b ? "on" : "off";
+    if (!sign)
+      props[name] = value;
+    else if (plus_minus[name] != "off")  // "-f" wins over "+f"
+      plus_minus[name] = value;
+  }
+  for (auto& [name, value] : plus_minus) props[name] = value;
+  return {model, props};
+}
+
+bool same_cpu(std::string_view a, std::string_view b) {
+  return cpu_spec(a) == cpu_spec(b);
+}
+
+// ---------------------------------------------------------------------------
 // key=value lists
 
 Result<KeyvalList> KeyvalList::parse(std::string_view text, std::string_view implied_key,

@@ -184,6 +184,15 @@ class QemuCommand {
   std::vector<QemuOption> options_;
 };
 
+// Whether two -cpu values make the same CPU: the same model, and every
+// property ending at the same value however it was spelled, as QEMU's x86
+// parser (target/i386/cpu.c x86_cpu_parse_featurestr) reads them. "+f" is
+// f=on and "-f" is f=off, and "-f" wins over "+f" whatever their order;
+// otherwise the last f=V wins. '_' in a name is '-'. A boolean is any of
+// QEMU's spellings. "qemu64,+ssse3,-x2apic" and "qemu64,x2apic=off,ssse3=on"
+// are one CPU.
+bool same_cpu(std::string_view a, std::string_view b);
+
 // True when QEMU's option `name` (without dashes) takes no value. Options
 // QEMU does not know are assumed to take one.
 bool qemu_option_is_flag(std::string_view name);

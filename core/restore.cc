@@ -144,11 +144,14 @@ Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return Status();
   auto saved_cmd = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
   if (!saved_cmd.ok()) return Status();
+  // No -cpu is QEMU's default model: qemu64 for x86_64 on every machine.
   auto model = [](const QemuCommand& c) {
     auto v = c.option_values("cpu");
-    return v.empty() ? std::string("(none)") : v.back();
+    if (!v.empty()) return v.back();
+    return c.argv()[0].ends_with("qemu-system-x86_64") ? std::string("qemu64")
+                                                       : std::string("(none)");
   };
-  if (model(cmd) != model(*saved_cmd))
+  if (!same_cpu(model(cmd), model(*saved_cmd)))
     return mismatch(fmt::format("-cpu {} differs from the saved {}", model(cmd), model(*saved_cmd)));
   // Memory hot-plug: slots and maxmem shape the machine (ACPI tables, the
   // device-memory region); QEMU fails in the device state on another

@@ -504,3 +504,21 @@ TEST_CASE("cpu_count counts CPUs as QEMU does: cpus, else maxcpus, else the topo
   CHECK(count({"-smp", "1", "-smp", "cpus=3"}) == 3);  // merged, the last winning
   CHECK(count({"-smp", "cores=x"}) == -1);
 }
+
+TEST_CASE("same_cpu reads -cpu as QEMU's x86 parser does, not as spelled") {
+  // What QEMU 10.0 made of each (qom-get of the CPU's property).
+  CHECK(same_cpu("qemu64", "qemu64"));
+  CHECK(same_cpu("qemu64,+ssse3", "qemu64,ssse3=on"));
+  CHECK(same_cpu("qemu64,ssse3=yes,x2apic=off", "qemu64,-x2apic,ssse3=true"));
+  CHECK(same_cpu("qemu64,lahf_lm=off", "qemu64,lahf-lm=off"));
+  CHECK(same_cpu("qemu64,ssse3=off,ssse3=on", "qemu64,ssse3=on"));  // the last wins
+  CHECK(same_cpu("qemu64,+ssse3,ssse3=off", "qemu64,ssse3=on"));    // "+f" over f=V
+  CHECK(same_cpu("qemu64,-ssse3,+ssse3", "qemu64,ssse3=off"));      // "-f" over "+f"
+  CHECK(same_cpu("qemu64,+ssse3,-ssse3", "qemu64,-ssse3"));
+  CHECK(same_cpu("max,model-id=Foo", "max,model-id=Foo"));
+  CHECK_FALSE(same_cpu("qemu64", "max"));
+  CHECK_FALSE(same_cpu("qemu64,+ssse3", "qemu64"));
+  CHECK_FALSE(same_cpu("qemu64,+ssse3", "qemu64,-ssse3"));
+  CHECK_FALSE(same_cpu("qemu64,ssse3=on,ssse3=off", "qemu64,ssse3=on"));
+  CHECK_FALSE(same_cpu("max,model-id=Foo", "max,model-id=Bar"));
+}
