@@ -166,6 +166,23 @@ Status check_still_stopped(QmpClient& qmp) {
       .fix("let no other client resume the guest while vmsave saves it, and save again");
 }
 
+// -snapshot, or snapshot=on on a -drive: QEMU deletes that overlay when it
+// exits, and never writes it back to the disk image.
+bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cmdline) {
+  auto cmd = QemuCommand::parse(cmdline);
+  if (!cmd.ok()) return false;
+  if (cmd->has_option("snapshot")) return true;
+  for (const std::string& d : cmd->option_values("drive")) {
+    auto kv = KeyvalList::parse(d, "", KeyvalSyntax::kQemuOpts);
+    if (!kv.ok()) continue;
+    auto v = kv->get("snapshot");
+    if (!v) continue;
+    auto on = parse_bool(*v, "snapshot");
+    if (on.ok() && *on) return true;
+  }
+  return false;
+}
+
 nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmdline) {
   nlohmann::json m;
   auto v = qmp.execute("query-version");
@@ -247,6 +264,11 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   }
 
   std::vector<std::string> cmdline = as_started_by_user(process_cmdline(pid), pid);
+  if (writes_disks_to_temporary_overlay(cmdline))
+    rep.warn(
+        "QEMU runs with -snapshot: the guest's disk writes are in a temporary overlay that "
+        "the image does not hold, so a restored guest finds its disks as they were when "
+        "QEMU started, older than its RAM (its file systems may break)");
   nlohmann::json meta = base_metadata("qemu", opts.description);
   meta.update(qemu_metadata(qmp, cmdline));
   meta["guest_running"] = was_running;

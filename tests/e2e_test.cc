@@ -965,6 +965,37 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
       wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
 }
 
+TEST_CASE("e2e: a save of a guest whose disk writes go to a -snapshot overlay warns of it") {
+  test::require_guest_kit();
+  test::TempDir disk_dir;
+  const std::string disk = disk_dir / "disk.raw";
+  { std::ofstream(disk) << std::string(kMiB, '\0'); }
+  const std::string warning =
+      "vmsave: warning: QEMU runs with -snapshot: the guest's disk writes are in a temporary "
+      "overlay that the image does not hold";
+  struct Case {
+    std::vector<std::string> extra;
+    bool warns;
+  };
+  const Case cases[] = {
+      {{"-snapshot", "-drive", "file=" + disk + ",format=raw,if=virtio"}, true},
+      {{"-drive", "file=" + disk + ",format=raw,if=virtio,snapshot=on"}, true},
+      {{"-drive", "file=" + disk + ",format=raw,if=virtio"}, false},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(joined(c.extra));
+    VmOptions opts = kSmallVm;
+    opts.extra_args = c.extra;
+    TestVm vm(opts);
+    boot(vm);
+    RunResult r =
+        run_vmsave({"save", "--qmp", vm.qmp_path(), vm.dir() + "/vm.vmsave"}, kRunTimeout);
+    CHECK_RUN(r, 0);
+    CHECK_MESSAGE(contains(r.err, warning) == c.warns, r.err);
+    CHECK(exists(vm.dir() + "/vm.vmsave"));
+  }
+}
+
 TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, and pausing it mid-live-save keeps it paused") {
   test::require_guest_kit();
   test::TempDir other_dir;  // a second monitor, as a management tool would hold
