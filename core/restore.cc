@@ -314,6 +314,56 @@ Result<OpenedImage> open_image(const std::string& path, Reporter& rep) {
   return OpenedImage{std::move(*r), std::move(*meta)};
 }
 
+// Whether an argument of `cmd` other than argv[skip] (the backend's own
+// -object) names backend `id`: every use does (memdev=ID,
+// memory-backend=ID, "memdev": "ID").
+bool names_backend(const QemuCommand& cmd, const std::string& id, size_t skip) {
+  const auto& argv = cmd.argv();
+  for (size_t a = 1; a < argv.size(); a++) {
+    if (a == skip) continue;
+    const std::string& arg = argv[a];
+    for (size_t at = arg.find(id); at != std::string::npos; at = arg.find(id, at + 1)) {
+      const size_t end = at + id.size();
+      const char before = at ? arg[at - 1] : ',';
+      const char after = end < arg.size() ? arg[end] : ',';
+      if ((before == '=' || before == '"' || before == '/') && (after == ',' || after == '"'))
+        return true;
+    }
+  }
+  return false;
+}
+
+// A backend that nothing uses gives QEMU a RAM block it does not migrate,
+// and the load fails deep in the stream ("Unknown ramblock dimm1"): a DIMM
+// hot-plugged before the save, with its -device left out of the restore.
+// Unused in the saved command too, it is the same VM.
+Status check_backends_used(const QemuCommand& cmd, const std::vector<BackendPlan>& plans,
+                           const nlohmann::json& meta) {
+  if (cmd.has_option("readconfig")) return Status();  // uses may be in the file
+  if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return Status();
+  auto saved = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
+  if (!saved.ok()) return Status();
+  auto saved_objs = saved->objects();
+  if (!saved_objs.ok()) return Status();
+  for (const BackendPlan& p : plans) {
+    const std::string& id = p.object.id;
+    if (names_backend(cmd, id, p.arg_index)) continue;
+    auto was = std::find_if(saved_objs->begin(), saved_objs->end(),
+                            [&](const ObjectArg& o) { return o.object.id == id; });
+    if (was != saved_objs->end() && !names_backend(*saved, id, was->index)) continue;
+    const std::string why = was == saved_objs->end()
+                                ? "the VM got it after it started (memory hot-plug)"
+                                : "the VM was saved with a device using it";
+    return mismatch(fmt::format("no device, NUMA node or -machine memory-backend uses memory "
+                                "backend {}; {}",
+                                id, why),
+                    fmt::format("add the -device that uses it, as it was plugged in (e.g. "
+                                "-device pc-dimm,id=DIMM,memdev={})",
+                                id));
+  }
+  return Status();
+}
+
 // virtio-mem discards its unplugged memory when the device state loads,
 // which QEMU cannot do in a read-only mapping ("Discarding RAM with
 // readonly files is not supported"): the load fails after QEMU started.
@@ -503,6 +553,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   auto plans_r = plan_backends(cmd, img, opts.lazy);
   if (!plans_r.ok()) return plans_r.error();
   std::vector<BackendPlan>& plans = *plans_r;
+  VMSAVE_TRY(check_backends_used(cmd, plans, *meta));
   if (opts.lazy) VMSAVE_TRY(check_lazy_devices(cmd, plans));
   VMSAVE_TRY(check_machine(cmd, *meta));
   auto to_empty = check_qemu_loaded_files(cmd, img, opts.force);

@@ -965,6 +965,63 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
       wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
 }
 
+TEST_CASE(
+    "e2e: a DIMM hot-plugged before the save: refused without its -device, and carries on with "
+    "it") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-m", "256M,slots=1,maxmem=512M"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string dimm_file =
+      std::filesystem::path(vm.ram_path()).parent_path().string() + "/dimm1";
+  {
+    auto q = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(q.ok());
+    auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
+                                       {"id", "dimm1"},
+                                       {"size", 128 * kMiB},
+                                       {"share", true},
+                                       {"mem-path", dimm_file}});
+    REQUIRE_MESSAGE(o.ok(), o.error().message());
+    auto d = q->execute("device_add", {{"driver", "pc-dimm"}, {"id", "d1"}, {"memdev", "dimm1"}});
+    REQUIRE_MESSAGE(d.ok(), d.error().message());
+  }
+  const std::string image = vm.dir() + "/vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout), 0);
+  REQUIRE(wait_exit_unreaped(vm.pid(), 15).has_value());
+  vm.kill_qemu();  // reaps it
+  const MemcheckLine saved = *read_story(vm.serial_log()).last;
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  REQUIRE(::unlink(dimm_file.c_str()) == 0);
+
+  // The backend without the DIMM that used it: QEMU failed in the device
+  // state ("Unknown ramblock dimm1") after it had started.
+  const std::string object =
+      "memory-backend-file,id=dimm1,size=128M,share=on,mem-path=" + dimm_file;
+  const std::string qemu_log = vm.dir() + "/restore-qemu.log";
+  RunResult r = run_vmsave(
+      restore_args(image, qemu_log, false, plus(vm.command(), {"-object", object})), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "vmsave: error: the QEMU command does not fit the image: no "
+                         "device, NUMA node or -machine memory-backend uses memory backend "
+                         "dimm1; the VM got it after it started (memory hot-plug)"),
+                r.err);
+  CHECK_MESSAGE(contains(r.err, "-device pc-dimm,id=DIMM,memdev=dimm1"), r.err);
+  CHECK_FALSE(exists(qemu_log));
+  CHECK_FALSE(exists(dimm_file));
+
+  r = run_vmsave(restore_args(image, qemu_log, false,
+                              plus(vm.command(),
+                                   {"-object", object, "-device", "pc-dimm,id=d1,memdev=dimm1"})),
+                 kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  REQUIRE(qemu.pid > 0);
+  check_carries_on(vm, saved, qemu.pid);
+}
+
 TEST_CASE("e2e: a save of a guest whose disk writes go to a -snapshot overlay warns of it") {
   test::require_guest_kit();
   test::TempDir disk_dir;
@@ -1289,6 +1346,11 @@ TEST_CASE(
       {"other -cpu", plus(cmd, {"-cpu", "max"}), "-cpu max differs from the saved "},
       {"more CPUs", plus(cmd, {"-smp", "cpus=2"}), "-smp gives 2 CPUs, the VM was saved with 1"},
       {"other machine", rewrite(cmd, "q35,", "pc,"), "machine type pc differs from the saved q35"},
+      // The backend left unused: QEMU made RAM of its own and failed in
+      // the device state.
+      {"backend unused", rewrite(cmd, ",memory-backend=ram0", ""),
+       "no device, NUMA node or -machine memory-backend uses memory backend ram0; the VM was "
+       "saved with a device using it"},
       // Memory hot-plug slots: QEMU failed in the device state.
       {"hot-plug slots", plus(cmd, {"-m", "256M,slots=1,maxmem=1G"}),
        "-m has slots=1, the VM was saved without"},
