@@ -922,12 +922,22 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   // What a restore that starts QEMU checks of its command: device state from
   // another machine type, -cpu or CPU count fails deep in QEMU's load, and
   // QEMU exits ("Missing section footer for 0000:00:1f.0/ICH9LPC").
-  if (auto argv = process_cmdline(qmp.peer_pid()); !argv.empty())
-    if (auto cmd = QemuCommand::parse(argv); cmd.ok())
+  if (auto argv = process_cmdline(qmp.peer_pid()); !argv.empty()) {
+    if (auto cmd = QemuCommand::parse(argv); cmd.ok()) {
       if (Status st = check_machine(*cmd, *meta); !st.ok())
         return st.error().fix(
             "start QEMU with the command line the VM was saved with (vmsave info shows it) and "
             "the arguments `vmsave prepare` prints; this one still waits");
+      std::vector<BackendPlan> in_image;
+      if (auto objs = cmd->objects(); objs.ok())
+        for (auto& o : *objs)
+          for (size_t i = 0; i < img.layout().blocks.size(); i++)
+            if (img.layout().blocks[i].id == o.object.id)
+              in_image.push_back(BackendPlan{o.index, i, o.object});
+      if (Status st = check_backends_used(*cmd, in_image, *meta); !st.ok())
+        return st.error().fix(st.error().hint + "; this QEMU still waits");
+    }
+  }
   // The backends QEMU has must be the image's blocks, same sizes.
   auto backends = list_ram_backends(qmp);
   if (!backends.ok()) return backends.error();

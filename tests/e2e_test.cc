@@ -1012,6 +1012,25 @@ TEST_CASE(
   CHECK_FALSE(exists(qemu_log));
   CHECK_FALSE(exists(dimm_file));
 
+  // The two-step form checks the QEMU it is given the same way, which
+  // still waits.
+  RunResult prepared = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
+  REQUIRE_RUN(prepared, 0);
+  ::unlink(vm.qmp_path().c_str());  // a stale socket would look ready
+  {
+    const std::string log = vm.dir() + "/two-step-qemu.log";
+    Child waiting(with_prepared(plus(vm.command(), {"-object", object}),
+                                parse_json(prepared)["qemu_args"].get<std::vector<std::string>>()),
+                  log);
+    await_qmp_socket(vm, waiting, log);
+    r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "uses memory backend dimm1; the VM got it after it started"),
+                  r.err);
+    CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
+  }
+  ::unlink(vm.qmp_path().c_str());
+
   r = run_vmsave(restore_args(image, qemu_log, false,
                               plus(vm.command(),
                                    {"-object", object, "-device", "pc-dimm,id=d1,memdev=dimm1"})),
