@@ -36,7 +36,10 @@ struct Common {
   u32 queue_depth = 32;
 };
 
-void on_signal(int sig) { cancel_signal().store(sig); }
+void on_signal(int sig) {
+  cancel_signal().store(sig);
+  signals_received().fetch_add(1);
+}
 
 // Standard fds the caller closed (`>&-`) would be taken by the first files
 // vmsave opens, and its output would land in them: the JSON report in an

@@ -401,7 +401,8 @@ std::vector<std::pair<std::string, bool>> mapped_ram_capabilities() {
 }
 
 Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds, i64 offset,
-                          const std::function<void(const nlohmann::json&)>& on_status) {
+                          const std::function<void(const nlohmann::json&)>& on_status,
+                          const std::function<bool()>& on_interrupt) {
   const char* what = incoming ? "mapped-ram load" : "mapped-ram save";
   // direct-io: the multifd threads write/read pages with O_DIRECT.
   std::optional<bool> old_direct;
@@ -446,16 +447,26 @@ Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds
   constexpr double kStall = 600;
   i64 last = -1;
   auto last_change = Clock::now();
+  int finishing_after = 0;  // the signals that came before QEMU was let finish
   for (;;) {
-    if (cancelled()) {
-      if (!incoming) (void)qmp.execute("migrate_cancel", nullptr, 5);
+    if (cancelled() && !finishing_after) {
+      if (!incoming && on_interrupt && on_interrupt())
+        finishing_after = std::max(1, signals_received().load());
+      else if (!incoming)
+        (void)qmp.execute("migrate_cancel", nullptr, 5);
+      if (!finishing_after) return interrupted_error();
+    }
+    if (finishing_after && signals_received().load() > finishing_after) {
+      (void)qmp.execute("migrate_cancel", nullptr, 5);
       return interrupted_error();
     }
     auto r = qmp.execute("query-migrate");
     if (!r.ok()) return r.error();
     if (on_status) on_status(*r);
     std::string status = r->value("status", "");
-    if (status == "completed") return Status();
+    if (status == "completed") return finishing_after ? interrupted_error() : Status();
+    if ((status == "failed" || status == "cancelled") && finishing_after)
+      return interrupted_error();
     if (status == "failed" || status == "cancelled")
       return Error{fmt::format("QEMU's {} {}", what, status), qmp.path(),
                    r->value("error-desc", "no reason given")};

@@ -381,27 +381,42 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     bool forced_stop = false;
     i64 first_round_bytes = -1;  // pages QEMU wrote before its first re-sync
     i64 qemu_sent = 0;           // all it wrote, rewrites included
-    Status st = mapped_ram_migrate(qmp, false, fds, w.qemu_offset(), [&](const nlohmann::json& r) {
-      last = r;
-      if (r.contains("ram") && first_round_bytes < 0 && r["ram"].value("dirty-sync-count", 0) >= 2)
-        first_round_bytes = r["ram"].value("normal-bytes", i64(0));
-      if (r.contains("ram")) {
-        i64 total = r["ram"].value("total", i64(0)), remaining = r["ram"].value("remaining", i64(0));
-        // QEMU's remaining grows back at each dirty-bitmap sync; a stopped
-        // guest dirties nothing, so the bar does not go back then (an
-        // 8 GiB lazy clone's went back to 0% four times).
-        i64 done = total > 0 ? std::max<i64>(0, progress.total.load() * (total - remaining) / total)
-                             : 0;
-        progress.done = live ? done : std::max<i64>(progress.done.load(), done);
-      }
-      if (live && !forced_stop && r.value("status", "") == "active" &&
-          std::chrono::duration<double>(timer.now() - t0).count() > opts.live_timeout) {
-        // QEMU could not converge in time: stop the guest so it finishes.
-        forced_stop = true;
-        paused_at = timer.now();
-        (void)stop_guest();
-      }
-    });
+    Status st = mapped_ram_migrate(
+        qmp, false, fds, w.qemu_offset(),
+        [&](const nlohmann::json& r) {
+          last = r;
+          if (r.contains("ram") && first_round_bytes < 0 &&
+              r["ram"].value("dirty-sync-count", 0) >= 2)
+            first_round_bytes = r["ram"].value("normal-bytes", i64(0));
+          if (r.contains("ram")) {
+            i64 total = r["ram"].value("total", i64(0)),
+                remaining = r["ram"].value("remaining", i64(0));
+            // QEMU's remaining grows back at each dirty-bitmap sync; a stopped
+            // guest dirties nothing, so the bar does not go back then (an
+            // 8 GiB lazy clone's went back to 0% four times).
+            i64 done = total > 0
+                           ? std::max<i64>(0, progress.total.load() * (total - remaining) / total)
+                           : 0;
+            progress.done = live ? done : std::max<i64>(progress.done.load(), done);
+          }
+          if (live && !forced_stop && r.value("status", "") == "active" &&
+              std::chrono::duration<double>(timer.now() - t0).count() > opts.live_timeout) {
+            // QEMU could not converge in time: stop the guest so it finishes.
+            forced_stop = true;
+            paused_at = timer.now();
+            (void)stop_guest();
+          }
+        },
+        [&] {
+          // Interrupted: QEMU finishes (into the temporary file, discarded
+          // after), the guest stopped so that a live save ends soon; then the
+          // guard resumes it.
+          rep.note(
+              "vmsave: interrupted: letting QEMU finish its save first, as cancelling it can "
+              "crash QEMU; interrupt again to cancel it now");
+          (void)stop_guest();
+          return true;
+        });
     if (st.ok()) progress.done = progress.total.load();  // the final line: all of it
     rep.end_phase();
     if (!old_params.empty()) (void)qmp.execute("migrate-set-parameters", old_params, 5);

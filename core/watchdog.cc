@@ -124,6 +124,16 @@ void kill_and_wait(int pidfd) {
   }
   if (qmp) {
     qmp->resync(0.2);
+    // QEMU's own save of the RAM (mapped-ram with multifd) is let finish
+    // into the temporary file, the guest stopped so that a live one ends:
+    // cancelling it can crash QEMU (see mapped_ram_migrate). The guest is
+    // resumed below if it ran.
+    if (auto caps = qmp->execute("query-migrate-capabilities", nullptr, 5); caps.ok())
+      for (auto& c : *caps)
+        if (c.value("capability", "") == "multifd" && c.value("state", false)) {
+          (void)qmp->execute("stop", nullptr, 5);
+          (void)wait_migration_ended(*qmp, Watchdog::kPatience);
+        }
     (void)qmp->execute("migrate_cancel", nullptr, 5);
     (void)wait_migration_ended(*qmp, 30);
   }

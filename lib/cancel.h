@@ -19,6 +19,13 @@ inline std::atomic<int>& cancel_signal() {
 
 inline bool cancelled() { return cancel_signal().load(std::memory_order_relaxed) != 0; }
 
+// How many signals have come: work that finishes before it stops (QEMU's
+// own save, see mapped_ram_migrate) stops at once on the second.
+inline std::atomic<int>& signals_received() {
+  static std::atomic<int> n{0};
+  return n;
+}
+
 // Not a signal: cancel_with() stopped the work for a reason of its own.
 constexpr int kCancelledWithError = -1;
 
