@@ -144,12 +144,19 @@ Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return Status();
   auto saved_cmd = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
   if (!saved_cmd.ok()) return Status();
-  // No -cpu is QEMU's default model: qemu64 for x86_64 on every machine.
-  auto model = [](const QemuCommand& c) {
+  // No -cpu is QEMU's default model, qemu64 on x86_64 whatever the machine.
+  // The target is the saved VM's, told by its binary or its machine type
+  // (the command may start with a wrapper, taskset or env, or a binary of
+  // another name): a restore runs the same target, or its machine differs.
+  const std::string& binary = saved_cmd->argv()[0];
+  const std::string qom = meta.value("machine_qom_type", "");
+  const bool x86_64 = binary.ends_with("qemu-system-x86_64") ||
+                      (!binary.ends_with("qemu-system-i386") &&
+                       (qom.starts_with("pc-") || qom.starts_with("microvm")));
+  auto model = [&](const QemuCommand& c) {
     auto v = c.option_values("cpu");
     if (!v.empty()) return v.back();
-    return c.argv()[0].ends_with("qemu-system-x86_64") ? std::string("qemu64")
-                                                       : std::string("(none)");
+    return std::string(x86_64 ? "qemu64" : "(none)");
   };
   if (!same_cpu(model(cmd), model(*saved_cmd)))
     return mismatch(fmt::format("-cpu {} differs from the saved {}", model(cmd), model(*saved_cmd)));
