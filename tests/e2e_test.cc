@@ -1095,6 +1095,26 @@ TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, a
   CHECK_FALSE(exists(image));
   CHECK(qmp_status(vm.qmp_path()) == "running");
 
+  // x-ignore-shared switched off while vmsave writes RAM: QEMU sent all
+  // RAM in the device state too, and the save exited 0 with an image that
+  // verified but that no restore could load.
+  const std::string unignored = vm.dir() + "/unignored.vmsave";
+  in = interrupt_save(vm, unignored, 0, [&] {
+    auto c = QmpClient::connect(other, 10);
+    REQUIRE(c.ok());
+    json off = {{"capability", "x-ignore-shared"}, {"state", false}};
+    auto r = c->execute("migrate-set-capabilities", {{"capabilities", json::array({off})}});
+    REQUIRE_MESSAGE(r.ok(), r.error().message());
+  });
+  REQUIRE(in.caught);
+  CHECK_MESSAGE(in.status == 1, in.err);
+  CHECK_MESSAGE(contains(in.err,
+                         "vmsave: error: QEMU's migration capabilities changed during the "
+                         "save"),
+                in.err);
+  CHECK_FALSE(exists(unignored));
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+
   // A stop while --live writes RAM: the operator's pause stands.
   const std::string live = vm.dir() + "/live.vmsave";
   in = interrupt_save(vm, live, 0, [&] { REQUIRE(qmp_execute(other, "stop").ok()); },
@@ -1465,6 +1485,26 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
   CHECK_MESSAGE(contains(z.err, "cannot compress this VM's RAM"), z.err);
   CHECK_MESSAGE(contains(z.err, "without --compress"), z.err);
   CHECK_FALSE(exists(image));
+  // QEMU's max-bandwidth held a paused guest's save to it (128 MiB/s by
+  // default): at 1 MiB/s this one would take over a minute. Lifted while
+  // the save runs, and put back after.
+  {
+    auto q = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(q.ok());
+    REQUIRE(q->execute("migrate-set-parameters", {{"max-bandwidth", kMiB}}).ok());
+  }
+  RunResult limited =
+      run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running", "--json"}, kRunTimeout);
+  REQUIRE_RUN(limited, 0);
+  CHECK(parse_json(limited).value("total_s", 99.0) < 30);
+  {
+    auto q = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(q.ok());
+    auto p = q->execute("query-migrate-parameters");
+    REQUIRE(p.ok());
+    CHECK(p->value("max-bandwidth", i64(0)) == kMiB);
+  }
+  REQUIRE(::unlink(image.c_str()) == 0);
   json report;
   const std::string log_at_save = save_and_quit(vm, image, {}, &report);
   CHECK(report.value("qemu_ram_bytes", i64(0)) == opts.ram_mib * kMiB);
