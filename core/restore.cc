@@ -26,9 +26,11 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 
+#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include <fmt/core.h>
 
@@ -179,6 +181,33 @@ Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
     return mismatch(now.empty()   ? fmt::format("-m has no {}, the VM was saved with {}", key, was)
                     : was.empty() ? fmt::format("-m has {}, the VM was saved without", now)
                                   : fmt::format("-m {} differs from the saved {}", now, was));
+  }
+  // Which backend each NUMA node has sets where its RAM is in the guest:
+  // another order puts the saved pages at other guest addresses. QEMU says
+  // so for a file it fills ("Mismatched GPAs"), not for the image a lazy
+  // restore maps, and the guest died at once.
+  auto nodes = [](const QemuCommand& c) {
+    std::map<i64, std::string> memdev;
+    for (const std::string& v : c.option_values("numa")) {
+      auto kv = KeyvalList::parse(v, "type", KeyvalSyntax::kQemuOpts);
+      if (!kv.ok() || kv->get("type").value_or("node") != "node") continue;
+      i64 id = i64(memdev.size());  // QEMU's default: the nodes so far
+      if (auto n = kv->get("nodeid"); n) std::from_chars(n->data(), n->data() + n->size(), id);
+      memdev[id] = kv->get("memdev").value_or("");
+    }
+    return memdev;
+  };
+  const auto now_nodes = nodes(cmd), was_nodes = nodes(*saved_cmd);
+  if (now_nodes.size() != was_nodes.size())
+    return mismatch(fmt::format("-numa gives {} nodes, the VM was saved with {}", now_nodes.size(),
+                                was_nodes.size()));
+  for (auto& [id, memdev] : was_nodes) {
+    auto it = now_nodes.find(id);
+    const std::string now = it == now_nodes.end() ? "" : it->second;
+    if (now != memdev)
+      return mismatch(fmt::format("NUMA node {} has {}, the VM was saved with {}", id,
+                                  now.empty() ? "no memdev" : "memdev=" + now,
+                                  memdev.empty() ? "none" : "memdev=" + memdev));
   }
   auto n = cmd.cpu_count();
   auto was = saved_cmd->cpu_count();

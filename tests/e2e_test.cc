@@ -895,6 +895,37 @@ TEST_CASE("e2e: a guest with two RAM backends (NUMA nodes) carries on after save
   save_then_restore(opts, /*lazy=*/false);
 }
 
+TEST_CASE("e2e: a restore with the NUMA nodes' backends swapped is refused before QEMU starts") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.numa_nodes = 2;
+  TestVm vm(opts);
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
+  // Lazily, QEMU took it, and the guest died at once (its pages at other
+  // guest addresses); eagerly QEMU failed on "Mismatched GPAs".
+  auto swapped =
+      rewrite(rewrite(vm.command(), "node,nodeid=0,memdev=ram0", "node,nodeid=0,memdev=ram1"),
+              "node,nodeid=1,memdev=ram1", "node,nodeid=1,memdev=ram0");
+  REQUIRE(swapped != vm.command());
+  for (bool lazy : {true, false}) {
+    CAPTURE(lazy);
+    const std::string qemu_log = vm.dir() + "/swapped-qemu.log";
+    RunResult r = run_vmsave(restore_args(image, qemu_log, lazy, swapped), kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err,
+                           "the QEMU command does not fit the image: NUMA node 0 has "
+                           "memdev=ram1, the VM was saved with memdev=ram0"),
+                  r.err);
+    CHECK_FALSE(exists(qemu_log));
+  }
+  // Another node, without memory: another machine (its ACPI tables).
+  RunResult r = run_vmsave(restore_args(image, vm.dir() + "/three-nodes-qemu.log", true,
+                                        plus(vm.command(), {"-numa", "node,nodeid=2"})),
+                           kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "-numa gives 3 nodes, the VM was saved with 2"), r.err);
+}
+
 TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops it until cont") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
