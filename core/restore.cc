@@ -740,13 +740,17 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   });
   if (!started.ok()) return started.error();
   q = *started;
-  if (!fill_first) VMSAVE_TRY(fill());
+  // A daemon is known by its QMP connection: found before the fill, so that
+  // a fill that fails or is interrupted stops it too (it was left waiting,
+  // holding its RAM file and socket).
+  if (!fill_first && !cmd.daemonize()) VMSAVE_TRY(fill());
   auto qmp_r = connect_started(q, qmp_path, std::max(opts.qmp_timeout, 30.0), cmd.daemonize());
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
   if (cmd.daemonize()) {
     q.pid = qmp.peer_pid();
     watchdog->note_kill(q.pid);
+    if (!fill_first) VMSAVE_TRY(fill());
   }
   timer.lap("start_qemu");
 

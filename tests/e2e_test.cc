@@ -2361,6 +2361,43 @@ TEST_CASE("e2e: restoring an image with damaged device state exits 3 and leaves 
   }
 }
 
+TEST_CASE("e2e: a restore that fails while it fills RAM stops the QEMU that daemonized") {
+  test::require_guest_kit();
+  TestVm vm({.ram_mib = 512, .memcheck_mib = 384});
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
+  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
+  // The last data page of the RAM region damaged: the fill, one request at
+  // a time, fails after QEMU has daemonized.
+  RunResult r = run_vmsave({"info", image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  const json block = parse_json(r)["blocks"][0];
+  const i64 begin = block.value("region_offset", i64(0));
+  const i64 end = begin + block.value("size", i64(0));
+  {
+    int fd = ::open(image.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    off_t last = -1;
+    for (off_t at = begin; (at = ::lseek(fd, at, SEEK_DATA)) >= 0 && at < end;)
+      at = std::min<off_t>(::lseek(fd, at, SEEK_HOLE), end), last = at - 1;
+    REQUIRE(last > begin);
+    u8 byte = 0;
+    REQUIRE(pread(fd, &byte, 1, last) == 1);
+    byte ^= 0x5a;
+    REQUIRE(pwrite(fd, &byte, 1, last) == 1);
+    ::close(fd);
+  }
+  // The daemon was left waiting for its device state, holding its RAM file
+  // and QMP socket.
+  std::vector<std::string> args =
+      restore_args(image, vm.dir() + "/restore.log", false, plus(vm.command(), {"-daemonize"}));
+  args.insert(args.begin() + 1, {"--jobs", "1", "--queue-depth", "1"});
+  r = run_vmsave(args, kRunTimeout);
+  CHECK_RUN(r, 3);
+  CHECK_MESSAGE(contains(r.err, "image damaged"), r.err);
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+  CHECK_FALSE(exists(vm.ram_path()));
+}
+
 // Compressed, a flipped byte decompresses to garbage QEMU may refuse before
 // the section's end, where its checksum is compared: that is still damage
 // (exit 3), not a command line that does not fit (exit 1).
