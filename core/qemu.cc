@@ -589,7 +589,10 @@ std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t
     if (!o.value) continue;
     bool ours = o.name == "incoming" && *o.value == "defer";
     if (o.name == "qmp" && o.value->starts_with("unix:")) {
-      std::filesystem::path sock = o.value->substr(5, o.value->find(',') - 5);
+      auto kv = KeyvalList::parse(std::string_view(*o.value).substr(5), "path",
+                                  KeyvalSyntax::kQemuOpts);  // a ",," in the path is one ','
+      if (!kv.ok() || !kv->get("path")) continue;
+      std::filesystem::path sock = *kv->get("path");
       std::filesystem::path dir = sock.parent_path();
       ours = sock.filename() == "qmp.sock" && dir.filename().string().starts_with("vmsave-") &&
              run_dir_owner(dir.string()) == pid;

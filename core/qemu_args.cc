@@ -43,16 +43,6 @@ bool is_digit(char c) {
   return c >= '0' && c <= '9';
 }
 
-std::string escape_commas(std::string_view v) {
-  std::string out;
-  out.reserve(v.size());
-  for (char c : v) {
-    out += c;
-    if (c == ',') out += ',';
-  }
-  return out;
-}
-
 std::string_view strip_dashes(std::string_view name) {
   if (name.starts_with("--")) return name.substr(2);
   if (name.starts_with("-")) return name.substr(1);
@@ -69,6 +59,16 @@ std::pair<std::string_view, std::string_view> effective(const KeyvalPair& p) {
 }
 
 }  // namespace
+
+std::string escape_commas(std::string_view v) {
+  std::string out;
+  out.reserve(v.size());
+  for (char c : v) {
+    out += c;
+    if (c == ',') out += ',';
+  }
+  return out;
+}
 
 Result<i64> parse_size(std::string_view text) {
   // Mirrors do_strtosz (QEMU 8.1 and later). Leading blanks are skipped as

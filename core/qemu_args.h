@@ -29,6 +29,9 @@ Result<i64> parse_size(std::string_view text);
 // "1536M", "4096".
 std::string format_size(i64 bytes);
 
+// `v` as a value in a QEMU option string: each ',' doubled.
+std::string escape_commas(std::string_view v);
+
 // QEMU's boolean spellings (qapi_bool_parse): on/yes/true/y, off/no/false/n.
 Result<bool> parse_bool(std::string_view text, std::string_view key);
 

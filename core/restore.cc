@@ -651,7 +651,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
                                sizeof(sockaddr_un{}.sun_path) - 1)}
           .fix("set XDG_RUNTIME_DIR to a shorter directory, or give the QEMU command its own -qmp");
     }
-    cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", qmp_path)});
+    cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", escape_commas(qmp_path))});
     if (log.empty()) log = run_dir + "/qemu.log";
   }
   if (!cmd.has_option("incoming")) cmd.append({"-incoming", "defer"});

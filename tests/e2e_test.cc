@@ -2126,7 +2126,9 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   for (auto& a : cmd)
     if (contains(a, "mem-path=" + vm.ram_path(0)))
       a.replace(a.find(vm.ram_path(0)), vm.ram_path(0).size(), ram_dir);
-  const std::string run = vm.dir() + "/run";
+  // A comma in it: QEMU took what followed for an option ("Invalid
+  // parameter 'dir/vmsave-.../qmp.sock'") until vmsave doubled it.
+  const std::string run = vm.dir() + "/run,dir";
   REQUIRE(::mkdir(run.c_str(), 0700) == 0);
   // One left by a restore whose QEMU is gone, one being set up right now.
   pid_t gone = fork();
