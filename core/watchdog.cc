@@ -88,7 +88,11 @@ void kill_and_wait(int pidfd) {
   if (qmp && patient) {
     // vmsave has said what is left and gone: nobody reads our stderr now
     // (and a wrapper waiting for the pipe to close must not wait for us).
-    ::dup2(null, STDERR_FILENO);
+    // Opened again: close_all_but() closed the first one, and the line
+    // below ("the save was killed part-way") went to the user's terminal
+    // after vmsave had exited with its own error.
+    int quiet = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (quiet >= 0) ::dup2(quiet, STDERR_FILENO);
     auto give_up =
         std::chrono::steady_clock::now() + std::chrono::duration<double>(Watchdog::kPatience);
     for (;;) {

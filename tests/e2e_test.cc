@@ -2593,6 +2593,15 @@ TEST_CASE(
   CHECK(status == "running");
   CHECK_FALSE(x_ignore_shared(vm));
   CHECK_MESSAGE(carries_on(vm, 2, &err), err);
+  // Once vmsave has handed over, the watchdog says nothing: it told the
+  // terminal "the save was killed part-way" after vmsave's own error.
+  const size_t at = in.err.find("vmsave's watchdog (pid ");
+  REQUIRE(at != std::string::npos);
+  const pid_t watchdog = std::atoi(in.err.c_str() + at + 23);
+  REQUIRE(watchdog > 0);
+  for (double until = now_s() + 30; ::kill(watchdog, 0) == 0 && now_s() < until;)
+    std::this_thread::sleep_for(kPoll);
+  CHECK_MESSAGE(!contains(slurp(in.log), "killed part-way"), slurp(in.log));
 
   // QEMU killed while vmsave writes RAM: the save stops at once (it wrote
   // on to the end of the RAM file, then failed on the device state), fails
