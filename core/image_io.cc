@@ -459,10 +459,7 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   const i64 extent = w->img_.has_qemu_section() ? w->img_.qemu.offset : w->img_.vmstate.offset;
   if (::ftruncate(w->file_.fd.get(), extent) < 0) {
     if (errno != EFBIG) return sys_error("cannot create image", target, errno);
-    return Error{"cannot create image", target,
-                 fmt::format("it would be {} bytes, more than its filesystem takes in one file",
-                             extent)}
-        .fix("save the image on a filesystem that takes larger files (ext4, xfs)");
+    return file_too_large("cannot create image", target, extent);
   }
   std::random_device rd;
   for (auto& b : w->img_.uuid) b = static_cast<u8>(rd());

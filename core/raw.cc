@@ -255,6 +255,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   // a new one has (a 0644 file kept its mode, guest RAM world-readable).
   if (!created && fchmod(f.fd_.get(), 0600) < 0) return sys_error("fchmod", path, errno);
   if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), offset + b.size) < 0) {
+    if (errno == EFBIG) return file_too_large("cannot create RAM file", path, offset + b.size);
     Error e = sys_error("ftruncate", path, errno);
     if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";

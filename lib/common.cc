@@ -2,6 +2,8 @@
 
 #include "lib/common.h"
 
+#include <sys/resource.h>
+
 #include <cerrno>
 #include <fmt/core.h>
 
@@ -45,6 +47,21 @@ std::string human_bytes(double bytes) {
   }
   if (i == 0) return fmt::format("{:.0f} B", bytes);
   return fmt::format("{:.1f} {}", bytes, units[i]);
+}
+
+Error file_too_large(const std::string& what, const std::string& path, i64 size) {
+  struct rlimit lim;
+  if (getrlimit(RLIMIT_FSIZE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
+      static_cast<u64>(size) > lim.rlim_cur)
+    return Error{what, path,
+                 fmt::format("it would be {} bytes, more than this process may write to a file "
+                             "(ulimit -f: {} bytes)",
+                             size, u64(lim.rlim_cur))}
+        .fix("raise the file size limit (ulimit -f unlimited)");
+  return Error{
+      what, path,
+      fmt::format("it would be {} bytes, more than its filesystem takes in one file", size)}
+      .fix("put it on a filesystem that takes larger files (ext4, xfs)");
 }
 
 }  // namespace vmsave

@@ -143,4 +143,8 @@ inline bool is_pow2(u64 v) { return v && !(v & (v - 1)); }
 // "1.5 GiB", "300 KiB": for messages and summaries.
 std::string human_bytes(double bytes);
 
+// EFBIG for a file of `size` bytes at `path`: past this process's file size
+// limit (ulimit -f, RLIMIT_FSIZE), or else more than the filesystem takes.
+Error file_too_large(const std::string& what, const std::string& path, i64 size);
+
 }  // namespace vmsave
