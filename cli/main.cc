@@ -397,7 +397,10 @@ int main(int argc, char** argv) {
                        "default 3); the image then restores eagerly only. Not with --live, nor "
                        "for RAM QEMU saves (not a shared file)");
   auto* save_qmp_timeout =
-      save_cmd->add_option("--qmp-timeout", save.qmp_timeout, "Seconds to wait for QMP (default 10)")
+      save_cmd
+          ->add_option("--qmp-timeout", save.qmp_timeout,
+                       "Seconds to wait for QMP: to connect and for each reply (default 10 "
+                       "to connect, 30 for a reply)")
           ->check(kSeconds);
   auto* live_opt = save_cmd->add_flag("--live", save.live,
                                       "Write RAM while the guest runs; stop it only to catch up "
@@ -448,9 +451,13 @@ int main(int argc, char** argv) {
                           "File for the started QEMU's output (default: beside its QMP socket)")
       ->check(kPath)
       ->type_name("FILE");
-  auto* restore_qmp_timeout = restore_cmd->add_option("--qmp-timeout", restore.qmp_timeout,
-                          "Seconds to wait for QMP (default 10)")
-      ->check(kSeconds);
+  auto* restore_qmp_timeout =
+      restore_cmd
+          ->add_option(
+              "--qmp-timeout", restore.qmp_timeout,
+              "Seconds to wait for QMP: to connect, for each reply and for a started QEMU's socket "
+              "(default 10 to connect, 30 for the rest)")
+          ->check(kSeconds);
   add_common(restore_cmd, c, true);
 
   // prepare
@@ -633,6 +640,10 @@ int main(int argc, char** argv) {
         return usage("--qemu-log applies to a restore that starts QEMU (-- QEMU-COMMAND)");
       if (!restore.qmp.empty() && restore.lazy)
         return usage("--lazy belongs to `prepare` in the two-step form");
+      if (!restore.qmp.empty() && restore.force)
+        return usage(
+            "--force belongs to `prepare` in the two-step form (restore --qmp makes no "
+            "files)");
       if (!restore.ram_dir.empty())
         result = restore_raw(restore, rep);
       else if (!restore.qmp.empty())

@@ -33,11 +33,25 @@ namespace vmsave {
 // and short enough that a wedged QEMU is reported while the user waits.
 constexpr double kQmpTimeout = 30;
 
-// kQmpTimeout, or what VMSAVE_FAULT=qmp-timeout:S says (tests of a QEMU
-// that stops answering).
+// The wait the user chose with --qmp-timeout, for replies too; 0 if none.
+inline double& chosen_qmp_timeout() {
+  static double s = 0;
+  return s;
+}
+
+// Takes the user's --qmp-timeout (0: none given) for every QMP wait from
+// now on, and returns the wait to connect: that, or 10 s.
+inline double use_qmp_timeout(double chosen) {
+  if (chosen > 0) chosen_qmp_timeout() = chosen;
+  return chosen > 0 ? chosen : 10;
+}
+
+// kQmpTimeout, or the user's --qmp-timeout, or what VMSAVE_FAULT=
+// qmp-timeout:S says (tests of a QEMU that stops answering).
 inline double qmp_timeout() {
   double s = FaultPlan::get().qmp_timeout_s;
-  return s > 0 ? s : kQmpTimeout;
+  if (s > 0) return s;
+  return chosen_qmp_timeout() > 0 ? chosen_qmp_timeout() : kQmpTimeout;
 }
 
 class QmpClient {

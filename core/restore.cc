@@ -744,7 +744,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // a fill that fails or is interrupted stops it too (it was left waiting,
   // holding its RAM file and socket).
   if (!fill_first && !cmd.daemonize()) VMSAVE_TRY(fill());
-  auto qmp_r = connect_started(q, qmp_path, std::max(opts.qmp_timeout, 30.0), cmd.daemonize());
+  (void)use_qmp_timeout(opts.qmp_timeout);
+  auto qmp_r = connect_started(q, qmp_path, qmp_timeout(), cmd.daemonize());
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
   if (cmd.daemonize()) {
@@ -949,7 +950,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   const ImageReader& img = *opened->reader;
   const nlohmann::json* meta = &opened->meta;
   VMSAVE_TRY(check_qemu_image(*meta, opts.image));
-  auto qmp_r = QmpClient::connect(opts.qmp, opts.qmp_timeout);
+  auto qmp_r = QmpClient::connect(opts.qmp, use_qmp_timeout(opts.qmp_timeout));
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
   auto status = qmp.execute("query-status");

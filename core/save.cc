@@ -226,7 +226,7 @@ nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmd
 
 Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   StepTimer timer;
-  auto qmp_r = QmpClient::connect(opts.qmp, opts.qmp_timeout);
+  auto qmp_r = QmpClient::connect(opts.qmp, use_qmp_timeout(opts.qmp_timeout));
   if (!qmp_r.ok()) return qmp_r.error();
   QmpClient& qmp = *qmp_r;
   pid_t pid = qmp.peer_pid();

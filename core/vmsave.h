@@ -33,7 +33,9 @@ struct SaveOptions {
   // QEMU mode.
   std::string qmp;
   AfterSave after = AfterSave::kQuit;
-  double qmp_timeout = 10;
+  // --qmp-timeout: the wait to connect and for each reply. 0: 10 s to
+  // connect, 30 s for a reply.
+  double qmp_timeout = 0;
   // --live: save RAM while the guest runs, stop it only for the rest.
   bool live = false;
   i64 max_downtime_ms = 0;    // QEMU path: downtime-limit (0: QEMU's default)
@@ -53,7 +55,7 @@ struct RestoreOptions {
   std::vector<std::string> qemu_argv;
   std::string qmp;          // two-step form: QEMU is already started
   std::string qemu_log;     // where the started QEMU's output goes
-  double qmp_timeout = 10;
+  double qmp_timeout = 0;   // as SaveOptions', and for the started QEMU's socket
 };
 
 Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep);

@@ -19,7 +19,9 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -2298,6 +2300,35 @@ TEST_CASE(
     r = run_vmsave({"save", "--qmp", addr, image}, 30);
     CHECK_RUN(r, 2);
     CHECK_MESSAGE(contains(r.err, "vmsave talks QMP over a Unix socket only"), r.err);
+  }
+  // A monitor that greets and never answers: --qmp-timeout is the wait for
+  // each reply too (it was 30 s whatever was asked).
+  {
+    const std::string fake = vm.dir() + "/fake.sock";
+    UniqueFd ls(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", fake.c_str());
+    REQUIRE(::bind(ls.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+    REQUIRE(::listen(ls.get(), 1) == 0);
+    std::thread monitor([&] {
+      UniqueFd c(::accept(ls.get(), nullptr, nullptr));
+      const std::string greeting =
+          R"({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}}, )"
+          R"("capabilities": []}})"
+          "\r\n";
+      (void)!::write(c.get(), greeting.data(), greeting.size());
+      char buf[256];
+      while (c && ::read(c.get(), buf, sizeof(buf)) > 0) {
+      }
+    });
+    t0 = now_s();
+    r = run_vmsave({"save", "--qmp", fake, image, "--qmp-timeout", "2"}, 60);
+    const double silent_s = now_s() - t0;
+    monitor.join();  // vmsave has hung up
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "within 2 s"), r.err);
+    CHECK_MESSAGE(silent_s < 10, silent_s << " s");
   }
 
   boot(vm, 1);

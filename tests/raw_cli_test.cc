@@ -680,8 +680,8 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"save", "--ram", "ram=" + src, "--flush-timeout", "5", image},  // QEMU mode only
       {"save", "--ram", "ram=" + src, "--qmp-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--compress", "lz4", "--chunk-size", "4K", image},
-      {"save", "--ram", "a\nb=" + src, image},               // control character in the id
-      {"save", "--ram", "ram=" + src, "--min-hole", "3K", image},  // not a page multiple
+      {"save", "--ram", "a\nb=" + src, image},                        // control character in the id
+      {"save", "--ram", "ram=" + src, "--min-hole", "3K", image},     // not a page multiple
       {"save", "--ram", "ram=" + src, disk / std::string(240, 'x')},  // no room for a temp name
       {"save", "--qmp", disk / "qmp.sock", "--live-timeout", "5", image},
       {"save", "--ram", "ram=" + src, "--progress-fd", "1", "--json", image},
@@ -694,7 +694,8 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
       {"restore", image, "--ram-dir", disk.path(), "--qemu-log", disk / "q.log"},
       {"restore", image, "--qmp", disk / "qmp.sock", "--qemu-log", disk / "q.log"},
       {"restore", image, "--qmp", disk / "qmp.sock", "--qmp-timeout", "nan"},
-      {"prepare", disk / "a\nb.vmsave", "--lazy"},  // cannot be printed one per line
+      {"restore", image, "--qmp", disk / "qmp.sock", "--force"},  // makes no files
+      {"prepare", disk / "a\nb.vmsave", "--lazy"},                // cannot be printed one per line
       {"info"},
       {"verify", image, "extra"},
   };
