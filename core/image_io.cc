@@ -354,6 +354,10 @@ Status check_target(const std::string& target, bool force) {
   if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
     return Error{"cannot replace", target, "it is not a regular file"}.fix(
         "choose another path for the image");
+  if (!force && S_ISLNK(st.st_mode))  // dangling or not: the link is what is replaced
+    return Error{"a symbolic link is at the image path", target,
+                 "refusing to replace it (vmsave does not write through a link)"}
+        .fix("pass --force to replace the link with the image, or give the real path");
   if (!force)
     return Error{"image exists", target, "refusing to replace it"}.fix(
         "pass --force to replace it, or choose another path");

@@ -20,6 +20,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -467,9 +468,13 @@ Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds
     if (status == "completed") return finishing_after ? interrupted_error() : Status();
     if ((status == "failed" || status == "cancelled") && finishing_after)
       return interrupted_error();
-    if (status == "failed" || status == "cancelled")
-      return Error{fmt::format("QEMU's {} {}", what, status), qmp.path(),
-                   r->value("error-desc", "no reason given")};
+    if (status == "failed" || status == "cancelled") {
+      Error e{fmt::format("QEMU's {} {}", what, status), qmp.path(),
+              r->value("error-desc", "no reason given")};
+      if (!incoming && e.detail.find(std::strerror(ENOSPC)) != std::string::npos)
+        e.hint = "free space on the image's filesystem, or save the image elsewhere";
+      return e;
+    }
     i64 moved = r->contains("ram") ? (*r)["ram"].value("transferred", i64(0)) : 0;
     if (moved != last) {
       last = moved;

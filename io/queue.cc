@@ -71,6 +71,10 @@ Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth) {
     return Error{"cannot set up io_uring", "", std::strerror(-ret)}.fix(
         ret == -EPERM || ret == -ENOSYS
             ? "io_uring is disabled on this host (sysctl kernel.io_uring_disabled=0 enables it)"
+        : ret == -EMFILE || ret == -ENFILE
+            ? "raise the open file limit (ulimit -n), or use fewer --jobs"
+        : ret == -ENOMEM
+            ? "raise the locked memory limit (ulimit -l), or use a smaller --queue-depth"
             : "");
   }
   q->ring_ok_ = true;

@@ -448,6 +448,19 @@ TEST_CASE("raw: an image larger than its filesystem (or ulimit -f) takes is refu
   CHECK(list_dir(ram_dir).empty());
 }
 
+TEST_CASE("raw: too low an open file limit is named, with its fix") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  const std::string mem = shm / "ram", image = disk / "few-fds.vmsave";
+  test::write_pattern_file(mem, 1 * kMiB, "mixed", 3);
+  // It was "cannot set up io_uring: Too many open files", without a fix.
+  RunResult r =
+      test::run_program({"/bin/sh", "-c", "ulimit -n 6; exec \"$0\" save --ram ram=\"$1\" \"$2\"",
+                         VMSAVE_BINARY, mem, image});
+  CHECK_FAILS(r, 1, "raise the open file limit (ulimit -n)");
+  CHECK(list_dir(disk.path()).empty());
+}
+
 TEST_CASE("raw: a save without /proc is refused before any RAM is written") {
   require_shm();
   if (geteuid() != 0) return;  // a mount namespace of its own needs root
@@ -600,8 +613,12 @@ TEST_CASE("raw: a symlink at the target is replaced by --force, never followed")
   std::string image = disk / "image.vmsave";
   REQUIRE(symlink(victim.c_str(), image.c_str()) == 0);
 
+  // Said as a link (a dangling one was "image exists", with no image).
   RunResult r = run_vmsave({"save", "--ram", "ram=" + src, image});
-  CHECK_FAILS(r, 1, "exists");
+  CHECK_FAILS(r, 1,
+              "vmsave: error: a symbolic link is at the image path (" + image +
+                  "): refusing to replace it (vmsave does not write through a link); pass "
+                  "--force to replace the link with the image, or give the real path");
   CHECK(test::read_file(victim) == content);
 
   REQUIRE_RUN(run_vmsave({"save", "--force", "--ram", "ram=" + src, image}), 0);
