@@ -23,6 +23,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 
@@ -458,18 +459,66 @@ Status empty_file(const std::string& path) {
 // emptied without destroying that file, and would show its pages where the
 // guest had zeros: refused, unless they are all zeros. Returns the files to
 // empty before QEMU starts.
+// The files QEMU loads RAM into must have room for what it writes there:
+// at most the RAM its save wrote, nor more than their blocks. A tmpfs too
+// small made QEMU die of SIGBUS part-way, a partial file left behind.
+// `files`: each path with its block's size and what it holds now.
+Status check_qemu_load_room(const std::vector<std::tuple<std::string, i64, i64>>& files,
+                            const nlohmann::json& meta, i64 section_bytes) {
+  i64 written = section_bytes;
+  if (auto m = meta.find("qemu_migration"); m != meta.end() && m->is_object())
+    written = std::min(written, m->value("ram_bytes_written", written));
+  std::map<dev_t, i64> need, freed;
+  std::map<dev_t, std::string> first;
+  std::map<dev_t, struct statvfs> fs;
+  for (auto& [path, size, holds] : files) {
+    const std::string dir = std::filesystem::path(path).parent_path().string();
+    struct stat st;
+    struct statvfs sv;
+    if (stat(dir.empty() ? "." : dir.c_str(), &st) < 0 ||
+        statvfs(dir.empty() ? "." : dir.c_str(), &sv) < 0 || sv.f_blocks == 0)
+      continue;
+    need[st.st_dev] += size;
+    freed[st.st_dev] += holds;
+    first.emplace(st.st_dev, path);
+    fs[st.st_dev] = sv;
+  }
+  for (auto& [dev, n] : need) {
+    const i64 want = std::min(n, written);
+    const i64 room = i64(fs[dev].f_bavail) * i64(fs[dev].f_frsize) + freed[dev];
+    if (room < want)
+      return Error{"not enough space for RAM file", first[dev],
+                   fmt::format("QEMU loads up to {} of RAM into it (and the RAM files beside it), "
+                               "its filesystem has {} free",
+                               human_bytes(double(want)), human_bytes(double(room)))}
+          .fix("free space on that filesystem or choose another place for it");
+  }
+  return Status();
+}
+
+// `made`: the files QEMU will make, which a failed restore removes.
 Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
-                                                         const ImageReader& img, bool force) {
+                                                         const ImageReader& img,
+                                                         const nlohmann::json& meta, bool force,
+                                                         std::vector<std::string>* made) {
   auto objs = cmd.objects();
   if (!objs.ok()) return objs.error().as(Exit::kUsage);
   std::vector<std::string> to_empty;
+  std::vector<std::tuple<std::string, i64, i64>> loaded;  // path, block size, held now
   for (auto& o : *objs) {
     if (o.object.qom_type != "memory-backend-file") continue;
     bool by_qemu = false;
-    for (auto& b : img.layout().blocks) by_qemu |= b.id == o.object.id && b.via_qemu();
+    i64 size = 0;
+    for (auto& b : img.layout().blocks)
+      if (b.id == o.object.id && b.via_qemu()) by_qemu = true, size = b.size;
     auto mp = o.object.get_string("mem-path");
     struct stat st;
     const bool found = mp && stat(mp->c_str(), &st) == 0;
+    auto shared = o.object.get_bool("share");
+    if (by_qemu && mp && !found && errno == ENOENT && shared.ok() && shared->value_or(false)) {
+      loaded.emplace_back(*mp, size, 0);
+      made->push_back(*mp);
+    }
     if (by_qemu && mp && !found && errno == ENOENT) {
       // A lazy clone's command, saved with it, maps the image it came from
       // read-only; moved or removed, QEMU fails at start-up.
@@ -507,7 +556,9 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
           .fix("pass --force to overwrite it, or remove it (is another VM using it?)");
     VMSAVE_TRY(check_not_mapped(*mp, st));
     to_empty.push_back(*mp);
+    loaded.emplace_back(*mp, size, i64(st.st_blocks) * 512);
   }
+  VMSAVE_TRY(check_qemu_load_room(loaded, meta, img.layout().qemu.length));
   return to_empty;
 }
 
@@ -592,7 +643,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   VMSAVE_TRY(check_backends_used(cmd, plans, *meta));
   if (opts.lazy) VMSAVE_TRY(check_lazy_devices(cmd, plans));
   VMSAVE_TRY(check_machine(cmd, *meta));
-  auto to_empty = check_qemu_loaded_files(cmd, img, opts.force);
+  std::vector<std::string> qemu_makes;
+  auto to_empty = check_qemu_loaded_files(cmd, img, *meta, opts.force, &qemu_makes);
   if (!to_empty.ok()) return to_empty.error();
   for (auto& v : cmd.option_values("incoming"))
     if (v != "defer")
@@ -688,6 +740,11 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return st;
     }
   }
+  // What QEMU loads RAM into goes with a failed restore, as the files vmsave
+  // fills do: a partial one was left, and refused by the retry.
+  std::vector<std::string> qemu_files = *to_empty;
+  qemu_files.insert(qemu_files.end(), qemu_makes.begin(), qemu_makes.end());
+  for (auto& path : qemu_files) watchdog->note_remove(path);
   for (auto& p : plans) cmd.replace_arg(p.arg_index, format_object(p.object));
   timer.lap("plan");
 
@@ -699,9 +756,11 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     bool* ok;
     StartedQemu* q;
     std::string run_dir, socket;
+    std::vector<std::string> qemu_files;
     ~Cleanup() {
       if (*ok) return;
       kill_qemu(q->pid);
+      for (auto& f : qemu_files) ::unlink(f.c_str());
       if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
       // The command's own socket, which the QEMU that failed left bound to
       // nothing (no live process listened there before it started).
@@ -709,7 +768,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       if (q->pid > 0 && lstat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
         ::unlink(socket.c_str());
     }
-  } cleanup{&ok, &q, run_dir, qmp_path};
+  } cleanup{&ok, &q, run_dir, qmp_path, qemu_files};
 
   auto fill = [&]() -> Status {
     if (files.empty()) return Status();

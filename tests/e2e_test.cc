@@ -1612,6 +1612,32 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   CHECK_RUN(lazy, 2);
   CHECK_MESSAGE(contains(lazy.err, "eagerly"), lazy.err);
 
+  // Restored into a shared file, which QEMU fills: on a tmpfs too small,
+  // refused before QEMU starts (QEMU died of SIGBUS part-way, leaving a
+  // partial file); a QEMU that fails does not leave the file it made.
+  {
+    TempMount small("tmpfs", "size=16m");
+    REQUIRE_MESSAGE(small.ok(), small.error());
+    auto into = [&](const std::string& dir) {
+      return rewrite(vm.command(), "memory-backend-memfd,id=ram0,size=256M",
+                     "memory-backend-file,id=ram0,size=256M,share=on,mem-path=" + dir + "/ram0");
+    };
+    REQUIRE(into(small.path()) != vm.command());
+    const std::string qemu_log = vm.dir() + "/into-file-qemu.log";
+    RunResult s = run_vmsave(restore_args(image, qemu_log, false, into(small.path())), kRunTimeout);
+    CHECK_RUN(s, 1);
+    CHECK_MESSAGE(contains(s.err, "vmsave: error: not enough space for RAM file (" + small.path() +
+                                      "/ram0): QEMU loads up to"),
+                  s.err);
+    CHECK_FALSE(exists(qemu_log));
+    CHECK(list_dir(small.path()).empty());
+    s = run_vmsave(
+        restore_args(image, qemu_log, false, plus(into(vm.dir()), {"-device", "no-such-device"})),
+        kRunTimeout);
+    CHECK_RUN(s, 1);
+    CHECK_FALSE(exists(vm.dir() + "/ram0"));
+  }
+
   ::unlink(vm.qmp_path().c_str());
   Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
   await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
