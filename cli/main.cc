@@ -243,9 +243,13 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
                  j.contains("qemu_log") ? "; its log " + j["qemu_log"].get<std::string>() : "");
     say(stderr, "  total {}\n", secs(j, "total_s"));
   } else if (cmd == "verify") {
-    say(stderr, "{}: intact ({} chunks, {} read in {})\n", j["image"].get<std::string>(),
-               j["chunks_checked"].get<i64>(), human_bytes(j["bytes_read"].get<double>()),
-               secs(j, "verify_s"));
+    // An image QEMU saved all of has no chunks of vmsave's, only its section.
+    const i64 chunks = j["chunks_checked"].get<i64>();
+    const bool section = j.value("qemu_section_bytes", i64(0)) > 0;
+    std::string what = fmt::format("{} chunks", chunks);
+    if (section) what = chunks ? what + " and QEMU's section" : "QEMU's section";
+    say(stderr, "{}: intact ({}, {} read in {})\n", j["image"].get<std::string>(), what,
+        human_bytes(j["bytes_read"].get<double>()), secs(j, "verify_s"));
   }
   if (c.stats && j.contains("io_latency_us")) say(stderr, "  {}\n", latency_line(j));
 }

@@ -141,6 +141,8 @@ Result<nlohmann::json> verify(const std::string& image, const EngineConfig& engi
       {"image", image},
       {"ok", true},
       {"chunks_checked", report.chunks_checked},
+      // RAM QEMU saved is in its section, checked whole rather than by chunk.
+      {"qemu_section_bytes", (*r)->layout().qemu.length},
       {"bytes_read", report.bytes_read},
       {"verify_s", report.seconds},
       {"throughput_bps", report.seconds > 0 ? report.bytes_read / report.seconds : 0},

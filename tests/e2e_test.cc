@@ -1553,6 +1553,8 @@ TEST_CASE("e2e: a guest with anonymous RAM (-m only) is saved through QEMU and c
 
   RunResult v = run_vmsave({"verify", image}, kRunTimeout);
   CHECK_RUN(v, 0);
+  // It was "intact (0 chunks, ...)".
+  CHECK_MESSAGE(contains(v.err, image + ": intact (QEMU's section, "), v.err);
   // Every finished phase got to 100% (holes in QEMU's section count too).
   CHECK_MESSAGE(contains(v.err, "%)"), v.err);
   for (size_t at = v.err.find("%)"); at != std::string::npos; at = v.err.find("%)", at + 1))
