@@ -466,9 +466,8 @@ Status mapped_ram_migrate(QmpClient& qmp, bool incoming, const MappedRamFds& fds
     if (on_status) on_status(*r);
     std::string status = r->value("status", "");
     if (status == "completed") return finishing_after ? interrupted_error() : Status();
-    if ((status == "failed" || status == "cancelled") && finishing_after)
-      return interrupted_error();
     if (status == "failed" || status == "cancelled") {
+      if (finishing_after) return interrupted_error();  // stopping anyway
       Error e{fmt::format("QEMU's {} {}", what, status), qmp.path(),
               r->value("error-desc", "no reason given")};
       if (!incoming && e.detail.find(std::strerror(ENOSPC)) != std::string::npos)
