@@ -472,12 +472,11 @@ Status check_qemu_load_room(const std::vector<std::tuple<std::string, i64, i64>>
   std::map<dev_t, std::string> first;
   std::map<dev_t, struct statvfs> fs;
   for (auto& [path, size, holds] : files) {
-    const std::string dir = std::filesystem::path(path).parent_path().string();
+    std::string dir = std::filesystem::path(path).parent_path().string();
+    if (dir.empty()) dir = ".";
     struct stat st;
     struct statvfs sv;
-    if (stat(dir.empty() ? "." : dir.c_str(), &st) < 0 ||
-        statvfs(dir.empty() ? "." : dir.c_str(), &sv) < 0 || sv.f_blocks == 0)
-      continue;
+    if (stat(dir.c_str(), &st) < 0 || statvfs(dir.c_str(), &sv) < 0 || sv.f_blocks == 0) continue;
     need[st.st_dev] += size;
     freed[st.st_dev] += holds;
     first.emplace(st.st_dev, path);
@@ -514,12 +513,9 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
     auto mp = o.object.get_string("mem-path");
     struct stat st;
     const bool found = mp && stat(mp->c_str(), &st) == 0;
-    auto shared = o.object.get_bool("share");
-    if (by_qemu && mp && !found && errno == ENOENT && shared.ok() && shared->value_or(false)) {
-      loaded.emplace_back(*mp, size, 0);
-      made->push_back(*mp);
-    }
-    if (by_qemu && mp && !found && errno == ENOENT) {
+    const bool missing = mp && !found && errno == ENOENT;
+    auto share = o.object.get_bool("share");
+    if (by_qemu && missing) {
       // A lazy clone's command, saved with it, maps the image it came from
       // read-only; moved or removed, QEMU fails at start-up.
       auto ro = o.object.get_bool("readonly");
@@ -530,9 +526,12 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
             .fix(fmt::format("give backend {} a mem-path without readonly=on (as the VM was "
                              "first started), or use memory-backend-ram",
                              o.object.id));
+      if (share.ok() && share->value_or(false)) {  // QEMU makes it and fills it
+        loaded.emplace_back(*mp, size, 0);
+        made->push_back(*mp);
+      }
     }
     if (!by_qemu || !found || !S_ISREG(st.st_mode)) continue;
-    auto share = o.object.get_bool("share");
     if (!share.ok()) return share.error().as(Exit::kUsage);
     if (!share->value_or(false)) {
       // All zeros (the file QEMU made for a share=off backend: its writes
