@@ -127,6 +127,9 @@ void TerminalReporter::begin_phase(const std::string& name, const Progress* prog
   phase_ = name;
   progress_ = progress;
   phase_start_ = std::chrono::steady_clock::now();
+  // A line as the phase begins, so a wrapper hears of a phase shorter
+  // than a tick too (before the first tick it only ever saw its end).
+  if (progress_fd_ >= 0) draw(false);
 }
 
 void TerminalReporter::end_phase() {
