@@ -702,6 +702,17 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
   return StartedQemu{pid, log};
 }
 
+Error killed_error(int sig, const std::string& when, const std::string& log) {
+  Error e{fmt::format("QEMU was killed by signal {} ({}) {}", sig, strsignal(sig), when), log, ""};
+  if (sig == SIGKILL)
+    return e.fix(
+        "find what killed it (the kernel log names the OOM killer when it was that), "
+        "then run the restore again");
+  return e.fix(
+      "QEMU crashed or was killed: see its log and the kernel log, then run the restore "
+      "again");
+}
+
 Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path, double timeout_s,
                                   bool daemonize) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
@@ -709,6 +720,8 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
     int status = 0;
     pid_t r = waitpid(q.pid, &status, WNOHANG);
     bool exited = r == q.pid;
+    if (exited && WIFSIGNALED(status))
+      return killed_error(WTERMSIG(status), "before it was ready", q.log);
     if (exited && !(daemonize && WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
       std::string tail = log_tail(q.log, 3);
       return Error{"QEMU exited before it was ready", q.log,

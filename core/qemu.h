@@ -149,4 +149,8 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
 
 std::string log_tail(const std::string& path, int lines);
 
+// "QEMU was killed by signal N (NAME) WHEN", with its log and a fix: the
+// command line is not to blame when something else killed QEMU.
+Error killed_error(int sig, const std::string& when, const std::string& log);
+
 }  // namespace vmsave

@@ -28,10 +28,12 @@
 #include <sys/wait.h>
 
 #include <charconv>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <thread>
 
 #include <fmt/core.h>
 
@@ -598,6 +600,19 @@ Status check_qmp_path_free(const std::string& path) {
       "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)");
 }
 
+// The signal that killed the QEMU vmsave started, or 0 if it did not die
+// of one; left unreaped for kill_qemu. Its QMP connection closes a moment
+// before the process is gone, so this waits up to a second for it.
+int killing_signal(pid_t pid) {
+  for (int i = 0; i < 100; i++) {
+    siginfo_t info{};
+    if (waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) < 0) return 0;
+    if (info.si_pid == pid) return info.si_code == CLD_EXITED ? 0 : info.si_status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return 0;
+}
+
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
   kill(pid, SIGKILL);
@@ -819,6 +834,10 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!st.ok() && st.error().status == Exit::kInterrupted) return st;  // nothing to explain
   if (!st.ok()) {
     Error e = st.error();
+    // Killed from outside (the OOM killer, a kill -9) or crashed: the
+    // command line is not to blame, and QEMU's log says nothing.
+    if (int sig = cmd.daemonize() ? 0 : killing_signal(q.pid))
+      return killed_error(sig, "while loading the image", log);
     // QEMU's cause often comes a line or two before its last words
     // ("Unknown ramblock ...", then "error while loading state ...").
     std::string tail = log_tail(log, 4);

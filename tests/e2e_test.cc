@@ -2048,6 +2048,79 @@ TEST_CASE(
   if (killed < 2) skip(fmt::format("killed {} of 2 restores part-way in 5 tries each", killed));
 }
 
+TEST_CASE(
+    "e2e: a QEMU killed during a restore is named as the cause, and the retry finds nothing in "
+    "its way") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  const std::string image = saved_without_ram(vm);
+  const std::string log = vm.dir() + "/restore.log";
+  std::vector<std::string> argv = {VMSAVE_BINARY, "restore",       image, "--qemu-log",
+                                   log,           "--progress-fd", "3",   "--"};
+  const std::vector<std::string> qemu = vm.command();
+  argv.insert(argv.end(), qemu.begin(), qemu.end());
+
+  // QEMU killed while vmsave fills its RAM file (QEMU starts first), and
+  // while QEMU loads the device state. It used to say "QEMU closed the QMP
+  // connection" and blame the command line.
+  const std::pair<std::string, std::string> moments[] = {
+      {"reading RAM", "QEMU was killed by signal 9 (Killed) before it was ready"},
+      {"loading device state", "QEMU was killed by signal 9 (Killed) while loading the image"},
+  };
+  int killed = 0;
+  for (const auto& [phase, said] : moments) {
+    CAPTURE(phase);
+    for (int attempt = 0; attempt < 5; attempt++) {
+      int p[2];
+      REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+      const std::string out = vm.dir() + "/vmsave.out";
+      int status;
+      {
+        Child restore(argv, out, p[1]);
+        ::close(p[1]);
+        std::string got;
+        bool hit = false;
+        double deadline = now_s() + kRunTimeout;
+        while (!hit && now_s() < deadline) {
+          pollfd pfd{p[0], POLLIN, 0};
+          if (poll(&pfd, 1, 100) <= 0) continue;
+          char buf[4096];
+          ssize_t n = ::read(p[0], buf, sizeof buf);
+          if (n <= 0) break;
+          got.append(buf, size_t(n));
+          for (size_t nl; !hit && (nl = got.find('\n')) != std::string::npos;) {
+            json j = json::parse(got.substr(0, nl), nullptr, false);
+            got.erase(0, nl + 1);
+            hit = j.is_object() && j.value("phase", "") == phase && !j.value("final", true);
+          }
+        }
+        if (hit) test::kill_qemu_mentioning(vm.dir());
+        status = restore.wait(kRunTimeout);
+      }
+      ::close(p[0]);
+      const std::string err = slurp(out);
+      if (status == 0) {  // QEMU was done first: undo, try again
+        test::kill_qemu_mentioning(vm.dir());
+        ::unlink(vm.ram_path().c_str());
+        continue;
+      }
+      killed++;
+      CHECK_MESSAGE(status == 1, err);
+      CHECK_MESSAGE(contains(err, fmt::format("vmsave: error: {} ({})", said, log)), err);
+      CHECK_MESSAGE(contains(err, "find what killed it"), err);
+      CHECK_MESSAGE(!contains(err, "command line"), err);
+      CHECK_FALSE(exists(vm.ram_path()));
+      CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
+      RunResult r = run_vmsave(restore_args(image, log, false, vm.command()), kRunTimeout);
+      CHECK_RUN(r, 0);
+      CHECK(test::kill_qemu_mentioning(vm.dir()) == 1);
+      ::unlink(vm.ram_path().c_str());
+      break;
+    }
+  }
+  if (killed < 2) skip(fmt::format("killed QEMU in {} of 2 restores in 5 tries each", killed));
+}
+
 TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) carries on") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
