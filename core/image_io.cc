@@ -1380,9 +1380,22 @@ Status ImageWriter::link_into_place() {
 
 // ---------------------------------------------------------------- reader
 
+static Error not_a_file(const std::string& path, mode_t mode) {
+  const char* what = S_ISDIR(mode)                    ? "a directory"
+                     : S_ISFIFO(mode)                 ? "a FIFO"
+                     : S_ISSOCK(mode)                 ? "a socket"
+                     : S_ISCHR(mode) || S_ISBLK(mode) ? "a device"
+                                                      : "not a regular file";
+  return Error{"not an image file", path, what}.fix("give the path of an image vmsave saved");
+}
+
 Result<std::unique_ptr<ImageReader>> ImageReader::open(const std::string& path,
                                                        const WarnFn& warn) {
   std::unique_ptr<ImageReader> r(new ImageReader());
+  // A path to something else is the wrong path, not a damaged image (a
+  // socket cannot even be opened: ENXIO).
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) return not_a_file(path, st.st_mode);
   // O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is
   // refused below as not a regular file, and the flag cleared for the rest
   // (io_uring would return -EAGAIN on a non-blocking fd).
@@ -1397,10 +1410,8 @@ Result<std::unique_ptr<ImageReader>> ImageReader::open(const std::string& path,
   }
   r->file_ = std::move(*f);
   r->min_hole_ = default_min_hole(r->fd());
-  struct stat st;
   if (fstat(r->file_.fd.get(), &st) < 0) return sys_error("fstat", path, errno);
-  if (!S_ISREG(st.st_mode))
-    return Error{"not an image", path, "not a regular file"}.as(Exit::kDamaged);
+  if (!S_ISREG(st.st_mode)) return not_a_file(path, st.st_mode);
   if (fcntl(r->fd(), F_SETFL, fcntl(r->fd(), F_GETFL) & ~O_NONBLOCK) < 0)
     return sys_error("fcntl", path, errno);
   if (!r->file_.direct && warn)

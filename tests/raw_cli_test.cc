@@ -9,15 +9,18 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
 
+#include <fmt/core.h>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <fmt/core.h>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -25,6 +28,7 @@
 
 #include "core/vmsave.h"
 #include "format/image.h"
+#include "io/fd.h"
 #include "tests/test_util.h"
 
 using namespace vmsave;
@@ -915,9 +919,16 @@ TEST_CASE("raw: missing, empty, foreign and newer images are refused with the ri
     CHECK_FAILS(r, 1, "No such file or directory");
     CHECK_MESSAGE(contains(r.err, missing), r.err);
   }
-
+  // A directory is the wrong path too, not a damaged image.
   std::string dir = disk / "adir.vmsave";
   REQUIRE(mkdir(dir.c_str(), 0700) == 0);
+  for (const char* cmd : {"info", "verify", "restore"}) {
+    CAPTURE(std::string(cmd));
+    std::vector<std::string> args = {cmd, dir};
+    if (std::string(cmd) == "restore") args = {cmd, dir, "--ram-dir", out.path()};
+    RunResult r = run_vmsave(args);
+    CHECK_FAILS(r, 1, "not an image file (" + dir + "): a directory; give the path of an image");
+  }
   std::string empty = disk / "empty.vmsave";
   write_string(empty, "");
   std::string foreign = disk / "foreign.vmsave";
@@ -947,9 +958,9 @@ TEST_CASE("raw: missing, empty, foreign and newer images are refused with the ri
   struct Case {
     std::string path, needle;
   };
-  for (const Case& c : {Case{dir, "regular file"}, Case{empty, "smaller than an image header"},
-                        Case{foreign, "not a vmsave image"}, Case{text, "not a vmsave image"},
-                        Case{newer, "too new"}}) {
+  for (const Case& c :
+       {Case{empty, "smaller than an image header"}, Case{foreign, "not a vmsave image"},
+        Case{text, "not a vmsave image"}, Case{newer, "too new"}}) {
     for (const char* cmd : {"info", "verify", "restore"}) {
       CAPTURE(c.path);
       CAPTURE(std::string(cmd));
@@ -993,16 +1004,35 @@ TEST_CASE("raw: an image another user cannot read is refused with status 1, nami
   CHECK(list_dir(disk.path()) == std::vector<std::string>{"image.vmsave"});
 }
 
-TEST_CASE("raw: a FIFO as image or memory file is refused, not waited on") {
+TEST_CASE(
+    "raw: a FIFO as image or memory file is refused, not waited on, and other non-files too") {
   // Opening a FIFO for reading blocks until a writer appears: vmsave must
   // refuse it as "not a regular file" instead of hanging.
   TempDir disk;
   std::string fifo = disk / "fifo";
   REQUIRE(mkfifo(fifo.c_str(), 0600) == 0);
+  // Nor is any other thing that is not a file a damaged image (exit 3):
+  // it is the wrong path.
+  std::string sock = disk / "sock";
+  UniqueFd listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, sock.c_str(), sizeof(addr.sun_path) - 1);
+  REQUIRE(::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  const std::pair<std::string, std::string> others[] = {{fifo, "a FIFO"},
+                                                        {sock, "a socket"},
+                                                        {disk.path(), "a directory"},
+                                                        {"/dev/null", "a device"}};
   for (const char* cmd : {"info", "verify"}) {
-    CAPTURE(std::string(cmd));
-    RunResult r = run_vmsave({cmd, fifo}, 5);
-    CHECK_FAILS(r, 3, "regular file");
+    for (const auto& [path, what] : others) {
+      CAPTURE(std::string(cmd));
+      CAPTURE(path);
+      RunResult r = run_vmsave({cmd, path}, 5);
+      CHECK_FAILS(r, 1,
+                  fmt::format("vmsave: error: not an image file ({}): {}; give the path of an "
+                              "image vmsave saved\n",
+                              path, what));
+    }
   }
   RunResult r = run_vmsave({"save", "--ram", "ram=" + fifo, disk / "image.vmsave"}, 5);
   CHECK_FAILS(r, 1, "regular file");
