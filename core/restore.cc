@@ -120,6 +120,16 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
 
 // The machine the device state was saved from: its type, -m, -cpu and CPU
 // count, against what the save recorded.
+// The command line the VM was saved with; none for images from vmsave
+// before 0.1, or if it no longer parses.
+std::optional<QemuCommand> saved_command(const nlohmann::json& meta) {
+  auto it = meta.find("qemu_cmdline");
+  if (it == meta.end() || !it->is_array()) return std::nullopt;
+  auto cmd = QemuCommand::parse(it->get<std::vector<std::string>>());
+  if (!cmd.ok()) return std::nullopt;
+  return std::move(*cmd);
+}
+
 Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   if (meta.contains("machine_type")) {
     auto t = cmd.machine_type();
@@ -146,9 +156,8 @@ Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   // handler, and another CPU count fails deep in the device state with a
   // message about some device. From the saved command line (images from
   // vmsave before 0.1 lack it).
-  if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return Status();
-  auto saved_cmd = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
-  if (!saved_cmd.ok()) return Status();
+  auto saved_cmd = saved_command(meta);
+  if (!saved_cmd) return Status();
   // No -cpu is QEMU's default model, qemu64 on x86_64 whatever the machine.
   // The target is the saved VM's, told by its binary or its machine type
   // (the command may start with a wrapper, taskset or env, or a binary of
@@ -379,9 +388,8 @@ bool names_backend(const QemuCommand& cmd, const std::string& id, size_t skip) {
 Status check_backends_used(const QemuCommand& cmd, const std::vector<BackendPlan>& plans,
                            const nlohmann::json& meta) {
   if (cmd.has_option("readconfig")) return Status();  // uses may be in the file
-  if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return Status();
-  auto saved = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
-  if (!saved.ok()) return Status();
+  auto saved = saved_command(meta);
+  if (!saved) return Status();
   auto saved_objs = saved->objects();
   if (!saved_objs.ok()) return Status();
   for (const BackendPlan& p : plans) {
@@ -624,9 +632,8 @@ void kill_qemu(pid_t pid) {
 // prealloc), as a restore that rewrites the command line does. None for
 // images without the command line.
 std::vector<ObjectArg> saved_backends(const nlohmann::json& meta) {
-  if (!meta.contains("qemu_cmdline") || !meta["qemu_cmdline"].is_array()) return {};
-  auto cmd = QemuCommand::parse(meta["qemu_cmdline"].get<std::vector<std::string>>());
-  if (!cmd.ok()) return {};
+  auto cmd = saved_command(meta);
+  if (!cmd) return {};
   auto objs = cmd->objects();
   if (!objs.ok()) return {};
   std::vector<ObjectArg> out;
