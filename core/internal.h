@@ -34,6 +34,9 @@ Status check_block_id(const std::string& id, const std::string& image);
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);
 
+// The file offsets at which process `pid` maps the file `st` describes.
+std::vector<i64> mapped_offsets(pid_t pid, const struct stat& st);
+
 // The machine type `type` names in QEMU binary `qemu` (`-machine help`
 // says "alias of pc-i440fx-10.0" for "pc"); `type` itself if it names no
 // alias or QEMU cannot tell.

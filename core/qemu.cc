@@ -130,6 +130,14 @@ bool process_alive(pid_t pid) {
   return state != 'Z' && state != 'X';
 }
 
+std::vector<i64> mapped_offsets(pid_t pid, const struct stat& st) {
+  std::vector<i64> out;
+  for (auto& m : read_maps(pid))
+    if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev)
+      out.push_back(static_cast<i64>(m.offset));
+  return out;
+}
+
 namespace {
 
 pid_t run_dir_owner(const std::string& dir) {

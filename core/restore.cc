@@ -621,6 +621,27 @@ int killing_signal(pid_t pid) {
   return 0;
 }
 
+// A lazy restore's QEMU opens the image by its path: a save --force or mv
+// that put another file there after vmsave opened it had QEMU map that
+// file's RAM under this image's device state, and the restore reported
+// success with a dead guest. QEMU maps its backends before it answers QMP.
+Status check_lazy_mapped(pid_t pid, const ImageReader& img, const std::vector<BackendPlan>& plans,
+                         const std::string& image) {
+  struct stat mine, now;
+  if (fstat(img.fd(), &mine) < 0) return sys_error("fstat", image, errno);
+  if (stat(image.c_str(), &now) == 0 && now.st_dev == mine.st_dev && now.st_ino == mine.st_ino)
+    return Status();  // still the file vmsave read: the one QEMU opened
+  std::vector<i64> mapped = mapped_offsets(pid, mine);
+  for (const BackendPlan& p : plans) {
+    const BlockLayout& b = img.layout().blocks[p.block];
+    if (std::find(mapped.begin(), mapped.end(), b.region.offset) == mapped.end())
+      return Error{"the image was replaced while the restore started QEMU", image,
+                   fmt::format("QEMU maps another file's RAM for block {}", b.id)}
+          .fix("run the restore again once the image is no longer being replaced");
+  }
+  return Status();
+}
+
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
   kill(pid, SIGKILL);
@@ -833,6 +854,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     watchdog->note_kill(q.pid);
     if (!fill_first) VMSAVE_TRY(fill());
   }
+  if (opts.lazy) VMSAVE_TRY(check_lazy_mapped(qmp.peer_pid(), img, plans, image_abs));
   timer.lap("start_qemu");
 
   bool run = opts.running.value_or(meta->value("guest_running", true));

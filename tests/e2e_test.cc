@@ -1161,6 +1161,54 @@ TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, a
   CHECK_RUN(run_vmsave({"verify", live}, kRunTimeout), 0);
 }
 
+TEST_CASE(
+    "e2e: a lazy restore whose image is replaced as its QEMU starts fails, not runs a dead guest") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm, 1);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  const std::string newer = vm.dir() + "/newer.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
+              0);
+  std::string err;
+  i64 then = read_story(vm.serial_log()).last->iteration;
+  REQUIRE_MESSAGE(wait_story([&] { return vm.serial_log(); }, then + 3, kCarryOnTimeout, vm.pid(),
+                             nullptr, &err),
+                  err);
+  save_and_quit(vm, newer);
+  const MemcheckLine saved = *read_story(vm.serial_log()).last;
+
+  // A QEMU wrapper that moves the newer image over the one vmsave opened,
+  // just before QEMU opens it by its path: what a save --force or an mv of
+  // a new image at that moment does. QEMU used to map the newer image's
+  // RAM under the older one's device state, and the restore said it ran.
+  const std::string wrapper = vm.dir() + "/qemu-wrapper";
+  {
+    std::ofstream w(wrapper);
+    w << "#!/bin/sh\ncase \"$*\" in *incoming*) mv -f '" << newer << "' '" << image
+      << "' ;; esac\nexec qemu-system-x86_64 \"$@\"\n";
+  }
+  REQUIRE(::chmod(wrapper.c_str(), 0755) == 0);
+  std::vector<std::string> wrapped = vm.command();
+  wrapped[0] = wrapper;
+  const std::string log = vm.dir() + "/restore.log";
+  RunResult r = run_vmsave(restore_args(image, log, true, wrapped), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "vmsave: error: the image was replaced while the restore started "
+                         "QEMU (" +
+                             image + "): QEMU maps another file's RAM for block ram0"),
+                r.err);
+  CHECK_FALSE(exists(newer));
+  CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
+
+  // The retry restores the image now at the path: the newer save.
+  r = run_vmsave(restore_args(image, log, true, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  check_carries_on(vm, saved, qemu.pid);
+}
+
 TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
