@@ -1454,12 +1454,29 @@ std::string metadata_type_error(const nlohmann::json& m) {
     return v.is_array() && std::all_of(v.begin(), v.end(), [](auto& a) { return a.is_string(); });
   };
   const std::pair<const char*, std::function<bool(const nlohmann::json&)>> fields[] = {
-      {"mode", is_str},           {"created", is_str},      {"host", is_str},
-      {"vmsave_version", is_str}, {"qemu_version", is_str}, {"description", is_str},
-      {"machine_type", is_str},   {"machine_qom_type", is_str}, {"compress", is_str},
-      {"vmstate_bytes", is_int},  {"memory_size", is_int},  {"qemu_pid", is_int},
+      {"mode", is_str},
+      {"created", is_str},
+      {"host", is_str},
+      {"vmsave_version", is_str},
+      {"qemu_version", is_str},
+      {"description", is_str},
+      {"machine_type", is_str},
+      {"machine_qom_type", is_str},
+      {"compress", is_str},
+      {"vmstate_bytes", is_int},
+      {"memory_size", is_int},
+      {"qemu_pid", is_int},
       {"qemu_cmdline", strings},
       {"guest_running", [](auto& v) { return v.is_boolean() || v.is_null(); }},
+      {"memory_devices",
+       [&](auto& v) {
+         return v.is_array() && std::all_of(v.begin(), v.end(), [&](auto& d) {
+                  return d.is_object() && is_str(d.value("type", nlohmann::json(""))) &&
+                         is_str(d.value("id", nlohmann::json(""))) &&
+                         is_str(d.value("memdev", nlohmann::json(""))) &&
+                         d.value("addr", nlohmann::json(0)).is_number_unsigned();
+                });
+       }},
       {"qemu_migration",
        [&](auto& v) {
          return v.is_object() && is_int(v.value("offset", nlohmann::json(0))) &&

@@ -83,6 +83,24 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp) {
   return out;
 }
 
+std::optional<nlohmann::json> memory_devices(QmpClient& qmp) {
+  auto r = qmp.execute("query-memory-devices");
+  if (!r.ok() || !r->is_array()) return std::nullopt;
+  nlohmann::json out = nlohmann::json::array();
+  for (auto& d : *r) {
+    auto data = d.find("data");
+    if (data == d.end() || !data->is_object() || !data->contains("addr")) continue;
+    std::string memdev = data->value("memdev", "");
+    if (memdev.starts_with("/objects/")) memdev.erase(0, 9);
+    if (memdev.empty()) continue;
+    out.push_back({{"type", d.value("type", "")},
+                   {"id", data->value("id", "")},
+                   {"memdev", memdev},
+                   {"addr", (*data)["addr"]}});
+  }
+  return out;
+}
+
 Error unsaveable_ram_error(const RamBackend& b) {
   std::string why = fmt::format(
       "it is {}{}, which vmsave cannot read, and this QEMU lacks the mapped-ram migration "

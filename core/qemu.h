@@ -38,6 +38,11 @@ struct RamBackend {
 // Lists the memory-backend-* objects under /objects with their properties.
 Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp);
 
+// Memory devices (pc-dimm, virtio-mem, ...) with their backend and guest
+// address, as [{"type", "id", "memdev", "addr"}]; nullopt if QEMU cannot
+// say.
+std::optional<nlohmann::json> memory_devices(QmpClient& qmp);
+
 // Opens the file behind each backend, checking it is what QEMU `pid` maps:
 // mem-path itself when its inode is mapped, otherwise the mapping found in
 // /proc/PID/maps (a directory mem-path makes QEMU create and unlink a

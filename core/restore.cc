@@ -642,6 +642,35 @@ Status check_lazy_mapped(pid_t pid, const ImageReader& img, const std::vector<Ba
   return Status();
 }
 
+// Hot-plugged memory gets its guest address from the order of its -device
+// options (or their addr=): listed in another order, two DIMMs swap
+// places, and a lazy restore (or QEMU loading its own section) ran the
+// guest with each one's memory at the other's address. QEMU has placed
+// them by the time it answers QMP.
+Status check_memory_devices(QmpClient& qmp, const nlohmann::json& meta) {
+  auto saved = meta.find("memory_devices");
+  if (saved == meta.end() || !saved->is_array()) return Status();
+  auto now = memory_devices(qmp);
+  if (!now) return Status();
+  for (const auto& was : *saved) {
+    for (const auto& is : *now) {
+      if (is.value("memdev", "") != was.value("memdev", "") || is["addr"] == was["addr"]) continue;
+      const std::string id = was.value("id", "");
+      const std::string type = was.value("type", "") == "dimm" ? "pc-dimm" : was.value("type", "");
+      const u64 addr = was.value("addr", u64(0));
+      return Error{"the QEMU command does not fit the image", "",
+                   fmt::format("memory device {} (backend {}) is at guest address {:#x}, the "
+                               "saved VM had it at {:#x}",
+                               id.empty() ? type : id, is.value("memdev", ""),
+                               is.value("addr", u64(0)), addr)}
+          .fix(fmt::format("list the -device options of hot-plugged memory in the order it was "
+                           "plugged, or give each its address: -device {}{},memdev={},addr={:#x}",
+                           type, id.empty() ? "" : ",id=" + id, is.value("memdev", ""), addr));
+    }
+  }
+  return Status();
+}
+
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
   kill(pid, SIGKILL);
@@ -855,6 +884,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     if (!fill_first) VMSAVE_TRY(fill());
   }
   if (opts.lazy) VMSAVE_TRY(check_lazy_mapped(qmp.peer_pid(), img, plans, image_abs));
+  VMSAVE_TRY(check_memory_devices(qmp, *meta));
   timer.lap("start_qemu");
 
   bool run = opts.running.value_or(meta->value("guest_running", true));
@@ -1102,6 +1132,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
                       "start QEMU with the arguments `vmsave prepare` prints");
   }
   VMSAVE_TRY(check_prepared_ram(img, opts.image, std::move(*backends), qmp.peer_pid()));
+  VMSAVE_TRY(check_memory_devices(qmp, *meta));
   timer.lap("connect");
   bool run = opts.running.value_or(meta->value("guest_running", true));
   double vmstate_s = 0;

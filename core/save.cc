@@ -212,6 +212,7 @@ nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmd
   auto mt = qmp.execute("qom-get", {{"path", "/machine"}, {"property", "type"}});
   if (mt.ok() && mt->is_string()) m["machine_qom_type"] = *mt;
   m["qemu_cmdline"] = cmdline;
+  if (auto devs = memory_devices(qmp)) m["memory_devices"] = *devs;
   auto cmd = QemuCommand::parse(cmdline);
   if (cmd.ok()) {
     auto type = cmd->machine_type();

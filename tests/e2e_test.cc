@@ -999,26 +999,30 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
 }
 
 TEST_CASE(
-    "e2e: a DIMM hot-plugged before the save: refused without its -device, and carries on with "
-    "it") {
+    "e2e: DIMMs hot-plugged before the save: refused without their -device or in another order, "
+    "and carry on with them") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
-  opts.extra_args = {"-m", "256M,slots=1,maxmem=512M"};
+  opts.extra_args = {"-m", "256M,slots=2,maxmem=512M"};
   TestVm vm(opts);
   boot(vm);
-  const std::string dimm_file =
-      std::filesystem::path(vm.ram_path()).parent_path().string() + "/dimm1";
+  const std::string dir = std::filesystem::path(vm.ram_path()).parent_path().string();
+  const std::string dimm_files[] = {dir + "/dimm1", dir + "/dimm2"};
   {
     auto q = QmpClient::connect(vm.qmp_path(), 10);
     REQUIRE(q.ok());
-    auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
-                                       {"id", "dimm1"},
-                                       {"size", 128 * kMiB},
-                                       {"share", true},
-                                       {"mem-path", dimm_file}});
-    REQUIRE_MESSAGE(o.ok(), o.error().message());
-    auto d = q->execute("device_add", {{"driver", "pc-dimm"}, {"id", "d1"}, {"memdev", "dimm1"}});
-    REQUIRE_MESSAGE(d.ok(), d.error().message());
+    for (int i = 0; i < 2; i++) {
+      auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
+                                         {"id", fmt::format("dimm{}", i + 1)},
+                                         {"size", 64 * kMiB},
+                                         {"share", true},
+                                         {"mem-path", dimm_files[i]}});
+      REQUIRE_MESSAGE(o.ok(), o.error().message());
+      auto d = q->execute("device_add", {{"driver", "pc-dimm"},
+                                         {"id", fmt::format("d{}", i + 1)},
+                                         {"memdev", fmt::format("dimm{}", i + 1)}});
+      REQUIRE_MESSAGE(d.ok(), d.error().message());
+    }
   }
   const std::string image = vm.dir() + "/vm.vmsave";
   REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout), 0);
@@ -1026,15 +1030,29 @@ TEST_CASE(
   vm.kill_qemu();  // reaps it
   const MemcheckLine saved = *read_story(vm.serial_log()).last;
   REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
-  REQUIRE(::unlink(dimm_file.c_str()) == 0);
+  for (auto& f : dimm_files) REQUIRE(::unlink(f.c_str()) == 0);
+  // Where the DIMMs were, as the image recorded them.
+  RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(info, 0);
+  const json devices = parse_json(info)["metadata"]["memory_devices"];
+  REQUIRE_MESSAGE(devices.size() == 2, devices.dump());
+  CHECK(devices[0].value("memdev", "") == "dimm1");
+  CHECK(devices[1].value("memdev", "") == "dimm2");
+  const u64 addr1 = devices[0].value("addr", u64(0));
+  const u64 addr2 = devices[1].value("addr", u64(0));
+  CHECK(addr2 > addr1);
 
-  // The backend without the DIMM that used it: QEMU failed in the device
-  // state ("Unknown ramblock dimm1") after it had started.
-  const std::string object =
-      "memory-backend-file,id=dimm1,size=128M,share=on,mem-path=" + dimm_file;
+  // The backends without the DIMMs that used them: QEMU failed in the
+  // device state ("Unknown ramblock dimm1") after it had started.
+  std::vector<std::string> objects;
+  for (int i = 0; i < 2; i++)
+    objects.insert(objects.end(),
+                   {"-object", fmt::format("memory-backend-file,id=dimm{},size=64M,share=on,"
+                                           "mem-path={}",
+                                           i + 1, dimm_files[i])});
   const std::string qemu_log = vm.dir() + "/restore-qemu.log";
-  RunResult r = run_vmsave(
-      restore_args(image, qemu_log, false, plus(vm.command(), {"-object", object})), kRunTimeout);
+  RunResult r =
+      run_vmsave(restore_args(image, qemu_log, false, plus(vm.command(), objects)), kRunTimeout);
   CHECK_RUN(r, 1);
   CHECK_MESSAGE(contains(r.err,
                          "vmsave: error: the QEMU command does not fit the image: no "
@@ -1043,18 +1061,17 @@ TEST_CASE(
                 r.err);
   CHECK_MESSAGE(contains(r.err, "-device pc-dimm,id=DIMM,memdev=dimm1"), r.err);
   CHECK_FALSE(exists(qemu_log));
-  CHECK_FALSE(exists(dimm_file));
+  for (auto& f : dimm_files) CHECK_FALSE(exists(f));
 
   // The two-step form checks the QEMU it is given the same way, which
   // still waits.
   RunResult prepared = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
   REQUIRE_RUN(prepared, 0);
+  const auto prepared_args = parse_json(prepared)["qemu_args"].get<std::vector<std::string>>();
   ::unlink(vm.qmp_path().c_str());  // a stale socket would look ready
   {
     const std::string log = vm.dir() + "/two-step-qemu.log";
-    Child waiting(with_prepared(plus(vm.command(), {"-object", object}),
-                                parse_json(prepared)["qemu_args"].get<std::vector<std::string>>()),
-                  log);
+    Child waiting(with_prepared(plus(vm.command(), objects), prepared_args), log);
     await_qmp_socket(vm, waiting, log);
     r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
     CHECK_RUN(r, 1);
@@ -1064,10 +1081,41 @@ TEST_CASE(
   }
   ::unlink(vm.qmp_path().c_str());
 
-  r = run_vmsave(restore_args(image, qemu_log, false,
-                              plus(vm.command(),
-                                   {"-object", object, "-device", "pc-dimm,id=d1,memdev=dimm1"})),
+  // The DIMMs in the other order swap their guest addresses: a lazy
+  // restore ran the guest with each one's memory at the other's place and
+  // said it ran. Refused once QEMU has placed them, in both forms.
+  const std::vector<std::string> swapped = {"-device", "pc-dimm,id=d2,memdev=dimm2", "-device",
+                                            "pc-dimm,id=d1,memdev=dimm1"};
+  const std::string misplaced = fmt::format(
+      "vmsave: error: the QEMU command does not fit the image: memory device d1 "
+      "(backend dimm1) is at guest address {:#x}, the saved VM had it at {:#x}; list "
+      "the -device options of hot-plugged memory in the order it was plugged, or "
+      "give each its address: -device pc-dimm,id=d1,memdev=dimm1,addr={:#x}",
+      addr2, addr1, addr1);
+  r = run_vmsave(restore_args(image, qemu_log, true, plus(plus(vm.command(), objects), swapped)),
                  kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, misplaced), r.err);
+  CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
+  {
+    const std::string log = vm.dir() + "/two-step-qemu.log";
+    Child waiting(with_prepared(plus(plus(vm.command(), objects), swapped), prepared_args), log);
+    await_qmp_socket(vm, waiting, log);
+    r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, misplaced), r.err);
+  }
+  ::unlink(vm.qmp_path().c_str());
+
+  // In the order they were plugged, or in any order with the address the
+  // fix names, they carry on.
+  r = run_vmsave(
+      restore_args(
+          image, qemu_log, false,
+          plus(plus(vm.command(), objects),
+               {"-device", "pc-dimm,id=d2,memdev=dimm2,addr=" + fmt::format("{:#x}", addr2),
+                "-device", "pc-dimm,id=d1,memdev=dimm1"})),
+      kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   REQUIRE(qemu.pid > 0);

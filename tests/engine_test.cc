@@ -570,6 +570,10 @@ TEST_CASE(
       {{{"qemu_cmdline", nlohmann::json::array({"qemu", 1})}},
        "metadata field \"qemu_cmdline\" has the wrong type (array)"},
       {{{"qemu_migration", {{"offset", "0"}}}}, "metadata field \"qemu_migration\""},
+      {{{"memory_devices", nlohmann::json::array({{{"memdev", "m0"}, {"addr", -1}}})}},
+       "metadata field \"memory_devices\" has the wrong type (array)"},
+      {{{"memory_devices", nlohmann::json::array({{{"memdev", 7}, {"addr", 4096}}})}},
+       "metadata field \"memory_devices\" has the wrong type (array)"},
       {{{"x", deep}}, "metadata is nested deeper than 64 levels"},
   };
   for (auto& [extra, why] : cases) {
