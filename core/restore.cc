@@ -74,8 +74,31 @@ Error mismatch(const std::string& what, const std::string& fix = "") {
 }
 
 // Matches memory backends on the command line to the image's RAM blocks.
+// The command line the VM was saved with; none for images from vmsave
+// before 0.1, or if it no longer parses.
+std::optional<QemuCommand> saved_command(const nlohmann::json& meta) {
+  auto it = meta.find("qemu_cmdline");
+  if (it == meta.end() || !it->is_array()) return std::nullopt;
+  auto cmd = QemuCommand::parse(it->get<std::vector<std::string>>());
+  if (!cmd.ok()) return std::nullopt;
+  return std::move(*cmd);
+}
+
+// Whether the saved VM had memory backend `id` as an -object of its
+// command line or one hot-plugged for a memory device.
+bool had_backend(const nlohmann::json& meta, const std::string& id) {
+  if (auto saved = saved_command(meta))
+    if (auto objs = saved->objects(); objs.ok())
+      for (auto& o : *objs)
+        if (o.object.id == id && o.object.qom_type.starts_with("memory-backend-")) return true;
+  if (auto devs = meta.find("memory_devices"); devs != meta.end() && devs->is_array())
+    for (auto& d : *devs)
+      if (d.value("memdev", "") == id) return true;
+  return false;
+}
+
 Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const ImageReader& img,
-                                               bool lazy) {
+                                               const nlohmann::json& meta, bool lazy) {
   auto objs = cmd.objects();
   if (!objs.ok()) return objs.error().as(Exit::kUsage);
   const auto& blocks = img.layout().blocks;
@@ -104,9 +127,10 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
     plans.push_back(BackendPlan{o.index, i, o.object});
   }
   for (size_t i = 0; i < blocks.size(); i++)
-    // A block QEMU saved may come from -m alone (no -object): QEMU itself
-    // checks its RAM blocks against the stream.
-    if (!matched[i] && !blocks[i].via_qemu())
+    // A block QEMU saved may come from -m alone (no -object, QEMU's own
+    // pc.ram): only one the VM had an -object for, on its command line or
+    // hot-plugged, is missing (QEMU said "Unknown ramblock" after it started).
+    if (!matched[i] && (!blocks[i].via_qemu() || had_backend(meta, blocks[i].id)))
       return mismatch(fmt::format("the image has RAM block {} ({}) but the command has no "
                                   "memory backend with id={}",
                                   blocks[i].id, format_size(blocks[i].size), blocks[i].id),
@@ -120,15 +144,6 @@ Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const Ima
 
 // The machine the device state was saved from: its type, -m, -cpu and CPU
 // count, against what the save recorded.
-// The command line the VM was saved with; none for images from vmsave
-// before 0.1, or if it no longer parses.
-std::optional<QemuCommand> saved_command(const nlohmann::json& meta) {
-  auto it = meta.find("qemu_cmdline");
-  if (it == meta.end() || !it->is_array()) return std::nullopt;
-  auto cmd = QemuCommand::parse(it->get<std::vector<std::string>>());
-  if (!cmd.ok()) return std::nullopt;
-  return std::move(*cmd);
-}
 
 Status check_machine(const QemuCommand& cmd, const nlohmann::json& meta) {
   if (meta.contains("machine_type")) {
@@ -379,6 +394,18 @@ bool names_backend(const QemuCommand& cmd, const std::string& id, size_t skip) {
     }
   }
   return false;
+}
+
+// Each memory backend of the command that is a block of the image, those
+// QEMU loads itself included.
+std::vector<BackendPlan> backends_in_image(const QemuCommand& cmd, const ImageReader& img) {
+  std::vector<BackendPlan> out;
+  if (auto objs = cmd.objects(); objs.ok())
+    for (auto& o : *objs)
+      for (size_t i = 0; i < img.layout().blocks.size(); i++)
+        if (img.layout().blocks[i].id == o.object.id)
+          out.push_back(BackendPlan{o.index, i, o.object});
+  return out;
 }
 
 // A backend that nothing uses gives QEMU a RAM block it does not migrate,
@@ -708,10 +735,11 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   auto cmd_r = QemuCommand::parse(opts.qemu_argv);
   if (!cmd_r.ok()) return cmd_r.error().as(Exit::kUsage);
   QemuCommand& cmd = *cmd_r;
-  auto plans_r = plan_backends(cmd, img, opts.lazy);
+  auto plans_r = plan_backends(cmd, img, *meta, opts.lazy);
   if (!plans_r.ok()) return plans_r.error();
   std::vector<BackendPlan>& plans = *plans_r;
-  VMSAVE_TRY(check_backends_used(cmd, plans, *meta));
+  // Those QEMU loads itself too: the VM had them in use.
+  VMSAVE_TRY(check_backends_used(cmd, backends_in_image(cmd, img), *meta));
   if (opts.lazy) VMSAVE_TRY(check_lazy_devices(cmd, plans));
   VMSAVE_TRY(check_machine(cmd, *meta));
   std::vector<std::string> qemu_makes;
@@ -1105,13 +1133,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
         return st.error().fix(
             "start QEMU with the command line the VM was saved with (vmsave info shows it) and "
             "the arguments `vmsave prepare` prints; this one still waits");
-      std::vector<BackendPlan> in_image;
-      if (auto objs = cmd->objects(); objs.ok())
-        for (auto& o : *objs)
-          for (size_t i = 0; i < img.layout().blocks.size(); i++)
-            if (img.layout().blocks[i].id == o.object.id)
-              in_image.push_back(BackendPlan{o.index, i, o.object});
-      if (Status st = check_backends_used(*cmd, in_image, *meta); !st.ok())
+      if (Status st = check_backends_used(*cmd, backends_in_image(*cmd, img), *meta); !st.ok())
         return st.error().fix(st.error().hint + "; this QEMU still waits");
     }
   }

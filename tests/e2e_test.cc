@@ -1736,6 +1736,40 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
     CHECK_FALSE(exists(vm.dir() + "/ram0"));
   }
 
+  // Without the backend QEMU loads ram0 into (plain -m instead), or with it
+  // but unused: refused before QEMU starts, as for blocks vmsave wrote (QEMU
+  // said "Unknown ramblock" once it had started).
+  {
+    const std::string qemu_log = vm.dir() + "/no-backend-qemu.log";
+    std::vector<std::string> plain;
+    const std::vector<std::string> cmd = vm.command();
+    for (size_t i = 0; i < cmd.size(); i++) {
+      if (cmd[i] == "-object" && i + 1 < cmd.size() && contains(cmd[i + 1], "id=ram0")) {
+        i++;
+        continue;
+      }
+      plain.push_back(rewrite({cmd[i]}, ",memory-backend=ram0", "")[0]);
+    }
+    REQUIRE(plain.size() == cmd.size() - 2);
+    RunResult s = run_vmsave(restore_args(image, qemu_log, false, plain), kRunTimeout);
+    CHECK_RUN(s, 1);
+    CHECK_MESSAGE(contains(s.err,
+                           "vmsave: error: the QEMU command does not fit the image: the "
+                           "image has RAM block ram0 (256M) but the command has no memory "
+                           "backend with id=ram0"),
+                  s.err);
+    CHECK_FALSE(exists(qemu_log));
+    s = run_vmsave(restore_args(image, qemu_log, false,
+                                plus(plain, {"-object", "memory-backend-memfd,id=ram0,size=256M"})),
+                   kRunTimeout);
+    CHECK_RUN(s, 1);
+    CHECK_MESSAGE(contains(s.err,
+                           "no device, NUMA node or -machine memory-backend uses memory "
+                           "backend ram0; the VM was saved with a device using it"),
+                  s.err);
+    CHECK_FALSE(exists(qemu_log));
+  }
+
   ::unlink(vm.qmp_path().c_str());
   Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
   await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
