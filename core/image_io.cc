@@ -1466,6 +1466,7 @@ std::string metadata_type_error(const nlohmann::json& m) {
       {"vmstate_bytes", is_int},
       {"memory_size", is_int},
       {"qemu_pid", is_int},
+      {"max_cpus", is_int},
       {"qemu_cmdline", strings},
       {"guest_running", [](auto& v) { return v.is_boolean() || v.is_null(); }},
       {"memory_devices",

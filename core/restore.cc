@@ -679,6 +679,7 @@ Status check_memory_devices(QmpClient& qmp, const nlohmann::json& meta) {
   if (saved == meta.end() || !saved->is_array()) return Status();
   auto now = memory_devices(qmp);
   if (!now) return Status();
+  if (*now == *saved) return Status();
   for (const auto& was : *saved) {
     for (const auto& is : *now) {
       if (is.value("memdev", "") != was.value("memdev", "") || is["addr"] == was["addr"]) continue;
@@ -696,6 +697,30 @@ Status check_memory_devices(QmpClient& qmp, const nlohmann::json& meta) {
     }
   }
   return Status();
+}
+
+// Room for another number of CPUs (-smp maxcpus, or a topology that makes
+// it) fails deep in QEMU's load ("Missing section footer for
+// 0000:00:1f.0/ICH9LPC"). The command line may spell it many ways: QEMU's
+// count, once it has started, is the one to compare.
+Status check_max_cpus(QmpClient& qmp, const nlohmann::json& meta) {
+  auto saved = meta.find("max_cpus");
+  if (saved == meta.end() || !saved->is_number_integer()) return Status();
+  auto cpus = qmp.execute("query-hotpluggable-cpus");
+  if (!cpus.ok() || !cpus->is_array()) return Status();
+  const i64 was = saved->get<i64>(), now = static_cast<i64>(cpus->size());
+  if (now == was) return Status();
+  return mismatch(
+      fmt::format("-smp makes room for {} CPUs (maxcpus), the VM was saved with {}", now, was),
+      "give -smp the maxcpus and topology the VM was saved with (vmsave info shows "
+      "its command line)");
+}
+
+// What only the started QEMU can tell: where it placed memory devices, and
+// how many CPUs it has room for.
+Status check_started_machine(QmpClient& qmp, const nlohmann::json& meta) {
+  VMSAVE_TRY(check_max_cpus(qmp, meta));
+  return check_memory_devices(qmp, meta);
 }
 
 void kill_qemu(pid_t pid) {
@@ -912,7 +937,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     if (!fill_first) VMSAVE_TRY(fill());
   }
   if (opts.lazy) VMSAVE_TRY(check_lazy_mapped(qmp.peer_pid(), img, plans, image_abs));
-  VMSAVE_TRY(check_memory_devices(qmp, *meta));
+  VMSAVE_TRY(check_started_machine(qmp, *meta));
   timer.lap("start_qemu");
 
   bool run = opts.running.value_or(meta->value("guest_running", true));
@@ -1154,7 +1179,7 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
                       "start QEMU with the arguments `vmsave prepare` prints");
   }
   VMSAVE_TRY(check_prepared_ram(img, opts.image, std::move(*backends), qmp.peer_pid()));
-  VMSAVE_TRY(check_memory_devices(qmp, *meta));
+  VMSAVE_TRY(check_started_machine(qmp, *meta));
   timer.lap("connect");
   bool run = opts.running.value_or(meta->value("guest_running", true));
   double vmstate_s = 0;

@@ -213,6 +213,9 @@ nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmd
   if (mt.ok() && mt->is_string()) m["machine_qom_type"] = *mt;
   m["qemu_cmdline"] = cmdline;
   if (auto devs = memory_devices(qmp)) m["memory_devices"] = *devs;
+  // Room for CPUs to hot-plug, -smp maxcpus as QEMU worked it out.
+  if (auto cpus = qmp.execute("query-hotpluggable-cpus"); cpus.ok() && cpus->is_array())
+    m["max_cpus"] = cpus->size();
   auto cmd = QemuCommand::parse(cmdline);
   if (cmd.ok()) {
     auto type = cmd->machine_type();

@@ -1546,6 +1546,24 @@ TEST_CASE(
       CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
     }
   }
+  // Room for another number of CPUs, which -smp spells many ways: QEMU
+  // failed in the device state ("Missing section footer for
+  // 0000:00:1f.0/ICH9LPC"). Refused once QEMU has counted, before it loads.
+  for (bool lazy : {false, true}) {
+    CAPTURE(lazy);
+    std::string qemu_log = vm.dir() + "/misfit-qemu.log";
+    RunResult r = run_vmsave(
+        restore_args(image, qemu_log, lazy, plus(cmd, {"-smp", "1,maxcpus=2"})), kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err,
+                           "vmsave: error: the QEMU command does not fit the image: -smp "
+                           "makes room for 2 CPUs (maxcpus), the VM was saved with 1; give "
+                           "-smp the maxcpus and topology the VM was saved with"),
+                  r.err);
+    CHECK_FALSE(exists(vm.ram_path()));
+    CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
+    ::unlink(qemu_log.c_str());
+  }
   // A backend a virtio-mem device uses cannot be mapped read-only: QEMU
   // discards its unplugged memory as the device state loads, and failed
   // then. Refused before QEMU starts, in both syntaxes.
