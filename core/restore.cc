@@ -1144,11 +1144,20 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   QmpClient& qmp = *qmp_r;
   auto status = qmp.execute("query-status");
   if (!status.ok()) return status.error();
-  if (status->value("status", "") != "inmigrate")
-    return Error{"QEMU is not waiting for a migration", opts.qmp,
-                 "its state is " + status->value("status", "?")}
-        .fix("if it was restored already, there is nothing to do; else start it with the "
-             "arguments `vmsave prepare` prints (they include -incoming defer)");
+  if (status->value("status", "") != "inmigrate") {
+    Error e{"QEMU is not waiting for a migration", opts.qmp,
+            "its state is " + status->value("status", "?")};
+    // Loaded, but the restore that loaded it was killed before `cont`.
+    auto mig = qmp.execute("query-migrate");
+    if (status->value("status", "") == "paused" && mig.ok() &&
+        mig->value("status", "") == "completed")
+      return e.fix(
+          "it loaded a migration and its guest is paused: if a restore was interrupted before it "
+          "resumed the guest, resume it with the QMP command cont");
+    return e.fix(
+        "if it was restored already, there is nothing to do; else start it with the arguments "
+        "`vmsave prepare` prints (they include -incoming defer)");
+  }
   // What a restore that starts QEMU checks of its command: device state from
   // another machine type, -cpu or CPU count fails deep in QEMU's load, and
   // QEMU exits ("Missing section footer for 0000:00:1f.0/ICH9LPC").

@@ -2351,11 +2351,22 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
   CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
 
-  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json"}, kRunTimeout);
+  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path(), "--json", "--paused"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
   json j = parse_json(r);
   CHECK(j.value("pid", -1) == qemu.pid());
-  CHECK(j.value("running", false));
+  CHECK_FALSE(j.value("running", true));
+  // Again, as a wrapper retries a restore it lost (killed before it sent
+  // cont, it left the guest so): it is told how to resume the guest.
+  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(
+      contains(r.err, "vmsave: error: QEMU is not waiting for a migration (" + vm.qmp_path() +
+                          "): its state is paused; it loaded a migration and its guest "
+                          "is paused: if a restore was interrupted before it resumed "
+                          "the guest, resume it with the QMP command cont"),
+      r.err);
+  REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
   check_carries_on(vm, saved, qemu.pid());
   CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
 }
