@@ -99,9 +99,10 @@ class RamFile {
 // Fills DIR/ID for every block of the image (raw restore and `prepare`):
 // checks the directory and the ids, refuses existing files without --force
 // before writing anything, and removes what it wrote if a block fails or
-// vmsave dies.
+// vmsave dies (its watchdog names `command`). Returns the files' absolute
+// paths: none when QEMU loads every block itself.
 Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
-                                              Reporter& rep, RamStats* ram);
+                                              const char* command, Reporter& rep, RamStats* ram);
 
 // Refuses a lazy restore of an image whose RAM (some of it) is in QEMU's
 // migration section: QEMU reads that section itself, there is nothing to map.

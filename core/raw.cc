@@ -430,7 +430,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
 }
 
 Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const RestoreOptions& opts,
-                                              Reporter& rep, RamStats* ram) {
+                                              const char* command, Reporter& rep, RamStats* ram) {
   struct stat st;
   if (stat(opts.ram_dir.c_str(), &st) < 0) {
     Error e = sys_error("stat", opts.ram_dir, errno);
@@ -444,7 +444,8 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   Progress progress;
   for (auto& b : img.layout().blocks)
     if (!b.via_qemu()) progress.total += b.size;
-  auto watchdog = Watchdog::start();
+  if (progress.total == 0) return std::vector<std::string>();  // QEMU loads all of it
+  auto watchdog = Watchdog::start(command);
   if (!watchdog.ok()) return watchdog.error();
   // Every file is created (an existing one refused, room checked) before
   // any is filled, and each is removed again unless every block fills.
@@ -457,7 +458,11 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
     auto f = RamFile::create(img, i, p, opts.force, &*watchdog, claims);
     if (!f.ok()) return f.error();
     files.push_back(std::move(*f));
-    done.push_back(p);
+    // Absolute, as the arguments prepare prints: a wrapper may clean up
+    // from another directory.
+    std::error_code ec;
+    auto abs = std::filesystem::absolute(p, ec);
+    done.push_back(ec ? p : abs.lexically_normal().string());
   }
   rep.begin_phase("reading RAM", &progress);
   Status filled;
@@ -484,7 +489,7 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
         .as(Exit::kUsage);  // like --lazy of such an image: the image is fine
   timer.lap("open");
   RamStats ram;
-  auto done = fill_ram_dir(img, opts, rep, &ram);
+  auto done = fill_ram_dir(img, opts, "restore", rep, &ram);
   if (!done.ok()) return done.error();
   timer.lap("ram");
   nlohmann::json j = {{"command", "restore"}, {"mode", "raw"}, {"image", opts.image},

@@ -834,7 +834,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // From here on, if vmsave dies (SIGKILL, a crash), its watchdog kills the
   // QEMU this restore started and removes the RAM files and directory it
   // made; else that QEMU would wait for its device state forever.
-  auto watchdog = Watchdog::start();
+  auto watchdog = Watchdog::start("restore");
   if (!watchdog.ok()) {
     if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
     return watchdog.error();
@@ -1010,7 +1010,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   std::vector<std::string> files;
   timer.lap("open");
   if (!opts.lazy) {
-    auto filled = fill_ram_dir(img, opts, rep, &ram);
+    auto filled = fill_ram_dir(img, opts, "prepare", rep, &ram);
     if (!filled.ok()) return filled.error();
     files = std::move(*filled);
     timer.lap("ram");
@@ -1048,7 +1048,7 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     j["ram_bytes"] = mapped;
   } else {
     j["ram_files"] = files;
-    add_ram_report(j, ram, "ram_read");
+    if (!files.empty()) add_ram_report(j, ram, "ram_read");
   }
   j["total_s"] = timer.total();
   j["steps_s"] = timer.steps();
@@ -1194,10 +1194,15 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
   double vmstate_s = 0;
   VMSAVE_TRY(load_and_resume(qmp, img, run, rep, &vmstate_s));
   timer.lap("device_state");
-  nlohmann::json j = {{"command", "restore"}, {"mode", "two-step"}, {"image", opts.image},
-                      {"pid", qmp.peer_pid()}, {"qmp", opts.qmp}, {"running", run},
+  nlohmann::json j = {{"command", "restore"},
+                      {"mode", "two-step"},
+                      {"image", opts.image},
+                      {"pid", qmp.peer_pid()},
+                      {"qmp", absolute(opts.qmp)},
+                      {"running", run},
                       {"qemu_section_bytes", img.layout().qemu.length},
-                      {"vmstate_s", vmstate_s}, {"total_s", timer.total()},
+                      {"vmstate_s", vmstate_s},
+                      {"total_s", timer.total()},
                       {"steps_s", timer.steps()}};
   add_qemu_ram(j, img);
   add_vmstate_report(j, img.layout(), *meta);

@@ -50,7 +50,7 @@ void kill_and_wait(int pidfd) {
 
 // The watchdog process: waits for "done" or for vmsave to die, and then
 // undoes the notes newest first. Never returns.
-[[noreturn]] void watch(QmpClient* qmp, int sock, bool resume) {
+[[noreturn]] void watch(QmpClient* qmp, int sock, bool resume, const char* command) {
   // Its own session, deaf to the signals vmsave handles itself: a Ctrl-C or
   // hangup reaches vmsave, which cleans up and sends "done".
   ::setsid();
@@ -165,7 +165,7 @@ void kill_and_wait(int pidfd) {
         "are back as they were{}\n",
         resumed ? ", and the guest runs again" : "");
   else if (killed || removed)
-    msg = fmt::format("vmsave: the restore was killed part-way: {}{}{}\n",
+    msg = fmt::format("vmsave: the {} was killed part-way: {}{}{}\n", command,
                       killed ? "the QEMU it started is stopped" : "",
                       killed && removed ? " and " : "",
                       removed ? "the files it made are removed" : "");
@@ -193,22 +193,24 @@ Watchdog& Watchdog::operator=(Watchdog&& o) noexcept {
 }
 
 Result<Watchdog> Watchdog::start(QmpClient& qmp, bool resume) {
-  auto w = fork_watch(&qmp, resume);
+  auto w = fork_watch(&qmp, resume, "save");
   if (!w.ok()) return w;
   qmp.set_undo_journal([fd = w->sock_.get()](const nlohmann::json& cmd) { send_note(fd, cmd); });
   return w;
 }
 
-Result<Watchdog> Watchdog::start() { return fork_watch(nullptr, false); }
+Result<Watchdog> Watchdog::start(const char* command) {
+  return fork_watch(nullptr, false, command);
+}
 
-Result<Watchdog> Watchdog::fork_watch(QmpClient* qmp, bool resume) {
+Result<Watchdog> Watchdog::fork_watch(QmpClient* qmp, bool resume, const char* command) {
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
     return sys_error("socketpair", "", errno);
   UniqueFd ours(sv[0]), theirs(sv[1]);
   pid_t pid = ::fork();
   if (pid < 0) return sys_error("fork (vmsave's watchdog)", "", errno);
-  if (pid == 0) watch(qmp, theirs.get(), resume);
+  if (pid == 0) watch(qmp, theirs.get(), resume, command);
   Watchdog w;
   w.pid_ = pid;
   w.sock_ = std::move(ours);

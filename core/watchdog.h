@@ -39,8 +39,9 @@ class Watchdog {
   // A save's watchdog: shares `qmp` and takes its undo notes. `resume`: the
   // guest ran when the save began.
   static Result<Watchdog> start(QmpClient& qmp, bool resume);
-  // A restore's watchdog, told what to undo through note_kill/note_remove.
-  static Result<Watchdog> start();
+  // A restore's (or prepare's: `command`) watchdog, told what to undo
+  // through note_kill/note_remove.
+  static Result<Watchdog> start(const char* command);
 
   // The process `pid` (a QEMU this run started) is killed if vmsave dies.
   void note_kill(pid_t pid);
@@ -67,7 +68,7 @@ class Watchdog {
   pid_t hand_over();
 
  private:
-  static Result<Watchdog> fork_watch(QmpClient* qmp, bool resume);
+  static Result<Watchdog> fork_watch(QmpClient* qmp, bool resume, const char* command);
 
   pid_t pid_ = -1;
   UniqueFd sock_;

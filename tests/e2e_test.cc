@@ -1722,6 +1722,10 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
   RunResult r = run_vmsave({"prepare", image, "--ram-dir", vm.dir(), "--json"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
   CHECK(parse_json(r)["steps_s"].is_object());  // as every report but info's
+  // Nothing for vmsave to fill: no files, no reading phase, no I/O report.
+  CHECK(parse_json(r)["ram_files"].empty());
+  CHECK_FALSE(parse_json(r).contains("io_latency_us"));
+  CHECK_MESSAGE(!contains(r.err, "reading RAM"), r.err);
   std::vector<std::string> extra = parse_json(r)["qemu_args"].get<std::vector<std::string>>();
   CHECK_MESSAGE((extra == std::vector<std::string>{"-incoming", "defer"}), joined(extra));
   RunResult lazy = run_vmsave({"prepare", image, "--lazy"}, kRunTimeout);
@@ -2296,6 +2300,17 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   REQUIRE_RUN(eager, 0);
   CHECK(parse_json(eager)["ram_files"] == json::array({filled + "/ram0"}));
   std::filesystem::remove_all(filled);
+  // A relative --ram-dir: the files are named absolute, as in qemu_args (a
+  // wrapper may clean up from another directory).
+  const std::string rel = vm.dir() + "/rel";
+  REQUIRE(::mkdir(rel.c_str(), 0700) == 0);
+  RunResult relative = test::run_program(
+      {"/bin/sh", "-c", "cd \"$1\" && exec \"$0\" prepare \"$2\" --ram-dir rel --json",
+       VMSAVE_BINARY, vm.dir(), image},
+      kRunTimeout);
+  REQUIRE_RUN(relative, 0);
+  CHECK(parse_json(relative)["ram_files"] == json::array({rel + "/ram0"}));
+  std::filesystem::remove_all(rel);
 
   // Plain: one argument per line, and a summary on stderr.
   RunResult plain = run_vmsave({"prepare", image, "--lazy"}, kRunTimeout);
