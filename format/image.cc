@@ -186,6 +186,9 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
   // as this vmsave computes it: a future format may checksum its header
   // differently. Only then, though, may it also be damage (a flipped bit in
   // the version field), and the message says both.
+  // A version far past this one is damage, not a vmsave of the future
+  // (a damaged header named "format v1482162177").
+  if (h.major > kFormatMajor + 15 && !sum_ok) return damaged(path, "header checksum mismatch", 0);
   if (h.major > kFormatMajor) {
     std::string seen =
         fmt::format("format v{}, this vmsave reads up to v{}", u32(h.major), kFormatMajor);

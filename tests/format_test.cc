@@ -219,6 +219,15 @@ TEST_CASE("format: a newer major version is 'too new', naming both versions") {
   }
   h.major = 0xffffffff;
   CHECK(decode_header(bytes_of(h), img.file_size, kPath).error().what == "image too new");
+  // Far past this version with a checksum that does not match: damage, not
+  // an image from the future ("format v1482162177").
+  h.major = 1482162177;
+  {
+    auto d = decode_header(bytes_of(h, false), img.file_size, kPath);
+    REQUIRE_FALSE(d.ok());
+    CHECK(d.error().message() ==
+          std::string("image damaged (") + kPath + ") at offset 0: header checksum mismatch");
+  }
 
   h.major = 0;
   check_damaged(decode_header(bytes_of(h), img.file_size, kPath), "version 0");
@@ -234,7 +243,6 @@ TEST_CASE("format: a newer major version is 'too new', naming both versions") {
 TEST_CASE("format: a change to any header byte is refused") {
   ImageLayout img = make_layout();
   std::vector<u8> h = encode_header(img);
-  int too_new = 0;
   for (size_t i = 0; i < h.size(); i++) {
     for (u8 x : {u8(0x01), u8(0x80)}) {
       std::vector<u8> bad = h;
@@ -248,11 +256,9 @@ TEST_CASE("format: a change to any header byte is refused") {
       if (d.error().message().find("newer vmsave") != std::string::npos) {
         CHECK(i >= 8);
         CHECK(i < 12);
-        too_new++;
       }
     }
   }
-  CHECK(too_new > 0);
 }
 
 TEST_CASE("format: an unknown header flag means the image needs a newer vmsave") {
