@@ -267,14 +267,22 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   for (auto& b : backends)
     if (b.qom_type != "memory-backend-file" || !b.share) unshared = &b;
   const bool through_qemu = unshared != nullptr;
-  if (through_qemu && opts.compress.enabled())
+  if (through_qemu && opts.compress.enabled()) {
+    // share=off on a file: most often a lazy restore's mapping of its image.
+    const bool private_file = unshared->qom_type == "memory-backend-file";
     return Error{"cannot compress this VM's RAM", opts.qmp,
-                 fmt::format("backend {} is not a shared file, so QEMU's mapped-ram migration "
-                             "writes the RAM, and that format has no compression",
-                             unshared->id)}
-        .fix("save without --compress, or give the VM shared file-backed RAM "
-             "(memory-backend-file,share=on,mem-path=...)")
+                 fmt::format("backend {} is {}, so QEMU's mapped-ram migration writes the RAM, "
+                             "and that format has no compression",
+                             unshared->id,
+                             private_file ? "a file mapped with share=off (as a lazy restore maps "
+                                            "its image)"
+                                          : "not a shared file")}
+        .fix(private_file ? "save without --compress, or restore the VM eagerly (not --lazy) if "
+                            "it is to be saved compressed"
+                          : "save without --compress, or give the VM shared file-backed RAM "
+                            "(memory-backend-file,share=on,mem-path=...)")
         .as(Exit::kUsage);
+  }
   if (through_qemu) {
     auto caps_now = qmp.execute("query-migrate-capabilities");
     if (!caps_now.ok()) return caps_now.error();
