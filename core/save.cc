@@ -470,9 +470,11 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       // live as often as it went: what the image holds is on disk.
       qemu_sent = last["ram"].value("normal-bytes", i64(0));
       ram.stored_bytes = std::min(qemu_sent, w.qemu_section_stored());
-      ram.data_pages = last["ram"].value("normal", i64(0));
-      ram.total_pages = last["ram"].value("total", i64(0)) /
-                        std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
+      const i64 page = std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
+      // "normal" counts a page again each time it went (live): the zero
+      // share is from what the image holds.
+      ram.data_pages = std::min(last["ram"].value("normal", i64(0)), ram.stored_bytes / page);
+      ram.total_pages = last["ram"].value("total", i64(0)) / page;
       // Stopped, QEMU still syncs its dirty bitmap a few times; one pass
       // over RAM all the same.
       if (live) passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));
