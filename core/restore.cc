@@ -692,7 +692,8 @@ Status check_memory_devices(QmpClient& qmp, const nlohmann::json& meta) {
                                id.empty() ? type : id, is.value("memdev", ""),
                                is.value("addr", u64(0)), addr)}
           .fix(fmt::format("list the -device options of hot-plugged memory in the order it was "
-                           "plugged, or give each its address: -device {}{},memdev={},addr={:#x}",
+                           "plugged, or give each its address (vmsave info lists them): -device "
+                           "{}{},memdev={},addr={:#x}",
                            type, id.empty() ? "" : ",id=" + id, is.value("memdev", ""), addr));
     }
   }

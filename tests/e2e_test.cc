@@ -1041,6 +1041,13 @@ TEST_CASE(
   const u64 addr1 = devices[0].value("addr", u64(0));
   const u64 addr2 = devices[1].value("addr", u64(0));
   CHECK(addr2 > addr1);
+  RunResult text = run_vmsave({"info", image}, kRunTimeout);
+  REQUIRE_RUN(text, 0);
+  CHECK_MESSAGE(contains(text.out, fmt::format("memory dev:   -device pc-dimm,id=d1,memdev=dimm1,"
+                                               "addr={:#x}\nmemory dev:   -device pc-dimm,id=d2,"
+                                               "memdev=dimm2,addr={:#x}\n",
+                                               addr1, addr2)),
+                text.out);
 
   // The backends without the DIMMs that used them: QEMU failed in the
   // device state ("Unknown ramblock dimm1") after it had started.
@@ -1090,7 +1097,8 @@ TEST_CASE(
       "vmsave: error: the QEMU command does not fit the image: memory device d1 "
       "(backend dimm1) is at guest address {:#x}, the saved VM had it at {:#x}; list "
       "the -device options of hot-plugged memory in the order it was plugged, or "
-      "give each its address: -device pc-dimm,id=d1,memdev=dimm1,addr={:#x}",
+      "give each its address (vmsave info lists them): -device "
+      "pc-dimm,id=d1,memdev=dimm1,addr={:#x}",
       addr2, addr1, addr1);
   r = run_vmsave(restore_args(image, qemu_log, true, plus(plus(vm.command(), objects), swapped)),
                  kRunTimeout);
