@@ -743,12 +743,16 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
                                   bool daemonize) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   for (;;) {
-    int status = 0;
-    pid_t r = waitpid(q.pid, &status, WNOHANG);
-    bool exited = r == q.pid;
-    if (exited && WIFSIGNALED(status))
-      return killed_error(WTERMSIG(status), "before it was ready", q.log);
-    if (exited && !(daemonize && WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+    // Looked at, not reaped: the caller's clean-up reaps it, and must not
+    // signal a pid that may be another process's by then.
+    siginfo_t info{};
+    bool exited =
+        waitid(P_PID, id_t(q.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == q.pid;
+    if (exited && info.si_code != CLD_EXITED)
+      return killed_error(info.si_status, "before it was ready", q.log);
+    if (exited && daemonize && info.si_status == 0) {
+      waitpid(q.pid, nullptr, 0);  // the daemon's parent, done
+    } else if (exited) {
       std::string tail = log_tail(q.log, 3);
       return Error{"QEMU exited before it was ready", q.log,
                    tail.empty() ? "no output" : tail};

@@ -1774,6 +1774,9 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
         restore_args(image, qemu_log, false, plus(into(vm.dir()), {"-device", "no-such-device"})),
         kRunTimeout);
     CHECK_RUN(s, 1);
+    CHECK_MESSAGE(contains(s.err, "vmsave: error: QEMU exited before it was ready (" + qemu_log +
+                                      "): qemu-system-x86_64: -device no-such-device:"),
+                  s.err);
     CHECK_FALSE(exists(vm.dir() + "/ram0"));
   }
 
