@@ -34,8 +34,14 @@ Status check_block_id(const std::string& id, const std::string& image);
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);
 
-// The file offsets at which process `pid` maps the file `st` describes.
-std::vector<i64> mapped_offsets(pid_t pid, const struct stat& st);
+// A file mapping of a process, as /proc/PID/maps shows it.
+struct FileMapping {
+  u64 start = 0, end = 0;
+  i64 offset = 0;
+  dev_t dev = 0;
+  ino_t inode = 0;
+};
+std::vector<FileMapping> file_mappings(pid_t pid);
 
 // The machine type `type` names in QEMU binary `qemu` (`-machine help`
 // says "alias of pc-i440fx-10.0" for "pc"); `type` itself if it names no

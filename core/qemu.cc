@@ -148,11 +148,12 @@ bool process_alive(pid_t pid) {
   return state != 'Z' && state != 'X';
 }
 
-std::vector<i64> mapped_offsets(pid_t pid, const struct stat& st) {
-  std::vector<i64> out;
+std::vector<FileMapping> file_mappings(pid_t pid) {
+  std::vector<FileMapping> out;
   for (auto& m : read_maps(pid))
-    if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev)
-      out.push_back(static_cast<i64>(m.offset));
+    if (m.inode != 0)
+      out.push_back(FileMapping{m.start, m.end, static_cast<i64>(m.offset),
+                                makedev(m.dev_major, m.dev_minor), static_cast<ino_t>(m.inode)});
   return out;
 }
 

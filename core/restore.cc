@@ -20,11 +20,13 @@
 // only.
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 
 #include <charconv>
@@ -651,20 +653,36 @@ int killing_signal(pid_t pid) {
 // A lazy restore's QEMU opens the image by its path: a save --force or mv
 // that put another file there after vmsave opened it had QEMU map that
 // file's RAM under this image's device state, and the restore reported
-// success with a dead guest. QEMU maps its backends before it answers QMP.
+// success with a dead guest. The path may have been swapped back since (a
+// trial swapped two images every 3 ms), so what counts is the file QEMU
+// maps at each block's region, found by its offset and length once QEMU
+// answers QMP: the same inode, or else (overlayfs shows the file below it)
+// a header with this image's UUID.
 Status check_lazy_mapped(pid_t pid, const ImageReader& img, const std::vector<BackendPlan>& plans,
                          const std::string& image) {
-  struct stat mine, now;
+  struct stat mine;
   if (fstat(img.fd(), &mine) < 0) return sys_error("fstat", image, errno);
-  if (stat(image.c_str(), &now) == 0 && now.st_dev == mine.st_dev && now.st_ino == mine.st_ino)
-    return Status();  // still the file vmsave read: the one QEMU opened
-  std::vector<i64> mapped = mapped_offsets(pid, mine);
+  struct statfs fs;
+  const bool overlay = fstatfs(img.fd(), &fs) == 0 && fs.f_type == OVERLAYFS_SUPER_MAGIC;
+  auto same_image = [&](const FileMapping& m) {
+    if (m.dev == mine.st_dev && m.inode == mine.st_ino) return true;
+    UniqueFd f(::open(fmt::format("/proc/{}/map_files/{:x}-{:x}", pid, m.start, m.end).c_str(),
+                      O_RDONLY | O_CLOEXEC));
+    DiskHeader h{};
+    if (!f) return overlay;  // no way to look (not root): only overlayfs explains it
+    if (::pread(f.get(), &h, sizeof(h), 0) != ssize_t(sizeof(h))) return false;
+    return std::memcmp(h.magic, kMagic.data(), 8) == 0 &&
+           std::memcmp(h.uuid, img.layout().uuid.data(), 16) == 0;
+  };
+  const std::vector<FileMapping> maps = file_mappings(pid);
   for (const BackendPlan& p : plans) {
     const BlockLayout& b = img.layout().blocks[p.block];
-    if (std::find(mapped.begin(), mapped.end(), b.region.offset) == mapped.end())
-      return Error{"the image was replaced while the restore started QEMU", image,
-                   fmt::format("QEMU maps another file's RAM for block {}", b.id)}
-          .fix("run the restore again once the image is no longer being replaced");
+    const u64 length = static_cast<u64>(align_up(b.size, b.page_size));
+    for (const FileMapping& m : maps)
+      if (m.offset == b.region.offset && m.end - m.start == length && !same_image(m))
+        return Error{"the image was replaced while the restore started QEMU", image,
+                     fmt::format("QEMU maps another file's RAM for block {}", b.id)}
+            .fix("run the restore again once the image is no longer being replaced");
   }
   return Status();
 }
