@@ -307,17 +307,8 @@ void print_info(const nlohmann::json& j) {
   // Where QEMU placed memory devices: hot-plugged ones need a -device in
   // the restore command, in that order or with that address.
   if (m.contains("memory_devices"))
-    for (auto& d : m["memory_devices"]) {
-      const std::string type = d.value("type", ""), id = d.value("id", "");
-      const std::string memdev = d.value("memdev", "");
-      const u64 addr = d.value("addr", u64(0));
-      if (type == "dimm" || type == "nvdimm")
-        print_text("memory dev:   -device {},{}memdev={},addr={:#x}\n",
-                   type == "dimm" ? "pc-dimm" : type, id.empty() ? "" : "id=" + id + ",", memdev,
-                   addr);
-      else
-        print_text("memory dev:   {} {} (backend {}) at {:#x}\n", type, id, memdev, addr);
-    }
+    for (auto& d : m["memory_devices"])
+      print_text("memory dev:   -device {}\n", d.value("device", ""));
   if (m.contains("guest_running") && !m["guest_running"].is_null())
     print_text("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
   if (!m.value("description", "").empty())

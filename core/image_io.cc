@@ -1475,7 +1475,10 @@ std::string metadata_type_error(const nlohmann::json& m) {
                   return d.is_object() && is_str(d.value("type", nlohmann::json(""))) &&
                          is_str(d.value("id", nlohmann::json(""))) &&
                          is_str(d.value("memdev", nlohmann::json(""))) &&
-                         d.value("addr", nlohmann::json(0)).is_number_unsigned();
+                         is_str(d.value("device", nlohmann::json(""))) &&
+                         d.value("addr", nlohmann::json(0)).is_number_unsigned() &&
+                         d.value("node", nlohmann::json(0)).is_number_unsigned() &&
+                         d.value("size", nlohmann::json(0)).is_number_unsigned();
                 });
        }},
       {"qemu_migration",

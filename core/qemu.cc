@@ -89,14 +89,35 @@ std::optional<nlohmann::json> memory_devices(QmpClient& qmp) {
   nlohmann::json out = nlohmann::json::array();
   for (auto& d : *r) {
     auto data = d.find("data");
-    if (data == d.end() || !data->is_object() || !data->contains("addr")) continue;
+    if (data == d.end() || !data->is_object()) continue;
+    const std::string type = d.value("type", "");
+    // DIMMs say "addr", virtio-mem and virtio-pmem "memaddr".
+    const char* addr_key = data->contains("addr") ? "addr" : "memaddr";
     std::string memdev = data->value("memdev", "");
     if (memdev.starts_with("/objects/")) memdev.erase(0, 9);
-    if (memdev.empty()) continue;
-    out.push_back({{"type", d.value("type", "")},
-                   {"id", data->value("id", "")},
-                   {"memdev", memdev},
-                   {"addr", (*data)["addr"]}});
+    if (memdev.empty() || !(*data)[addr_key].is_number_unsigned()) continue;
+    const std::string id = data->value("id", "");
+    const u64 addr = (*data)[addr_key].get<u64>();
+    // The -device that puts it back where it was.
+    const std::string driver = type == "dimm" ? "pc-dimm" : type == "nvdimm" ? type : type + "-pci";
+    std::string arg = fmt::format("{}{},memdev={},{}={:#x}", driver, id.empty() ? "" : ",id=" + id,
+                                  memdev, addr_key, addr);
+    nlohmann::json rec = {{"type", type}, {"id", id}, {"memdev", memdev}, {"addr", addr}};
+    if (auto n = data->find("node"); n != data->end() && n->is_number_unsigned()) {
+      rec["node"] = *n;
+      if (n->get<u64>() != 0) arg += fmt::format(",node={}", n->get<u64>());
+    }
+    if (auto z = data->find("size"); z != data->end() && z->is_number_unsigned()) rec["size"] = *z;
+    if (auto q = data->find("requested-size"); q != data->end() && q->is_number_unsigned())
+      arg += fmt::format(",requested-size={}", q->get<u64>());
+    if (type == "nvdimm" && !id.empty()) {
+      auto label = qmp.execute("qom-get",
+                               {{"path", "/machine/peripheral/" + id}, {"property", "label-size"}});
+      if (label.ok() && label->is_number_unsigned() && label->get<u64>() > 0)
+        arg += fmt::format(",label-size={}", label->get<u64>());
+    }
+    rec["device"] = arg;
+    out.push_back(std::move(rec));
   }
   return out;
 }

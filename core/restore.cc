@@ -86,6 +86,15 @@ std::optional<QemuCommand> saved_command(const nlohmann::json& meta) {
   return std::move(*cmd);
 }
 
+// Whether a memory device of the saved VM used backend `id`; nullopt for
+// images that did not record them.
+std::optional<bool> used_by_memory_device(const nlohmann::json& meta, const std::string& id) {
+  auto devs = meta.find("memory_devices");
+  if (devs == meta.end() || !devs->is_array()) return std::nullopt;
+  return std::any_of(devs->begin(), devs->end(),
+                     [&](const nlohmann::json& d) { return d.value("memdev", "") == id; });
+}
+
 // Whether the saved VM had memory backend `id` as an -object of its
 // command line or one hot-plugged for a memory device.
 bool had_backend(const nlohmann::json& meta, const std::string& id) {
@@ -93,10 +102,7 @@ bool had_backend(const nlohmann::json& meta, const std::string& id) {
     if (auto objs = saved->objects(); objs.ok())
       for (auto& o : *objs)
         if (o.object.id == id && o.object.qom_type.starts_with("memory-backend-")) return true;
-  if (auto devs = meta.find("memory_devices"); devs != meta.end() && devs->is_array())
-    for (auto& d : *devs)
-      if (d.value("memdev", "") == id) return true;
-  return false;
+  return used_by_memory_device(meta, id).value_or(false);
 }
 
 Result<std::vector<BackendPlan>> plan_backends(const QemuCommand& cmd, const ImageReader& img,
@@ -427,6 +433,9 @@ Status check_backends_used(const QemuCommand& cmd, const std::vector<BackendPlan
     auto was = std::find_if(saved_objs->begin(), saved_objs->end(),
                             [&](const ObjectArg& o) { return o.object.id == id; });
     if (was != saved_objs->end() && !names_backend(*saved, id, was->index)) continue;
+    // Plugged after start, but no memory device used it when the VM was
+    // saved (its DIMM unplugged, the object kept): unused then too.
+    if (was == saved_objs->end() && used_by_memory_device(meta, id) == false) continue;
     const std::string why = was == saved_objs->end()
                                 ? "the VM got it after it started (memory hot-plug)"
                                 : "the VM was saved with a device using it";
@@ -697,22 +706,29 @@ Status check_memory_devices(QmpClient& qmp, const nlohmann::json& meta) {
   if (saved == meta.end() || !saved->is_array()) return Status();
   auto now = memory_devices(qmp);
   if (!now) return Status();
-  if (*now == *saved) return Status();
   for (const auto& was : *saved) {
+    const std::string memdev = was.value("memdev", "");
     for (const auto& is : *now) {
-      if (is.value("memdev", "") != was.value("memdev", "") || is["addr"] == was["addr"]) continue;
+      if (is.value("memdev", "") != memdev) continue;
       const std::string id = was.value("id", "");
-      const std::string type = was.value("type", "") == "dimm" ? "pc-dimm" : was.value("type", "");
-      const u64 addr = was.value("addr", u64(0));
-      return Error{"the QEMU command does not fit the image", "",
-                   fmt::format("memory device {} (backend {}) is at guest address {:#x}, the "
-                               "saved VM had it at {:#x}",
-                               id.empty() ? type : id, is.value("memdev", ""),
-                               is.value("addr", u64(0)), addr)}
-          .fix(fmt::format("list the -device options of hot-plugged memory in the order it was "
-                           "plugged, or give each its address (vmsave info lists them): -device "
-                           "{}{},memdev={},addr={:#x}",
-                           type, id.empty() ? "" : ",id=" + id, is.value("memdev", ""), addr));
+      const std::string name = fmt::format("memory device {} (backend {})",
+                                           id.empty() ? was.value("type", "") : id, memdev);
+      std::string differs;
+      if (is["addr"] != was["addr"])
+        differs = fmt::format("is at guest address {:#x}, the saved VM had it at {:#x}",
+                              is.value("addr", u64(0)), was.value("addr", u64(0)));
+      else if (was.contains("node") && is.value("node", u64(0)) != was.value("node", u64(0)))
+        differs = fmt::format("is on NUMA node {}, the saved VM had it on node {}",
+                              is.value("node", u64(0)), was.value("node", u64(0)));
+      else if (was.contains("size") && is.value("size", u64(0)) != was.value("size", u64(0)))
+        differs = fmt::format("gives the guest {} bytes, the saved VM's gave {} (label-size?)",
+                              is.value("size", u64(0)), was.value("size", u64(0)));
+      if (differs.empty()) continue;
+      return mismatch(
+          name + " " + differs,
+          fmt::format("list the -device options of hot-plugged memory in the order "
+                      "it was plugged, or give each as vmsave info lists it: -device {}",
+                      was.value("device", "")));
     }
   }
   return Status();

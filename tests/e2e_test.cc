@@ -1097,8 +1097,7 @@ TEST_CASE(
       "vmsave: error: the QEMU command does not fit the image: memory device d1 "
       "(backend dimm1) is at guest address {:#x}, the saved VM had it at {:#x}; list "
       "the -device options of hot-plugged memory in the order it was plugged, or "
-      "give each its address (vmsave info lists them): -device "
-      "pc-dimm,id=d1,memdev=dimm1,addr={:#x}",
+      "give each as vmsave info lists it: -device pc-dimm,id=d1,memdev=dimm1,addr={:#x}",
       addr2, addr1, addr1);
   r = run_vmsave(restore_args(image, qemu_log, true, plus(plus(vm.command(), objects), swapped)),
                  kRunTimeout);
@@ -1123,6 +1122,84 @@ TEST_CASE(
           plus(plus(vm.command(), objects),
                {"-device", "pc-dimm,id=d2,memdev=dimm2,addr=" + fmt::format("{:#x}", addr2),
                 "-device", "pc-dimm,id=d1,memdev=dimm1"})),
+      kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  REQUIRE(qemu.pid > 0);
+  check_carries_on(vm, saved, qemu.pid);
+}
+
+TEST_CASE(
+    "e2e: a DIMM on another NUMA node, and a backend added with no device, restore as they were") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.numa_nodes = 2;
+  opts.extra_args = {"-m", "256M,slots=1,maxmem=512M"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string dir = std::filesystem::path(vm.ram_path(0)).parent_path().string();
+  const std::string dimm_file = dir + "/dimm1", spare_file = dir + "/spare";
+  {
+    auto q = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(q.ok());
+    for (auto [id, path] : {std::pair{"dimm1", dimm_file}, std::pair{"spare", spare_file}}) {
+      auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
+                                         {"id", id},
+                                         {"size", 64 * kMiB},
+                                         {"share", true},
+                                         {"mem-path", path}});
+      REQUIRE_MESSAGE(o.ok(), o.error().message());
+    }
+    auto d = q->execute("device_add",
+                        {{"driver", "pc-dimm"}, {"id", "d1"}, {"memdev", "dimm1"}, {"node", 1}});
+    REQUIRE_MESSAGE(d.ok(), d.error().message());
+  }
+  const std::string image = vm.dir() + "/vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout), 0);
+  REQUIRE(wait_exit_unreaped(vm.pid(), 15).has_value());
+  vm.kill_qemu();  // reaps it
+  const MemcheckLine saved = *read_story(vm.serial_log()).last;
+  for (int i = 0; i < 2; i++) REQUIRE(::unlink(vm.ram_path(i).c_str()) == 0);
+  REQUIRE(::unlink(dimm_file.c_str()) == 0);
+  REQUIRE(::unlink(spare_file.c_str()) == 0);
+
+  RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
+  REQUIRE_RUN(info, 0);
+  const json devices = parse_json(info)["metadata"]["memory_devices"];
+  REQUIRE_MESSAGE(devices.size() == 1, devices.dump());
+  const std::string device = devices[0].value("device", "");
+  CHECK(device == fmt::format("pc-dimm,id=d1,memdev=dimm1,addr={:#x},node=1",
+                              devices[0].value("addr", u64(0))));
+  RunResult text = run_vmsave({"info", image}, kRunTimeout);
+  CHECK_MESSAGE(contains(text.out, "memory dev:   -device " + device + "\n"), text.out);
+
+  std::vector<std::string> objects;
+  for (auto [id, path] : {std::pair{"dimm1", dimm_file}, std::pair{"spare", spare_file}})
+    objects.insert(objects.end(),
+                   {"-object", fmt::format("memory-backend-file,id={},size=64M,share=on,"
+                                           "mem-path={}",
+                                           id, path)});
+  // The DIMM on node 0 (node= left out): the guest would see its memory
+  // move nodes. Refused once QEMU placed it, before the device state loads.
+  const std::string qemu_log = vm.dir() + "/restore-qemu.log";
+  RunResult r = run_vmsave(
+      restore_args(image, qemu_log, true,
+                   plus(plus(vm.command(), objects), {"-device", "pc-dimm,id=d1,memdev=dimm1"})),
+      kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "memory device d1 (backend dimm1) is on NUMA node 0, the saved "
+                         "VM had it on node 1; list the -device options of hot-plugged "
+                         "memory in the order it was plugged, or give each as vmsave info "
+                         "lists it: -device " +
+                             device),
+                r.err);
+  CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
+
+  // As info lists it, and the backend no device used given no device
+  // either (it was refused as "the VM got it after it started").
+  r = run_vmsave(
+      restore_args(image, qemu_log, false, plus(plus(vm.command(), objects), {"-device", device})),
       kRunTimeout);
   REQUIRE_RUN(r, 0);
   StartedQemu qemu{parse_json(r).value("pid", -1)};
