@@ -745,10 +745,10 @@ Status check_max_cpus(QmpClient& qmp, const nlohmann::json& meta) {
   if (!cpus.ok() || !cpus->is_array()) return Status();
   const i64 was = saved->get<i64>(), now = static_cast<i64>(cpus->size());
   if (now == was) return Status();
-  return mismatch(
-      fmt::format("-smp makes room for {} CPUs (maxcpus), the VM was saved with {}", now, was),
-      "give -smp the maxcpus and topology the VM was saved with (vmsave info shows "
-      "its command line)");
+  return mismatch(fmt::format("-smp makes room for {} CPU{} (maxcpus), the VM was saved with {}",
+                              now, now == 1 ? "" : "s", was),
+                  "give -smp the maxcpus and topology the VM was saved with (vmsave info shows "
+                  "its command line)");
 }
 
 // What only the started QEMU can tell: where it placed memory devices, and
@@ -1223,7 +1223,8 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
                       "start QEMU with the arguments `vmsave prepare` prints");
   }
   VMSAVE_TRY(check_prepared_ram(img, opts.image, std::move(*backends), qmp.peer_pid()));
-  VMSAVE_TRY(check_started_machine(qmp, *meta));
+  if (Status st = check_started_machine(qmp, *meta); !st.ok())
+    return st.error().fix(st.error().hint + "; this QEMU still waits");
   timer.lap("connect");
   bool run = opts.running.value_or(meta->value("guest_running", true));
   double vmstate_s = 0;

@@ -1110,7 +1110,8 @@ TEST_CASE(
     await_qmp_socket(vm, waiting, log);
     r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
     CHECK_RUN(r, 1);
-    CHECK_MESSAGE(contains(r.err, misplaced), r.err);
+    CHECK_MESSAGE(contains(r.err, misplaced + "; this QEMU still waits"), r.err);
+    CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
   }
   ::unlink(vm.qmp_path().c_str());
 
