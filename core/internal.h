@@ -6,8 +6,10 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <string>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -33,6 +35,22 @@ Status check_block_id(const std::string& id, const std::string& image);
 
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);
+
+// While vmsave writes or fills RAM itself it does not hear from QEMU: if
+// QEMU exits meanwhile (killed, crashed), this stops that work at once
+// (cancel_with the error `gone` returns) rather than run it to its end for
+// a VM that is no more.
+class ExitWatch {
+ public:
+  ExitWatch(pid_t pid, std::function<Error()> gone);
+  ~ExitWatch();
+  ExitWatch(const ExitWatch&) = delete;
+  ExitWatch& operator=(const ExitWatch&) = delete;
+
+ private:
+  UniqueFd pidfd_, stop_r_, stop_w_;
+  std::thread thread_;
+};
 
 // A file mapping of a process, as /proc/PID/maps shows it.
 struct FileMapping {

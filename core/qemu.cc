@@ -169,6 +169,25 @@ bool process_alive(pid_t pid) {
   return state != 'Z' && state != 'X';
 }
 
+ExitWatch::ExitWatch(pid_t pid, std::function<Error()> gone) : pidfd_(open_pidfd(pid)) {
+  int p[2];
+  if (!pidfd_.valid() || pipe2(p, O_CLOEXEC) < 0) return;  // then QMP finds out later
+  stop_r_ = UniqueFd(p[0]);
+  stop_w_ = UniqueFd(p[1]);
+  thread_ = std::thread([this, gone = std::move(gone)] {
+    pollfd fds[2] = {{pidfd_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
+    while (::poll(fds, 2, -1) < 0 && errno == EINTR) {
+    }
+    if (fds[0].revents & POLLIN) cancel_with(gone());
+  });
+}
+
+ExitWatch::~ExitWatch() {
+  if (!thread_.joinable()) return;
+  (void)!::write(stop_w_.get(), "x", 1);
+  thread_.join();
+}
+
 std::vector<FileMapping> file_mappings(pid_t pid) {
   std::vector<FileMapping> out;
   for (auto& m : read_maps(pid))
@@ -761,6 +780,15 @@ Error killed_error(int sig, const std::string& when, const std::string& log) {
       "again");
 }
 
+Error started_qemu_gone(const StartedQemu& q, const std::string& when) {
+  siginfo_t info{};
+  if (waitid(P_PID, id_t(q.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == q.pid &&
+      info.si_code != CLD_EXITED)
+    return killed_error(info.si_status, when, q.log);
+  std::string tail = log_tail(q.log, 3);
+  return Error{"QEMU exited " + when, q.log, tail.empty() ? "no output" : tail};
+}
+
 Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path, double timeout_s,
                                   bool daemonize) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
@@ -770,15 +798,10 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
     siginfo_t info{};
     bool exited =
         waitid(P_PID, id_t(q.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == q.pid;
-    if (exited && info.si_code != CLD_EXITED)
-      return killed_error(info.si_status, "before it was ready", q.log);
-    if (exited && daemonize && info.si_status == 0) {
+    if (exited && daemonize && info.si_code == CLD_EXITED && info.si_status == 0)
       waitpid(q.pid, nullptr, 0);  // the daemon's parent, done
-    } else if (exited) {
-      std::string tail = log_tail(q.log, 3);
-      return Error{"QEMU exited before it was ready", q.log,
-                   tail.empty() ? "no output" : tail};
-    }
+    else if (exited)
+      return started_qemu_gone(q, "before it was ready");
     struct stat st;
     if (stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
       auto c = QmpClient::connect(path, std::max(1.0, timeout_s / 2));

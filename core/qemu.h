@@ -158,4 +158,9 @@ std::string log_tail(const std::string& path, int lines);
 // command line is not to blame when something else killed QEMU.
 Error killed_error(int sig, const std::string& when, const std::string& log);
 
+// Why the QEMU a restore started has exited, `when` ("before it was
+// ready"): the signal that killed it, or its log's last lines. Leaves it
+// unreaped.
+Error started_qemu_gone(const StartedQemu& q, const std::string& when);
+
 }  // namespace vmsave

@@ -961,7 +961,12 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // A daemon is known by its QMP connection: found before the fill, so that
   // a fill that fails or is interrupted stops it too (it was left waiting,
   // holding its RAM file and socket).
-  if (!fill_first && !cmd.daemonize()) VMSAVE_TRY(fill());
+  if (!fill_first && !cmd.daemonize()) {
+    // A QEMU that dies meanwhile (its start-up failed, it was killed)
+    // stops the fill: reading the rest of the image would be for nothing.
+    ExitWatch watch(q.pid, [&] { return started_qemu_gone(q, "while vmsave filled its RAM"); });
+    VMSAVE_TRY(fill());
+  }
   (void)use_qmp_timeout(opts.qmp_timeout);
   auto qmp_r = connect_started(q, qmp_path, qmp_timeout(), cmd.daemonize());
   if (!qmp_r.ok()) return qmp_r.error();

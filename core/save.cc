@@ -70,39 +70,6 @@ struct GuestGuard {
   }
 };
 
-// While vmsave writes the RAM itself it does not hear from QEMU; if QEMU
-// exits meanwhile (killed, crashed), this stops the write at once rather
-// than reading the rest of its RAM file for the image of a VM that is gone.
-class QemuExitWatch {
- public:
-  QemuExitWatch(pid_t pid, const std::string& qmp_path) : pidfd_(open_pidfd(pid)) {
-    int p[2];
-    if (!pidfd_.valid() || pipe2(p, O_CLOEXEC) < 0) return;  // then QMP finds out later
-    stop_r_ = UniqueFd(p[0]);
-    stop_w_ = UniqueFd(p[1]);
-    thread_ = std::thread([this, pid, qmp_path] {
-      pollfd fds[2] = {{pidfd_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
-      while (::poll(fds, 2, -1) < 0 && errno == EINTR) {
-      }
-      if (fds[0].revents & POLLIN)
-        cancel_with(Error{"QEMU exited during the save", qmp_path,
-                          fmt::format("process {} is gone; no image was written", pid)}
-                        .fix("start the VM again, and save it then"));
-    });
-  }
-  ~QemuExitWatch() {
-    if (!thread_.joinable()) return;
-    (void)!::write(stop_w_.get(), "x", 1);
-    thread_.join();
-  }
-  QemuExitWatch(const QemuExitWatch&) = delete;
-  QemuExitWatch& operator=(const QemuExitWatch&) = delete;
-
- private:
-  UniqueFd pidfd_, stop_r_, stop_w_;
-  std::thread thread_;
-};
-
 // Running passes of a live save: at most this many, and no more once one
 // rewrites less than this.
 constexpr int kMaxLivePasses = 4;
@@ -500,7 +467,12 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
                               {"live", live},
                               {"ram_bytes_written", qemu_sent}};
   } else {
-    QemuExitWatch exit_watch(qmp.peer_pid(), opts.qmp);
+    const pid_t qemu_pid = qmp.peer_pid();
+    ExitWatch exit_watch(qemu_pid, [&] {
+      return Error{"QEMU exited during the save", opts.qmp,
+                   fmt::format("process {} is gone; no image was written", qemu_pid)}
+          .fix("start the VM again, and save it then");
+    });
     if (live) {
       // Passes while the guest runs, as long as each rewrites less than the
       // one before; then the stopped pass makes the image exact.
