@@ -136,17 +136,33 @@ CLI::Validator whole_number(i64 lo, i64 hi) {
       fmt::format("INT in [{} - {}]", lo, hi));
 }
 
-// A size as QEMU spells them (64K, 1M), and as people write them too: 1MiB
-// and 64KB are the same binary sizes here, as info prints them.
+// A size as QEMU spells them (64K, 1M), and as people write them too: 1MiB,
+// 1mib, 64KB and 64kb are the same binary sizes here, as info prints them.
 Result<i64> option_size(std::string text) {
-  for (std::string_view unit : {"iB", "B"})
-    if (text.size() > unit.size() + 1 && text.ends_with(unit) &&
-        std::string_view("KMGTkmgt").find(text[text.size() - unit.size() - 1]) !=
-            std::string_view::npos) {
+  auto ends_with_unit = [&](std::string_view unit) {  // either case
+    if (text.size() <= unit.size() + 1) return false;
+    for (size_t i = 0; i < unit.size(); i++)
+      if (std::tolower(static_cast<unsigned char>(text[text.size() - unit.size() + i])) != unit[i])
+        return false;
+    return std::string_view("KMGTkmgt").find(text[text.size() - unit.size() - 1]) !=
+           std::string_view::npos;
+  };
+  for (std::string_view unit : {"ib", "b"})
+    if (ends_with_unit(unit)) {
       text.resize(text.size() - unit.size());
       break;
     }
   return parse_size(text);
+}
+
+// A size option's usage error: the spelling's fault (with the parser's
+// reason), or the value's (`rule`).
+std::string size_usage(const std::string& option, const Result<i64>& size,
+                       const std::string& rule) {
+  if (!size.ok())
+    return fmt::format("{}: {} ({}); sizes are a number and K, M, G or T, as 64K, 1MiB, 2MB",
+                       option, size.error().what, size.error().detail);
+  return fmt::format("{} {}", option, rule);
 }
 
 // A path: "" would otherwise read as the option left out ("restore needs
@@ -584,13 +600,15 @@ int main(int argc, char** argv) {
   {
     auto cs = option_size(chunk_size);
     if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))
-      return usage("--chunk-size must be a power of two from 4K to 1G (e.g. 64K, 1M, 2M)");
+      return usage(size_usage("--chunk-size", cs,
+                              "must be a power of two from 4K to 1G (e.g. 64K, 1M, 2M)"));
     save.chunk_size = *cs;
   }
   if (!min_hole.empty()) {
     auto mh = option_size(min_hole);
     if (!mh.ok() || *mh > kMaxChunkSize || *mh % 4096)
-      return usage("--min-hole takes a multiple of 4K from 0 to 1G (e.g. 0, 64K, 2M)");
+      return usage(
+          size_usage("--min-hole", mh, "takes a multiple of 4K from 0 to 1G (e.g. 0, 64K, 2M)"));
     save.min_hole = *mh;
   }
   if (compress_opt->count() > 0) {

@@ -1155,8 +1155,12 @@ TEST_CASE("raw: sizes take KiB/MiB spellings, and a share is never rounded to al
   const std::string src = shm / "ram";
   test::write_pattern_file(src, 12 * kKiB, "random", 3);
   REQUIRE(::truncate(src.c_str(), 10 * kMiB) == 0);
-  for (auto [spelling, bytes] : {std::pair<std::string, i64>{"1MiB", kMiB}, {"64KB", 64 * kKiB},
-                                 {"2M", 2 * kMiB}}) {
+  for (auto [spelling, bytes] : {std::pair<std::string, i64>{"1MiB", kMiB},
+                                 {"64KB", 64 * kKiB},
+                                 {"2M", 2 * kMiB},
+                                 {"1mib", kMiB},
+                                 {"1mb", kMiB},
+                                 {"64kib", 64 * kKiB}}) {
     CAPTURE(spelling);
     const std::string image = disk / ("image-" + spelling);
     RunResult r = run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", spelling, image});
@@ -1168,7 +1172,10 @@ TEST_CASE("raw: sizes take KiB/MiB spellings, and a share is never rounded to al
     RunResult text = run_vmsave({"info", image});
     CHECK_MESSAGE(contains(text.out, "  99.9% zero  saved by vmsave"), text.out);
   }
+  // A spelling it cannot read is named as such, not as a wrong value.
   CHECK_FAILS(run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", "1Mi", disk / "x"}), 2,
+              "--chunk-size: invalid size '1Mi'");
+  CHECK_FAILS(run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", "3M", disk / "x"}), 2,
               "--chunk-size must be a power of two");
   // So many chunks their sums would not fit the bound a reader keeps to:
   // refused before anything is written (sparse, this takes no memory).
