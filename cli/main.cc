@@ -267,7 +267,9 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     say(stderr, "{}: intact ({}, {} read in {})\n", j["image"].get<std::string>(), what,
         human_bytes(j["bytes_read"].get<double>()), secs(j, "verify_s"));
   }
-  if (c.stats && j.contains("io_latency_us")) say(stderr, "  {}\n", latency_line(j));
+  // None when QEMU moved all of it (an image whose RAM QEMU saved).
+  if (c.stats && j.contains("io_latency_us") && j["io_latency_us"].value("count", i64(0)) > 0)
+    say(stderr, "  {}\n", latency_line(j));
 }
 
 // An argument as a POSIX shell would need it: as is when it has nothing

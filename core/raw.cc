@@ -376,8 +376,13 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
     b.page_size = s.page_size;
     blocks.push_back(b);
     sources.push_back(s);
-    meta["blocks"].push_back({{"id", id}, {"size", s.size}, {"page_size", s.page_size},
-                              {"source", file}});
+    // Where the file was, whichever directory info runs in.
+    std::error_code ec;
+    auto source = std::filesystem::absolute(file, ec);
+    meta["blocks"].push_back({{"id", id},
+                              {"size", s.size},
+                              {"page_size", s.page_size},
+                              {"source", ec ? file : source.lexically_normal().string()}});
     fds.push_back(std::move(fd));
   }
   // A memory file truncated while its mapping is read raises SIGBUS in the

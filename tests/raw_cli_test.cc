@@ -1172,6 +1172,18 @@ TEST_CASE("raw: sizes take KiB/MiB spellings, and a share is never rounded to al
     RunResult text = run_vmsave({"info", image});
     CHECK_MESSAGE(contains(text.out, "  99.9% zero  saved by vmsave"), text.out);
   }
+  // A memory file named relative to the directory the save ran in is
+  // recorded absolute: info, run elsewhere, shows where it was.
+  {
+    const std::string image = disk / "relative.vmsave";
+    RunResult r =
+        test::run_program({"/bin/sh", "-c", "cd \"$1\" && exec \"$0\" save --ram r=ram \"$2\"",
+                           VMSAVE_BINARY, shm.path(), image});
+    REQUIRE_RUN(r, 0);
+    RunResult j = run_vmsave({"info", "--json", image});
+    REQUIRE_RUN(j, 0);
+    CHECK(json::parse(j.out)["metadata"]["blocks"][0].value("source", "") == src);
+  }
   // A spelling it cannot read is named as such, not as a wrong value.
   CHECK_FAILS(run_vmsave({"save", "--ram", "r=" + src, "--chunk-size", "1Mi", disk / "x"}), 2,
               "--chunk-size: invalid size '1Mi'");
