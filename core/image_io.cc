@@ -1952,6 +1952,15 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
   };
   auto m = metadata();
   if (!m.ok()) return fail(m.error());
+  // Longer than the header says: bytes appended (a concatenation, a copy
+  // over a longer file). Restores never read them; the image is not intact.
+  struct stat st;
+  if (fstat(fd(), &st) == 0 && st.st_size > img_.file_size)
+    return fail(damaged(path(),
+                        fmt::format("{} bytes past the image's end (the header says it is {} "
+                                    "bytes, the file has {})",
+                                    st.st_size - img_.file_size, img_.file_size, st.st_size),
+                        img_.file_size));
   Status vs = stream_vmstate(nullptr);
   if (!vs.ok()) return fail(vs.error());
   if (progress)

@@ -982,6 +982,25 @@ TEST_CASE("raw: missing, empty, foreign and newer images are refused with the ri
   }
 }
 
+TEST_CASE("raw: verify refuses bytes appended past an image's end") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", 256 * kKiB, "mixed", 5);
+  const std::string image = disk / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image}), 0);
+  const i64 size = static_cast<i64>(std::filesystem::file_size(image));
+  {
+    std::ofstream out(image, std::ios::app | std::ios::binary);
+    out << std::string(1000, 'x');
+  }
+  // A concatenation, or a copy over a longer file: verify called it intact.
+  RunResult r = run_vmsave({"verify", image});
+  CHECK_FAILS(r, 3,
+              fmt::format("image damaged ({}) at offset {}: 1000 bytes past the image's end (the "
+                          "header says it is {} bytes, the file has {})",
+                          image, size, size, size + 1000));
+}
+
 TEST_CASE("raw: an image another user cannot read is refused with status 1, naming the fix") {
   // Root reads any file: the other user is `nobody`, by setpriv(1).
   if (geteuid() != 0) test::skip("needs root to run vmsave as another user");
