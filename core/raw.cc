@@ -168,10 +168,19 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
     f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC));
   }
   if (!f.fd_) {
-    Error e = sys_error("cannot create RAM file", path, errno);
-    if (errno == ENOENT) e.hint = "create its directory first";
-    if (errno == EROFS || errno == EACCES) e.hint = "put it where vmsave can write";
-    if (errno == ELOOP) {
+    const int err = errno;
+    Error e = sys_error("cannot create RAM file", path, err);
+    if (err == ENOENT) {
+      // A directory that exists but takes no new files: /proc, /sys.
+      struct stat dir;
+      const std::string parent = std::filesystem::path(path).parent_path().string();
+      e.hint = stat(parent.empty() ? "." : parent.c_str(), &dir) == 0 && S_ISDIR(dir.st_mode)
+                   ? "its directory takes no new files (/proc, /sys?): put RAM files on tmpfs, "
+                     "hugetlbfs or a disk"
+                   : "create its directory first";
+    }
+    if (err == EROFS || err == EACCES) e.hint = "put it where vmsave can write";
+    if (err == ELOOP) {
       e.detail = "it is a symbolic link, and vmsave does not write through one";
       e.hint = "give the real path, or remove the link";
     }

@@ -982,6 +982,20 @@ TEST_CASE("raw: missing, empty, foreign and newer images are refused with the ri
   }
 }
 
+TEST_CASE("raw: a RAM directory that takes no new files is named as such") {
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", 64 * kKiB, "mixed", 5);
+  const std::string image = disk / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image}), 0);
+  // It said "create its directory first" of /proc, which exists.
+  CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", "/proc"}), 1,
+              "cannot create RAM file (/proc/ram): No such file or directory; its directory "
+              "takes no new files (/proc, /sys?)");
+  CHECK_FAILS(run_vmsave({"restore", image, "--ram-dir", shm / "no-such-dir"}), 1,
+              "create that directory first");
+}
+
 TEST_CASE("raw: verify refuses bytes appended past an image's end") {
   require_shm();
   TempDir shm("/dev/shm"), disk;
