@@ -356,6 +356,13 @@ Result<std::optional<i64>> QemuObject::get_size(const std::string& key) const {
     }
     return std::optional<i64>(it->get<i64>());
   }
+  // QEMU reads JSON -object properties by their JSON types: "64M" is
+  // refused there ("Parameter 'size' expects uint64"), after a fill.
+  if (it->is_string() && json_syntax)
+    return Error{fmt::format("object '{}': in JSON syntax, {} must be a number", id, key), "",
+                 it->dump()}
+        .fix(fmt::format("write the bytes as a number (\"{}\": 67108864), as QEMU wants there",
+                         key));
   if (it->is_string()) {
     auto n = parse_size(it->get_ref<const std::string&>());
     if (!n) {

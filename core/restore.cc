@@ -1067,7 +1067,8 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
       if (s.object.id == b.id) o = s.object;
     // The block's size, whatever the metadata says (its own spelling if equal).
     if (auto size = o.get_size("size"); !size.ok() || *size != b.size)
-      o.set("size", std::to_string(b.size));
+      o.set("size",
+            o.json_syntax ? nlohmann::json(b.size) : nlohmann::json(std::to_string(b.size)));
     if (opts.lazy) {
       make_lazy(o, image_abs, b.region.offset);
       mapped += b.size;

@@ -192,8 +192,9 @@ TEST_CASE("-object in keyval syntax") {
 }
 
 TEST_CASE("-object in JSON syntax") {
-  auto o = parse_object(R"({"qom-type":"memory-backend-file","id":"ram0","size":1073741824,)"
-                        R"("mem-path":"/dev/shm/x","share":true,"prealloc":"off","align":"2M"})");
+  auto o =
+      parse_object(R"({"qom-type":"memory-backend-file","id":"ram0","size":1073741824,)"
+                   R"("mem-path":"/dev/shm/x","share":true,"prealloc":"off","align":2097152})");
   REQUIRE(o.ok());
   CHECK(o->json_syntax);
   CHECK(o->qom_type == "memory-backend-file");
@@ -212,6 +213,13 @@ TEST_CASE("-object in JSON syntax") {
   CHECK_FALSE(parse_object(R"({"qom-type":"x","id":"a",)").ok());
   CHECK_FALSE(parse_object(R"(["qom-type"])").ok());
   CHECK_FALSE(parse_object(R"({"qom-type":"x","id":"a","size":-1})")->get_size("size").ok());
+  // QEMU reads JSON properties by type: a size as a string it refuses
+  // ("Parameter 'size' expects uint64"), so vmsave does before QEMU starts.
+  auto spelled = parse_object(R"({"qom-type":"x","id":"a","size":"64M"})")->get_size("size");
+  REQUIRE_FALSE(spelled.ok());
+  CHECK(spelled.error().message() ==
+        "object 'a': in JSON syntax, size must be a number: \"64M\"; write the bytes as a "
+        "number (\"size\": 67108864), as QEMU wants there");
 }
 
 TEST_CASE("-object round trips in its own syntax") {
