@@ -920,12 +920,19 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       if (*ok) return;
       kill_qemu(q->pid);
       for (auto& f : qemu_files) ::unlink(f.c_str());
-      if (!run_dir.empty()) std::filesystem::remove_all(run_dir);
       // The command's own socket, which the QEMU that failed left bound to
       // nothing (no live process listened there before it started).
       struct stat st;
       if (q->pid > 0 && lstat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
         ::unlink(socket.c_str());
+      // A private directory goes, but for a log QEMU wrote, which the error
+      // names: it stays for the user to read, until the next restore finds
+      // its QEMU gone.
+      if (run_dir.empty()) return;
+      if (q->pid > 0 && stat((run_dir + "/qemu.log").c_str(), &st) == 0 && st.st_size > 0)
+        note_run_dir_owner(run_dir, q->pid);
+      else
+        std::filesystem::remove_all(run_dir);
     }
   } cleanup{&ok, &q, run_dir, qmp_path, qemu_files};
 

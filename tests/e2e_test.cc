@@ -2588,6 +2588,24 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   r = run_vmsave(restore_args(image, vm.dir() + "/bad-qemu.log", true, bad), kRunTimeout);
   CHECK_RUN(r, 1);
   CHECK_FALSE(exists(own));
+
+  // One whose log is in a private directory: the error names the log, which
+  // stays to be read (it was removed with the directory) until the next
+  // restore finds its QEMU gone.
+  std::vector<std::string> no_log =
+      restore_args(image, "", true, plus(cmd, {"-device", "no-such-device"}));
+  no_log.erase(no_log.begin() + 3, no_log.begin() + 5);  // no --qemu-log
+  r = run_vmsave(no_log, kRunTimeout, env);
+  CHECK_RUN(r, 1);
+  const std::string named =
+      r.err.substr(r.err.find("ready (") + 7, r.err.find("):") - r.err.find("ready (") - 7);
+  CHECK_MESSAGE(named.ends_with("/qemu.log"), r.err);
+  CHECK_MESSAGE(contains(slurp(named), "no-such-device"), named);
+  const std::string failed_dir = std::filesystem::path(named).parent_path().string();
+  r = run_vmsave(args, kRunTimeout, env);
+  REQUIRE_RUN(r, 0);
+  CHECK_FALSE(exists(failed_dir));
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 1);
 }
 
 // The QEMU a restore starts outlives vmsave: holding the --progress-fd
