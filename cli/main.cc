@@ -325,8 +325,33 @@ void print_info(const nlohmann::json& j) {
   // Where QEMU placed memory devices: hot-plugged ones need a -device in
   // the restore command, in that order or with that address.
   if (m.contains("memory_devices"))
-    for (auto& d : m["memory_devices"])
-      print_text("memory dev:   -device {}\n", d.value("device", ""));
+    for (auto& d : m["memory_devices"]) {
+      // A backend plugged after start is in no command line: its -object
+      // too, from what the save recorded of it.
+      const std::string memdev = d.value("memdev", "");
+      std::string object;
+      bool in_cmdline = false;
+      if (m.contains("qemu_cmdline"))
+        for (auto& a : m["qemu_cmdline"])
+          in_cmdline |=
+              a.is_string() &&
+              (a.get<std::string>().find("id=" + memdev + ",") != std::string::npos ||
+               a.get<std::string>().find("\"id\":\"" + memdev + "\"") != std::string::npos);
+      if (!in_cmdline && m.contains("blocks"))
+        for (auto& b : m["blocks"])
+          if (b.value("id", "") == memdev &&
+              b.value("qom_type", "").starts_with("memory-backend-")) {
+            object = fmt::format("{},id={},size={}", b.value("qom_type", ""), memdev,
+                                 b.value("size", i64(0)));
+            if (b.contains("share") && b["share"].is_boolean())
+              object += b["share"].get<bool>() ? ",share=on" : ",share=off";
+            if (!b.value("mem_path", "").empty())
+              object += ",mem-path=" + escape_commas(b.value("mem_path", ""));
+          }
+      print_text("memory dev:   {}-device {}\n",
+                 object.empty() ? "" : "-object " + shell_word(object) + " ",
+                 shell_word(d.value("device", "")));
+    }
   if (m.contains("guest_running") && !m["guest_running"].is_null())
     print_text("guest was:    {}\n", m["guest_running"].get<bool>() ? "running" : "paused");
   if (!m.value("description", "").empty())

@@ -724,11 +724,13 @@ Status check_memory_devices(QmpClient& qmp, const nlohmann::json& meta) {
         differs = fmt::format("gives the guest {} bytes, the saved VM's gave {} (label-size?)",
                               is.value("size", u64(0)), was.value("size", u64(0)));
       if (differs.empty()) continue;
-      return mismatch(
-          name + " " + differs,
-          fmt::format("list the -device options of hot-plugged memory in the order "
-                      "it was plugged, or give each as vmsave info lists it: -device {}",
-                      was.value("device", "")));
+      const bool placed = is["addr"] != was["addr"];  // by the order of the -device options
+      return mismatch(name + " " + differs,
+                      fmt::format("{}give {} as vmsave info lists it: -device {}",
+                                  placed ? "list the -device options of hot-plugged memory in the "
+                                           "order it was plugged, or "
+                                         : "",
+                                  placed ? "each" : "it", was.value("device", "")));
     }
   }
   return Status();
@@ -1015,6 +1017,14 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   }
   timer.lap("device_state");
   if (cancelled()) return interrupted_error();
+  // A last look before the VM is the user's: a QEMU killed once it had
+  // loaded (a trial killed it 6-15 ms into the load) was reported running,
+  // and its RAM file kept.
+  if (auto alive = qmp.execute("query-status"); !alive.ok()) {
+    if (int sig = cmd.daemonize() ? 0 : killing_signal(q.pid))
+      return killed_error(sig, "as the restore finished", log);
+    return alive.error();
+  }
   for (auto& p : plans)
     if (p.unlink_after) ::unlink(p.ram_file.c_str());
   ok = true;
