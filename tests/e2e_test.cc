@@ -998,6 +998,44 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
       wait_story(log, paused_at + kMoreIterations, kCarryOnTimeout, vm.pid(), nullptr, &err), err);
 }
 
+// Memory hot-plug over QMP: each backend a 64 MiB shared file, and a
+// pc-dimm for those given a device id (on `node` when it is not 0).
+struct PluggedBackend {
+  std::string id, file, dimm;
+  int node = 0;
+};
+
+void hot_plug(const TestVm& vm, const std::vector<PluggedBackend>& backends) {
+  auto q = QmpClient::connect(vm.qmp_path(), 10);
+  REQUIRE(q.ok());
+  for (const PluggedBackend& b : backends) {
+    auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
+                                       {"id", b.id},
+                                       {"size", 64 * kMiB},
+                                       {"share", true},
+                                       {"mem-path", b.file}});
+    REQUIRE_MESSAGE(o.ok(), o.error().message());
+    if (b.dimm.empty()) continue;
+    json dev = {{"driver", "pc-dimm"}, {"id", b.dimm}, {"memdev", b.id}};
+    if (b.node) dev["node"] = b.node;
+    auto d = q->execute("device_add", dev);
+    REQUIRE_MESSAGE(d.ok(), d.error().message());
+  }
+}
+
+// Saves `vm` into `image` (QEMU quits) and removes its RAM files and
+// `files`, as a host that restores it elsewhere would have them: the last
+// memcheck line before the save.
+MemcheckLine save_and_clear(TestVm& vm, const std::string& image,
+                            const std::vector<std::string>& files) {
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout), 0);
+  REQUIRE(wait_exit_unreaped(vm.pid(), 15).has_value());
+  vm.kill_qemu();  // reaps it
+  for (int i = 0; i < vm.options().numa_nodes; i++) REQUIRE(::unlink(vm.ram_path(i).c_str()) == 0);
+  for (auto& f : files) REQUIRE(::unlink(f.c_str()) == 0);
+  return *read_story(vm.serial_log()).last;
+}
+
 TEST_CASE(
     "e2e: DIMMs hot-plugged before the save: refused without their -device or in another order, "
     "and carry on with them") {
@@ -1008,29 +1046,9 @@ TEST_CASE(
   boot(vm);
   const std::string dir = std::filesystem::path(vm.ram_path()).parent_path().string();
   const std::string dimm_files[] = {dir + "/dimm1", dir + "/dimm2"};
-  {
-    auto q = QmpClient::connect(vm.qmp_path(), 10);
-    REQUIRE(q.ok());
-    for (int i = 0; i < 2; i++) {
-      auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
-                                         {"id", fmt::format("dimm{}", i + 1)},
-                                         {"size", 64 * kMiB},
-                                         {"share", true},
-                                         {"mem-path", dimm_files[i]}});
-      REQUIRE_MESSAGE(o.ok(), o.error().message());
-      auto d = q->execute("device_add", {{"driver", "pc-dimm"},
-                                         {"id", fmt::format("d{}", i + 1)},
-                                         {"memdev", fmt::format("dimm{}", i + 1)}});
-      REQUIRE_MESSAGE(d.ok(), d.error().message());
-    }
-  }
+  hot_plug(vm, {{"dimm1", dimm_files[0], "d1"}, {"dimm2", dimm_files[1], "d2"}});
   const std::string image = vm.dir() + "/vm.vmsave";
-  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout), 0);
-  REQUIRE(wait_exit_unreaped(vm.pid(), 15).has_value());
-  vm.kill_qemu();  // reaps it
-  const MemcheckLine saved = *read_story(vm.serial_log()).last;
-  REQUIRE(::unlink(vm.ram_path().c_str()) == 0);
-  for (auto& f : dimm_files) REQUIRE(::unlink(f.c_str()) == 0);
+  const MemcheckLine saved = save_and_clear(vm, image, {dimm_files[0], dimm_files[1]});
   // Where the DIMMs were, as the image recorded them.
   RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
   REQUIRE_RUN(info, 0);
@@ -1144,29 +1162,9 @@ TEST_CASE(
   boot(vm);
   const std::string dir = std::filesystem::path(vm.ram_path(0)).parent_path().string();
   const std::string dimm_file = dir + "/dimm1", spare_file = dir + "/spare";
-  {
-    auto q = QmpClient::connect(vm.qmp_path(), 10);
-    REQUIRE(q.ok());
-    for (auto [id, path] : {std::pair{"dimm1", dimm_file}, std::pair{"spare", spare_file}}) {
-      auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
-                                         {"id", id},
-                                         {"size", 64 * kMiB},
-                                         {"share", true},
-                                         {"mem-path", path}});
-      REQUIRE_MESSAGE(o.ok(), o.error().message());
-    }
-    auto d = q->execute("device_add",
-                        {{"driver", "pc-dimm"}, {"id", "d1"}, {"memdev", "dimm1"}, {"node", 1}});
-    REQUIRE_MESSAGE(d.ok(), d.error().message());
-  }
+  hot_plug(vm, {{"dimm1", dimm_file, "d1", 1}, {"spare", spare_file, ""}});
   const std::string image = vm.dir() + "/vm.vmsave";
-  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout), 0);
-  REQUIRE(wait_exit_unreaped(vm.pid(), 15).has_value());
-  vm.kill_qemu();  // reaps it
-  const MemcheckLine saved = *read_story(vm.serial_log()).last;
-  for (int i = 0; i < 2; i++) REQUIRE(::unlink(vm.ram_path(i).c_str()) == 0);
-  REQUIRE(::unlink(dimm_file.c_str()) == 0);
-  REQUIRE(::unlink(spare_file.c_str()) == 0);
+  const MemcheckLine saved = save_and_clear(vm, image, {dimm_file, spare_file});
 
   RunResult info = run_vmsave({"info", image, "--json"}, kRunTimeout);
   REQUIRE_RUN(info, 0);
