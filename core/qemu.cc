@@ -780,11 +780,17 @@ Error killed_error(int sig, const std::string& when, const std::string& log) {
       "again");
 }
 
-Error started_qemu_gone(const StartedQemu& q, const std::string& when) {
+std::optional<siginfo_t> peek_exit(pid_t pid) {
   siginfo_t info{};
-  if (waitid(P_PID, id_t(q.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == q.pid &&
-      info.si_code != CLD_EXITED)
-    return killed_error(info.si_status, when, q.log);
+  errno = 0;  // ECHILD after: not a child of ours, or reaped already
+  if (waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid)
+    return info;
+  return std::nullopt;
+}
+
+Error started_qemu_gone(const StartedQemu& q, const std::string& when) {
+  if (auto info = peek_exit(q.pid); info && info->si_code != CLD_EXITED)
+    return killed_error(info->si_status, when, q.log);
   std::string tail = log_tail(q.log, 3);
   return Error{"QEMU exited " + when, q.log, tail.empty() ? "no output" : tail};
 }
@@ -793,12 +799,9 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
                                   bool daemonize) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   for (;;) {
-    // Looked at, not reaped: the caller's clean-up reaps it, and must not
-    // signal a pid that may be another process's by then.
-    siginfo_t info{};
-    bool exited =
-        waitid(P_PID, id_t(q.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == q.pid;
-    if (exited && daemonize && info.si_code == CLD_EXITED && info.si_status == 0)
+    auto info = peek_exit(q.pid);
+    bool exited = info.has_value();
+    if (exited && daemonize && info->si_code == CLD_EXITED && info->si_status == 0)
       waitpid(q.pid, nullptr, 0);  // the daemon's parent, done
     else if (exited)
       return started_qemu_gone(q, "before it was ready");

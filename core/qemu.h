@@ -5,9 +5,12 @@
 
 #pragma once
 
+#include <signal.h>
+
 #include <sys/types.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -157,6 +160,12 @@ std::string log_tail(const std::string& path, int lines);
 // "QEMU was killed by signal N (NAME) WHEN", with its log and a fix: the
 // command line is not to blame when something else killed QEMU.
 Error killed_error(int sig, const std::string& when, const std::string& log);
+
+// How child `pid` ended, if it has: looked at, not reaped (waitid
+// WNOWAIT), so a clean-up that reaps it later never signals a pid that may
+// be another process's by then. Else nullopt, errno ECHILD if `pid` is
+// not a child of ours (or reaped already).
+std::optional<siginfo_t> peek_exit(pid_t pid);
 
 // Why the QEMU a restore started has exited, `when` ("before it was
 // ready"): the signal that killed it, or its log's last lines. Leaves it
