@@ -50,6 +50,23 @@ std::string json_string(const nlohmann::json& j) {
   return j.is_string() ? j.get<std::string>() : j.dump();
 }
 
+// The pause between two looks at something QEMU is about to finish: short
+// at first, then doubling up to `cap_ms`. A flat 5 ms put a step that
+// QEMU finishes in 3 ms at 5-10 ms: a lazy restore's device-state load
+// took 3 ms at 1 GiB and 9 ms at 16 GiB, one more look.
+class Backoff {
+ public:
+  explicit Backoff(int cap_ms) : cap_us_(cap_ms * 1000) {}
+  void wait() {
+    std::this_thread::sleep_for(std::chrono::microseconds(us_));
+    us_ = std::min(us_ * 2, cap_us_);
+  }
+
+ private:
+  int us_ = 250;
+  int cap_us_;
+};
+
 }  // namespace
 
 Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp) {
@@ -433,6 +450,7 @@ bool Capabilities::restore(QmpClient& qmp) {
 
 bool wait_migration_ended(QmpClient& qmp, double timeout_s) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+  Backoff pause(5);
   for (;;) {
     auto r = qmp.execute("query-migrate", nullptr, 5);
     if (!r.ok()) return false;
@@ -440,12 +458,13 @@ bool wait_migration_ended(QmpClient& qmp, double timeout_s) {
     if (status.empty() || status == "completed" || status == "failed" || status == "cancelled")
       return true;
     if (Clock::now() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    pause.wait();
   }
 }
 
 Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+  Backoff pause(5);
   for (;;) {
     auto r = qmp.execute("query-migrate");
     if (!r.ok()) return r.error();
@@ -459,7 +478,7 @@ Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {
       return Error{fmt::format("QEMU's {} did not finish in {:.0f} s", what, timeout_s), qmp.path(),
                    "status " + status};
     if (cancelled()) return interrupted_error();
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    pause.wait();
   }
 }
 
@@ -798,6 +817,7 @@ Error started_qemu_gone(const StartedQemu& q, const std::string& when) {
 Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path, double timeout_s,
                                   bool daemonize) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+  Backoff pause(5);
   for (;;) {
     auto info = peek_exit(q.pid);
     bool exited = info.has_value();
@@ -816,7 +836,7 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
     if (Clock::now() > deadline)
       return Error{"QEMU did not open its QMP socket in time", path, log_tail(q.log, 3)};
     if (cancelled()) return interrupted_error();
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    pause.wait();
   }
 }
 
