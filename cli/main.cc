@@ -307,7 +307,14 @@ void print_text(fmt::format_string<Args...> f, Args&&... args) {
 
 void print_info(const nlohmann::json& j) {
   print_text("image:        {}\n", j["image"].get<std::string>());
-  print_text("format:       vmsave image v{} (complete)\n", j["format_version"].get<std::string>());
+  if (j.contains("bytes_past_end"))
+    print_text(
+        "format:       vmsave image v{} (complete, then {} bytes that are not part of it: "
+        "vmsave verify calls it damaged)\n",
+        j["format_version"].get<std::string>(), j["bytes_past_end"].get<i64>());
+  else
+    print_text("format:       vmsave image v{} (complete)\n",
+               j["format_version"].get<std::string>());
   print_text("uuid:         {}\n", j["uuid"].get<std::string>());
   auto& m = j["metadata"];
   print_text("created:      {} on {} by vmsave {}\n", m.value("created", "?"), m.value("host", "?"),

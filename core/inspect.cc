@@ -69,7 +69,7 @@ Result<nlohmann::json> info(const std::string& image) {
   }
   // What the file occupies: the data, and the short zero runs a save on a
   // disk writes with it (--min-hole).
-  struct stat st;
+  struct stat st = {};
   i64 allocated = fstat((*r)->fd(), &st) == 0 ? static_cast<i64>(st.st_blocks) * 512 : 0;
   // RAM QEMU saved is in its section, where vmsave's format does not say
   // which pages are whose: what the section stores, less its device state
@@ -97,6 +97,10 @@ Result<nlohmann::json> info(const std::string& image) {
                    {"stored_bytes", stored},
                    {"vmstate_offset", img.vmstate.offset},
                    {"metadata", *meta}};
+  // Bytes past the end the header gives (a concatenation, a copy over a
+  // longer file): restores never read them, verify calls them damage.
+  if (st.st_size > img.file_size)
+    j["bytes_past_end"] = static_cast<i64>(st.st_size) - img.file_size;
   add_vmstate_report(j, img, *meta);
   if ((*r)->compressed()) {
     // The codec as asked ("zstd:3", from the metadata) and as found in the

@@ -996,7 +996,7 @@ TEST_CASE("raw: a RAM directory that takes no new files is named as such") {
               "create that directory first");
 }
 
-TEST_CASE("raw: verify refuses bytes appended past an image's end") {
+TEST_CASE("raw: verify refuses bytes appended past an image's end, info names them") {
   require_shm();
   TempDir shm("/dev/shm"), disk;
   test::write_pattern_file(shm / "ram", 256 * kKiB, "mixed", 5);
@@ -1013,6 +1013,21 @@ TEST_CASE("raw: verify refuses bytes appended past an image's end") {
               fmt::format("image damaged ({}) at offset {}: 1000 bytes past the image's end (the "
                           "header says it is {} bytes, the file has {})",
                           image, size, size, size + 1000));
+  // info reads only what the header points at, and used to say "(complete)"
+  // and nothing more.
+  r = run_vmsave({"info", image});
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.out,
+                         "(complete, then 1000 bytes that are not part of it: vmsave verify "
+                         "calls it damaged)"),
+                r.out);
+  r = run_vmsave({"info", "--json", image});
+  REQUIRE_RUN(r, 0);
+  CHECK(json::parse(r.out)["bytes_past_end"] == 1000);
+  REQUIRE(truncate(image.c_str(), size) == 0);
+  r = run_vmsave({"info", "--json", image});
+  REQUIRE_RUN(r, 0);
+  CHECK_FALSE(json::parse(r.out).contains("bytes_past_end"));
 }
 
 TEST_CASE("raw: an image another user cannot read is refused with status 1, naming the fix") {
