@@ -469,10 +469,12 @@ int main(int argc, char** argv) {
                    "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
       ->check(whole_number(1, 3600000))
       ->needs(live_opt);
-  save_cmd->add_option("--live-timeout", save.live_timeout,
+  auto* live_timeout =
+      save_cmd
+          ->add_option("--live-timeout", save.live_timeout,
                        "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
-      ->check(kSeconds)
-      ->needs(live_opt);
+          ->check(kSeconds)
+          ->needs(live_opt);
   auto* flush_timeout = save_cmd->add_option("--flush-timeout", save.flush_timeout,
                        "Fail the save (no image, guest as it was) if flushing and committing "
                        "take longer than SECONDS")
@@ -631,6 +633,7 @@ int main(int argc, char** argv) {
   }
   EngineConfig engine{c.jobs, c.queue_depth};
   save.engine = restore.engine = engine;
+  save.live_timeout_given = live_timeout->count() > 0;
   {
     auto cs = option_size(chunk_size);
     if (!cs.ok() || *cs < 4096 || *cs > kMaxChunkSize || !is_pow2(*cs))

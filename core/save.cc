@@ -329,6 +329,17 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   const bool live = opts.live && was_running;
   if (opts.live && !was_running)
     rep.warn("the guest is paused: --live has nothing to overlap with, saving it as it is");
+  // Accepted for any VM (a wrapper need not know how its RAM is backed),
+  // but said when they do nothing.
+  if (live && !through_qemu && (opts.max_downtime_ms > 0 || opts.live_timeout_given)) {
+    const bool both = opts.max_downtime_ms > 0 && opts.live_timeout_given;
+    rep.warn(fmt::format(
+        "{} only {} to RAM QEMU saves; vmsave writes this VM's RAM itself (at most four passes, "
+        "the last as short as what changed), so {} no effect here",
+        both ? "--max-downtime and --live-timeout"
+             : (opts.max_downtime_ms > 0 ? "--max-downtime" : "--live-timeout"),
+        both ? "apply" : "applies", both ? "they have" : "it has"));
+  }
   // QEMU throttles a migration to max-bandwidth (128 MiB/s by default), a
   // stopped guest's too: QEMU writing 256 MiB of paused RAM took 1.41 s
   // against 0.21 s unlimited, and a running guest dirtying memory faster

@@ -40,6 +40,7 @@ struct SaveOptions {
   bool live = false;
   i64 max_downtime_ms = 0;    // QEMU path: downtime-limit (0: QEMU's default)
   double live_timeout = 60;   // QEMU path: stop the guest after this long
+  bool live_timeout_given = false;  // --live-timeout was on the command line
   double flush_timeout = 0;   // 0: wait for the flush as long as it takes
 };
 
