@@ -50,19 +50,30 @@ constexpr i64 kMaxIoSize = 1 * kMiB;
 constexpr i64 kMaxHugeCopyChunk = 4 * kMiB;
 // vmstate is copied through one buffer of this size.
 constexpr size_t kStreamBuffer = 1 * kMiB;
-// Verify reads chunks into buffers; per worker at most this much memory.
-constexpr i64 kVerifyPoolBytes = 16 * kMiB;
-// Compressed saves and restores keep a few chunk buffers per worker busy
-// while their I/O is in flight: at most this much over all workers (plus
-// one staging chunk per worker), and 4 per worker, enough to keep the disk
-// busy while the worker compresses the next chunk. With 1 MiB chunks: 2
-// workers use 10 MiB, 16 workers 48 MiB, 32 workers 64 MiB.
+// Chunk buffers a worker keeps busy while their I/O is in flight share a
+// pool of `pool_bytes` over all workers: each gets what its share holds,
+// at least one and at most `most`. vmsave's memory must not grow with the
+// host's CPU count, which sets the default --jobs: verify with 16 MiB per
+// worker took 533 MiB at --jobs 32, a save into /dev/shm 271 MiB.
+int buffers_per_worker(i64 pool_bytes, int jobs, i64 buffer_size, int most) {
+  i64 n = pool_bytes / (std::max(jobs, 1) * std::max<i64>(buffer_size, 1));
+  return static_cast<int>(std::clamp<i64>(n, 1, most));
+}
+// Verify reads chunks into buffers: 16 of 1 MiB per worker with 2 workers.
+constexpr i64 kVerifyPoolBytes = 32 * kMiB;
+constexpr int kMaxVerifyBuffers = 16;
+// Compressed saves and restores: 4 per worker at most, enough to keep the
+// disk busy while the worker compresses the next chunk (plus one staging
+// chunk per worker). With 1 MiB chunks: 2 workers use 10 MiB, 16 workers
+// 48 MiB, 32 workers 64 MiB.
 constexpr i64 kCompressPoolBytes = 32 * kMiB;
 constexpr int kMaxCompressSlots = 4;
+// A save reading its source into buffers (copy_source, hugetlbfs).
+constexpr i64 kCopyPoolBytes = 32 * kMiB;
+constexpr int kMaxCopyBuffers = 8;
 
 int compress_slots(int jobs, i64 chunk_size) {
-  i64 n = kCompressPoolBytes / (std::max(jobs, 1) * chunk_size);
-  return static_cast<int>(std::clamp<i64>(n, 1, kMaxCompressSlots));
+  return buffers_per_worker(kCompressPoolBytes, jobs, chunk_size, kMaxCompressSlots);
 }
 
 using Clock = std::chrono::steady_clock;
@@ -672,7 +683,6 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // and write). 5 alternating runs, 4 GiB mixed from /dev/shm into an image
   // there: 1.33-1.43 s (median 1.33) and 1.6-1.8 CPU-seconds, against
   // 1.51-1.54 s and 2.2-2.3 mapped; fio's fallocate and write, 1.31 s.
-  constexpr int kCopyBuffers = 8;
   constexpr u64 kCopyTag = u64(1) << 63;
   const bool copy_source = serialize && !compress && max_chunk <= kMaxIoSize;
   i64 copy_size = 0;  // the copy buffers' size: the largest chunk read so
@@ -696,7 +706,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       wk.out.emplace_back(slot_size);
       wk.free.push_back(i);
     }
-    for (int i = 0; copy_size > 0 && i < kCopyBuffers; i++) {
+    const int copies = buffers_per_worker(kCopyPoolBytes, jobs, copy_size, kMaxCopyBuffers);
+    for (int i = 0; copy_size > 0 && i < copies; i++) {
       wk.copies.emplace_back(copy_size);
       wk.copies_free.push_back(i);
     }
@@ -1600,7 +1611,9 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   // Runs closer than min_hole_ (as a save on a disk writes them) are read
   // in one request with their gaps.
   const bool may_gather = min_hole_ > page && (verify_only || b.chunk_size <= kMaxCompressedChunkSize);
-  const i64 pool = verify_only ? std::clamp<i64>(kVerifyPoolBytes / b.chunk_size, 1, b.chunks())
+  const i64 pool = verify_only ? std::min<i64>(buffers_per_worker(kVerifyPoolBytes, jobs,
+                                                                  b.chunk_size, kMaxVerifyBuffers),
+                                               b.chunks())
                    : compressed || may_gather || to_fd
                        ? std::min<i64>(compress_slots(jobs, b.chunk_size), b.chunks())
                        : 0;
