@@ -184,7 +184,7 @@ void add_common(CLI::App* cmd, Common& c, bool engine) {
           "FD"));
   if (engine) {
     cmd->add_flag("--stats", c.stats, "Show the I/O latency histogram in the summary");
-    cmd->add_option("-j,--jobs", c.jobs, "I/O worker threads (default: online CPUs)")
+    cmd->add_option("-j,--jobs", c.jobs, "I/O worker threads (default: online CPUs, at most 32)")
         ->check(whole_number(1, 256));
     cmd->add_option("--queue-depth", c.queue_depth, "Requests in flight per worker")
         ->default_val(32)

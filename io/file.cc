@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <algorithm>
 
 #include <thread>
 #include <vector>
@@ -15,9 +16,13 @@
 
 namespace vmsave {
 
+// Online CPUs, at most 32: each worker keeps chunk buffers, so vmsave's
+// memory would otherwise grow with the host (at least 1 MiB per worker
+// where it reads into buffers), and 32 rings of 32 requests keep any disk
+// busy.
 int default_jobs() {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? static_cast<int>(n) : 1;
+  return n > 0 ? static_cast<int>(std::min<long>(n, 32)) : 1;
 }
 
 Result<DirectFile> open_direct(const std::string& path, int flags, mode_t mode,

@@ -45,7 +45,7 @@ Status pwrite_all(int fd, const void* buf, size_t len, i64 offset, const std::st
 Status pread_all(int fd, void* buf, size_t len, i64 offset, const std::string& path);
 
 struct EngineConfig {
-  int jobs = 0;          // worker threads; 0 = online CPUs
+  int jobs = 0;          // worker threads; 0 = default_jobs()
   u32 queue_depth = 32;  // requests in flight per worker (fio's usual 32)
 };
 
