@@ -2023,6 +2023,43 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
     Status st = read_chunks(i, *bits, *s, *codecs, RamDest(), cfg, progress, nullptr, report);
     if (!st.ok()) return fail(st.error());
   }
+  // What no checksum covers, the padding after each section and the gaps
+  // between RAM regions, holds nothing a writer put there: zeros (holes,
+  // mostly). A flipped byte there was called intact.
+  std::vector<std::pair<i64, i64>> covered = {{0, kHeaderSize}};
+  auto cover = [&](const Extent& e) {
+    if (e.length > 0) covered.emplace_back(e.offset, e.offset + e.length);
+  };
+  for (auto& b : img_.blocks) {
+    cover(b.region);
+    cover(b.bitmap);
+    cover(b.sums);
+    cover(b.chunk_table);
+  }
+  for (const Extent* e : {&img_.vmstate, &img_.qemu, &img_.metadata, &img_.table}) cover(*e);
+  std::sort(covered.begin(), covered.end());
+  AlignedBuffer buf(kStreamBuffer);
+  i64 from = 0;
+  auto check_gap = [&](i64 a, i64 z) -> Status {
+    for (auto [da, dz] : data_extents(fd(), a, z - a)) {
+      for (i64 at = a + da; at < a + dz;) {
+        const i64 base = align_down(at, kDirectAlign);
+        const i64 n = std::min<i64>(kStreamBuffer, align_up(a + dz, kDirectAlign) - base);
+        VMSAVE_TRY(pread_all(fd(), buf.data(), n, base, path()));
+        for (i64 k = at - base; k < std::min(n, a + dz - base); k++)
+          if (buf.data()[k] != 0)
+            return damaged(path(), "a byte outside every section is not zero", base + k);
+        at = base + n;
+      }
+    }
+    return Status();
+  };
+  covered.emplace_back(img_.file_size, img_.file_size);
+  for (auto [a, z] : covered) {
+    if (a > from)
+      if (Status st = check_gap(from, a); !st.ok()) return fail(st.error());
+    from = std::max(from, z);
+  }
   report->seconds = seconds_since(t0);
   return Status();
 }

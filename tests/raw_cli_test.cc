@@ -269,6 +269,38 @@ TEST_CASE("raw: a flipped byte in any section is damage that verify finds and re
   test::record_figure("byte_flips", flips.size());
 }
 
+TEST_CASE("raw: a byte outside every section (padding, gaps between regions) is damage to verify") {
+  // No checksum covers those bytes and no restore reads them: verify called
+  // an image with one flipped there intact.
+  require_shm();
+  SmallImage s;
+  const ImageLayout img = layout_of(s.image);
+  REQUIRE(img.blocks.size() == 2);
+  const BlockLayout& b0 = img.blocks[0];
+  std::vector<std::pair<std::string, i64>> places = {
+      {"after the header", kHeaderSize + 10},
+      {"between the RAM regions", b0.region.offset + b0.region.length + 4096},
+      {"after the metadata", img.metadata.offset + img.metadata.length},
+      {"the file's last byte", img.file_size - 1},
+  };
+  REQUIRE(b0.region.offset + b0.region.length + 4096 < img.blocks[1].region.offset);
+  REQUIRE(img.metadata.length % 4096 != 0);
+  REQUIRE(img.file_size - 1 >= img.table.offset + img.table.length);
+  TempDir out;
+  for (auto& [what, at] : places) {
+    CAPTURE(what);
+    CAPTURE(at);
+    xor_byte(s.image, at, 0x5a);
+    CHECK_FAILS(run_vmsave({"verify", s.image}), 3,
+                fmt::format("at offset {}: a byte outside every section is not zero", at));
+    // What restores read is intact: they go on.
+    CHECK_RUN(run_vmsave({"restore", "--force", s.image, "--ram-dir", out.path()}), 0);
+    CHECK_RUN(run_vmsave({"info", s.image}), 0);
+    xor_byte(s.image, at, 0x5a);
+  }
+  CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+}
+
 TEST_CASE("raw: verify --json reports damage, and a zeroed header is an unfinished save") {
   require_shm();
   SmallImage s;
