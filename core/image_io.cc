@@ -1894,13 +1894,32 @@ Status ImageReader::read_ram(size_t block, const RamDest& dest, const EngineConf
     return Error{"RAM block " + img_.blocks[block].id + " is in QEMU's migration section", path(),
                  "vmsave cannot read it by itself"}
         .fix("restore the image with QEMU (vmsave restore IMAGE -- QEMU-COMMAND)");
-  auto bits = bitmap(block);
-  if (!bits.ok()) return bits.error();
-  auto s = sums(block);
-  if (!s.ok()) return s.error();
-  auto codecs = chunk_table(block);
-  if (!codecs.ok()) return codecs.error();
-  return read_chunks(block, *bits, *s, *codecs, dest, cfg, progress, stats, nullptr);
+  auto read = [&]() -> Status {
+    auto bits = bitmap(block);
+    if (!bits.ok()) return bits.error();
+    auto s = sums(block);
+    if (!s.ok()) return s.error();
+    auto codecs = chunk_table(block);
+    if (!codecs.ok()) return codecs.error();
+    return read_chunks(block, *bits, *s, *codecs, dest, cfg, progress, stats, nullptr);
+  };
+  Status st = read();
+  if (!st.ok()) return named_cut(st.error());
+  return st;
+}
+
+// Opening checked the file's size against the header: a read that meets its
+// end means the file was cut since, which is damage, not a failure to retry.
+Error ImageReader::named_cut(const Error& e) const {
+  struct stat now;
+  if (e.detail != "unexpected end of file" || fstat(fd(), &now) < 0 ||
+      now.st_size >= img_.file_size)
+    return e;
+  return damaged(
+      path(),
+      fmt::format("the file was cut to {} bytes while vmsave read it (the header says {})",
+                  i64(now.st_size), img_.file_size),
+      i64(now.st_size));
 }
 
 Result<i64> ImageReader::first_differing_chunk(size_t block, int fd, i64 offset, int samples,
@@ -1980,7 +1999,8 @@ Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)
 Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
                            VerifyReport* report) const {
   auto t0 = Clock::now();
-  auto fail = [&](const Error& e) {
+  auto fail = [&](const Error& cause) {
+    Error e = named_cut(cause);
     report->ok = false;
     if (report->first_damage.empty()) report->first_damage = e.message();
     return e;

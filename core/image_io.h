@@ -260,6 +260,9 @@ class ImageReader {
 
  private:
   ImageReader() = default;
+  // `e`, or damage naming the cut when it is a read past the end of a file
+  // that has become shorter than its header says.
+  Error named_cut(const Error& e) const;
   Result<std::vector<u8>> read_section(const Extent& e, const char* what) const;
   Status read_chunks(size_t block, const std::vector<u8>& bitmap, const std::vector<u64>& sums,
                      const std::vector<ChunkInfo>& codecs, const RamDest& dest,

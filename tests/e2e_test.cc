@@ -3268,3 +3268,51 @@ TEST_CASE(
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("e2e: an image cut while a restore reads it is damage (exit 3), not a failure to retry") {
+  // Opening checks the file against its header; a read meeting the end
+  // later said "unexpected end of file" with status 1.
+  if (access("/dev/shm", W_OK) != 0) test::skip("/dev/shm is not writable");
+  test::TempDir shm("/dev/shm"), disk;
+  const std::string src = shm / "ram", image = disk / "image.vmsave", out = shm / "out";
+  test::write_pattern_file(src, 512 * kMiB, "random", 17);
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + src, image}), 0);
+  REQUIRE(::unlink(src.c_str()) == 0);
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
+  int p[2];
+  REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+  const std::string log = disk / "restore.log";
+  int status = -1;
+  bool cut = false;
+  {
+    // One request at a time from a disk: the cut lands long before the end.
+    Child restore({VMSAVE_BINARY, "restore", image, "--ram-dir", out, "--jobs", "1",
+                   "--queue-depth", "1", "--progress-fd", "3"},
+                  log, p[1]);
+    ::close(p[1]);
+    std::string got;
+    for (double deadline = now_s() + kRunTimeout; !cut && now_s() < deadline;) {
+      pollfd pfd{p[0], POLLIN, 0};
+      if (poll(&pfd, 1, 100) <= 0) continue;
+      char buf[4096];
+      ssize_t n = ::read(p[0], buf, sizeof buf);
+      if (n <= 0) break;
+      got.append(buf, size_t(n));
+      for (size_t nl; !cut && (nl = got.find('\n')) != std::string::npos;) {
+        json j = json::parse(got.substr(0, nl), nullptr, false);
+        got.erase(0, nl + 1);
+        if (j.is_object() && j.value("phase", "") == "reading RAM" && !j.value("final", true)) {
+          REQUIRE(::truncate(image.c_str(), 8 * kMiB) == 0);
+          cut = true;
+        }
+      }
+    }
+    status = restore.wait(kRunTimeout);
+  }
+  ::close(p[0]);
+  REQUIRE(cut);
+  const std::string err = slurp(log);
+  CHECK_MESSAGE(status == 3, status << ": " << err);
+  CHECK_MESSAGE(contains(err, "the file was cut to 8388608 bytes while vmsave read it"), err);
+  CHECK_MESSAGE(!exists(out + "/ram"), "the RAM file of a failed restore was left behind");
+}
