@@ -98,11 +98,19 @@ using SpaceClaims = std::map<dev_t, i64>;
 
 class RamFile {
  public:
-  // The block goes at `offset` in the file (a backend's offset=): the file
-  // is offset + the block's size long, a hole before it.
-  static Result<RamFile> create(const ImageReader& img, size_t block, const std::string& path,
-                                bool force, Watchdog* watchdog, SpaceClaims& claims,
-                                i64 offset = 0);
+  // A block and where it goes in the file (its backend's offset=).
+  struct Part {
+    size_t block = 0;
+    i64 offset = 0;
+  };
+  // The file holds `parts` (several backends may map one file at different
+  // offsets): it is as long as the furthest one ends, holes elsewhere. With
+  // --force an existing file is replaced; one holding a part at an offset is
+  // kept, with only the parts' ranges emptied, since what lies outside them
+  // is not this VM's RAM.
+  static Result<RamFile> create(const ImageReader& img, const std::vector<Part>& parts,
+                                const std::string& path, bool force, Watchdog* watchdog,
+                                SpaceClaims& claims);
   RamFile() = default;
   RamFile(RamFile&&) noexcept = default;
   RamFile& operator=(RamFile&&) noexcept = default;
@@ -113,9 +121,11 @@ class RamFile {
   void keep() { keep_ = true; }
 
  private:
+  Status fill_part(const ImageReader& img, const Part& part, const EngineConfig& cfg,
+                   Progress* progress, RamStats* stats);
+
   std::string path_;
-  size_t block_ = 0;
-  i64 offset_ = 0;
+  std::vector<Part> parts_;
   UniqueFd fd_;
   bool keep_ = false;
 };

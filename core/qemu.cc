@@ -377,20 +377,30 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
                             std::filesystem::path(p).parent_path().string().ends_with(tail));
       };
       const MapsEntry* found = nullptr;
+      std::string found_path;  // the mapping's, when the file is still there
       for (auto& m : maps) {
         if (!covers(m) || m.end - m.start != u64(b.size) || m.offset != u64(b.offset)) continue;
         std::string p = m.path;
         const std::string deleted = " (deleted)";
-        if (p.size() > deleted.size() && p.compare(p.size() - deleted.size(), deleted.size(), deleted) == 0)
-          p.resize(p.size() - deleted.size());
+        const bool gone = p.size() > deleted.size() &&
+                          p.compare(p.size() - deleted.size(), deleted.size(), deleted) == 0;
+        if (gone) p.resize(p.size() - deleted.size());
         if (names(p)) {
           found = &m;
+          if (!gone) found_path = p;
           break;
         }
       }
       if (!found)
         return Error{"cannot find the RAM file of backend " + b.id, b.mem_path,
                      "QEMU has no mapping of it"};
+      // A relative mem-path of a QEMU that has since changed directory: the
+      // file is where the mapping says (a save that quits QEMU names it as
+      // left behind; from the working directory it was not found).
+      struct stat there;
+      if (relative && !found_path.empty() && stat(found_path.c_str(), &there) == 0 &&
+          S_ISREG(there.st_mode) && there.st_ino == found->inode)
+        b.path = found_path;
       b.file = fmt::format("/proc/{}/map_files/{:x}-{:x}", pid, found->start, found->end);
       UniqueFd fd(::open(b.file.c_str(), O_RDONLY | O_CLOEXEC));
       if (!fd)

@@ -138,14 +138,32 @@ Status check_not_mapped(const std::string& path, const struct stat& st) {
       .fix("stop that VM first, or restore into another file (another mem-path or --ram-dir)");
 }
 
-Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std::string& path,
-                                bool force, Watchdog* watchdog, SpaceClaims& claims, i64 offset) {
-  const BlockLayout& b = img.layout().blocks[block];
+Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>& parts,
+                                const std::string& path, bool force, Watchdog* watchdog,
+                                SpaceClaims& claims) {
+  const auto& blocks = img.layout().blocks;
+  std::string ids;  // for messages: "ram0" or "m0 and m1"
+  i64 length = 0;   // where the furthest part ends
+  for (size_t i = 0; i < parts.size(); i++) {
+    ids += (i == 0 ? "" : i + 1 == parts.size() ? " and " : ", ") + blocks[parts[i].block].id;
+    length = std::max(length, parts[i].offset + blocks[parts[i].block].size);
+  }
+  // Two backends over the same bytes would each overwrite the other's RAM.
+  for (size_t i = 0; i < parts.size(); i++)
+    for (size_t j = i + 1; j < parts.size(); j++) {
+      const Part &a = parts[i], &c = parts[j];
+      if (a.offset < c.offset + blocks[c.block].size && c.offset < a.offset + blocks[a.block].size)
+        return Error{"memory backends overlap in one RAM file", path,
+                     fmt::format("{} (offset {}, {}) and {} (offset {}, {}) share bytes",
+                                 blocks[a.block].id, a.offset, human_bytes(blocks[a.block].size),
+                                 blocks[c.block].id, c.offset, human_bytes(blocks[c.block].size))}
+            .fix("give each backend its own range (offset=) or its own file, as the VM had them");
+    }
   // --force truncates: never the image being read (same name, a hard link).
   struct stat own, at;
   if (fstat(img.fd(), &own) == 0 && stat(path.c_str(), &at) == 0 && same_file(at, own))
     return Error{"the RAM file is the image itself", path,
-                 fmt::format("block {} would be written over the image it comes from", b.id)}
+                 fmt::format("block {} would be written over the image it comes from", ids)}
         .fix("give the RAM files another directory (or mem-path)");
   // An existing file (--force) is replaced only once every check below has
   // passed: a restore refused for want of room leaves it as it was.
@@ -224,10 +242,17 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
   struct statvfs sv;
   const i64 file_page = file_page_size(f.fd_.get());
   const bool huge = file_page > 4096;
-  const i64 need = huge                           ? align_up(b.size, file_page)
-                   : in_memory_fs(f.fd_.get()) ? b.data_pages * b.page_size
-                                                 : align_up(b.size, 4096);
-  const i64 freed = created ? 0 : static_cast<i64>(st.st_blocks) * 512;
+  i64 need = 0;
+  for (const Part& part : parts) {
+    const BlockLayout& b = blocks[part.block];
+    need += huge                        ? align_up(b.size, file_page)
+            : in_memory_fs(f.fd_.get()) ? b.data_pages * b.page_size
+                                        : align_up(b.size, 4096);
+  }
+  // Replaced whole (one block from its start), or emptied only where the
+  // parts go, giving back no more than is known.
+  const bool in_place = !created && (parts.size() > 1 || parts[0].offset > 0);
+  const i64 freed = created || in_place ? 0 : static_cast<i64>(st.st_blocks) * 512;
   i64& claimed = claims[st.st_dev];
   const i64 pool = huge && !FaultPlan::get().no_space_check ? free_huge_pages(file_page) : -1;
   if (pool >= 0 && pool * file_page + freed < claimed + need) {
@@ -235,7 +260,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
         claimed ? fmt::format(" (and {} for the RAM files before it)", claimed / file_page) : "";
     return refuse(
         short_huge_pool(path,
-                        fmt::format("block {} needs {} pages of {}{}, {} are free", b.id,
+                        fmt::format("block {} needs {} pages of {}{}, {} are free", ids,
                                     need / file_page, human_bytes(file_page), others, pool),
                         file_page));
   }
@@ -250,26 +275,41 @@ Result<RamFile> RamFile::create(const ImageReader& img, size_t block, const std:
       if (needs == has) needs = fmt::format("{} bytes", need), has = fmt::format("{} bytes", room);
       return refuse(Error{"not enough space for RAM file", path,
                           fmt::format("it needs {} for block {}{}, its filesystem has {} free",
-                                      needs, b.id, others, has)}
+                                      needs, ids, others, has)}
                         .fix("free space on that filesystem or choose another place for it"));
     }
   }
   claimed += need;
   // From here on the file is ours: removed unless the restore completes.
   f.path_ = path;
-  f.block_ = block;
-  f.offset_ = offset;
-  if (watchdog && !created) watchdog->note_remove(path);
+  f.parts_ = parts;
+  // Removed unless the restore completes; a file kept in place is not ours
+  // to remove.
+  if (in_place) f.keep_ = true;
+  if (watchdog && !created && !in_place) watchdog->note_remove(path);
   // Guest memory holds secrets: a file replaced with --force gets the mode
   // a new one has (a 0644 file kept its mode, guest RAM world-readable).
   if (!created && fchmod(f.fd_.get(), 0600) < 0) return sys_error("fchmod", path, errno);
-  if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), offset + b.size) < 0) {
-    if (errno == EFBIG) return file_too_large("cannot create RAM file", path, offset + b.size);
-    Error e = sys_error("ftruncate", path, errno);
-    if (errno == EINVAL && file_page_size(f.fd_.get()) > b.page_size)
+  auto size_error = [&](int err) {
+    if (err == EFBIG) return file_too_large("cannot create RAM file", path, length);
+    Error e = sys_error("ftruncate", path, err);
+    if (err == EINVAL && file_page > 4096)
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";
     return e;
+  };
+  if (in_place) {
+    for (const Part& part : parts) {
+      const i64 n =
+          std::min<i64>(blocks[part.block].size, std::max<i64>(st.st_size - part.offset, 0));
+      if (n > 0 &&
+          fallocate(f.fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, part.offset, n) < 0)
+        return sys_error("cannot empty RAM file", path, errno).at(part.offset);
+    }
+    if (st.st_size < length && ftruncate(f.fd_.get(), length) < 0) return size_error(errno);
+    return f;
   }
+  if ((!created && ftruncate(f.fd_.get(), 0) < 0) || ftruncate(f.fd_.get(), length) < 0)
+    return size_error(errno);
   return f;
 }
 
@@ -279,16 +319,28 @@ RamFile::~RamFile() {
 
 Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* progress,
                      RamStats* stats) {
-  const BlockLayout& b = img.layout().blocks[block_];
+  for (const Part& part : parts_) VMSAVE_TRY(fill_part(img, part, cfg, progress, stats));
+  // Filled, but into nothing anyone can reach if the file (its directory)
+  // was removed meanwhile: not a restore.
+  struct stat now;
+  if (fstat(fd_.get(), &now) == 0 && now.st_nlink == 0)
+    return Error{"RAM file was removed while it was being filled", path_, ""}.fix(
+        "leave the RAM files and their directory alone until the restore ends");
+  return Status();
+}
+
+Status RamFile::fill_part(const ImageReader& img, const Part& part, const EngineConfig& cfg,
+                          Progress* progress, RamStats* stats) {
+  const BlockLayout& b = img.layout().blocks[part.block];
   // write() fills the file without faulting in every page of a mapping
   // (the kernel clears a page it faults in, then the copy writes it again):
   // 4 GiB mixed from /dev/shm into a RAM file there, 3 alternating runs:
   // 1.23-1.40 s and 2.4-2.7 CPU-seconds against 1.50-1.58 s and 2.8-3.0.
   // hugetlbfs has no write(): that file is filled through a mapping.
-  RamDest dest{fd_.get(), offset_, nullptr};
+  RamDest dest{fd_.get(), part.offset, nullptr};
   Result<Mapping> m = Mapping();
   if (const i64 file_page = file_page_size(fd_.get()); file_page > 4096) {  // as create()
-    m = Mapping::map(fd_.get(), offset_, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
+    m = Mapping::map(fd_.get(), part.offset, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
                      MAP_SHARED, path_);
     // The mapping reserves its huge pages: ENOMEM is a short pool (taken
     // since create() counted it), not a memory limit.
@@ -301,7 +353,7 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
     if (!m.ok()) return m.error();
     dest = RamDest{-1, 0, m->data()};
   }
-  Status st = img.read_ram(block_, dest, cfg, progress, stats);
+  Status st = img.read_ram(part.block, dest, cfg, progress, stats);
   if (!st.ok()) {
     // A full filesystem: read_ram says "cannot fill RAM file" without
     // knowing the file or, where it reads into a mapping (hugetlbfs), the
@@ -322,12 +374,6 @@ Status RamFile::fill(const ImageReader& img, const EngineConfig& cfg, Progress* 
     return Error{"cannot fill RAM file", path_, std::strerror(ENOSPC)}.fix(
         "free space on its filesystem or choose another place for it");
   }
-  // Filled, but into nothing anyone can reach if the file (its directory)
-  // was removed meanwhile: not a restore.
-  struct stat now;
-  if (fstat(fd_.get(), &now) == 0 && now.st_nlink == 0)
-    return Error{"RAM file was removed while it was being filled", path_, ""}.fix(
-        "leave the RAM files and their directory alone until the restore ends");
   return Status();
 }
 
@@ -469,7 +515,7 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   for (size_t i = 0; i < img.layout().blocks.size(); i++) {
     if (img.layout().blocks[i].via_qemu()) continue;
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
-    auto f = RamFile::create(img, i, p, opts.force, &*watchdog, claims);
+    auto f = RamFile::create(img, {{i, 0}}, p, opts.force, &*watchdog, claims);
     if (!f.ok()) return f.error();
     files.push_back(std::move(*f));
     // Absolute, as the arguments prepare prints: a wrapper may clean up

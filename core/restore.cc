@@ -280,13 +280,26 @@ Result<std::vector<RamFile>> create_ram_files(std::vector<BackendPlan>& plans,
       p.ram_file = *mp;
     }
   }
-  std::vector<RamFile> files;
-  SpaceClaims claims;
+  // Backends may share a file at different offsets: one RamFile each file.
+  struct Shared {
+    std::string key;  // absolute and normal: one file however it is spelt
+    std::string path;
+    std::vector<RamFile::Part> parts;
+  };
+  std::vector<Shared> by_file;
   for (auto& p : plans) {
     auto offset = p.object.get_size("offset");
     if (!offset.ok()) return offset.error().as(Exit::kUsage);
-    auto f = RamFile::create(img, p.block, p.ram_file, force, watchdog, claims,
-                             offset->value_or(0));
+    std::error_code ec;
+    std::string key = std::filesystem::absolute(p.ram_file, ec).lexically_normal().string();
+    auto it = std::find_if(by_file.begin(), by_file.end(), [&](auto& e) { return e.key == key; });
+    if (it == by_file.end()) it = by_file.insert(by_file.end(), {key, p.ram_file, {}});
+    it->parts.push_back({p.block, offset->value_or(0)});
+  }
+  std::vector<RamFile> files;
+  SpaceClaims claims;
+  for (auto& [key, path, parts] : by_file) {
+    auto f = RamFile::create(img, parts, path, force, watchdog, claims);
     if (!f.ok()) return f.error();
     files.push_back(std::move(*f));
   }

@@ -632,6 +632,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       struct stat st, mapped;
       if (!b.share || path.empty() || stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) continue;
       if (b.fd && (fstat(b.fd.get(), &mapped) < 0 || !same_file(st, mapped))) continue;
+      if (std::find(left.begin(), left.end(), path) != left.end()) continue;  // backends sharing it
       left.push_back(path);
     }
     j["ram_files_left"] = left;

@@ -3316,3 +3316,76 @@ TEST_CASE("e2e: an image cut while a restore reads it is damage (exit 3), not a 
   CHECK_MESSAGE(contains(err, "the file was cut to 8388608 bytes while vmsave read it"), err);
   CHECK_MESSAGE(!exists(out + "/ram"), "the RAM file of a failed restore was left behind");
 }
+
+TEST_CASE(
+    "e2e: two backends in one RAM file (offset=) restore eagerly, and --force keeps what lies "
+    "outside them") {
+  // The restore made the file for the first backend, then met it for the
+  // second: "RAM file exists" without --force, "another vmsave is filling
+  // it" with. And --force recreated the whole file of a backend at offset=,
+  // zeroing bytes that were not guest RAM.
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.numa_nodes = 2;
+  opts.one_ram_file = true;
+  TestVm vm(opts);
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
+  CHECK(json::parse(run_vmsave({"info", "--json", image}).out)["blocks"].size() == 2);
+  REQUIRE(::unlink(vm.ram_path(0).c_str()) == 0);
+  RunResult r =
+      run_vmsave(restore_args(image, vm.dir() + "/restore.log", false, vm.command()), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  const pid_t first = parse_json(r).value("pid", -1);
+  {
+    StartedQemu qemu{first};
+    check_carries_on(vm, saved, first);
+  }
+  // QEMU gone, its file stays: a tail past both backends that no guest
+  // uses, which --force must leave alone.
+  const i64 end = kSmallVm.ram_mib * kMiB;
+  REQUIRE(test::file_size(vm.ram_path(0)) == end);
+  {
+    std::ofstream out(vm.ram_path(0), std::ios::app | std::ios::binary);
+    out << "not guest RAM";
+  }
+  // The next restore goes on from the same save: the log as it was then.
+  {
+    std::ofstream log(vm.serial_path(), std::ios::trunc | std::ios::binary);
+    log << log_at_save;
+  }
+  r = run_vmsave(restore_args(image, vm.dir() + "/restore2.log", false, vm.command()), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "RAM file exists (" + vm.ram_path(0) + ")"), r.err);
+  std::vector<std::string> args =
+      restore_args(image, vm.dir() + "/restore3.log", false, vm.command());
+  args.insert(args.begin() + 1, "--force");
+  r = run_vmsave(args, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu qemu{parse_json(r).value("pid", -1)};
+  CHECK(test::read_file(vm.ram_path(0)).substr(size_t(end)) == "not guest RAM");
+  check_carries_on(vm, saved, qemu.pid);
+}
+
+TEST_CASE(
+    "e2e: the RAM file of a QEMU that daemonized after opening a relative mem-path is named as "
+    "left") {
+  // -daemonize moves QEMU to /: the save found the file through QEMU's
+  // mappings, but looked for it from / to say it was left behind, and
+  // said nothing while it kept the guest's memory in /dev/shm.
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.relative_mem_path = true;
+  TestVm vm(opts);  // QEMU started by hand below, daemonized
+  const std::string dir = std::filesystem::path(vm.ram_path(0)).parent_path().string();
+  std::vector<std::string> argv = {"sh", "-c", "cd \"$1\" && shift && exec \"$@\"", "sh", dir};
+  for (auto& a : vm.command()) argv.push_back(a);
+  argv.insert(argv.end(), {"-S", "-daemonize"});
+  REQUIRE_RUN(test::run_program(argv, 60), 0);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--json"}, kRunTimeout);
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);  // it quit
+  REQUIRE_RUN(r, 0);
+  CHECK(parse_json(r)["ram_files_left"] == json::array({vm.ram_path(0)}));
+  r = run_vmsave({"save", "--qmp", vm.qmp_path(), image}, 5);  // nothing to do: QEMU is gone
+  CHECK(r.status != 0);
+}

@@ -331,9 +331,12 @@ std::vector<std::string> TestVm::command() const {
   };
   auto backend = [&](int node, int64_t mib) {
     if (kind(node) == "file") {
-      return fmt::format("memory-backend-file,id=ram{},size={}M,share=on,mem-path={}{}{}", node,
-                         mib, opts_.relative_mem_path ? fmt::format("ram{}", node) : ram_path(node),
-                         opts_.file_backend_props.empty() ? "" : ",", opts_.file_backend_props);
+      const int file = opts_.one_ram_file ? 0 : node;
+      return fmt::format(
+          "memory-backend-file,id=ram{},size={}M,share=on,mem-path={}{}{}{}", node, mib,
+          opts_.relative_mem_path ? fmt::format("ram{}", file) : ram_path(file),
+          opts_.one_ram_file && node > 0 ? fmt::format(",offset={}M", node * mib) : "",
+          opts_.file_backend_props.empty() ? "" : ",", opts_.file_backend_props);
     }
     return fmt::format("memory-backend-{},id=ram{},size={}M", kind(node), node, mib);
   };
@@ -382,6 +385,17 @@ bool TestVm::start(std::string* err) {
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   const char* cwd = opts_.relative_mem_path ? shm_dir_.c_str() : nullptr;
+  // QEMU maps a backend at offset= only from a file already that long.
+  if (opts_.one_ram_file &&
+      truncate(ram_path(0).c_str(), opts_.ram_mib * (int64_t(1) << 20)) != 0) {
+    int fd = open(ram_path(0).c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    bool sized = fd >= 0 && ftruncate(fd, opts_.ram_mib * (int64_t(1) << 20)) == 0;
+    if (fd >= 0) close(fd);
+    if (!sized) {
+      *err = fmt::format("cannot size {}: {}", ram_path(0), errno_text(errno));
+      return false;
+    }
+  }
 
   int log_fd = open(qemu_log_path().c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (log_fd < 0) {

@@ -60,6 +60,9 @@ struct VmOptions {
   // QEMU runs in the RAM files' directory and names them relative to it
   // (mem-path=ram0), so vmsave, running elsewhere, must find them from there.
   bool relative_mem_path = false;
+  // The NUMA nodes' file backends share ram0's file, node n at offset=
+  // n * its size (as one file split with offset= between backends).
+  bool one_ram_file = false;
 };
 
 struct MemcheckLine {
