@@ -1186,7 +1186,17 @@ Status check_prepared_ram(const ImageReader& img, const std::string& image,
     const BlockLayout& b = img.layout().blocks[blocks[k]];
     struct stat st;
     if (fstat(qb.fd.get(), &st) < 0) return sys_error("fstat", qb.file, errno);
-    if (same_file(st, own)) {  // lazy
+    // A vmsave image QEMU maps: this one (by its UUID, another name or
+    // overlayfs's file below), or another one, say the file the image's
+    // path named when QEMU opened it (a mv since). Content samples told
+    // two saves of one VM apart only by luck, and the guest ran on one
+    // save's RAM under the other's device state.
+    DiskHeader h{};
+    const bool an_image = ::pread(qb.fd.get(), &h, sizeof(h), 0) == ssize_t(sizeof(h)) &&
+                          std::memcmp(h.magic, kMagic.data(), 8) == 0;
+    if (an_image && std::memcmp(h.uuid, img.layout().uuid.data(), 16) != 0)
+      return not_this_image(qb, "maps another vmsave image (replaced since QEMU opened it?)");
+    if (same_file(st, own) || an_image) {  // lazy
       if (qb.offset != b.region.offset)
         return not_this_image(qb, fmt::format("maps it from offset {}, block {}'s region starts "
                                               "at {}",

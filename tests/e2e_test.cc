@@ -3389,3 +3389,47 @@ TEST_CASE(
   r = run_vmsave({"save", "--qmp", vm.qmp_path(), image}, 5);  // nothing to do: QEMU is gone
   CHECK(r.status != 0);
 }
+
+TEST_CASE(
+    "e2e: restore --qmp refuses a lazy QEMU that maps another save of the VM (the image was "
+    "replaced)") {
+  // Content samples are all restore --qmp compared: with an image mv'd over
+  // the one QEMU had opened, a trial's guest ran on one save's RAM under
+  // the other's device state, exit 0, 3 runs of 3.
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  boot(vm);
+  const std::string first = vm.dir() + "/first.vmsave", second = vm.dir() + "/second.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), first, "--leave-running"}, kRunTimeout),
+              0);
+  const std::string log_at_first = vm.serial_log();
+  const MemcheckLine saved = *read_story(log_at_first).last;
+  save_and_quit(vm, second);
+
+  const std::string image = vm.dir() + "/vm.vmsave";
+  std::filesystem::copy_file(first, image);
+  RunResult r = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  const auto extra = parse_json(r)["qemu_args"].get<std::vector<std::string>>();
+  ::unlink(vm.qmp_path().c_str());
+  {
+    std::ofstream log(vm.serial_path(), std::ios::trunc | std::ios::binary);
+    log << log_at_first;
+  }
+  Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/two-step-qemu.log");
+  await_qmp_socket(vm, qemu, vm.dir() + "/two-step-qemu.log");
+  // QEMU maps the first save; the path now names the second.
+  std::filesystem::copy_file(second, image + ".new");
+  std::filesystem::rename(image + ".new", image);
+  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(
+      contains(r.err, "QEMU's RAM is not this image's (" + image + "): backend ram0 (" + image +
+                          ") maps another vmsave image (replaced since QEMU opened it?)"),
+      r.err);
+  CHECK(qmp_status(vm.qmp_path()) == "inmigrate");
+  // The save QEMU does map, under another name: its own device state.
+  r = run_vmsave({"restore", first, "--qmp", vm.qmp_path()}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  check_carries_on(vm, saved, qemu.pid());
+}
