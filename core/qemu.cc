@@ -699,6 +699,9 @@ std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t
     }
     if (ours) added[o.index] = added[o.index + 1] = true;
   }
+  // The -S a restore puts right after the -incoming defer it adds.
+  for (size_t i = 0; i + 2 < argv.size(); i++)
+    if (added[i] && argv[i] == "-incoming" && argv[i + 2] == "-S") added[i + 2] = true;
   std::vector<std::string> out;
   for (size_t i = 0; i < argv.size(); i++)
     if (!added[i]) out.push_back(std::move(argv[i]));

@@ -879,7 +879,14 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     cmd.append({"-qmp", fmt::format("unix:{},server=on,wait=off", escape_commas(qmp_path))});
     if (log.empty()) log = run_dir + "/qemu.log";
   }
-  if (!cmd.has_option("incoming")) cmd.append({"-incoming", "defer"});
+  // -S: QEMU starts a guest by itself once loaded when the stream says it
+  // ran to the end (a live save of RAM QEMU saved); with --paused it ran for
+  // ~10 ms before vmsave could stop it. vmsave resumes it when it should run.
+  if (!cmd.has_option("incoming"))
+    cmd.append(cmd.has_option("S") ? std::vector<std::string>{"-incoming", "defer"}
+                                   : std::vector<std::string>{"-incoming", "defer", "-S"});
+  else if (!cmd.has_option("S"))
+    cmd.append({"-S"});
   // From here on, if vmsave dies (SIGKILL, a crash), its watchdog kills the
   // QEMU this restore started and removes the RAM files and directory it
   // made; else that QEMU would wait for its device state forever.

@@ -546,6 +546,11 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
   StartedQemu qemu{parse_json(r).value("pid", -1)};
   REQUIRE(qemu.pid > 0);
   if (!opts.shared_file_ram) {
+    // QEMU started with -S (the user's command has none): else it starts
+    // the guest by itself once loaded, and it ran ~10 ms before vmsave
+    // stopped it (seen in a trial's QMP trace).
+    const std::string argv = slurp(fmt::format("/proc/{}/cmdline", qemu.pid));
+    CHECK(contains(argv, std::string("\0-S\0", 4)));
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
     CHECK(qmp_status(vm.qmp_path()) == "paused");
     auto c = qmp_execute(vm.qmp_path(), "cont");
