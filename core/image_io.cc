@@ -1051,6 +1051,14 @@ Status ImageWriter::finish_qemu_section(Progress* progress) {
 
 namespace {
 constexpr i64 kLivePiece = 64 * kKiB;
+
+// A block's live piece: 64 KiB, or a page if larger, but never more than a
+// chunk. Chunks smaller than a piece each stored their own hash in the one
+// slot of the piece they share, so every pass found them all changed: with
+// --chunk-size 4K each pass rewrote the whole of RAM (388 MiB of 144 stored).
+i64 live_piece(const BlockLayout& b) {
+  return std::max(b.page_size, std::min(kLivePiece, b.chunk_size));
+}
 constexpr u64 kNoSlot = ~u64(0);
 }
 
@@ -1067,7 +1075,7 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
   for (size_t i = 0; i < sources.size(); i++) {
     const RamSource& s = sources[i];
     const BlockLayout& b = img_.blocks[i];
-    zero_piece_sums.push_back(zero_checksum(std::max(kLivePiece, b.page_size)));
+    zero_piece_sums.push_back(zero_checksum(live_piece(b)));
     if (first) {
       if (b.size % kDirectAlign)
         return Error{"cannot save RAM block " + b.id + " live", s.path,
@@ -1075,7 +1083,7 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
       auto m = map_source(s, MAP_SHARED);
       if (!m.ok()) return m.error();
       live_maps_.push_back(std::move(*m));
-      i64 piece = std::max(kLivePiece, b.page_size);
+      const i64 piece = live_piece(b);
       piece_sums_.emplace_back((b.size + piece - 1) / piece);
       chunk_dirty_.emplace_back(b.chunks());
     }
@@ -1100,8 +1108,8 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
 
   auto setup = [&](IoQueue& q, int w) {
     q.name_fd(fd, target_);
-    i64 piece = kLivePiece;
-    for (auto& b : img_.blocks) piece = std::max(piece, std::max(kLivePiece, b.page_size));
+    i64 piece = 0;
+    for (auto& b : img_.blocks) piece = std::max(piece, live_piece(b));
     for (size_t i = 0; i < pool; i++) {
       workers[w].buffers.emplace_back(piece);
       workers[w].free.push_back(static_cast<int>(i));
@@ -1121,7 +1129,7 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
     const BlockLayout& b = img_.blocks[bi];
     const i64 c = ci - first_chunk[bi];
     const i64 start = c * b.chunk_size, len = b.chunk_length(c);
-    const i64 page = b.page_size, piece = std::max(kLivePiece, page);
+    const i64 page = b.page_size, piece = live_piece(b);
     const u64 zero_piece = zero_piece_sums[bi];
     auto hole_sum = [&](i64 plen) { return plen == piece ? zero_piece : zero_checksum(plen); };
     const u8* mem = live_maps_[bi].data();
