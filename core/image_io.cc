@@ -978,8 +978,8 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     i64 n = 0;
     for (u8 byte : bitmaps_[i]) n += __builtin_popcount(byte);
     img_.blocks[i].data_pages = n;
-    local.data_pages += n;
-    local.total_pages += img_.blocks[i].pages();
+    local.data_bytes += n * img_.blocks[i].page_size;
+    local.total_bytes += img_.blocks[i].pages() * img_.blocks[i].page_size;
     local.stored_bytes += n * img_.blocks[i].page_size;
   }
   if (compress) {
@@ -1250,8 +1250,8 @@ Status ImageWriter::finish_live(RamStats* stats) {
     i64 n = 0;
     for (u8 byte : bitmaps_[i]) n += __builtin_popcount(byte);
     b.data_pages = n;
-    local.data_pages += n;
-    local.total_pages += b.pages();
+    local.data_bytes += n * b.page_size;
+    local.total_bytes += b.pages() * b.page_size;
     local.stored_bytes += n * b.page_size;
     local.ram_bytes += b.size;
   }
@@ -1879,8 +1879,8 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     stats->ram_bytes += b.size;
     stats->stored_bytes += data_bytes.load() - filled_bytes.load();
     stats->zero_filled_bytes += filled_bytes.load();
-    stats->data_pages += b.data_pages;
-    stats->total_pages += b.pages();
+    stats->data_bytes += b.data_pages * b.page_size;
+    stats->total_bytes += b.pages() * b.page_size;
     stats->seconds += seconds_since(t0);
     stats->engine.latency.merge(es.latency);
     stats->engine.bytes += es.bytes;

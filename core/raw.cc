@@ -86,7 +86,7 @@ nlohmann::json base_metadata(const std::string& mode, const std::string& descrip
 void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& prefix) {
   j["ram_bytes"] = s.ram_bytes;
   j["stored_bytes"] = s.stored_bytes;
-  j["zero_ratio"] = s.total_pages ? 1.0 - double(s.data_pages) / double(s.total_pages) : 0.0;
+  j["zero_ratio"] = s.total_bytes ? 1.0 - double(s.data_bytes) / double(s.total_bytes) : 0.0;
   j["zero_filled_bytes"] = s.zero_filled_bytes;
   j[prefix + "_s"] = s.seconds;
   j["throughput_bps"] = s.seconds > 0 ? double(s.stored_bytes) / s.seconds : 0.0;
@@ -99,7 +99,10 @@ void add_ram_report(nlohmann::json& j, const RamStats& s, const std::string& pre
     j["compressed_chunks"] = s.compressed_chunks;
     j["compression_ratio"] =
         s.uncompressed_bytes ? double(s.stored_bytes) / double(s.uncompressed_bytes) : 1.0;
-    if (s.lz4_acceleration > 0) j["lz4_acceleration"] = s.lz4_acceleration;
+    // The documented "when lz4 compressed any chunk": the effort it chose
+    // means nothing when every chunk was stored raw (random data).
+    if (s.lz4_acceleration > 0 && s.compressed_chunks > 0)
+      j["lz4_acceleration"] = s.lz4_acceleration;
   }
 }
 

@@ -451,8 +451,9 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       const i64 page = std::max<i64>(1, last["ram"].value("page-size", i64(4096)));
       // "normal" counts a page again each time it went (live): the zero
       // share is from what the image holds.
-      ram.data_pages = std::min(last["ram"].value("normal", i64(0)), ram.stored_bytes / page);
-      ram.total_pages = last["ram"].value("total", i64(0)) / page;
+      ram.data_bytes =
+          std::min(last["ram"].value("normal", i64(0)), ram.stored_bytes / page) * page;
+      ram.total_bytes = last["ram"].value("total", i64(0)) / page * page;
       // Stopped, QEMU still syncs its dirty bitmap a few times; one pass
       // over RAM all the same.
       if (live) passes = static_cast<int>(last["ram"].value("dirty-sync-count", i64(1)));

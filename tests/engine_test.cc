@@ -1113,3 +1113,39 @@ TEST_CASE("engine: SIGINT or SIGKILL during a restore removes the RAM files") {
   }
   if (caught < 2) test::skip("interrupted " + std::to_string(caught) + " of 2 restores mid-way");
 }
+
+TEST_CASE("engine: the zero share of blocks with different page sizes is counted in bytes") {
+  // Pages were counted as pages: a 2 MiB page of data beside 4 KiB zero
+  // pages made a half-data save "99.8% zero".
+  require_shm();
+  HugePagePool pool;
+  if (HugePagePool::pages() < 0) test::skip("no 2 MiB huge pages here");
+  constexpr i64 kPages = 8, kHuge = 2 * kMiB;
+  const i64 want = HugePagePool::pages() + kPages;
+  if (HugePagePool::resize(want) < want) test::skip("cannot grow the huge page pool");
+  TempMount huge("hugetlbfs", "pagesize=2M");
+  if (!huge.ok()) test::skip(huge.error());
+  TempDir shm("/dev/shm"), disk;
+  const std::string data = huge / "data", zeros = shm / "zeros";
+  {
+    UniqueFd fd(::open(data.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    REQUIRE(fd.get() >= 0);
+    REQUIRE(ftruncate(fd.get(), kPages * kHuge) == 0);
+    void* m = mmap(nullptr, kPages * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    REQUIRE(m != MAP_FAILED);
+    std::memset(m, 0x5a, kPages * kHuge);  // all data
+    munmap(m, kPages * kHuge);
+  }
+  test::write_pattern_file(zeros, kPages * kHuge, "zero", 1);
+  const std::string image = disk / "image.vmsave";
+  RunResult r = run_vmsave({"save", "--json", "--ram", "a=" + zeros, "--ram", "b=" + data, image});
+  REQUIRE_RUN(r, 0);
+  CHECK(json::parse(r.out)["zero_ratio"].get<double>() == doctest::Approx(0.5));
+  r = run_vmsave({"save", "--force", "--ram", "a=" + zeros, "--ram", "b=" + data, image});
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "(50% zero)"), r.err);
+  TempDir out("/dev/shm");
+  r = run_vmsave({"restore", "--json", image, "--ram-dir", out.path()});
+  REQUIRE_RUN(r, 0);
+  CHECK(json::parse(r.out)["zero_ratio"].get<double>() == doctest::Approx(0.5));
+}
