@@ -235,19 +235,29 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     if (b.qom_type != "memory-backend-file" || !b.share) unshared = &b;
   const bool through_qemu = unshared != nullptr;
   if (through_qemu && opts.compress.enabled()) {
-    // share=off on a file: most often a lazy restore's mapping of its image.
+    // share=off on a file: a lazy restore's mapping of its image, or a file
+    // of the user's own (a legacy -mem-path) that was never restored lazily.
     const bool private_file = unshared->qom_type == "memory-backend-file";
+    bool lazy_clone = false;
+    if (private_file) {
+      UniqueFd f(::open(unshared->mem_path.c_str(), O_RDONLY | O_CLOEXEC));
+      char magic[8] = {};
+      lazy_clone = f && ::pread(f.get(), magic, sizeof magic, 0) == ssize_t(sizeof magic) &&
+                   std::memcmp(magic, kMagic.data(), sizeof magic) == 0;
+    }
     return Error{"cannot compress this VM's RAM", opts.qmp,
                  fmt::format("backend {} is {}, so QEMU's mapped-ram migration writes the RAM, "
                              "and that format has no compression",
                              unshared->id,
-                             private_file ? "a file mapped with share=off (as a lazy restore maps "
-                                            "its image)"
-                                          : "not a shared file")}
-        .fix(private_file ? "save without --compress, or restore the VM eagerly (not --lazy) if "
-                            "it is to be saved compressed"
-                          : "save without --compress, or give the VM shared file-backed RAM "
-                            "(memory-backend-file,share=on,mem-path=...)")
+                             lazy_clone ? "a vmsave image mapped with share=off (a lazy restore)"
+                             : private_file ? "a file mapped with share=off"
+                                            : "not a shared file")}
+        .fix(lazy_clone ? "save without --compress, or restore the VM eagerly (not --lazy) if "
+                          "it is to be saved compressed"
+             : private_file
+                 ? "save without --compress, or start the VM with share=on on that backend"
+                 : "save without --compress, or give the VM shared file-backed RAM "
+                   "(memory-backend-file,share=on,mem-path=...)")
         .as(Exit::kUsage);
   }
   if (through_qemu) {

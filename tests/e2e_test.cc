@@ -1461,8 +1461,8 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
         {"save", "--qmp", sock0, vm.dir() + "/clone0.vmsave", "--compress", "lz4"}, kRunTimeout);
     CHECK_RUN(z, 2);
     CHECK_MESSAGE(contains(z.err,
-                           "backend ram0 is a file mapped with share=off (as a lazy "
-                           "restore maps its image)"),
+                           "backend ram0 is a vmsave image mapped with share=off (a lazy "
+                           "restore)"),
                   z.err);
     CHECK_MESSAGE(contains(z.err, "restore the VM eagerly (not --lazy)"), z.err);
     CHECK(qmp_status(sock0) == "running");
@@ -1965,6 +1965,15 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
     StartedQemu zeros{parse_json(r).value("pid", -1)};
     REQUIRE(zeros.pid > 0);
     check_carries_on(vm, saved, zeros.pid);
+    // The user's own private file, never restored lazily: the refusal of
+    // --compress blamed a lazy restore all the same.
+    RunResult z = run_vmsave(
+        {"save", "--qmp", vm.qmp_path(), vm.dir() + "/z.vmsave", "--compress", "lz4"}, kRunTimeout);
+    CHECK_RUN(z, 2);
+    CHECK_MESSAGE(contains(z.err, "backend ram0 is a file mapped with share=off, so QEMU's"),
+                  z.err);
+    CHECK_MESSAGE(contains(z.err, "start the VM with share=on on that backend"), z.err);
+    CHECK_MESSAGE(!contains(z.err, "lazy"), z.err);
   }
   CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
 
