@@ -354,6 +354,25 @@ void print_info(const nlohmann::json& j) {
               object += b["share"].get<bool>() ? ",share=on" : ",share=off";
             if (!b.value("mem_path", "").empty())
               object += ",mem-path=" + escape_commas(b.value("mem_path", ""));
+            if (auto off = b.find("offset");
+                off != b.end() && off->is_number_integer() && off->get<i64>() > 0)
+              object += fmt::format(",offset={}", off->get<i64>());
+            // The rest as QEMU had them (merge=off, align=...): a list is
+            // the key repeated, as -object takes host-nodes.
+            auto props = b.find("props");
+            if (props == b.end() || !props->is_object()) continue;
+            for (auto& [k, v] : props->items()) {
+              auto one = [&](const nlohmann::json& x) {
+                object += "," + k + "=" +
+                          (x.is_boolean()  ? (x.get<bool>() ? "on" : "off")
+                           : x.is_string() ? escape_commas(x.get<std::string>())
+                                           : x.dump());
+              };
+              if (v.is_array())
+                for (auto& x : v) one(x);
+              else
+                one(v);
+            }
           }
       print_text("memory dev:   {}-device {}\n",
                  object.empty() ? "" : "-object " + shell_word(object) + " ",

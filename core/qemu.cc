@@ -95,6 +95,17 @@ Result<std::vector<RamBackend>> list_ram_backends(QmpClient& qmp) {
       auto off = get("offset");
       if (off.ok() && off->is_number_integer()) b.offset = off->get<i64>();
     }
+    // Property and its default; one a backend type lacks is an error, skipped.
+    static const std::pair<const char*, nlohmann::json> kProps[] = {
+        {"merge", true},     {"dump", true},          {"prealloc", false},
+        {"reserve", true},   {"policy", "default"},   {"host-nodes", nlohmann::json::array()},
+        {"align", 0},        {"discard-data", false}, {"pmem", false},
+        {"readonly", false}, {"hugetlb", false},      {"hugetlbsize", 0},
+        {"seal", true}};
+    for (const auto& [name, dflt] : kProps) {
+      auto v = get(name);
+      if (v.ok() && !v->is_null() && *v != dflt) b.props[name] = *v;
+    }
     out.push_back(std::move(b));
   }
   return out;

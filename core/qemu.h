@@ -30,6 +30,9 @@ struct RamBackend {
   bool share = false;
   std::string mem_path;  // memory-backend-file only, as QEMU has it
   i64 offset = 0;        // file offset QEMU maps from
+  // Its other properties where they differ from QEMU's defaults (merge=off,
+  // align=2M, ...): what re-creating a hot-plugged backend needs.
+  nlohmann::json props = nlohmann::json::object();
   // Resolved for saving: the file QEMU maps (opened read-only), and
   // mem-path as vmsave reaches it (a relative one is QEMU's, not vmsave's).
   UniqueFd fd;

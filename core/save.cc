@@ -295,9 +295,14 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     blocks.push_back(l);
     if (!through_qemu)
       sources.push_back(RamSource{b.id, b.file, b.fd.get(), b.offset, b.size, b.page_size});
-    meta["blocks"].push_back({{"id", b.id}, {"size", b.size}, {"page_size", b.page_size},
-                              {"qom_type", b.qom_type}, {"mem_path", b.mem_path},
-                              {"share", b.share}, {"offset", b.offset},
+    meta["blocks"].push_back({{"id", b.id},
+                              {"size", b.size},
+                              {"page_size", b.page_size},
+                              {"qom_type", b.qom_type},
+                              {"mem_path", b.mem_path},
+                              {"share", b.share},
+                              {"offset", b.offset},
+                              {"props", b.props},
                               {"saved_by", through_qemu ? "qemu" : "vmsave"}});
   }
 

@@ -1012,17 +1012,20 @@ TEST_CASE("e2e: save --leave-running keeps the guest running and --paused stops 
 struct PluggedBackend {
   std::string id, file, dimm;
   int node = 0;
+  json props = json::object();  // more object-add properties
 };
 
 void hot_plug(const TestVm& vm, const std::vector<PluggedBackend>& backends) {
   auto q = QmpClient::connect(vm.qmp_path(), 10);
   REQUIRE(q.ok());
   for (const PluggedBackend& b : backends) {
-    auto o = q->execute("object-add", {{"qom-type", "memory-backend-file"},
-                                       {"id", b.id},
-                                       {"size", 64 * kMiB},
-                                       {"share", true},
-                                       {"mem-path", b.file}});
+    json add = {{"qom-type", "memory-backend-file"},
+                {"id", b.id},
+                {"size", 64 * kMiB},
+                {"share", true},
+                {"mem-path", b.file}};
+    add.update(b.props);
+    auto o = q->execute("object-add", add);
     REQUIRE_MESSAGE(o.ok(), o.error().message());
     if (b.dimm.empty()) continue;
     json dev = {{"driver", "pc-dimm"}, {"id", b.dimm}, {"memdev", b.id}};
@@ -1171,7 +1174,13 @@ TEST_CASE(
   boot(vm);
   const std::string dir = std::filesystem::path(vm.ram_path(0)).parent_path().string();
   const std::string dimm_file = dir + "/dimm1", spare_file = dir + "/spare";
-  hot_plug(vm, {{"dimm1", dimm_file, "d1", 1}, {"spare", spare_file, ""}});
+  // Properties besides size and mem-path: info's -object used to drop them.
+  hot_plug(vm, {{"dimm1",
+                 dimm_file,
+                 "d1",
+                 1,
+                 {{"merge", false}, {"align", 2 * kMiB}, {"discard-data", true}}},
+                {"spare", spare_file, ""}});
   const std::string image = vm.dir() + "/vm.vmsave";
   const MemcheckLine saved = save_and_clear(vm, image, {dimm_file, spare_file});
 
@@ -1183,11 +1192,12 @@ TEST_CASE(
   CHECK(device == fmt::format("pc-dimm,id=d1,memdev=dimm1,addr={:#x},node=1",
                               devices[0].value("addr", u64(0))));
   RunResult text = run_vmsave({"info", image}, kRunTimeout);
-  CHECK_MESSAGE(contains(text.out,
-                         "memory dev:   -object memory-backend-file,id=dimm1,"
-                         "size=67108864,share=on,mem-path=" +
-                             dimm_file + " -device " + device + "\n"),
-                text.out);
+  CHECK_MESSAGE(
+      contains(text.out,
+               "memory dev:   -object memory-backend-file,id=dimm1,"
+               "size=67108864,share=on,mem-path=" +
+                   dimm_file + ",align=2097152,discard-data=on,merge=off -device " + device + "\n"),
+      text.out);
 
   std::vector<std::string> objects;
   for (auto [id, path] : {std::pair{"dimm1", dimm_file}, std::pair{"spare", spare_file}})
