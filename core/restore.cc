@@ -1237,10 +1237,26 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
     // Loaded, but the restore that loaded it was killed before `cont`.
     auto mig = qmp.execute("query-migrate");
     if (status->value("status", "") == "paused" && mig.ok() &&
-        mig->value("status", "") == "completed")
-      return e.fix(
+        mig->value("status", "") == "completed") {
+      // The capabilities that restore set are still on: the VM's next
+      // ordinary migration would skip its shared RAM (x-ignore-shared).
+      std::string left;
+      if (auto caps = qmp.execute("query-migrate-capabilities"); caps.ok() && caps->is_array())
+        for (auto& c : *caps) {
+          const std::string name = c.value("capability", "");
+          if ((name == "x-ignore-shared" || name == "mapped-ram" || name == "multifd") &&
+              c.value("state", false))
+            left += (left.empty() ? "" : ", ") + name;
+        }
+      return e.fix(fmt::format(
           "it loaded a migration and its guest is paused: if a restore was interrupted before it "
-          "resumed the guest, resume it with the QMP command cont");
+          "resumed the guest, resume it with the QMP command cont{}",
+          left.empty() ? ""
+                       : fmt::format("; the restore left the migration capabilities {} on: switch "
+                                     "them off (migrate-set-capabilities) before migrating this "
+                                     "VM elsewhere",
+                                     left)));
+    }
     return e.fix(
         "if it was restored already, there is nothing to do; else start it with the arguments "
         "`vmsave prepare` prints (they include -incoming defer)");

@@ -2524,8 +2524,25 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
       contains(r.err, "vmsave: error: QEMU is not waiting for a migration (" + vm.qmp_path() +
                           "): its state is paused; it loaded a migration and its guest "
                           "is paused: if a restore was interrupted before it resumed "
-                          "the guest, resume it with the QMP command cont"),
+                          "the guest, resume it with the QMP command cont\n"),
       r.err);
+  // Killed before it switched x-ignore-shared back off, too (as here by
+  // hand): the next ordinary migration would skip the guest's shared RAM.
+  {
+    auto q = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(q.ok());
+    REQUIRE(q->execute("migrate-set-capabilities",
+                       {{"capabilities",
+                         json::array({{{"capability", "x-ignore-shared"}, {"state", true}}})}})
+                .ok());
+  }
+  r = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "resume it with the QMP command cont; the restore left the "
+                         "migration capabilities x-ignore-shared on: switch them off "
+                         "(migrate-set-capabilities) before migrating this VM elsewhere"),
+                r.err);
   REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
   check_carries_on(vm, saved, qemu.pid());
   CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
