@@ -1737,6 +1737,22 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
             c * pages_per_chunk + p);
     }
     if (!dense && !verify_only) return copy_out(c, out);
+    // The rest of the chunk's slot, past its padded data, holds nothing a
+    // save wrote (no restore reads it): zeros, a hole mostly.
+    if (verify_only && padded < len) {
+      for (auto [a, z] : wk.extents.chunk(fd(), b.region.offset, start + padded, len - padded)) {
+        for (i64 at = a; at < z;) {
+          const i64 n = std::min(len, align_up(z, kDirectAlign) - at);
+          VMSAVE_TRY(pread_all(fd(), wk.staging.data(), n, b.region.offset + at, path()));
+          for (i64 k = 0; k < std::min(n, z - at); k++)
+            if (wk.staging.data()[k] != 0)
+              return chunk_damaged(c, fmt::format("byte {} of its slot, after the compressed "
+                                                  "data, is not zero",
+                                                  at + k - start));
+          at += n;
+        }
+      }
+    }
     return Status();
   };
   auto finish_chunk = [&](int w, i64 c, bool empty) -> Status {

@@ -297,6 +297,25 @@ TEST_CASE("compress: damaged compressed chunks are found by verify and refused b
       xor_byte(s.image, f.offset, 0x5a);
     }
     CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+
+    // Past the padded data, the rest of the chunk's slot is read by no
+    // restore: verify called a byte there intact.
+    const BlockLayout& b = img.blocks[0];
+    std::vector<ChunkInfo> cs = chunks_of(s.image, b);
+    i64 c = 0;
+    while (c < b.chunks() && (cs[c].codec == Codec::kRaw ||
+                              align_up(cs[c].stored_length, kPage) + kPage > b.chunk_length(c)))
+      c++;
+    REQUIRE(c < b.chunks());
+    const i64 tail = b.region.offset + c * b.chunk_size + b.chunk_length(c) - 10;
+    xor_byte(s.image, tail, 0x5a);
+    check_fails(run_vmsave({"verify", s.image}), 3,
+                fmt::format("RAM block {} chunk {} byte {} of its slot, after the compressed data, "
+                            "is not zero",
+                            b.id, c, b.chunk_length(c) - 10));
+    CHECK_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path()}), 0);
+    xor_byte(s.image, tail, 0x5a);
+    CHECK_RUN(run_vmsave({"verify", s.image}), 0);
   }
 }
 
