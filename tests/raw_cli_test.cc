@@ -1082,7 +1082,14 @@ TEST_CASE("raw: memory does not grow with --jobs (the default is the host's CPU 
   }
   struct rusage ru;
   REQUIRE(getrusage(RUSAGE_CHILDREN, &ru) == 0);
-  CHECK_MESSAGE(ru.ru_maxrss <= 64 * 1024, "largest child RSS: ", ru.ru_maxrss, " KiB");
+#if defined(__SANITIZE_ADDRESS__)
+  // ASan's shadow memory and quarantine come on top (85 MiB seen): a bound
+  // that still catches the old 533 MiB.
+  const long limit_kib = 160 * 1024;
+#else
+  const long limit_kib = 64 * 1024;
+#endif
+  CHECK_MESSAGE(ru.ru_maxrss <= limit_kib, "largest child RSS: ", ru.ru_maxrss, " KiB");
 }
 
 TEST_CASE("raw: an image another user cannot read is refused with status 1, naming the fix") {
