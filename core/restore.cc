@@ -671,6 +671,17 @@ int killing_signal(pid_t pid) {
   return 0;
 }
 
+// What the file `fd` is at its start: not a vmsave image, another image, or
+// the one with `uuid` (under another name, or overlayfs's file below).
+enum class ImageMatch { kNotAnImage, kOther, kSame };
+ImageMatch image_match(int fd, const std::array<u8, 16>& uuid) {
+  DiskHeader h{};
+  if (::pread(fd, &h, sizeof(h), 0) != ssize_t(sizeof(h)) ||
+      std::memcmp(h.magic, kMagic.data(), 8) != 0)
+    return ImageMatch::kNotAnImage;
+  return std::memcmp(h.uuid, uuid.data(), 16) == 0 ? ImageMatch::kSame : ImageMatch::kOther;
+}
+
 // A lazy restore's QEMU opens the image by its path: a save --force or mv
 // that put another file there after vmsave opened it had QEMU map that
 // file's RAM under this image's device state, and the restore reported
@@ -689,11 +700,8 @@ Status check_lazy_mapped(pid_t pid, const ImageReader& img, const std::vector<Ba
     if (m.dev == mine.st_dev && m.inode == mine.st_ino) return true;
     UniqueFd f(::open(fmt::format("/proc/{}/map_files/{:x}-{:x}", pid, m.start, m.end).c_str(),
                       O_RDONLY | O_CLOEXEC));
-    DiskHeader h{};
     if (!f) return overlay;  // no way to look (not root): only overlayfs explains it
-    if (::pread(f.get(), &h, sizeof(h), 0) != ssize_t(sizeof(h))) return false;
-    return std::memcmp(h.magic, kMagic.data(), 8) == 0 &&
-           std::memcmp(h.uuid, img.layout().uuid.data(), 16) == 0;
+    return image_match(f.get(), img.layout().uuid) == ImageMatch::kSame;
   };
   const std::vector<FileMapping> maps = file_mappings(pid);
   for (const BackendPlan& p : plans) {
@@ -1198,12 +1206,10 @@ Status check_prepared_ram(const ImageReader& img, const std::string& image,
     // path named when QEMU opened it (a mv since). Content samples told
     // two saves of one VM apart only by luck, and the guest ran on one
     // save's RAM under the other's device state.
-    DiskHeader h{};
-    const bool an_image = ::pread(qb.fd.get(), &h, sizeof(h), 0) == ssize_t(sizeof(h)) &&
-                          std::memcmp(h.magic, kMagic.data(), 8) == 0;
-    if (an_image && std::memcmp(h.uuid, img.layout().uuid.data(), 16) != 0)
+    const ImageMatch match = image_match(qb.fd.get(), img.layout().uuid);
+    if (match == ImageMatch::kOther)
       return not_this_image(qb, "maps another vmsave image (replaced since QEMU opened it?)");
-    if (same_file(st, own) || an_image) {  // lazy
+    if (same_file(st, own) || match == ImageMatch::kSame) {  // lazy
       if (qb.offset != b.region.offset)
         return not_this_image(qb, fmt::format("maps it from offset {}, block {}'s region starts "
                                               "at {}",
