@@ -1005,6 +1005,28 @@ i64 stored_from(int fd, i64 offset) {
   return n;
 }
 
+namespace {
+
+// The first byte in [from, to) of `fd` that is not zero, or -1. Reads only
+// what the file stores (holes are zeros) into `buf`, whole aligned blocks,
+// so that an O_DIRECT descriptor takes the reads.
+Result<i64> first_nonzero_byte(int fd, i64 from, i64 to, const AlignedBuffer& buf,
+                               const std::string& path) {
+  for (auto [a, z] : data_extents(fd, from, to - from)) {
+    for (i64 at = from + a; at < from + z;) {
+      const i64 base = align_down(at, kDirectAlign);
+      const i64 n = std::min<i64>(buf.size(), align_up(from + z, kDirectAlign) - base);
+      VMSAVE_TRY(pread_all(fd, buf.data(), n, base, path));
+      for (i64 k = at - base; k < std::min(n, from + z - base); k++)
+        if (buf.data()[k] != 0) return base + k;
+      at = base + n;
+    }
+  }
+  return i64(-1);
+}
+
+}  // namespace
+
 Result<i64> first_nonzero(int fd, i64 offset, i64 size, const std::string& path) {
   AlignedBuffer buf(kMiB);
   for (auto [a, z] : data_extents(fd, offset, size)) {
@@ -1740,18 +1762,13 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     // The rest of the chunk's slot, past its padded data, holds nothing a
     // save wrote (no restore reads it): zeros, a hole mostly.
     if (verify_only && padded < len) {
-      for (auto [a, z] : wk.extents.chunk(fd(), b.region.offset, start + padded, len - padded)) {
-        for (i64 at = a; at < z;) {
-          const i64 n = std::min(len, align_up(z, kDirectAlign) - at);
-          VMSAVE_TRY(pread_all(fd(), wk.staging.data(), n, b.region.offset + at, path()));
-          for (i64 k = 0; k < std::min(n, z - at); k++)
-            if (wk.staging.data()[k] != 0)
-              return chunk_damaged(c, fmt::format("byte {} of its slot, after the compressed "
-                                                  "data, is not zero",
-                                                  at + k - start));
-          at += n;
-        }
-      }
+      const i64 slot = b.region.offset + start;
+      auto at = first_nonzero_byte(fd(), slot + padded, slot + len, wk.staging, path());
+      if (!at.ok()) return at.error();
+      if (*at >= 0)
+        return chunk_damaged(
+            c,
+            fmt::format("byte {} of its slot, after the compressed data, is not zero", *at - slot));
     }
     return Status();
   };
@@ -2084,24 +2101,13 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
   std::sort(covered.begin(), covered.end());
   AlignedBuffer buf(kStreamBuffer);
   i64 from = 0;
-  auto check_gap = [&](i64 a, i64 z) -> Status {
-    for (auto [da, dz] : data_extents(fd(), a, z - a)) {
-      for (i64 at = a + da; at < a + dz;) {
-        const i64 base = align_down(at, kDirectAlign);
-        const i64 n = std::min<i64>(kStreamBuffer, align_up(a + dz, kDirectAlign) - base);
-        VMSAVE_TRY(pread_all(fd(), buf.data(), n, base, path()));
-        for (i64 k = at - base; k < std::min(n, a + dz - base); k++)
-          if (buf.data()[k] != 0)
-            return damaged(path(), "a byte outside every section is not zero", base + k);
-        at = base + n;
-      }
-    }
-    return Status();
-  };
   covered.emplace_back(img_.file_size, img_.file_size);
   for (auto [a, z] : covered) {
-    if (a > from)
-      if (Status st = check_gap(from, a); !st.ok()) return fail(st.error());
+    if (a > from) {
+      auto at = first_nonzero_byte(fd(), from, a, buf, path());
+      if (!at.ok()) return fail(at.error());
+      if (*at >= 0) return fail(damaged(path(), "a byte outside every section is not zero", *at));
+    }
     from = std::max(from, z);
   }
   report->seconds = seconds_since(t0);
