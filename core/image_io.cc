@@ -253,8 +253,12 @@ Status punch_unwritten(int fd, const std::vector<std::pair<i64, i64>>& allocated
   return Status();
 }
 
-void atomic_bitmap_set(u8* bitmap, i64 i) {
-  __atomic_fetch_or(&bitmap[i / 8], static_cast<u8>(1u << (i % 8)), __ATOMIC_RELAXED);
+// Atomic: with 1 GiB pages, chunks of one page share bitmap bytes.
+void atomic_bitmap_put(u8* bitmap, i64 i, bool on) {
+  if (on)
+    __atomic_fetch_or(&bitmap[i / 8], static_cast<u8>(1u << (i % 8)), __ATOMIC_RELAXED);
+  else
+    __atomic_fetch_and(&bitmap[i / 8], static_cast<u8>(~(1u << (i % 8))), __ATOMIC_RELAXED);
 }
 
 std::string dir_of(const std::string& path) {
@@ -824,7 +828,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       present.push_back(data);
       src_hole.push_back(hole);
       if (!data) continue;
-      atomic_bitmap_set(bitmap, first_page + off / page);
+      atomic_bitmap_put(bitmap, first_page + off / page, true);
       // The last page may be partial; its write covers the whole page (the
       // region is page-aligned and the mapping readable to the page's end).
       i64 end = std::min(off + page, align_up(len, std::min<i64>(page, kDirectAlign)));
@@ -1074,12 +1078,15 @@ Status ImageWriter::finish_qemu_section(Progress* progress) {
 namespace {
 constexpr i64 kLivePiece = 64 * kKiB;
 
-// A block's live piece: 64 KiB, or a page if larger, but never more than a
-// chunk. Chunks smaller than a piece each stored their own hash in the one
-// slot of the piece they share, so every pass found them all changed: with
-// --chunk-size 4K each pass rewrote the whole of RAM (388 MiB of 144 stored).
+// A block's live piece: 64 KiB, but never more than a chunk. Chunks smaller
+// than a piece each stored their own hash in the one slot of the piece they
+// share, so every pass found them all changed: with --chunk-size 4K each
+// pass rewrote the whole of RAM (388 MiB of 144 stored). Nor a huge page:
+// pieces of a page each took a buffer of the page's size, so a guest on
+// 1 GiB pages had vmsave allocate 32 GiB per worker (killed at 20 GiB),
+// and one changed byte rewrote its whole page.
 i64 live_piece(const BlockLayout& b) {
-  return std::max(b.page_size, std::min(kLivePiece, b.chunk_size));
+  return std::min(kLivePiece, b.chunk_size);
 }
 constexpr u64 kNoSlot = ~u64(0);
 }
@@ -1108,6 +1115,7 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
       const i64 piece = live_piece(b);
       piece_sums_.emplace_back((b.size + piece - 1) / piece);
       chunk_dirty_.emplace_back(b.chunks());
+      piece_data_.emplace_back(b.page_size > piece ? piece_sums_.back().size() : 0);
     }
     // Holes are looked up again each pass: the guest may have filled one.
     extents[i] = data_extents(s.fd, s.offset, s.size);
@@ -1216,13 +1224,23 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
         run_start = -1;
         return Status();
       };
-      for (i64 po = 0; po < plen; po += page) {
+      if (page > piece) {
+        // A piece of a huge page: written whole when it holds data, or
+        // zeros over the data it held; the pages' bits are set below.
+        const bool data = !hole && !is_zero(src, plen);
+        u8& had = piece_data_[bi][pidx];
+        if (data || had) {
+          run_start = 0;
+          run_end = plen;
+          VMSAVE_TRY(flush_run());
+        }
+        had = data;
+      }
+      for (i64 po = 0; page <= piece && po < plen; po += page) {
         i64 pg = (off + po) / page;
         bool data = !hole && !is_zero(src + po, std::min(page, plen - po));
         bool had = bitmap_test(bitmap, pg);
-        // Atomic: with 1 GiB pages, chunks of one page share bitmap bytes.
-        if (data) atomic_bitmap_set(bitmap, pg);
-        else __atomic_fetch_and(&bitmap[pg / 8], static_cast<u8>(~(1u << (pg % 8))), __ATOMIC_RELAXED);
+        atomic_bitmap_put(bitmap, pg, data);
         // A gap shorter than min_hole_ goes out with the run: the piece's
         // copy holds its zeros.
         if (data || had) {
@@ -1234,6 +1252,14 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
       if (run_start >= 0) VMSAVE_TRY(flush_run());
       // Writes from the zero block need no slot; a slot nobody used is free.
       if (slot >= 0 && wk.pending[slot] == 0) wk.free.push_back(slot);
+    }
+    // A huge page holds data if any of its pieces does (a chunk holds
+    // whole pages, so they were all seen here).
+    for (i64 pg = start / page; page > piece && pg < (start + len + page - 1) / page; pg++) {
+      const auto& pieces = piece_data_[bi];
+      auto from = pieces.begin() + pg * (page / piece);
+      auto to = pieces.begin() + std::min<i64>((pg + 1) * (page / piece), pieces.size());
+      atomic_bitmap_put(bitmap, pg, std::find(from, to, 1) != to);
     }
     if (first) sums_[bi][c] = chunk_hash.digest();
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);

@@ -187,6 +187,9 @@ class ImageWriter {
   std::vector<Mapping> live_maps_;
   std::vector<std::vector<u64>> piece_sums_;   // XXH3 of each piece as written
   std::vector<std::vector<u8>> chunk_dirty_;   // rewritten after the first pass
+  // Blocks whose pages are larger than a piece: whether each piece held
+  // data as written (a page's bit is whether any of its pieces does).
+  std::vector<std::vector<u8>> piece_data_;
   int live_passes_ = 0;
   i64 live_bytes_ = 0;
   double live_seconds_ = 0;
