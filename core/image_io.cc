@@ -72,6 +72,10 @@ constexpr int kMaxCompressSlots = 4;
 constexpr i64 kCopyPoolBytes = 32 * kMiB;
 constexpr int kMaxCopyBuffers = 8;
 
+// The bytes of a block's last page past its end hold nothing: a lazy
+// restore maps them.
+constexpr const char* kTailNotZero = "holds data past the block's end, in its last page";
+
 int compress_slots(int jobs, i64 chunk_size) {
   return buffers_per_worker(kCompressPoolBytes, jobs, chunk_size, kMaxCompressSlots);
 }
@@ -120,24 +124,31 @@ const u8* zero_block() {
   return z.data();
 }
 
-// XXH3-64 of a chunk's logical content: `len` bytes starting at `base`,
-// where the page-sized pieces for which present(page) is false are zeros
-// that must not be read from memory.
+// Adds bytes [from, to) of a chunk's logical content to `st`: what `data`
+// holds (data[0] is byte `from`) in the pages for which present(page) is
+// true, zeros that must not be read from memory in the others.
 template <class Present>
-u64 chunk_checksum(const u8* base, i64 len, i64 page_size, i64 first_page, Present present) {
-  Hasher st;
-  for (i64 off = 0; off < len;) {
-    bool data = present(first_page + off / page_size);
-    i64 end = off;
-    while (end < len && present(first_page + end / page_size) == data) end += page_size;
-    end = std::min(end, len);
-    if (data) {
-      st.update(base + off, end - off);
+void hash_chunk_part(Hasher& st, const u8* data, i64 from, i64 to, i64 page_size, i64 first_page,
+                     Present present) {
+  for (i64 off = from; off < to;) {
+    bool present_here = present(first_page + off / page_size);
+    i64 end = align_down(off, page_size) + page_size;
+    while (end < to && present(first_page + end / page_size) == present_here) end += page_size;
+    end = std::min(end, to);
+    if (present_here) {
+      st.update(data + (off - from), end - off);
     } else {
       st.update_zeros(end - off);
     }
     off = end;
   }
+}
+
+// XXH3-64 of a chunk's logical content: `len` bytes starting at `base`.
+template <class Present>
+u64 chunk_checksum(const u8* base, i64 len, i64 page_size, i64 first_page, Present present) {
+  Hasher st;
+  hash_chunk_part(st, base, 0, len, page_size, first_page, present);
   return st.digest();
 }
 
@@ -1695,17 +1706,8 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   // the block's size when that is less than one chunk).
   const i64 full = b.chunk_length(0);
   const u64 zero_full = zero_checksum(full);
-  // Where: the chunk, or the page in it when one page is at fault.
   auto chunk_damaged = [&](i64 c, const std::string& why, i64 bad_page = -1) -> Status {
-    i64 at = bad_page < 0 ? b.region.offset + c * b.chunk_size : b.region.offset + bad_page * page;
-    if (report) {
-      report->ok = false;
-      report->first_damage =
-          bad_page < 0
-              ? fmt::format("block {} chunk {} (image offset {})", b.id, c, at)
-              : fmt::format("block {} chunk {} page {} (image offset {})", b.id, c, bad_page, at);
-    }
-    return damaged(path(), fmt::format("RAM block {} chunk {} {}", b.id, c, why), at);
+    return this->chunk_damaged(b, c, why, bad_page, report);
   };
   // A full filesystem: ENOSPC from write(); stores into a mapping meet it
   // as SIGBUS, not an error code (reads into the mapping get EFAULT
@@ -1809,6 +1811,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
       workers[w].free.push_back(chunk_slot[c]);
       if (sum != sums[c]) return chunk_damaged(c, "checksum mismatch");
       if (verify_only) {
+        if (!is_zero(base + len, align_up(len, page) - len)) return chunk_damaged(c, kTailNotZero);
         const i64 first = c * pages_per_chunk;
         for (i64 off = 0; off < len; off += page) {
           if (present(first + off / page)) continue;
@@ -1955,6 +1958,95 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   return st;
 }
 
+Error ImageReader::chunk_damaged(const BlockLayout& b, i64 c, const std::string& why, i64 bad_page,
+                                 VerifyReport* report) const {
+  // Where: the chunk, or the page in it when one page is at fault.
+  i64 at =
+      bad_page < 0 ? b.region.offset + c * b.chunk_size : b.region.offset + bad_page * b.page_size;
+  if (report) {
+    report->ok = false;
+    report->first_damage =
+        bad_page < 0
+            ? fmt::format("block {} chunk {} (image offset {})", b.id, c, at)
+            : fmt::format("block {} chunk {} page {} (image offset {})", b.id, c, bad_page, at);
+  }
+  return damaged(path(), fmt::format("RAM block {} chunk {} {}", b.id, c, why), at);
+}
+
+Status ImageReader::verify_large_chunks(size_t block, const std::vector<u8>& bitmap,
+                                        const std::vector<u64>& sums, const EngineConfig& cfg,
+                                        Progress* progress, VerifyReport* report) const {
+  const BlockLayout& b = img_.blocks[block];
+  const i64 page = b.page_size;
+  const i64 pages_per_chunk = b.chunk_size / page;
+  auto present = [&](i64 p) { return bitmap_test(bitmap.data(), p); };
+  struct Worker {
+    AlignedBuffer window{kMaxChunkBuffer};
+    ExtentCursor extents;
+  };
+  EngineConfig c2 = cfg;
+  c2.jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
+  std::vector<Worker> workers(c2.jobs);
+  std::atomic<i64> read_bytes{0};
+  // Each window is read when the bitmap marks a page in it or the file
+  // holds data there, and its pages marked zero must read as zeros (a
+  // lazy restore maps the region as it is), the bytes past the block's
+  // end in its last page too.
+  auto task = [&](IoQueue&, int w, i64 c) -> Status {
+    Worker& wk = workers[w];
+    const i64 start = c * b.chunk_size, len = b.chunk_length(c);
+    const i64 first = c * pages_per_chunk, stored = align_up(len, kDirectAlign);
+    auto allocated = wk.extents.chunk(fd(), b.region.offset, start, stored);
+    Hasher st;
+    i64 bad_page = -1;
+    bool bad_tail = false;
+    for (i64 off = 0; off < stored; off += kMaxChunkBuffer) {
+      if (cancelled()) return interrupted_error();
+      const i64 n = std::min(kMaxChunkBuffer, stored - off);
+      bool read = false;
+      for (i64 p = off / page; !read && p * page < off + n; p++) read = present(first + p);
+      for (auto [a, z] : allocated) read |= a - start < off + n && z - start > off;
+      if (!read) {
+        st.update_zeros(std::min(n, len - off));
+      } else {
+        VMSAVE_TRY(pread_all(fd(), wk.window.data(), n, b.region.offset + start + off, path()));
+        read_bytes.fetch_add(n, std::memory_order_relaxed);
+        hash_chunk_part(st, wk.window.data(), off, std::min(off + n, len), page, first, present);
+        for (i64 at = off; bad_page < 0 && !bad_tail && at < off + n;) {
+          const i64 end =
+              std::min({align_down(at, page) + page, off + n, at < len ? len : off + n});
+          const bool beyond = at >= len;  // past the block's end
+          if ((beyond || !present(first + at / page)) &&
+              !is_zero(wk.window.data() + (at - off), end - at)) {
+            if (beyond)
+              bad_tail = true;
+            else
+              bad_page = first + at / page;
+          }
+          at = end;
+        }
+      }
+      if (progress) progress->done.fetch_add(std::min(n, len - off), std::memory_order_relaxed);
+    }
+    if (st.digest() != sums[c]) return chunk_damaged(b, c, "checksum mismatch", -1, report);
+    if (bad_page >= 0)
+      return chunk_damaged(b, c,
+                           fmt::format("page {} is marked zero but holds data (a lazy restore "
+                                       "would map it)",
+                                       bad_page),
+                           bad_page, report);
+    if (bad_tail) return chunk_damaged(b, c, kTailNotZero, -1, report);
+    return Status();
+  };
+  EngineStats es;
+  Status st = run_parallel(
+      c2, b.chunks(), [](IoQueue&, int) {}, task, &es);
+  report->chunks_checked += b.chunks();
+  report->bytes_read += read_bytes.load();
+  report->engine.jobs = es.jobs;
+  return st;
+}
+
 Status ImageReader::read_ram(size_t block, const RamDest& dest, const EngineConfig& cfg,
                              Progress* progress, RamStats* stats) const {
   if (img_.blocks[block].via_qemu())
@@ -2008,19 +2100,21 @@ Result<i64> ImageReader::first_differing_chunk(size_t block, int fd, i64 offset,
       }
   }
   const i64 n = std::min<i64>(samples, with_data.size());
-  AlignedBuffer buf(std::min(b.chunk_size, align_up(b.size, b.page_size)));
+  AlignedBuffer buf(std::min({b.chunk_size, align_up(b.size, b.page_size), kMaxChunkBuffer}));
   for (i64 i = 0; i < n; i++) {
     const i64 c = with_data[n == 1 ? 0 : i * (i64(with_data.size()) - 1) / (n - 1)];
     const i64 len = b.chunk_length(c);
-    for (i64 done = 0; done < len;) {
-      ssize_t got = ::pread(fd, buf.data() + done, len - done, offset + c * b.chunk_size + done);
+    Hasher st;
+    for (i64 off = 0; off < len;) {
+      const i64 want = std::min<i64>(len - off, buf.size());
+      ssize_t got = ::pread(fd, buf.data(), want, offset + c * b.chunk_size + off);
       if (got < 0 && errno == EINTR) continue;
       if (got < 0) return sys_error("read", file, errno);
       if (got == 0) return c;  // the file ends before the block does
-      done += got;
+      hash_chunk_part(st, buf.data(), off, off + got, b.page_size, c * pages_per_chunk, present);
+      off += got;
     }
-    if (chunk_checksum(buf.data(), len, b.page_size, c * pages_per_chunk, present) != (*s)[c])
-      return c;
+    if (st.digest() != (*s)[c]) return c;
   }
   return i64(-1);
 }
@@ -2107,7 +2201,10 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
     if (!s.ok()) return fail(s.error());
     auto codecs = chunk_table(i);
     if (!codecs.ok()) return fail(codecs.error());
-    Status st = read_chunks(i, *bits, *s, *codecs, RamDest(), cfg, progress, nullptr, report);
+    const BlockLayout& b = img_.blocks[i];
+    Status st = std::min(b.chunk_size, b.region.length) > kMaxChunkBuffer
+                    ? verify_large_chunks(i, *bits, *s, cfg, progress, report)
+                    : read_chunks(i, *bits, *s, *codecs, RamDest(), cfg, progress, nullptr, report);
     if (!st.ok()) return fail(st.error());
   }
   // What no checksum covers, the padding after each section and the gaps

@@ -224,6 +224,11 @@ struct RamDest {
   u8* map = nullptr;
 };
 
+// The most of a chunk a reader buffers: larger chunks (--chunk-size up to
+// 1G, 1 GiB pages) go straight into a mapping, or verify reads them in
+// windows of this size. Chunk buffers of 1 GiB had verify take 1 GiB.
+constexpr i64 kMaxChunkBuffer = 4 * kMiB;
+
 class ImageReader {
  public:
   // Opens and checks header and section table (status kDamaged on damage).
@@ -273,6 +278,14 @@ class ImageReader {
                      const std::vector<ChunkInfo>& codecs, const RamDest& dest,
                      const EngineConfig& cfg, Progress* progress, RamStats* stats,
                      VerifyReport* report) const;
+  // verify's read_chunks for chunks too large to buffer whole.
+  Status verify_large_chunks(size_t block, const std::vector<u8>& bitmap,
+                             const std::vector<u64>& sums, const EngineConfig& cfg,
+                             Progress* progress, VerifyReport* report) const;
+  // Damage in chunk `c` of block `b` (at page `bad_page` of it, if >= 0),
+  // noted in `report` too.
+  Error chunk_damaged(const BlockLayout& b, i64 c, const std::string& why, i64 bad_page,
+                      VerifyReport* report) const;
 
   DirectFile file_;
   ImageLayout img_;

@@ -339,10 +339,12 @@ Status RamFile::fill_part(const ImageReader& img, const Part& part, const Engine
   // (the kernel clears a page it faults in, then the copy writes it again):
   // 4 GiB mixed from /dev/shm into a RAM file there, 3 alternating runs:
   // 1.23-1.40 s and 2.4-2.7 CPU-seconds against 1.50-1.58 s and 2.8-3.0.
-  // hugetlbfs has no write(): that file is filled through a mapping.
+  // hugetlbfs has no write(): that file is filled through a mapping, as
+  // are chunks too large to read into a buffer first.
   RamDest dest{fd_.get(), part.offset, nullptr};
   Result<Mapping> m = Mapping();
-  if (const i64 file_page = file_page_size(fd_.get()); file_page > 4096) {  // as create()
+  const i64 file_page = file_page_size(fd_.get());  // as create()
+  if (file_page > 4096 || std::min(b.chunk_size, b.region.length) > kMaxChunkBuffer) {
     m = Mapping::map(fd_.get(), part.offset, align_up(b.size, b.page_size), PROT_READ | PROT_WRITE,
                      MAP_SHARED, path_);
     // The mapping reserves its huge pages: ENOMEM is a short pool (taken

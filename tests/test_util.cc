@@ -8,10 +8,11 @@
 #include "tests/test_util.h"
 
 #include <fcntl.h>
-#include <sys/mount.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -203,8 +204,12 @@ RunResult run_program(const std::vector<std::string>& argv, double timeout_s,
 
   int wstatus = 0;
   while (true) {
-    pid_t w = waitpid(pid, &wstatus, killed ? 0 : WNOHANG);
-    if (w == pid) break;
+    struct rusage ru {};
+    pid_t w = wait4(pid, &wstatus, killed ? 0 : WNOHANG, &ru);
+    if (w == pid) {
+      res.max_rss_kib = ru.ru_maxrss;
+      break;
+    }
     if (w < 0 && errno != EINTR) die("waitpid");
     if (w == 0) {
       // Output closed but the process lives on: wait out the deadline.

@@ -58,6 +58,7 @@ struct RunResult {
   int status = -1;  // exit status, or 128+signal
   std::string out;
   std::string err;
+  long max_rss_kib = 0;  // the process's peak resident memory
 };
 
 // A run's status and output, for failure messages.
