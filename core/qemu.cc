@@ -754,7 +754,18 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
                                bool log_named, const std::function<void(pid_t)>& forked) {
   UniqueFd logfd;
   if (log_named) {
-    logfd.reset(::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    // A link is followed only to what is not a regular file (/dev/stderr):
+    // one to a file, planted where logs go, had vmsave empty that file.
+    logfd.reset(::open(log.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600));
+    const bool link = !logfd && errno == ELOOP;
+    if (link) logfd.reset(::open(log.c_str(), O_WRONLY | O_CLOEXEC));
+    struct stat st;
+    if (logfd && fstat(logfd.get(), &st) == 0 && S_ISREG(st.st_mode)) {
+      if (link)
+        return Error{"cannot write QEMU's log", log, "it is a symbolic link to a regular file"}.fix(
+            "give --qemu-log the file's own path");
+      if (ftruncate(logfd.get(), 0) < 0) return sys_error("cannot write QEMU's log", log, errno);
+    }
   } else {  // truncated only once known to be a regular file; no FIFO to wait on
     logfd.reset(::open(log.c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600));
     struct stat st;

@@ -1525,6 +1525,17 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
                 r.err);
   CHECK(slurp(victim) == "not QEMU's log\n");
   CHECK_FALSE(exists(sock3));
+  // Nor a link named with --qemu-log: it emptied the file it pointed to.
+  const std::string named = vm.dir() + "/named-qemu.log";
+  REQUIRE(::symlink(victim.c_str(), named.c_str()) == 0);
+  r = run_vmsave(restore_args(image, named, true, cmd3), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot write QEMU's log (" + named +
+                                    "): it is a symbolic link to a regular file; give "
+                                    "--qemu-log the file's own path"),
+                r.err);
+  CHECK(slurp(victim) == "not QEMU's log\n");
+  CHECK_FALSE(exists(sock3));
 }
 
 TEST_CASE("e2e: two saves of one VM at once: one image, and the other told QEMU quit meanwhile") {
