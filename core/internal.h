@@ -27,11 +27,9 @@ namespace vmsave {
 i64 file_page_size(int fd);
 
 // A RAM block id is used as a file name under --ram-dir: refuse anything
-// that could escape the directory. is_file_name_id is the test itself (save
-// --ram uses it for a usage error); check_block_id reports an image's bad id
-// as damage.
+// that could escape the directory (save --ram: a usage error; an image
+// with such an id is damaged, format/image.cc).
 bool is_file_name_id(const std::string& id);
-Status check_block_id(const std::string& id, const std::string& image);
 
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);

@@ -65,12 +65,6 @@ bool is_file_name_id(const std::string& id) {
          id.find('/') == std::string::npos;
 }
 
-Status check_block_id(const std::string& id, const std::string& image) {
-  if (!is_file_name_id(id))
-    return damaged(image, fmt::format("RAM block id \"{}\" cannot be a file name", id));
-  return Status();
-}
-
 nlohmann::json base_metadata(const std::string& mode, const std::string& description) {
   auto now = std::chrono::system_clock::now();
   std::time_t t = std::chrono::system_clock::to_time_t(now);
@@ -505,7 +499,6 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   if (!S_ISDIR(st.st_mode)) return Error{"not a directory", opts.ram_dir, "--ram-dir needs one"};
   // Blocks saved through QEMU are restored by QEMU (from the image), not
   // into files.
-  for (auto& b : img.layout().blocks) VMSAVE_TRY(check_block_id(b.id, opts.image));
   Progress progress;
   for (auto& b : img.layout().blocks)
     if (!b.via_qemu()) progress.total += b.size;

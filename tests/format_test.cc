@@ -463,6 +463,12 @@ TEST_CASE("format: block records are checked") {
                   "control characters");
     check_damaged(with([](BlockRecord& r) { std::strcpy(r.id, "ram0"); }),
                   "two RAM blocks are named ram0");
+    // Ids name files under --ram-dir: verify and info called these intact,
+    // while restore refused them as damage.
+    for (const char* id : {"a/kA", "..", ".", "../escape"}) {
+      CAPTURE(std::string(id));
+      check_damaged(with([&](BlockRecord& r) { std::strcpy(r.id, id); }), "cannot be a file name");
+    }
   }
   SUBCASE("sizes") {
     for (u64 v : {u64(0), u64(kMaxBlockSize) + 1, ~u64(0), u64(1) << 63}) {
