@@ -2135,6 +2135,25 @@ Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)
   // by the frame's own content checksum, the stored bytes by ours.
   std::unique_ptr<StreamDecompressor> dec;
   if (img_.vmstate_codec == Codec::kZstd) dec = std::make_unique<StreamDecompressor>();
+  // The metadata says how many bytes QEMU sent: a section cut short (its
+  // checksum rewritten) or relabelled uncompressed was called intact, and
+  // QEMU refused it with nothing better than a closed connection (trial L).
+  auto meta = metadata();
+  if (!meta.ok()) return meta.error();
+  const i64 sent = meta->value("vmstate_bytes", i64(-1));
+  auto wrong_size = [&](const char* what, i64 n) {
+    return damaged(
+        path(),
+        fmt::format("the device state {} {} bytes, the metadata says QEMU sent {}", what, n, sent),
+        img_.vmstate.offset);
+  };
+  if (sent >= 0 && !dec && img_.vmstate.length != sent)
+    return wrong_size("is", img_.vmstate.length);
+  i64 decoded = 0;
+  auto count = [&](const u8* d, size_t n) -> Status {
+    decoded += n;
+    return sink ? sink(d, n) : Status();
+  };
   std::string bad;
   while (left > 0) {
     if (cancelled()) return interrupted_error();
@@ -2142,7 +2161,7 @@ Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)
     VMSAVE_TRY(pread_all(fd(), buf.data(), align_up(n, kDirectAlign), off, path()));
     st.update(buf.data(), n);
     if (dec) {
-      VMSAVE_TRY(dec->write(buf.data(), n, sink, &bad));
+      VMSAVE_TRY(dec->write(buf.data(), n, count, &bad));
       if (!bad.empty()) return damaged(path(), bad, img_.vmstate.offset);
     } else if (sink) {
       VMSAVE_TRY(sink(buf.data(), n));
@@ -2154,6 +2173,7 @@ Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)
     return damaged(path(), "vmstate checksum mismatch", img_.vmstate.offset);
   if (dec && !dec->finished())
     return damaged(path(), "compressed device state ends early", img_.vmstate.offset);
+  if (sent >= 0 && dec && decoded != sent) return wrong_size("decompresses to", decoded);
   return Status();
 }
 

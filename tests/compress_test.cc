@@ -472,6 +472,51 @@ TEST_CASE("compress: the device state streams through zstd and is checked") {
   }
 }
 
+TEST_CASE("compress: a device state of another size than QEMU sent is damage") {
+  // A section cut short (its checksum rewritten to match) or relabelled
+  // uncompressed was called intact; a restore failed in QEMU instead.
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", kMiB, "mixed", 9);
+  const std::string vm(200000, 'v');
+  for (const char* codec : {"", "zstd"}) {
+    for (i64 said : {i64(vm.size()), i64(vm.size()) - 1000, i64(vm.size()) + 1}) {
+      CAPTURE(std::string(codec));
+      CAPTURE(said);
+      std::string image = disk / "image.vmsave";
+      ::unlink(image.c_str());
+      UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
+      REQUIRE(fd);
+      BlockLayout b;
+      b.id = "ram";
+      b.size = kMiB;
+      b.page_size = kPage;
+      auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
+      REQUIRE(w.ok());
+      if (*codec) REQUIRE((*w)->set_compression(*parse_codec_spec(codec)).ok());
+      RamStats st;
+      REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
+                              EngineConfig{2, 8}, nullptr, &st)
+                  .ok());
+      REQUIRE((*w)->append_vmstate(reinterpret_cast<const u8*>(vm.data()), vm.size()).ok());
+      REQUIRE((*w)->commit({{"mode", "qemu"}, {"vmstate_bytes", said}}).ok());
+      RunResult r = run_vmsave({"verify", image});
+      if (said == i64(vm.size())) {
+        CHECK_RUN(r, 0);
+      } else if (*codec) {
+        check_fails(r, 3,
+                    fmt::format("the device state decompresses to {} bytes, the metadata says "
+                                "QEMU sent {}",
+                                vm.size(), said));
+      } else {
+        check_fails(r, 3,
+                    fmt::format("the device state is {} bytes, the metadata says QEMU sent {}",
+                                vm.size(), said));
+      }
+    }
+  }
+}
+
 TEST_CASE("compress: --lazy on a compressed image is refused before anything starts") {
   require_shm();
   CompressedImage s;
