@@ -647,8 +647,15 @@ int main(int argc, char** argv) {
     if ((fl & O_ACCMODE) == O_RDONLY)
       return usage(fmt::format("--progress-fd {0}: descriptor {0} is open for reading only",
                                c.progress_fd));
-    if (c.progress_fd == STDOUT_FILENO && c.json)
-      return usage("--progress-fd 1 is stdout, where --json prints the report: give another fd");
+    // Nor stdout under another number (5>&1): the report would come after
+    // progress lines in one stream. A terminal or /dev/null may be both.
+    struct stat pst, ost;
+    if (c.json && (c.progress_fd == STDOUT_FILENO ||
+                   (fstat(c.progress_fd, &pst) == 0 && fstat(STDOUT_FILENO, &ost) == 0 &&
+                    !S_ISCHR(pst.st_mode) && pst.st_dev == ost.st_dev && pst.st_ino == ost.st_ino)))
+      return usage(
+          fmt::format("--progress-fd {} is stdout, where --json prints the report: give another fd",
+                      c.progress_fd));
   }
   EngineConfig engine{c.jobs, c.queue_depth};
   save.engine = restore.engine = engine;

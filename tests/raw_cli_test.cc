@@ -566,6 +566,31 @@ TEST_CASE("raw: a --progress-fd nobody reads, or that fails, never holds up the 
   CHECK_RUN(run_vmsave({"verify", image}), 0);
 }
 
+TEST_CASE("raw: --progress-fd is refused with --json when it is stdout under another number") {
+  // 5>&1 mixed progress lines into the report: no longer JSON.
+  require_shm();
+  TempDir shm("/dev/shm");
+  test::write_pattern_file(shm / "ram", 64 * kKiB, "random", 5);
+  const std::string image = shm / "image.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image}), 0);
+  RunResult r =
+      test::run_program({"/bin/sh", "-c", "exec \"$0\" verify --json --progress-fd 5 \"$1\" 5>&1",
+                         VMSAVE_BINARY, image});
+  CHECK_FAILS(r, 2, "--progress-fd 5 is stdout, where --json prints the report: give another fd");
+  CHECK(json::parse(r.out)["ok"] == false);  // the error report alone
+  // Another file is fine, and so is /dev/null for both.
+  r = test::run_program({"/bin/sh", "-c",
+                         "exec \"$0\" verify --json --progress-fd 5 \"$1\" 5>\"$1.progress\"",
+                         VMSAVE_BINARY, image});
+  REQUIRE_RUN(r, 0);
+  CHECK(json::parse(r.out)["ok"] == true);
+  CHECK(contains(test::read_file(image + ".progress"), "\"phase\""));
+  r = test::run_program({"/bin/sh", "-c",
+                         "exec \"$0\" verify --json --progress-fd 5 \"$1\" >/dev/null 5>&1",
+                         VMSAVE_BINARY, image});
+  CHECK_RUN(r, 0);
+}
+
 TEST_CASE("raw: save refuses an existing image without --force and replaces it with it") {
   require_shm();
   TempDir shm("/dev/shm");
