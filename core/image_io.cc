@@ -2241,6 +2241,7 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
     cover(b.chunk_table);
   }
   for (const Extent* e : {&img_.vmstate, &img_.qemu, &img_.metadata, &img_.table}) cover(*e);
+  for (const Extent& e : img_.unknown) cover(e);
   std::sort(covered.begin(), covered.end());
   AlignedBuffer buf(kStreamBuffer);
   i64 from = 0;

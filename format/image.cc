@@ -327,6 +327,10 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
         break;
       }
       case SectionKind::kRamRegion:
+        // A region has no checksum of its own: its chunks have theirs.
+        if (e.checksum != 0)
+          return damaged(path, "a RAM region's entry has a checksum, which must be 0",
+                         at(entry_pos));
         blocks[block].region = e;
         break;
       case SectionKind::kRamBitmap:
@@ -367,6 +371,7 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
         // minor version an unknown kind is damage.
         if (img.minor <= kFormatMinor)
           return damaged(path, fmt::format("unknown section kind {}", kind), at(entry_pos));
+        img.unknown.push_back(e);
     }
   }
   if (!have_vmstate || !have_metadata)
@@ -437,6 +442,7 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
     all.emplace_back(img.qemu, "QEMU migration section");
   }
   all.emplace_back(img.metadata, "metadata");
+  for (const Extent& e : img.unknown) all.emplace_back(e, "a section of a newer minor version");
   all.emplace_back(Extent{img.table.offset, static_cast<i64>(bytes.size())}, "section table");
   // Empty sections (no device state in raw mode) occupy nothing.
   std::erase_if(all, [](auto& a) { return a.first.length == 0; });

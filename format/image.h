@@ -211,6 +211,9 @@ struct ImageLayout {
   Extent vmstate;
   Codec vmstate_codec = Codec::kRaw;
   Extent qemu;  // the QEMU migration section; length 0 when absent
+  // Sections of kinds this reader does not know (a newer minor version):
+  // skipped, but they still must not overlap the others.
+  std::vector<Extent> unknown;
   Extent metadata;
   Extent table;
 

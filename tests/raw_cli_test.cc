@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/vmsave.h"
+#include "format/hash.h"
 #include "format/image.h"
 #include "io/fd.h"
 #include "tests/test_util.h"
@@ -299,6 +300,48 @@ TEST_CASE("raw: a byte outside every section (padding, gaps between regions) is 
     xor_byte(s.image, at, 0x5a);
   }
   CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+}
+
+TEST_CASE("raw: a section of a newer minor version is skipped, its bytes no damage") {
+  // "Newer minors only add section kinds": verify called such a section's
+  // bytes "a byte outside every section" (trial L).
+  require_shm();
+  SmallImage s;
+  ImageLayout img = layout_of(s.image);
+  const BlockLayout& b0 = img.blocks[0];
+  const i64 at = b0.region.offset + b0.region.length + 4096;  // in the gap before block 1
+  REQUIRE(at + 4096 <= img.blocks[1].region.offset);
+  const std::string future = "a section this vmsave does not know";
+  std::vector<u8> data(4096, 0);
+  std::memcpy(data.data(), future.data(), future.size());
+  std::vector<u8> table = read_bytes(s.image, img.table.offset, img.table.length);
+  SectionEntry e{};
+  e.kind = 10;
+  e.block = kNoBlock;
+  e.offset = at;
+  e.length = data.size();
+  e.checksum = xxh3(data.data(), data.size());
+  const u8* ep = reinterpret_cast<const u8*>(&e);
+  table.insert(table.end(), ep, ep + sizeof(e));
+  img.minor = kFormatMinor + 1;
+  img.table.length = table.size();
+  img.table.checksum = xxh3(table.data(), table.size());
+  img.file_size = std::max(img.file_size, img.table.offset + img.table.length);
+  std::vector<u8> header = encode_header(img);
+  {
+    UniqueFd fd(open(s.image.c_str(), O_WRONLY | O_CLOEXEC));
+    REQUIRE(fd);
+    REQUIRE(pwrite(fd.get(), data.data(), data.size(), at) == i64(data.size()));
+    REQUIRE(pwrite(fd.get(), table.data(), table.size(), img.table.offset) == i64(table.size()));
+    REQUIRE(pwrite(fd.get(), header.data(), header.size(), 0) == i64(header.size()));
+  }
+  CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+  TempDir out;
+  CHECK_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path()}), 0);
+  // Its bytes are its own, not a place for anything else.
+  xor_byte(s.image, at + 5000, 0x5a);
+  CHECK_FAILS(run_vmsave({"verify", s.image}), 3,
+              fmt::format("at offset {}: a byte outside every section is not zero", at + 5000));
 }
 
 TEST_CASE("raw: verify --json reports damage, and a zeroed header is an unfinished save") {
