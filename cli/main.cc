@@ -106,10 +106,12 @@ std::string percent(double share) {
   return fmt::format("{:.0f}", p);
 }
 
-int fail(Error e) {
+int fail(Error e, const std::string& cmd = "") {
   std::fflush(stdout);
   if (e.status == Exit::kDamaged && e.hint.empty())
-    e.hint = "use an intact copy of the image (vmsave verify names the first damaged place)";
+    e.hint = cmd == "verify" ? "use an intact copy of the image"
+                             : "use an intact copy of the image (vmsave verify names the first "
+                               "damaged place)";
   say(stderr, "vmsave: error: {}\n", e.message());
   return static_cast<int>(e.status);
 }
@@ -771,7 +773,7 @@ int main(int argc, char** argv) {
     if (c.json)
       print_failure_json(cmd, result.error().message(), result.error().status,
                          cmd == "info" || cmd == "verify" ? image : "");
-    return fail(result.error());
+    return fail(result.error(), cmd);
   }
   nlohmann::json& j = *result;
   try {
@@ -781,9 +783,9 @@ int main(int argc, char** argv) {
     } else if (cmd == "info") {
       print_info(j);
     } else if (cmd == "prepare") {
-      // The arguments to add, one per line, for wrappers and humans alike.
+      // The arguments to add, one per line, for wrappers and humans alike;
+      // the summary only once they are out (below).
       for (auto& a : j["qemu_args"]) say(stdout, "{}\n", a.get<std::string>());
-      if (!c.quiet) print_summary(cmd, j, c);
     } else if (!c.quiet) {
       print_summary(cmd, j, c);
     }
@@ -812,5 +814,8 @@ int main(int argc, char** argv) {
     say(stderr, "vmsave: warning: {} succeeded, but its report could not be written to standard "
                 "output: {}\n", cmd, why);
   }
+  // prepare's summary said the RAM was restored before its arguments failed
+  // to reach stdout, and the files were removed (trial K).
+  if (cmd == "prepare" && !c.json && !c.quiet) print_summary(cmd, j, c);
   return 0;
 }
