@@ -75,9 +75,18 @@ std::string snippet(std::string_view s) {
   return out;
 }
 
-Error another_client_error(const std::string& path, double timeout_s) {
-  return Error{fmt::format("QEMU did not greet on {} within {:g} s", path, timeout_s), "",
-               "another QMP client (libvirt, another vmsave?) is probably connected",
+// What a QEMU that does not answer is doing, if it is known: a stopped
+// process was blamed on another client or a busy main loop.
+std::optional<Error> stopped_error(const std::string& what, const std::string& path, pid_t pid) {
+  if (pid <= 0 || !process_stopped(pid)) return std::nullopt;
+  return Error{what, path, fmt::format("its process {} is stopped (SIGSTOP, or a debugger)", pid),
+               fmt::format("continue it (kill -CONT {}) and try again", pid)};
+}
+
+Error another_client_error(const std::string& path, double timeout_s, pid_t pid) {
+  std::string what = fmt::format("QEMU did not greet on {} within {:g} s", path, timeout_s);
+  if (auto e = stopped_error(what, "", pid)) return *e;
+  return Error{what, "", "another QMP client (libvirt, another vmsave?) is probably connected",
                "QMP serves one client at a time"};
 }
 
@@ -129,7 +138,7 @@ Result<QmpClient> QmpClient::connect(const std::string& path, double timeout_s) 
       // The listen backlog is full: QEMU stops accepting while its monitor
       // has a client, so queued connections pile up here.
       if (cancelled()) return interrupted_error();
-      if (Clock::now() >= deadline) return another_client_error(path, timeout_s);
+      if (Clock::now() >= deadline) return another_client_error(path, timeout_s, 0);
       std::this_thread::sleep_for(kConnectRetry);
       continue;
     }
@@ -164,7 +173,7 @@ Result<QmpClient> QmpClient::connect(const std::string& path, double timeout_s) 
                              c.peer_pid_)}
         .fix("start the VM again if it should run");
   VMSAVE_TRY(greeting);
-  if (!*greeting) return another_client_error(path, timeout_s);
+  if (!*greeting) return another_client_error(path, timeout_s, c.peer_pid_);
   if (!(*greeting)->contains("QMP") || !(**greeting)["QMP"].is_object()) {
     return c.protocol_error(dump(**greeting));
   }
@@ -319,6 +328,13 @@ Status QmpClient::send(const std::string& bytes, int fd, Deadline deadline) {
 Result<nlohmann::json> QmpClient::call(const std::string& cmd, const nlohmann::json& args, int fd,
                                        double timeout_s) {
   if (broken_) return *broken_;
+  // Stopped at the last command's timeout and still: clean-up commands
+  // fail at once instead of each waiting out its own.
+  if (stalled_) {
+    if (auto e = stopped_error(fmt::format("QEMU did not answer {}", cmd), path_, peer_pid_))
+      return *e;
+    stalled_ = false;
+  }
   auto deadline = deadline_in(timeout_s);
   // A fresh id per command: a reply that arrives after we gave up on its
   // command is recognised and dropped instead of answering the next one.
@@ -331,8 +347,12 @@ Result<nlohmann::json> QmpClient::call(const std::string& cmd, const nlohmann::j
     auto m = read_message(deadline);
     VMSAVE_TRY(m);
     if (!*m) {
-      return Error{fmt::format("QEMU did not answer {} within {:g} s", cmd, timeout_s), path_, "",
-                   "QEMU's main loop is busy or stuck; see its log"};
+      std::string what = fmt::format("QEMU did not answer {} within {:g} s", cmd, timeout_s);
+      if (auto e = stopped_error(what, path_, peer_pid_)) {
+        stalled_ = true;
+        return *e;
+      }
+      return Error{what, path_, "", "QEMU's main loop is busy or stuck; see its log"};
     }
     nlohmann::json& r = **m;
     if (r.contains("event")) {

@@ -138,6 +138,7 @@ class QmpClient {
   Error protocol_error(std::string_view got) const;
 
   UniqueFd fd_;
+  bool stalled_ = false;  // the last command timed out with QEMU stopped
   std::string path_;
   nlohmann::json greeting_;
   pid_t peer_pid_ = -1;

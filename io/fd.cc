@@ -2,6 +2,7 @@
 
 #include "io/fd.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -11,10 +12,12 @@
 #include <cerrno>
 #include <csetjmp>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <string_view>
 
 namespace vmsave {
 
@@ -71,6 +74,19 @@ bool process_exited(pid_t pid, int wait_ms) {
   if (!fd.valid()) return errno == ESRCH;
   pollfd p{fd.get(), POLLIN, 0};
   return ::poll(&p, 1, wait_ms) == 1;  // a signal meanwhile: not known to have
+}
+
+bool process_stopped(pid_t pid) {
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+  UniqueFd fd(::open(path, O_RDONLY | O_CLOEXEC));
+  char buf[512];
+  ssize_t n = fd.valid() ? ::read(fd.get(), buf, sizeof(buf) - 1) : -1;
+  if (n <= 0) return false;
+  std::string_view stat(buf, static_cast<size_t>(n));
+  size_t paren = stat.rfind(')');  // the command name may hold anything
+  return paren != std::string_view::npos && paren + 2 < stat.size() &&
+         (stat[paren + 2] == 'T' || stat[paren + 2] == 't');
 }
 
 bool store_guarded(const std::function<void()>& store) {

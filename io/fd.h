@@ -105,6 +105,10 @@ UniqueFd open_pidfd(pid_t pid);
 // up to `wait_ms` for it: a QEMU that is quitting closes its sockets first.
 bool process_exited(pid_t pid, int wait_ms = 0);
 
+// Whether process `pid` is stopped (SIGSTOP, a debugger): it answers
+// nothing until continued.
+bool process_stopped(pid_t pid);
+
 // Runs `store`, which writes into a shared file mapping, and returns false
 // if the kernel raised SIGBUS for it instead of letting that kill vmsave: a
 // page its filesystem has no room for (a full tmpfs, no huge page left) or

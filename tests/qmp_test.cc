@@ -9,12 +9,14 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
 #include <fmt/core.h>
 
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -360,6 +362,86 @@ TEST_CASE("qmp: a server that never greets times out with the one-client message
         fmt::format("QEMU did not greet on {} within 0.5 s: another QMP client (libvirt, "
                     "another vmsave?) is probably connected; QMP serves one client at a time",
                     server.path()));
+}
+
+namespace {
+
+// A QMP server in a child process that stops itself (SIGSTOP), before it
+// greets or once it has answered qmp_capabilities: SO_PEERCRED names the
+// process that listens, so it must be another one than the test's.
+pid_t stopping_server(const std::string& path, bool greet) {
+  const std::string hello = std::string(kGreeting) + "\r\n";
+  const std::string caps = "{\"return\": {}, \"id\": \"vmsave-1\"}\r\n";
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  REQUIRE(path.size() < sizeof(addr.sun_path));
+  memcpy(addr.sun_path, path.data(), path.size());
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {  // async-signal-safe calls only: the test has threads
+    int l = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    if (l < 0 || ::bind(l, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 ||
+        ::listen(l, 4) < 0)
+      _exit(1);
+    if (!greet) ::raise(SIGSTOP);
+    int c = ::accept(l, nullptr, nullptr);
+    if (c < 0 || ::write(c, hello.data(), hello.size()) < 0) _exit(1);
+    char ch;
+    while (::read(c, &ch, 1) == 1 && ch != '\n') {
+    }
+    if (::write(c, caps.data(), caps.size()) < 0) _exit(1);
+    ::raise(SIGSTOP);
+    _exit(0);
+  }
+  for (int i = 0; i < 500 && access(path.c_str(), F_OK) != 0; i++) usleep(10000);
+  return pid;
+}
+
+void kill_server(pid_t pid) {
+  ::kill(pid, SIGKILL);
+  int status;
+  ::waitpid(pid, &status, 0);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+TEST_CASE("qmp: a stopped QEMU is named as such, and commands after the first fail at once") {
+  // It was blamed on another client, or on a busy main loop, and each
+  // clean-up command then waited out its own timeout.
+  test::TempDir dir;
+  {
+    const std::string path = dir / "stopped-early.sock";
+    pid_t pid = stopping_server(path, false);
+    auto c = QmpClient::connect(path, 0.5);
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.error().message() ==
+          fmt::format("QEMU did not greet on {} within 0.5 s: its process {} is stopped (SIGSTOP, "
+                      "or a debugger); continue it (kill -CONT {}) and try again",
+                      path, pid, pid));
+    kill_server(pid);
+  }
+  const std::string path = dir / "stopped.sock";
+  pid_t pid = stopping_server(path, true);
+  QmpClient c = connect_ok(path);
+  auto r = c.execute("query-status", nullptr, 0.5);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().message() ==
+        fmt::format("QEMU did not answer query-status within 0.5 s ({}): its process {} is "
+                    "stopped (SIGSTOP, or a debugger); continue it (kill -CONT {}) and try again",
+                    path, pid, pid));
+  auto t0 = std::chrono::steady_clock::now();
+  r = c.execute("cont", nullptr, 5);
+  REQUIRE_FALSE(r.ok());
+  CHECK(seconds_since(t0) < 1);
+  CHECK(r.error().message() ==
+        fmt::format("QEMU did not answer cont ({}): its process {} is stopped (SIGSTOP, or a "
+                    "debugger); continue it (kill -CONT {}) and try again",
+                    path, pid, pid));
+  kill_server(pid);
 }
 
 TEST_CASE("qmp: a peer that hangs up gives a clear error, every time") {
