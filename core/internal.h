@@ -31,6 +31,10 @@ i64 file_page_size(int fd);
 // with such an id is damaged, format/image.cc).
 bool is_file_name_id(const std::string& id);
 
+// Warns a restore that bytes follow the image's end (verify calls the
+// image damaged; restores ignore them) rather than take it without a word.
+void warn_bytes_past_end(const ImageReader& img, Reporter& rep);
+
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid);
 

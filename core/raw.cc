@@ -54,6 +54,15 @@ i64 free_huge_pages(i64 page_size) {
   return free < 0 || resv < 0 ? -1 : std::max<i64>(free - resv, 0);
 }
 
+void warn_bytes_past_end(const ImageReader& img, Reporter& rep) {
+  struct stat st;
+  if (fstat(img.fd(), &st) == 0 && st.st_size > img.layout().file_size)
+    rep.warn(
+        fmt::format("{} bytes follow the end of image {} (vmsave verify calls it damaged); "
+                    "the restore ignores them",
+                    st.st_size - img.layout().file_size, img.path()));
+}
+
 std::string hostname() {
   char buf[256] = {};
   gethostname(buf, sizeof(buf) - 1);
@@ -540,6 +549,7 @@ Result<nlohmann::json> restore_raw(const RestoreOptions& opts, Reporter& rep) {
   const ImageReader& img = **r;
   // Raw mode needs no metadata, but a damaged image is refused whole.
   if (auto meta = img.metadata(); !meta.ok()) return meta.error();
+  warn_bytes_past_end(img, rep);
   if (img.layout().has_qemu_section())
     return Error{"cannot restore this image into RAM files", opts.image,
                  "its RAM was saved by QEMU's mapped-ram migration, which only QEMU can load"}

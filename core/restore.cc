@@ -395,6 +395,7 @@ Result<OpenedImage> open_image(const std::string& path, Reporter& rep) {
   if (!r.ok()) return r.error();
   auto meta = (*r)->metadata();
   if (!meta.ok()) return meta.error();
+  warn_bytes_past_end(**r, rep);
   return OpenedImage{std::move(*r), std::move(*meta)};
 }
 
