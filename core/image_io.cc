@@ -1594,6 +1594,31 @@ std::string metadata_type_error(const nlohmann::json& m) {
   return "";
 }
 
+// Where the metadata's blocks disagree with the section table: info showed
+// what the metadata said, and verify called the image intact (trial L).
+std::string metadata_layout_error(const nlohmann::json& m, const ImageLayout& img) {
+  auto blocks = m.find("blocks");
+  if (blocks == m.end()) return "";
+  if (!blocks->is_array() || blocks->size() != img.blocks.size())
+    return fmt::format("metadata lists other RAM blocks than the section table's {}",
+                       img.blocks.size());
+  for (size_t i = 0; i < img.blocks.size(); i++) {
+    const nlohmann::json& mb = (*blocks)[i];
+    const BlockLayout& b = img.blocks[i];
+    if (!mb.is_object()) return fmt::format("metadata's block {} is not an object", i);
+    auto differs = [&](const char* key, const nlohmann::json& want) {
+      auto it = mb.find(key);
+      return it != mb.end() && *it != want;
+    };
+    if (differs("id", b.id) || differs("size", b.size) || differs("page_size", b.page_size))
+      return fmt::format(
+          "metadata's block {} ({}) disagrees with its record ({}, {} bytes, "
+          "pages of {})",
+          i, mb.value("id", nlohmann::json("?")).dump(), b.id, b.size, b.page_size);
+  }
+  return "";
+}
+
 }  // namespace
 
 Result<nlohmann::json> ImageReader::metadata() const {
@@ -1616,6 +1641,8 @@ Result<nlohmann::json> ImageReader::metadata() const {
     return damaged(path(), fmt::format("metadata is nested deeper than {} levels", kMaxDepth),
                    img_.metadata.offset);
   if (std::string why = metadata_type_error(j); !why.empty())
+    return damaged(path(), why, img_.metadata.offset);
+  if (std::string why = metadata_layout_error(j, img_); !why.empty())
     return damaged(path(), why, img_.metadata.offset);
   return j;
 }

@@ -517,6 +517,49 @@ TEST_CASE("compress: a device state of another size than QEMU sent is damage") {
   }
 }
 
+TEST_CASE("compress: metadata whose blocks disagree with the section table is damage") {
+  // info showed the metadata's size for a block, and verify called it intact.
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", kMiB, "mixed", 9);
+  const nlohmann::json right = {{"id", "ram"}, {"size", kMiB}, {"page_size", kPage}};
+  struct Case {
+    nlohmann::json blocks;
+    std::string says;
+  };
+  for (const Case& c :
+       {Case{{right}, ""},
+        Case{{{{"id", "ram"}, {"size", kMiB + kPage}}},
+             "metadata's block 0 (\"ram\") disagrees with its record (ram, 1048576 bytes, "
+             "pages of 4096)"},
+        Case{{{{"id", "other"}, {"size", kMiB}}}, "metadata's block 0 (\"other\") disagrees"},
+        Case{{right, right}, "metadata lists other RAM blocks than the section table's 1"}}) {
+    CAPTURE(c.blocks.dump());
+    std::string image = disk / "image.vmsave";
+    ::unlink(image.c_str());
+    UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
+    REQUIRE(fd);
+    BlockLayout b;
+    b.id = "ram";
+    b.size = kMiB;
+    b.page_size = kPage;
+    auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
+    REQUIRE(w.ok());
+    RamStats st;
+    REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
+                            EngineConfig{2, 8}, nullptr, &st)
+                .ok());
+    REQUIRE((*w)->commit({{"mode", "raw"}, {"blocks", c.blocks}}).ok());
+    for (const char* cmd : {"verify", "info"}) {
+      RunResult r = run_vmsave({cmd, image});
+      if (c.says.empty())
+        CHECK_RUN(r, 0);
+      else
+        check_fails(r, 3, c.says);
+    }
+  }
+}
+
 TEST_CASE("compress: --lazy on a compressed image is refused before anything starts") {
   require_shm();
   CompressedImage s;
