@@ -26,7 +26,8 @@ Result<nlohmann::json> info(const std::string& image) {
     if (b.via_qemu()) {
       // Its pages are somewhere in QEMU's section; QEMU's own format says
       // where, vmsave's does not.
-      blocks.push_back({{"id", b.id}, {"size", b.size}, {"saved_by", "qemu"}});
+      blocks.push_back(
+          {{"id", b.id}, {"size", b.size}, {"page_size", b.page_size}, {"saved_by", "qemu"}});
       continue;
     }
     i64 data = b.data_pages * b.page_size;

@@ -778,6 +778,7 @@ json check_saved_by_qemu(const std::string& image, const std::vector<std::string
   for (auto& b : j["blocks"]) {
     ids.push_back(b.value("id", ""));
     CHECK_MESSAGE(b.value("saved_by", "") == "qemu", b.dump());
+    CHECK_MESSAGE(b.value("page_size", 0) == 4096, b.dump());  // it had none (trial L)
   }
   std::sort(ids.begin(), ids.end());
   CHECK_MESSAGE(ids == want_ids, joined(ids));
