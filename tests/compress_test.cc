@@ -418,32 +418,12 @@ TEST_CASE("compress: the device state streams through zstd and is checked") {
   TempDir shm("/dev/shm"), disk;
   test::write_pattern_file(shm / "ram", kMiB, "mixed", 9);
   std::string image = disk / "image.vmsave";
-  // Device state: 3 MiB of text with some random, fed in odd pieces.
+  // Device state: 3 MiB of text with some random (fed in odd pieces).
   std::string vm_src = shm / "vmstate";
   test::write_pattern_file(vm_src, 3 * kMiB + 123, "mixed", 10);
   std::string vm = test::read_file(vm_src);
-  {
-    UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
-    REQUIRE(fd);
-    BlockLayout b;
-    b.id = "ram";
-    b.size = kMiB;
-    b.page_size = kPage;
-    auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
-    REQUIRE(w.ok());
-    REQUIRE((*w)->set_compression(*parse_codec_spec("lz4")).ok());
-    RamStats st;
-    REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
-                            EngineConfig{2, 8}, nullptr, &st)
-                .ok());
-    CHECK(st.compressed);
-    for (size_t off = 0; off < vm.size(); off += 100003)
-      REQUIRE((*w)->append_vmstate(reinterpret_cast<const u8*>(vm.data()) + off,
-                                   std::min<size_t>(100003, vm.size() - off))
-                  .ok());
-    CHECK((*w)->vmstate_bytes() == static_cast<i64>(vm.size()));
-    REQUIRE((*w)->commit({{"mode", "raw"}}).ok());
-  }
+  test::write_image_of(image, shm / "ram", "lz4", vm,
+                       {{"mode", "qemu"}, {"vmstate_bytes", vm.size()}});
   ImageLayout img = layout_of(image);
   CHECK(img.vmstate_codec == Codec::kZstd);
   CHECK(img.vmstate.length < static_cast<i64>(vm.size()));
@@ -483,23 +463,9 @@ TEST_CASE("compress: a device state of another size than QEMU sent is damage") {
     for (i64 said : {i64(vm.size()), i64(vm.size()) - 1000, i64(vm.size()) + 1}) {
       CAPTURE(std::string(codec));
       CAPTURE(said);
-      std::string image = disk / "image.vmsave";
-      ::unlink(image.c_str());
-      UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
-      REQUIRE(fd);
-      BlockLayout b;
-      b.id = "ram";
-      b.size = kMiB;
-      b.page_size = kPage;
-      auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
-      REQUIRE(w.ok());
-      if (*codec) REQUIRE((*w)->set_compression(*parse_codec_spec(codec)).ok());
-      RamStats st;
-      REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
-                              EngineConfig{2, 8}, nullptr, &st)
-                  .ok());
-      REQUIRE((*w)->append_vmstate(reinterpret_cast<const u8*>(vm.data()), vm.size()).ok());
-      REQUIRE((*w)->commit({{"mode", "qemu"}, {"vmstate_bytes", said}}).ok());
+      const std::string image = disk / "image.vmsave";
+      test::write_image_of(image, shm / "ram", codec, vm,
+                           {{"mode", "qemu"}, {"vmstate_bytes", said}});
       RunResult r = run_vmsave({"verify", image});
       if (said == i64(vm.size())) {
         CHECK_RUN(r, 0);
@@ -535,21 +501,8 @@ TEST_CASE("compress: metadata whose blocks disagree with the section table is da
         Case{{{{"id", "other"}, {"size", kMiB}}}, "metadata's block 0 (\"other\") disagrees"},
         Case{{right, right}, "metadata lists other RAM blocks than the section table's 1"}}) {
     CAPTURE(c.blocks.dump());
-    std::string image = disk / "image.vmsave";
-    ::unlink(image.c_str());
-    UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
-    REQUIRE(fd);
-    BlockLayout b;
-    b.id = "ram";
-    b.size = kMiB;
-    b.page_size = kPage;
-    auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
-    REQUIRE(w.ok());
-    RamStats st;
-    REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
-                            EngineConfig{2, 8}, nullptr, &st)
-                .ok());
-    REQUIRE((*w)->commit({{"mode", "raw"}, {"blocks", c.blocks}}).ok());
+    const std::string image = disk / "image.vmsave";
+    test::write_image_of(image, shm / "ram", "", "", {{"mode", "raw"}, {"blocks", c.blocks}});
     for (const char* cmd : {"verify", "info"}) {
       RunResult r = run_vmsave({cmd, image});
       if (c.says.empty())

@@ -579,24 +579,9 @@ TEST_CASE(
   for (auto& [extra, why] : cases) {
     CAPTURE(why);
     const std::string image = disk / "image.vmsave";
-    std::filesystem::remove(image);
-    {
-      UniqueFd fd(open((shm / "ram").c_str(), O_RDONLY | O_CLOEXEC));
-      REQUIRE(fd);
-      BlockLayout b;
-      b.id = "ram";
-      b.size = kMiB;
-      b.page_size = kPage;
-      auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
-      REQUIRE(w.ok());
-      RamStats st;
-      REQUIRE((*w)->write_ram({RamSource{"ram", shm / "ram", fd.get(), 0, kMiB, kPage}},
-                              EngineConfig{1, 4}, nullptr, &st)
-                  .ok());
-      nlohmann::json meta = {{"mode", "raw"}};
-      meta.update(extra);
-      REQUIRE((*w)->commit(meta).ok());
-    }
+    nlohmann::json meta = {{"mode", "raw"}};
+    meta.update(extra);
+    test::write_image_of(image, shm / "ram", "", "", meta);
     const std::string out = shm / "out";
     std::filesystem::create_directory(out);
     for (std::vector<std::string> args : {std::vector<std::string>{"verify", image},

@@ -25,6 +25,10 @@
 #include <filesystem>
 #include <map>
 
+#include "core/image_io.h"
+#include "format/codec.h"
+#include "io/fd.h"
+
 extern char** environ;
 
 namespace vmsave::test {
@@ -230,6 +234,31 @@ RunResult run_program(const std::vector<std::string>& argv, double timeout_s,
     res.err += "\ntest_util: killed after " + std::to_string(timeout_s) + " s timeout\n";
   }
   return res;
+}
+
+void write_image_of(const std::string& image, const std::string& ram, const std::string& codec,
+                    const std::string& vmstate, const nlohmann::json& meta) {
+  std::filesystem::remove(image);
+  UniqueFd fd(open(ram.c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(fd);
+  BlockLayout b;
+  b.id = "ram";
+  b.size = kMiB;
+  b.page_size = kPage;
+  auto w = ImageWriter::create(image, false, {b}, kDefaultChunkSize, nullptr);
+  REQUIRE_MESSAGE(w.ok(), w.error().message());
+  if (!codec.empty()) REQUIRE((*w)->set_compression(*parse_codec_spec(codec)).ok());
+  RamStats st;
+  REQUIRE((*w)->write_ram({RamSource{"ram", ram, fd.get(), 0, kMiB, kPage}}, EngineConfig{2, 8},
+                          nullptr, &st)
+              .ok());
+  CHECK(st.compressed == !codec.empty());
+  // In odd pieces, as a pipe delivers them.
+  for (size_t off = 0; off < vmstate.size(); off += 100003)
+    REQUIRE((*w)->append_vmstate(reinterpret_cast<const u8*>(vmstate.data()) + off,
+                                 std::min<size_t>(100003, vmstate.size() - off))
+                .ok());
+  REQUIRE((*w)->commit(meta).ok());
 }
 
 void write_pattern_file(const std::string& path, i64 len, const std::string& kind, u64 seed) {

@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <string>
 #include <vector>
 
@@ -88,6 +90,13 @@ void write_pattern_file(const std::string& path, i64 len, const std::string& kin
 // named by $VMSAVE_FIGURES, when set: scripts/reliability-report collects
 // what the tests counted and measured into docs/reliability.md.
 void record_figure(const std::string& name, double value);
+
+// Writes an image of the 1 MiB memory file `ram` (one block "ram", 4 KiB
+// pages) at `image` through ImageWriter, compressed with `codec` unless it
+// is empty, with `vmstate` as its device state and `meta` as its metadata:
+// every checksum valid, whatever the metadata claims.
+void write_image_of(const std::string& image, const std::string& ram, const std::string& codec,
+                    const std::string& vmstate, const nlohmann::json& meta);
 
 bool files_equal(const std::string& a, const std::string& b, std::string* why = nullptr);
 i64 file_size(const std::string& path);
