@@ -535,7 +535,11 @@ Status ImageWriter::set_compression(const CodecSpec& spec) {
       return Error{"cannot compress", target_,
                    fmt::format("block {} has {} chunks; compressed chunks are at most {}", b.id,
                                human_bytes(b.chunk_size), human_bytes(kMaxCompressedChunkSize))}
-          .fix("use a smaller --chunk-size, or save without --compress")
+          // A chunk is at least a page: no --chunk-size helps 1 GiB pages.
+          .fix(b.page_size > kMaxCompressedChunkSize
+                   ? fmt::format("its pages are {}: save it without --compress",
+                                 human_bytes(b.page_size))
+                   : "use a smaller --chunk-size, or save without --compress")
           .as(Exit::kUsage);
   compress_ = spec;
   img_.flags |= kFlagCompressed;

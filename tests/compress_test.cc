@@ -483,6 +483,29 @@ TEST_CASE("compress: a device state of another size than QEMU sent is damage") {
   }
 }
 
+TEST_CASE("compress: chunks over 4 MiB are refused with a fix that can work") {
+  // On 1 GiB pages it said to use a smaller --chunk-size, which a chunk of
+  // at least a page cannot be (trial M).
+  TempDir disk;
+  for (i64 page : {i64(kPage), i64(kGiB)}) {
+    CAPTURE(page);
+    BlockLayout b;
+    b.id = "ram";
+    b.size = kGiB;
+    b.page_size = page;
+    auto w = ImageWriter::create(disk / "image.vmsave", true, {b}, kGiB, nullptr);
+    REQUIRE_MESSAGE(w.ok(), w.error().message());
+    Status st = (*w)->set_compression(*parse_codec_spec("lz4"));
+    REQUIRE_FALSE(st.ok());
+    CHECK(st.error().status == Exit::kUsage);
+    CHECK_MESSAGE(
+        st.error().hint == (page == kGiB ? "its pages are 1.0 GiB: save it without --compress"
+                                         : "use a smaller --chunk-size, or save without "
+                                           "--compress"),
+        st.error().message());
+  }
+}
+
 TEST_CASE("compress: metadata whose blocks disagree with the section table is damage") {
   // info showed the metadata's size for a block, and verify called it intact.
   require_shm();
