@@ -854,6 +854,31 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
       raw_bytes += end - off;
     }
     if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
+    // A huge page holds data if one byte does, but its zero 4 KiB blocks
+    // stay holes all the same (read back as zeros): a guest on 1 GiB pages
+    // stored 2 GiB for 169 MiB of data (trial M).
+    // Only the source's data extents are looked at: reading a tmpfs hole
+    // through the mapping would allocate it.
+    if (page > kDirectAlign) {
+      std::vector<std::pair<i64, i64>> blocks;
+      raw_bytes = 0;
+      i64 scanned = 0;  // chunk-relative: extents rounded out may meet
+      for (auto [s, e] : runs)
+        for (const auto& [xa, xz] : data) {
+          i64 a = std::max({s, align_down(xa - start, kDirectAlign), scanned});
+          i64 z = std::min(e, align_up(xz - start, kDirectAlign));
+          for (i64 o = a; o < z; o += kDirectAlign) {
+            if (is_zero(base + o, std::min(kDirectAlign, len - o))) continue;
+            if (!blocks.empty() && blocks.back().second == o)
+              blocks.back().second = o + kDirectAlign;
+            else
+              blocks.emplace_back(o, o + kDirectAlign);
+            raw_bytes += kDirectAlign;
+          }
+          scanned = std::max(scanned, z);
+        }
+      runs = std::move(blocks);
+    }
 
     // Compressed: only when it saves at least one 4 KiB block over the raw
     // pages, so the output buffer's capacity is that and no more.
@@ -917,7 +942,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     // Zero pages between runs closer than min_hole_ go out as zeros with
     // them, in the same request (gathered below where the source has holes
     // among them).
-    const bool join = min_hole_ > page;
+    const bool join = min_hole_ > std::min(page, kDirectAlign);
     if (join) filled.fetch_add(coalesce(runs, min_hole_), std::memory_order_relaxed);
     if (track_unwritten) {  // what the runs leave out of the chunk
       const i64 at = b.region.offset + start;
