@@ -105,7 +105,11 @@ i64 coalesce(std::vector<std::pair<i64, i64>>& runs, i64 min_hole) {
 bool is_zero(const u8* p, i64 n) {
   // Random pages fail on the first word; zero pages are read once at
   // memory bandwidth. Eight words per step lets the compiler vectorize;
-  // the bytes after the last whole step (a partial last page) one by one.
+  // the bytes after the last whole step (a partial last page) one by one,
+  // and those before the first whole word (the tail of a block's last
+  // page starts anywhere).
+  for (; n > 0 && reinterpret_cast<uintptr_t>(p) % 8; p++, n--)
+    if (*p) return false;
   const u64* w = reinterpret_cast<const u64*>(p);
   if (n >= 8 && w[0]) return false;
   const i64 words = n / 64 * 8;
