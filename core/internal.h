@@ -26,11 +26,6 @@ namespace vmsave {
 // hugetlbfs, the system page size elsewhere.
 i64 file_page_size(int fd);
 
-// A RAM block id is used as a file name under --ram-dir: refuse anything
-// that could escape the directory (save --ram: a usage error; an image
-// with such an id is damaged, format/image.cc).
-bool is_file_name_id(const std::string& id);
-
 // Warns a restore that bytes follow the image's end (verify calls the
 // image damaged; restores ignore them) rather than take it without a word.
 void warn_bytes_past_end(const ImageReader& img, Reporter& rep);

@@ -189,12 +189,8 @@ std::vector<MapsEntry> read_maps(pid_t pid) {
 
 // Whether `pid` runs: it exists and is neither a zombie nor dead.
 bool process_alive(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/stat", pid));
-  std::string stat;
-  if (!std::getline(in, stat)) return false;
-  size_t paren = stat.rfind(')');  // the command name may hold anything
-  char state = paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
-  return state != 'Z' && state != 'X';
+  char state = process_state(pid);
+  return state != '?' && state != 'Z' && state != 'X';
 }
 
 ExitWatch::ExitWatch(pid_t pid, std::function<Error()> gone) : pidfd_(open_pidfd(pid)) {

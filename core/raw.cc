@@ -69,11 +69,6 @@ std::string hostname() {
   return buf;
 }
 
-bool is_file_name_id(const std::string& id) {
-  return !id.empty() && id.size() <= kMaxBlockIdLength && id != "." && id != ".." &&
-         id.find('/') == std::string::npos;
-}
-
 nlohmann::json base_metadata(const std::string& mode, const std::string& description) {
   auto now = std::chrono::system_clock::now();
   std::time_t t = std::chrono::system_clock::to_time_t(now);

@@ -301,8 +301,7 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
         auto control = [](unsigned char c) { return c < 0x20 || c == 0x7f; };
         if (std::any_of(b.id.begin(), b.id.end(), control))
           return damaged(path, "a block id holds control characters", at(entry_pos));
-        // And a file under --ram-dir: nothing that leaves it.
-        if (b.id == "." || b.id == ".." || b.id.find('/') != std::string::npos)
+        if (!is_file_name_id(b.id))
           return damaged(path, fmt::format("block id \"{}\" cannot be a file name", b.id),
                          at(entry_pos));
         b.size = static_cast<i64>(std::min<u64>(r.size, kMaxBlockSize + 1));

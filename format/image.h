@@ -254,6 +254,14 @@ u64 checksum(std::span<const u8> bytes);
 // XXH3-64 of `len` zero bytes: the checksum of a chunk that is all holes.
 u64 zero_checksum(i64 len);
 
+// A block id names a file under --ram-dir: nothing that could leave that
+// directory. save --ram refuses others as a usage error; an image holding
+// one is damaged.
+inline bool is_file_name_id(const std::string& id) {
+  return !id.empty() && id.size() <= kMaxBlockIdLength && id != "." && id != ".." &&
+         id.find('/') == std::string::npos;
+}
+
 inline bool bitmap_test(const u8* bitmap, i64 i) { return bitmap[i / 8] & (1u << (i % 8)); }
 inline void bitmap_set(u8* bitmap, i64 i) { bitmap[i / 8] |= static_cast<u8>(1u << (i % 8)); }
 

@@ -76,17 +76,16 @@ bool process_exited(pid_t pid, int wait_ms) {
   return ::poll(&p, 1, wait_ms) == 1;  // a signal meanwhile: not known to have
 }
 
-bool process_stopped(pid_t pid) {
+char process_state(pid_t pid) {
   char path[64];
   std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
   UniqueFd fd(::open(path, O_RDONLY | O_CLOEXEC));
   char buf[512];
   ssize_t n = fd.valid() ? ::read(fd.get(), buf, sizeof(buf) - 1) : -1;
-  if (n <= 0) return false;
+  if (n <= 0) return '?';
   std::string_view stat(buf, static_cast<size_t>(n));
   size_t paren = stat.rfind(')');  // the command name may hold anything
-  return paren != std::string_view::npos && paren + 2 < stat.size() &&
-         (stat[paren + 2] == 'T' || stat[paren + 2] == 't');
+  return paren != std::string_view::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
 }
 
 bool store_guarded(const std::function<void()>& store) {

@@ -105,9 +105,16 @@ UniqueFd open_pidfd(pid_t pid);
 // up to `wait_ms` for it: a QEMU that is quitting closes its sockets first.
 bool process_exited(pid_t pid, int wait_ms = 0);
 
+// The state letter /proc/PID/stat gives process `pid` ('R', 'S', 'T' for
+// stopped, 'Z' for a zombie...), or '?' when there is no such process.
+char process_state(pid_t pid);
+
 // Whether process `pid` is stopped (SIGSTOP, a debugger): it answers
 // nothing until continued.
-bool process_stopped(pid_t pid);
+inline bool process_stopped(pid_t pid) {
+  char s = process_state(pid);
+  return s == 'T' || s == 't';
+}
 
 // Runs `store`, which writes into a shared file mapping, and returns false
 // if the kernel raised SIGBUS for it instead of letting that kill vmsave: a
