@@ -697,6 +697,8 @@ int main(int argc, char** argv) {
   if (restore_paused) restore.running = false;
 
   TerminalReporter rep(c.quiet || c.json, c.progress_fd);
+  engine.warn = [&rep](const std::string& m) { rep.warn(m); };  // io_uring refused
+  save.engine.warn = restore.engine.warn = engine.warn;
   std::string cmd;
   Result<nlohmann::json> result = Error{"no command"};
   // See unexpected_json().

@@ -1236,6 +1236,7 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
         while (wk.free.empty()) VMSAVE_TRY(q.reap_some());
         slot = wk.free.back();
         wk.free.pop_back();
+        wk.pending[slot] = 1;  // held until its writes are all submitted
         std::memcpy(wk.buffers[slot].data(), mem + off, plen);
         src = wk.buffers[slot].data();
       }
@@ -1294,8 +1295,9 @@ Status ImageWriter::live_pass(const std::vector<RamSource>& sources, const Engin
         }
       }
       if (run_start >= 0) VMSAVE_TRY(flush_run());
-      // Writes from the zero block need no slot; a slot nobody used is free.
-      if (slot >= 0 && wk.pending[slot] == 0) wk.free.push_back(slot);
+      // Writes from the zero block need no slot; a slot is free once its
+      // writes are done, which may be now (or before: a synchronous queue).
+      if (slot >= 0 && --wk.pending[slot] == 0) wk.free.push_back(slot);
     }
     // A huge page holds data if any of its pieces does (a chunk holds
     // whole pages, so they were all seen here).

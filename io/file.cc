@@ -103,14 +103,24 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
 
   // Each worker creates its own ring: with IORING_SETUP_SINGLE_ISSUER the
   // ring belongs to the thread that set it up. Worker 0 is this thread and
-  // creates its ring first, so a host without io_uring fails before any
-  // other thread starts.
+  // creates its ring first: where the kernel refuses one (Docker's default
+  // seccomp profile does) every worker transfers synchronously, each with
+  // one request at a time, which a disk feels but a tmpfs hardly does.
   std::vector<std::unique_ptr<IoQueue>> queues(jobs);
   {
-    auto q = IoQueue::create(cfg.queue_depth);
+    std::string why_not;
+    auto q = IoQueue::create(cfg.queue_depth, &why_not);
     if (!q.ok()) return q.error();
     queues[0] = std::move(*q);
+    static std::atomic<bool> told{false};
+    if (queues[0]->is_synchronous() && cfg.warn && !told.exchange(true))
+      cfg.warn(
+          fmt::format("io_uring is unavailable ({}): reading and writing with "
+                      "pread/pwrite instead, one request per worker at a time, "
+                      "which is slower on a disk",
+                      why_not));
   }
+  const bool synchronous = queues[0]->is_synchronous();
 
   std::atomic<i64> next{0};
   std::atomic<bool> stop{false};
@@ -118,6 +128,7 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
   std::vector<std::thread> threads;
 
   auto worker = [&](int w) {
+    if (!queues[w] && synchronous) queues[w] = IoQueue::synchronous();
     if (!queues[w]) {
       auto q = IoQueue::create(cfg.queue_depth);
       if (!q.ok()) {

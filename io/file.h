@@ -47,6 +47,9 @@ Status pread_all(int fd, void* buf, size_t len, i64 offset, const std::string& p
 struct EngineConfig {
   int jobs = 0;          // worker threads; 0 = default_jobs()
   u32 queue_depth = 32;  // requests in flight per worker (fio's usual 32)
+  // Told, once per process, when io_uring is unavailable and the workers
+  // read and write synchronously instead.
+  std::function<void(const std::string&)> warn;
 };
 
 int default_jobs();

@@ -57,7 +57,7 @@ const FaultPlan& FaultPlan::get() {
 
 static std::atomic<i64> g_requests{0};
 
-Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth) {
+Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth, std::string* why_not_ring) {
   std::unique_ptr<IoQueue> q(new IoQueue());
   io_uring_params p{};
   p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
@@ -67,12 +67,19 @@ Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth) {
     p = {};
     ret = io_uring_queue_init_params(depth, &q->ring_, &p);
   }
+  const bool no_fds = ret == -EMFILE || ret == -ENFILE;
+  if (ret < 0 && why_not_ring && !no_fds) {
+    *why_not_ring = fmt::format("io_uring_setup: {}{}", std::strerror(-ret),
+                                ret == -EPERM || ret == -ENOSYS
+                                    ? " (a seccomp profile or sysctl kernel.io_uring_disabled)"
+                                    : "");
+    return synchronous();
+  }
   if (ret < 0) {
     return Error{"cannot set up io_uring", "", std::strerror(-ret)}.fix(
         ret == -EPERM || ret == -ENOSYS
             ? "io_uring is disabled on this host (sysctl kernel.io_uring_disabled=0 enables it)"
-        : ret == -EMFILE || ret == -ENFILE
-            ? "raise the open file limit (ulimit -n), or use fewer --jobs"
+        : no_fds ? "raise the open file limit (ulimit -n), or use fewer --jobs"
         : ret == -ENOMEM
             ? "raise the locked memory limit (ulimit -l), or use a smaller --queue-depth"
             : "");
@@ -81,6 +88,10 @@ Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth) {
   q->slots_.resize(depth);
   for (u32 i = 0; i < depth; i++) q->free_.push_back(depth - 1 - i);
   return q;
+}
+
+std::unique_ptr<IoQueue> IoQueue::synchronous() {
+  return std::unique_ptr<IoQueue>(new IoQueue());
 }
 
 IoQueue::~IoQueue() {
@@ -109,7 +120,7 @@ bool IoQueue::register_memory(std::span<const std::pair<u8*, i64>> ranges) {
       iov.push_back({base + off, static_cast<size_t>(n)});
       fixed.push_back({base + off, n});
     }
-  if (iov.empty() || !fixed_.empty()) return false;
+  if (iov.empty() || !fixed_.empty() || !ring_ok_) return false;
   if (io_uring_register_buffers(&ring_, iov.data(), static_cast<unsigned>(iov.size())) < 0) return false;
   fixed_ = std::move(fixed);
   return true;
@@ -172,7 +183,8 @@ Status IoQueue::submit(const IoRequest& req) {
     waiting_.push_back(req);
     return write_waiting(waiting_.size() >= kMaxWaiting);
   }
-  if (!faulty && !req.write && req.fd == inline_read_fd_) {
+  if (!ring_ok_ && faulty && fault.err) return first_error_ = transfer_error(req, 0, fault.err);
+  if (!ring_ok_ || (!faulty && !req.write && req.fd == inline_read_fd_)) {
     if (Status st = transfer_now(req); !st.ok()) return first_error_ = st;
     Status st = on_done_ ? on_done_(req) : Status();
     if (!st.ok() && first_error_.ok()) first_error_ = st;

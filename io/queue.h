@@ -8,6 +8,12 @@
 // Nothing returns while requests are in flight: drain() waits for all of
 // them, and the destructor drains too, so no error path leaves the kernel
 // writing into memory that is about to be freed or unmapped.
+//
+// Where io_uring is unavailable (a container's seccomp profile, sysctl
+// kernel.io_uring_disabled) a queue is synchronous instead: submit() makes
+// the transfer with pread/pwrite and runs the callback before it returns,
+// so callers must count a request as pending before they submit it, as
+// they must anyway for a completion reaped while submit() waits for a slot.
 
 #pragma once
 
@@ -71,7 +77,13 @@ class IoQueue {
   // Called with the request's tag once it has fully completed.
   using OnDone = std::function<Status(const IoRequest&)>;
 
-  static Result<std::unique_ptr<IoQueue>> create(u32 depth);
+  // A ring of `depth` entries. `why_not_ring`, when given, makes io_uring
+  // optional: if the kernel refuses a ring (not for lack of descriptors)
+  // the queue is synchronous and the reason is put there.
+  static Result<std::unique_ptr<IoQueue>> create(u32 depth, std::string* why_not_ring = nullptr);
+  // A synchronous queue, without trying io_uring.
+  static std::unique_ptr<IoQueue> synchronous();
+  bool is_synchronous() const { return !ring_ok_; }
   ~IoQueue();
   IoQueue(const IoQueue&) = delete;
 

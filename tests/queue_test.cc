@@ -211,3 +211,50 @@ TEST_CASE("queue: inline reads complete within submit, and a read past the end f
   CHECK(done.size() == 2);
   CHECK_FALSE(q.drain().ok());
 }
+
+TEST_CASE("queue: a synchronous queue (no io_uring) completes each request within submit") {
+  TempDir dir;
+  auto f = open_direct(dir / "data", O_RDWR | O_CREAT | O_EXCL, 0600, true);
+  REQUIRE(f.ok());
+  const int fd = f->fd.get();
+  // Here the kernel gives a ring; where it refuses one the caller gets this.
+  std::string why_not;
+  auto ring = IoQueue::create(8, &why_not);
+  REQUIRE(ring.ok());
+  CHECK_FALSE((*ring)->is_synchronous());
+  CHECK(why_not.empty());
+
+  std::unique_ptr<IoQueue> q = IoQueue::synchronous();
+  CHECK(q->is_synchronous());
+  constexpr i64 kLen = 512 * kKiB;
+  AlignedBuffer a(kLen), back(kLen);
+  fill(a.data(), kLen, 4);
+  std::pair<u8*, i64> ranges[] = {{a.data(), kLen}};
+  CHECK_FALSE(q->register_memory(ranges));  // no ring to register with
+  std::vector<u64> done;
+  q->set_on_done([&](const IoRequest& r) {
+    done.push_back(r.tag);
+    return Status();
+  });
+  REQUIRE(q->submit({fd, a.data(), kLen / 2, 0, true, 1}).ok());
+  CHECK(done == std::vector<u64>{1});
+  CHECK(q->in_flight() == 0);
+  IoRequest w{fd, nullptr, static_cast<u32>(kLen / 2), kLen / 2, true, 2};
+  w.iov = {{a.data() + kLen / 2, kLen / 4}, {a.data() + 3 * kLen / 4, kLen / 4}};
+  REQUIRE(q->submit(w).ok());
+  CHECK(done == std::vector<u64>{1, 2});
+  REQUIRE(q->poll().ok());
+  REQUIRE(q->reap_some().ok());
+  REQUIRE(q->drain().ok());
+  round_trip(*q, fd, a.data(), back.data(), kLen, 0);
+  CHECK(q->bytes_done() == 3 * kLen);
+
+  // An error is the request's, with the file and offset, and stays.
+  q->name_fd(fd, "data");
+  Status st = q->submit({fd, back.data(), kLen, 2 * kLen, false, 3});
+  REQUIRE_FALSE(st.ok());
+  CHECK_MESSAGE(test::contains(st.error().message(), "data"), st.error().message());
+  CHECK_MESSAGE(test::contains(st.error().message(), "unexpected end of file"),
+                st.error().message());
+  CHECK_FALSE(q->drain().ok());
+}
