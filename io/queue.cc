@@ -79,7 +79,7 @@ Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth, std::string* why_not
     return Error{"cannot set up io_uring", "", std::strerror(-ret)}.fix(
         ret == -EPERM || ret == -ENOSYS
             ? "io_uring is disabled on this host (sysctl kernel.io_uring_disabled=0 enables it)"
-        : no_fds ? "raise the open file limit (ulimit -n), or use fewer --jobs"
+        : no_fds ? errno_hint(-ret)
         : ret == -ENOMEM
             ? "raise the locked memory limit (ulimit -l), or use a smaller --queue-depth"
             : "");
