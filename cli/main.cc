@@ -268,6 +268,9 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     if (section) what = chunks ? what + " and QEMU's section" : "QEMU's section";
     say(stderr, "{}: intact ({}, {} read in {})\n", j["image"].get<std::string>(), what,
         human_bytes(j["bytes_read"].get<double>()), secs(j, "verify_s"));
+    if (const i64 n = j.value("unchecked_sections", i64(0)); n > 0)
+      say(stderr, "  not checked: {} section{} of format v{}, newer than this vmsave (v{}.{})\n", n,
+          n == 1 ? "" : "s", j["format_version"].get<std::string>(), kFormatMajor, kFormatMinor);
   }
   // None when QEMU moved all of it (an image whose RAM QEMU saved).
   if (c.stats && j.contains("io_latency_us") && j["io_latency_us"].value("count", i64(0)) > 0)

@@ -148,6 +148,9 @@ Result<nlohmann::json> verify(const std::string& image, const EngineConfig& engi
       {"chunks_checked", report.chunks_checked},
       // RAM QEMU saved is in its section, checked whole rather than by chunk.
       {"qemu_section_bytes", (*r)->layout().qemu.length},
+      // Sections of a newer minor version: their bounds checked, not their bytes.
+      {"unchecked_sections", (*r)->layout().unknown.size()},
+      {"format_version", fmt::format("{}.{}", (*r)->layout().major, (*r)->layout().minor)},
       {"bytes_read", report.bytes_read},
       {"verify_s", report.seconds},
       {"throughput_bps", report.seconds > 0 ? report.bytes_read / report.seconds : 0},

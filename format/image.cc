@@ -264,6 +264,19 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
     size_t entry_pos = pos;
     pos += sizeof(s);
     u32 kind = s.kind, block = s.block;
+    if (kind < u32(SectionKind::kBlock) || kind > u32(SectionKind::kQemuMigration)) {
+      // Minor versions may add kinds an older reader skips, checking only
+      // their bounds (and, below, that they overlap nothing): their block
+      // index, flags and reserved bytes mean what that minor says. Within
+      // our own minor version an unknown kind is damage.
+      if (img.minor <= kFormatMinor)
+        return damaged(path, fmt::format("unknown section kind {}", kind), at(entry_pos));
+      if (u64(s.offset) > u64(img.file_size) || u64(s.length) > u64(img.file_size))
+        return damaged(path, "section out of bounds", at(entry_pos));
+      img.unknown.push_back(
+          {static_cast<i64>(u64(s.offset)), static_cast<i64>(u64(s.length)), s.checksum});
+      continue;
+    }
     // Only the vmstate entry of a compressed image has flags: its codec.
     bool codec_flags = kind == u32(SectionKind::kVmstate) && (img.flags & kFlagCompressed);
     if (!all_zero(s.reserved, sizeof(s.reserved)) || (s.flags != 0 && !codec_flags))
@@ -365,12 +378,6 @@ Status decode_section_table(std::span<const u8> bytes, ImageLayout& img,
         have_qemu = true;
         img.qemu = e;
         break;
-      default:
-        // Minor versions may add kinds a v1.0 reader skips; within our own
-        // minor version an unknown kind is damage.
-        if (img.minor <= kFormatMinor)
-          return damaged(path, fmt::format("unknown section kind {}", kind), at(entry_pos));
-        img.unknown.push_back(e);
     }
   }
   if (!have_vmstate || !have_metadata)

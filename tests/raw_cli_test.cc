@@ -323,6 +323,16 @@ TEST_CASE("raw: a section of a newer minor version is skipped, its bytes no dama
   e.checksum = xxh3(data.data(), data.size());
   const u8* ep = reinterpret_cast<const u8*>(&e);
   table.insert(table.end(), ep, ep + sizeof(e));
+  // And one of block 0 with flags and reserved bytes of its own: what they
+  // mean is that minor's business (they were called damage, trial O).
+  SectionEntry e2 = e;
+  e2.kind = 11;
+  e2.block = 0;
+  e2.flags = 1;
+  e2.reserved[3] = 7;
+  e2.offset = at + 8192;
+  const u8* ep2 = reinterpret_cast<const u8*>(&e2);
+  table.insert(table.end(), ep2, ep2 + sizeof(e2));
   img.minor = kFormatMinor + 1;
   img.table.length = table.size();
   img.table.checksum = xxh3(table.data(), table.size());
@@ -332,10 +342,21 @@ TEST_CASE("raw: a section of a newer minor version is skipped, its bytes no dama
     UniqueFd fd(open(s.image.c_str(), O_WRONLY | O_CLOEXEC));
     REQUIRE(fd);
     REQUIRE(pwrite(fd.get(), data.data(), data.size(), at) == i64(data.size()));
+    REQUIRE(pwrite(fd.get(), data.data(), data.size(), at + 8192) == i64(data.size()));
     REQUIRE(pwrite(fd.get(), table.data(), table.size(), img.table.offset) == i64(table.size()));
     REQUIRE(pwrite(fd.get(), header.data(), header.size(), 0) == i64(header.size()));
   }
-  CHECK_RUN(run_vmsave({"verify", s.image}), 0);
+  RunResult v = run_vmsave({"verify", s.image});
+  CHECK_RUN(v, 0);
+  // Intact as far as this vmsave can tell, and it says how far that is.
+  CHECK_MESSAGE(contains(v.err, fmt::format("not checked: 2 sections of format v1.{}, newer than "
+                                            "this vmsave (v1.{})",
+                                            kFormatMinor + 1, kFormatMinor)),
+                v.err);
+  RunResult vj = run_vmsave({"verify", s.image, "--json"});
+  CHECK_RUN(vj, 0);
+  CHECK(json::parse(vj.out).value("unchecked_sections", 0) == 2);
+  CHECK_RUN(run_vmsave({"info", s.image}), 0);
   TempDir out;
   CHECK_RUN(run_vmsave({"restore", s.image, "--ram-dir", out.path()}), 0);
   // Its bytes are its own, not a place for anything else.
