@@ -2224,7 +2224,7 @@ Status ImageReader::stream_vmstate(const std::function<Status(const u8*, size_t)
   };
   std::string bad;
   while (left > 0) {
-    if (cancelled()) return interrupted_error();
+    if (!sink && cancelled()) return interrupted_error();  // a sink decides for itself
     i64 n = std::min<i64>(left, buf.size());
     VMSAVE_TRY(pread_all(fd(), buf.data(), align_up(n, kDirectAlign), off, path()));
     st.update(buf.data(), n);

@@ -479,7 +479,7 @@ bool wait_migration_ended(QmpClient& qmp, double timeout_s) {
   }
 }
 
-Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {
+Status wait_migration(QmpClient& qmp, double timeout_s, const char* what, bool finish) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   Backoff pause(5);
   for (;;) {
@@ -494,7 +494,7 @@ Status wait_migration(QmpClient& qmp, double timeout_s, const char* what) {
     if (Clock::now() > deadline)
       return Error{fmt::format("QEMU's {} did not finish in {:.0f} s", what, timeout_s), qmp.path(),
                    "status " + status};
-    if (cancelled()) return interrupted_error();
+    if (finish ? cancelled_twice() : cancelled()) return interrupted_error();
     pause.wait();
   }
 }
@@ -640,7 +640,7 @@ Status save_device_state(QmpClient& qmp, const std::function<Status(const u8*, s
 }
 
 Status load_device_state(
-    QmpClient& qmp,
+    QmpClient& qmp, const std::function<void()>& started,
     const std::function<Status(const std::function<Status(const u8*, size_t)>&)>& source) {
   int p[2];
   if (pipe2(p, O_CLOEXEC) < 0) return sys_error("pipe2", "", errno);
@@ -648,11 +648,19 @@ Status load_device_state(
   fcntl(wr.get(), F_SETPIPE_SZ, 1 << 20);
   VMSAVE_TRY(qmp.getfd(kMigFdName, rd.get()));
   rd.reset();
+  if (cancelled()) return interrupted_error();
   auto m = qmp.execute("migrate-incoming", {{"uri", fmt::format("fd:{}", kMigFdName)}});
   if (!m.ok()) return m.error();
+  if (started) started();
+  // QEMU takes one incoming migration: stopped part-way, this one would
+  // leave it waiting for good (a pipe closed before its first byte is never
+  // read) or failed, and no retry could load it. So from here a first
+  // signal lets the device state go in whole; a second stops at once.
+  for (int ms = 0; ms < FaultPlan::get().slow_load_ms && !cancelled_twice(); ms += 10)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   auto writer = [&](const u8* data, size_t len) -> Status {
     while (len > 0) {
-      if (cancelled()) return interrupted_error();
+      if (cancelled_twice()) return interrupted_error();
       ssize_t n = ::write(wr.get(), data, len);
       if (n < 0) {
         if (errno == EINTR || errno == EAGAIN) continue;
@@ -671,7 +679,7 @@ Status load_device_state(
   };
   VMSAVE_TRY(source(writer));
   wr.reset();
-  return wait_migration(qmp, kDeviceStateTimeout, "device-state load");
+  return wait_migration(qmp, kDeviceStateTimeout, "device-state load", /*finish=*/true);
 }
 
 std::vector<std::string> process_cmdline(pid_t pid) {

@@ -82,8 +82,9 @@ class Capabilities {
 bool wait_migration_ended(QmpClient& qmp, double timeout_s);
 
 // Polls query-migrate until the migration is no longer in progress; returns
-// an Error naming QEMU's error-desc unless it completed.
-Status wait_migration(QmpClient& qmp, double timeout_s, const char* what);
+// an Error naming QEMU's error-desc unless it completed. A signal stops the
+// wait, or with `finish` only a second one (see cancelled_twice()).
+Status wait_migration(QmpClient& qmp, double timeout_s, const char* what, bool finish = false);
 
 // QEMU's mapped-ram migration to or from a section of the image file
 // (QEMU >= 9.0): guest RAM at fixed offsets written by multifd threads,
@@ -123,9 +124,11 @@ Status save_device_state(QmpClient& qmp, const std::function<Status(const u8*, s
                          const std::function<void(i64)>& on_bytes);
 
 // Incoming device state: `migrate-incoming` from a pipe that `source` fills
-// (it gets a writer callback), then waits for completion.
+// (it gets a writer callback), then waits for completion. `started` runs
+// once QEMU has taken the migration; from then on a first signal lets the
+// load finish (QEMU takes no second one) and only a second stops it.
 Status load_device_state(
-    QmpClient& qmp,
+    QmpClient& qmp, const std::function<void()>& started,
     const std::function<Status(const std::function<Status(const u8*, size_t)>&)>& source);
 
 // QEMU's command line, from /proc/PID/cmdline.

@@ -339,13 +339,14 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
     VMSAVE_TRY(caps.set(qmp, {{"x-ignore-shared", true}}, {"x-ignore-shared"}));
     // Compressed, the stored length is not what QEMU receives: bytes only.
     if (img.layout().vmstate_codec == Codec::kRaw) progress.total = img.layout().vmstate.length;
-    rep.begin_phase("loading device state", &progress);
-    st = load_device_state(qmp, [&](const std::function<Status(const u8*, size_t)>& write) {
-      return img.stream_vmstate([&](const u8* d, size_t n) {
-        progress.done += n;
-        return write(d, n);
-      });
-    });
+    auto started = [&] { rep.begin_phase("loading device state", &progress); };
+    st =
+        load_device_state(qmp, started, [&](const std::function<Status(const u8*, size_t)>& write) {
+          return img.stream_vmstate([&](const u8* d, size_t n) {
+            progress.done += n;
+            return write(d, n);
+          });
+        });
     // QEMU may refuse a damaged stream before its end, where the section's
     // checksum is compared (a flipped byte decompresses to a wrong migration
     // flag): then the damage is the cause, not the command line.
@@ -363,6 +364,16 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
   if (!caps.restore(qmp))
     rep.warn("QEMU did not switch the migration capabilities vmsave set back off; set them off "
              "(migrate-set-capabilities) before migrating this VM elsewhere");
+  // Interrupted while QEMU loaded (which a first signal lets finish): the
+  // guest stays paused, never resumed behind the user's back.
+  if (cancelled()) {
+    Error e = interrupted_error();
+    if (e.status == Exit::kInterrupted)
+      e.hint =
+          "QEMU had begun loading the device state, which it cannot take twice, so the "
+          "load was let finish: the guest is paused (resume it with the QMP command cont)";
+    return e;
+  }
   if (run) {
     auto r = qmp.execute("cont");
     if (!r.ok()) {  // loaded, but it cannot run: a disk another QEMU holds, say
@@ -1268,6 +1279,14 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
         "if it was restored already, there is nothing to do; else start it with the arguments "
         "`vmsave prepare` prints (they include -incoming defer)");
   }
+  // An incoming migration begun and never fed (a restore stopped at once by
+  // a second signal): QEMU takes no other.
+  if (auto mig = qmp.execute("query-migrate"); mig.ok() && !mig->value("status", "").empty())
+    return Error{"QEMU has begun an incoming migration already", opts.qmp,
+                 "its status is " + mig->value("status", "")}
+        .fix(
+            "it cannot take another (was an earlier restore stopped part-way?): quit it and "
+            "start QEMU again with the arguments `vmsave prepare` prints");
   // What a restore that starts QEMU checks of its command: device state from
   // another machine type, -cpu or CPU count fails deep in QEMU's load, and
   // QEMU exits ("Missing section footer for 0000:00:1f.0/ICH9LPC").

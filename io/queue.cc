@@ -38,6 +38,10 @@ const FaultPlan& FaultPlan::get() {
       p.after_commit_ms = std::atoi(v.c_str() + std::strlen("after-commit:"));
       return p;
     }
+    if (v.starts_with("slow-load:")) {
+      p.slow_load_ms = std::atoi(v.c_str() + std::strlen("slow-load:"));
+      return p;
+    }
     if (v.starts_with("slow-flush:")) {
       p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
       return p;

@@ -56,7 +56,9 @@ struct IoRequest {
 // is committed, before it tells QEMU to quit (a kill lands there);
 // "no-space-check" skips a restore's check for room for its RAM files, so
 // a full filesystem is met part-way through the fill (as when something
-// else fills it meanwhile). Read once at start-up.
+// else fills it meanwhile); "slow-load:MS" makes a restore wait MS
+// milliseconds once QEMU has begun loading the device state, before it
+// sends the first byte (a signal lands there). Read once at start-up.
 struct FaultPlan {
   i64 nth = 0;
   int err = 0;       // positive errno to fail with, or 0
@@ -65,6 +67,7 @@ struct FaultPlan {
   int after_commit_ms = 0;
   bool no_space_check = false;
   double qmp_timeout_s = 0;  // "qmp-timeout:S": QMP commands wait S seconds
+  int slow_load_ms = 0;
   static const FaultPlan& get();
 };
 

@@ -29,6 +29,14 @@ inline std::atomic<int>& signals_received() {
 // Not a signal: cancel_with() stopped the work for a reason of its own.
 constexpr int kCancelledWithError = -1;
 
+// For work that must not stop half-way once begun (a device-state load
+// QEMU has started, which it cannot take again): a first signal lets it
+// finish, a second stops it, as does a reason of cancel_with().
+inline bool cancelled_twice() {
+  return cancelled() &&
+         (signals_received().load() >= 2 || cancel_signal().load() == kCancelledWithError);
+}
+
 inline Error& cancel_reason() {
   static Error e;
   return e;

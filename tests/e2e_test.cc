@@ -688,30 +688,24 @@ void save_then_restore(const VmOptions& opts, bool lazy, const std::string& comp
 
 // What happened when a signal was sent to a save once it was writing RAM.
 struct Interrupted {
-  bool caught = false;  // the signal was sent while the save wrote RAM
+  bool caught = false;  // the signal was sent in the phase
   int status = -1;
   std::string err;
   std::string log;  // where the save's stderr went (and its watchdog's)
 };
 
-// Runs `save --leave-running` with --progress-fd and sends `sig` as soon as
-// the progress says RAM is being written (so the guest is stopped); or,
-// when `act` is given, runs it instead of sending a signal. `env` is added
-// to the save's environment.
-Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
-                           const std::function<void()>& act = nullptr,
-                           const std::string& phase = "writing RAM",
-                           const std::vector<std::string>& env = {},
-                           const std::vector<std::string>& extra = {}) {
+// Runs `argv` (whose --progress-fd is 3) with stderr to `log`, and sends
+// `sig` as soon as the progress says `phase` has begun (`times` times, 0.2 s
+// apart); or, when `act` is given, runs it instead of sending a signal.
+// `env` is added to its environment.
+Interrupted interrupt_at_phase(const std::vector<std::string>& argv, const std::string& log,
+                               int sig, const std::function<void()>& act, const std::string& phase,
+                               const std::vector<std::string>& env = {}, int times = 1) {
   int p[2];
   REQUIRE(pipe2(p, O_CLOEXEC) == 0);
-  std::string log = vm.dir() + "/interrupted-save.log";
   Interrupted res;
   {
-    std::vector<std::string> argv = {VMSAVE_BINARY, "save", "--qmp", vm.qmp_path(), image,
-                                     "--leave-running", "--progress-fd", "3"};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    Child save(argv, log, p[1], env);
+    Child child(argv, log, p[1], env);
     ::close(p[1]);
     std::string got;
     double deadline = now_s() + kRunTimeout;
@@ -720,27 +714,42 @@ Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
       if (poll(&pfd, 1, 100) <= 0) continue;
       char buf[4096];
       ssize_t n = ::read(p[0], buf, sizeof buf);
-      if (n <= 0) break;  // the save is over
+      if (n <= 0) break;  // it is over
       got.append(buf, size_t(n));
       // One JSON object per line: {"phase": ..., "done": ..., "final": ...}.
       for (size_t nl; !res.caught && (nl = got.find('\n')) != std::string::npos;) {
         json j = json::parse(got.substr(0, nl), nullptr, false);
         got.erase(0, nl + 1);
         if (j.is_object() && j.value("phase", "") == phase && !j.value("final", true)) {
-          if (act)
-            act();
-          else
-            save.signal(sig);
+          for (int i = 0; !act && i < times; i++) {
+            if (i) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+            child.signal(sig);
+          }
+          if (act) act();
           res.caught = true;
         }
       }
     }
-    res.status = save.wait(kRunTimeout);
+    res.status = child.wait(kRunTimeout);
   }
   ::close(p[0]);
   res.err = slurp(log);
   res.log = log;
   return res;
+}
+
+// `save --leave-running` of `vm`, interrupted as interrupt_at_phase does
+// (by default once RAM is being written, so the guest is stopped).
+Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
+                           const std::function<void()>& act = nullptr,
+                           const std::string& phase = "writing RAM",
+                           const std::vector<std::string>& env = {},
+                           const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {VMSAVE_BINARY,   "save", "--qmp",
+                                   vm.qmp_path(),   image,  "--leave-running",
+                                   "--progress-fd", "3"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return interrupt_at_phase(argv, vm.dir() + "/interrupted-save.log", sig, act, phase, env);
 }
 
 // interrupt_save with SIGKILL, tried up to 3 times (a save may finish
@@ -2598,6 +2607,61 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
   REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
   check_carries_on(vm, saved, qemu.pid());
   CHECK_MESSAGE(maps_file(qemu.pid(), image), maps_of(qemu.pid()));
+}
+
+TEST_CASE(
+    "e2e: a signal while QEMU loads the device state (restore --qmp) lets the load finish, the "
+    "guest paused; a second stops it at once") {
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  const auto [image, log_at_save, saved] = boot_and_save(vm);
+  RunResult r = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  const auto extra = parse_json(r)["qemu_args"].get<std::vector<std::string>>();
+  const std::vector<std::string> restore = {VMSAVE_BINARY, "restore",       image, "--qmp",
+                                            vm.qmp_path(), "--progress-fd", "3"};
+  // The load waits (injected) before its first byte: a closed pipe QEMU
+  // has never read from leaves it waiting for good. A Ctrl-C there had
+  // QEMU refuse every retry ("The incoming migration has already been
+  // started", trial P).
+  {
+    ::unlink(vm.qmp_path().c_str());
+    Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/twice-qemu.log");
+    await_qmp_socket(vm, qemu, vm.dir() + "/twice-qemu.log");
+    const double t0 = now_s();
+    Interrupted in = interrupt_at_phase(restore, vm.dir() + "/twice.log", SIGINT, nullptr,
+                                        "loading device state", {"VMSAVE_FAULT=slow-load:20000"},
+                                        /*times=*/2);
+    CHECK(in.caught);
+    CHECK_MESSAGE(in.status == 130, in.err);
+    CHECK(now_s() - t0 < 15);  // not after the 20 s wait
+    RunResult again = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+    CHECK_RUN(again, 1);
+    CHECK_MESSAGE(
+        contains(again.err, "QEMU has begun an incoming migration already (" + vm.qmp_path() +
+                                "): its status is setup; it cannot "
+                                "take another"),
+        again.err);
+  }
+  ::unlink(vm.qmp_path().c_str());
+  Child qemu(with_prepared(vm.command(), extra), vm.dir() + "/once-qemu.log");
+  await_qmp_socket(vm, qemu, vm.dir() + "/once-qemu.log");
+  Interrupted in = interrupt_at_phase(restore, vm.dir() + "/once.log", SIGINT, nullptr,
+                                      "loading device state", {"VMSAVE_FAULT=slow-load:1000"});
+  CHECK(in.caught);
+  CHECK_MESSAGE(in.status == 130, in.err);
+  CHECK_MESSAGE(contains(in.err,
+                         "the load was let finish: the guest is paused (resume it with "
+                         "the QMP command cont)"),
+                in.err);
+  CHECK(qmp_status(vm.qmp_path()) == "paused");
+  // A retry says the same, and the capabilities are off again.
+  RunResult again = run_vmsave({"restore", image, "--qmp", vm.qmp_path()}, kRunTimeout);
+  CHECK_RUN(again, 1);
+  CHECK_MESSAGE(contains(again.err, "resume it with the QMP command cont\n"), again.err);
+  CHECK_FALSE(x_ignore_shared(vm));
+  REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
+  check_carries_on(vm, saved, qemu.pid());
 }
 
 TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and no longer") {
