@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fmt/core.h>
+#include <fmt/ranges.h>
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
@@ -15,8 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fmt/core.h>
-#include <fmt/ranges.h>
+#include <system_error>
 
 #include "cli/terminal.h"
 #include "core/qemu_args.h"
@@ -772,6 +773,10 @@ int main(int argc, char** argv) {
     // Unwound: what the command made is removed, a guest it paused resumed.
     result = Error{"out of memory", "", "vmsave could not allocate what this needs"}.fix(
         "free memory or raise the limit (ulimit -v, a memory cgroup) and try again");
+  } catch (const std::system_error& e) {
+    // A thread that could not start (the workers do with fewer): unwound too.
+    result = Error{"cannot start a thread", "", e.code().message()}.fix(
+        "raise the process limit (ulimit -u, a pids cgroup's pids.max) and try again");
   }
 
   if (!result.ok()) {

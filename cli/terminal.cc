@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <system_error>
 
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
@@ -30,7 +31,11 @@ TerminalReporter::TerminalReporter(bool quiet, int progress_fd)
     ::fcntl(progress_fd_, F_SETFD, ::fcntl(progress_fd_, F_GETFD) | FD_CLOEXEC);
   const char* term = std::getenv("TERM");
   smart_ = isatty(STDERR_FILENO) && term && std::strcmp(term, "dumb") != 0;
-  if ((smart_ && !quiet_) || progress_fd_ >= 0) thread_ = std::thread([this] { ticker(); });
+  try {
+    if ((smart_ && !quiet_) || progress_fd_ >= 0) thread_ = std::thread([this] { ticker(); });
+  } catch (const std::system_error&) {
+    // Out of threads (ulimit -u): the work goes on without a progress line.
+  }
 }
 
 TerminalReporter::~TerminalReporter() {

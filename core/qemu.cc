@@ -26,6 +26,7 @@
 #include <iterator>
 #include <optional>
 #include <sstream>
+#include <system_error>
 #include <thread>
 
 #include <fmt/core.h>
@@ -198,12 +199,16 @@ ExitWatch::ExitWatch(pid_t pid, std::function<Error()> gone) : pidfd_(open_pidfd
   if (!pidfd_.valid() || pipe2(p, O_CLOEXEC) < 0) return;  // then QMP finds out later
   stop_r_ = UniqueFd(p[0]);
   stop_w_ = UniqueFd(p[1]);
-  thread_ = std::thread([this, gone = std::move(gone)] {
-    pollfd fds[2] = {{pidfd_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
-    while (::poll(fds, 2, -1) < 0 && errno == EINTR) {
-    }
-    if (fds[0].revents & POLLIN) cancel_with(gone());
-  });
+  try {
+    thread_ = std::thread([this, gone = std::move(gone)] {
+      pollfd fds[2] = {{pidfd_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
+      while (::poll(fds, 2, -1) < 0 && errno == EINTR) {
+      }
+      if (fds[0].revents & POLLIN) cancel_with(gone());
+    });
+  } catch (const std::system_error&) {
+    // Out of threads: QMP finds out later, as without a pidfd.
+  }
 }
 
 ExitWatch::~ExitWatch() {

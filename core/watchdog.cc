@@ -209,7 +209,11 @@ Result<Watchdog> Watchdog::fork_watch(QmpClient* qmp, bool resume, const char* c
     return sys_error("socketpair", "", errno);
   UniqueFd ours(sv[0]), theirs(sv[1]);
   pid_t pid = ::fork();
-  if (pid < 0) return sys_error("fork (vmsave's watchdog)", "", errno);
+  if (pid < 0) {
+    Error e = sys_error("fork (vmsave's watchdog)", "", errno);
+    if (errno == EAGAIN) e.hint = "raise the process limit (ulimit -u, a pids cgroup's pids.max)";
+    return e;
+  }
   if (pid == 0) watch(qmp, theirs.get(), resume, command);
   Watchdog w;
   w.pid_ = pid;

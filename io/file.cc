@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <algorithm>
 
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -159,12 +160,20 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
     results[w] = std::move(st);
   };
 
-  for (int w = 1; w < jobs; w++) threads.emplace_back(worker, w);
+  // Out of threads (ulimit -u, a pids cgroup), the work is shared by the
+  // workers that could start: this thread at least.
+  for (int w = 1; w < jobs; w++) {
+    try {
+      threads.emplace_back(worker, w);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
   worker(0);
   for (auto& t : threads) t.join();
 
   if (stats) {
-    stats->jobs = jobs;
+    stats->jobs = static_cast<int>(threads.size()) + 1;
     for (auto& q : queues) {
       if (!q) continue;
       stats->latency.merge(q->latency());

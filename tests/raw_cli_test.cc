@@ -1650,3 +1650,45 @@ TEST_CASE(
   CHECK_RUN(ring, 0);
   CHECK_FALSE(contains(ring.err, "io_uring"));
 }
+
+TEST_CASE("raw: out of threads (a pids cgroup), the work goes on in the workers that started") {
+  // It was "terminate called after throwing an instance of
+  // 'std::system_error'", exit 134, whenever a worker thread could not
+  // start (trial N).
+  require_shm();
+  if (geteuid() != 0) test::skip("a pids cgroup needs root");
+  std::string root;
+  if (access("/sys/fs/cgroup/pids/cgroup.procs", W_OK) == 0)
+    root = "/sys/fs/cgroup/pids";
+  else if (access("/sys/fs/cgroup/cgroup.subtree_control", R_OK) == 0 &&
+           contains(test::read_file("/sys/fs/cgroup/cgroup.subtree_control"), "pids"))
+    root = "/sys/fs/cgroup";
+  else
+    test::skip("no pids cgroup controller to limit threads with");
+  const std::string cg = fmt::format("{}/vmsave-test-{}", root, getpid());
+  REQUIRE(::mkdir(cg.c_str(), 0755) == 0);
+  struct Remove {
+    std::string path;
+    ~Remove() { ::rmdir(path.c_str()); }
+  } remove{cg};
+  write_string(cg + "/pids.max", "1");  // vmsave's main thread and nothing more
+  auto in_cgroup = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {"/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", cg,
+                               VMSAVE_BINARY});
+    return test::run_program(args);
+  };
+  TempDir shm{"/dev/shm"}, disk, out;
+  test::write_pattern_file(shm / "ram", 8 * kMiB, "mixed", 5);
+  const std::string image = disk / "vm.vmsave";
+  RunResult save =
+      in_cgroup({"save", "--ram", "ram=" + (shm / "ram"), image, "--jobs", "4", "--json"});
+  REQUIRE_RUN(save, 0);
+  CHECK(json::parse(save.out).value("jobs", 0) == 1);
+  CHECK_RUN(in_cgroup({"verify", image, "--jobs", "4"}), 0);
+  // A restore has its watchdog (a process) besides: room for that alone.
+  write_string(cg + "/pids.max", "2");
+  RunResult back = in_cgroup({"restore", image, "--ram-dir", out.path(), "--jobs", "4"});
+  CHECK_RUN(back, 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(shm / "ram", out / "ram", &why), why);
+}
