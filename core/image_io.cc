@@ -329,13 +329,6 @@ Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::stri
   return st.digest();
 }
 
-Status fsync_dir(const std::string& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd) return sys_error("open", dir, errno);
-  if (fsync(fd.get()) < 0) return sys_error("fsync", dir, errno);
-  return Status();
-}
-
 // The hidden name a save links its image under before renaming it over an
 // existing target (--force), or writes it under where O_TMPFILE is missing.
 // The name up to the pid: ".NAME.vmsave-".
@@ -1466,9 +1459,14 @@ Status ImageWriter::commit(const nlohmann::json& metadata) {
   if (fdatasync(file_.fd.get()) < 0) return sys_error("fdatasync", target_, errno);
   if (!file_.direct) posix_fadvise(file_.fd.get(), 0, 0, POSIX_FADV_DONTNEED);
 
+  // Opened before the image is linked in: out of descriptors here, a save
+  // failed with its whole image at the target.
+  UniqueFd dir(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir) return sys_error("open", dir_, errno);
   VMSAVE_TRY(link_into_place());
   committed_ = true;
-  return fsync_dir(dir_);
+  if (fsync(dir.get()) < 0) return sys_error("fsync", dir_, errno);
+  return Status();
 }
 
 bool ImageWriter::abandon() {

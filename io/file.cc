@@ -104,24 +104,27 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
 
   // Each worker creates its own ring: with IORING_SETUP_SINGLE_ISSUER the
   // ring belongs to the thread that set it up. Worker 0 is this thread and
-  // creates its ring first: where the kernel refuses one (Docker's default
-  // seccomp profile does) every worker transfers synchronously, each with
-  // one request at a time, which a disk feels but a tmpfs hardly does.
-  std::vector<std::unique_ptr<IoQueue>> queues(jobs);
-  {
+  // creates its ring first. Where the kernel refuses one (Docker's default
+  // seccomp profile does; or the locked-memory or open-file limit runs out)
+  // a worker transfers synchronously, one request at a time, which a disk
+  // feels but a tmpfs hardly does; if worker 0 cannot have a ring, no
+  // worker tries.
+  static std::atomic<bool> told{false};
+  auto make_queue = [&cfg](bool try_ring) {
+    if (!try_ring) return IoQueue::synchronous();
     std::string why_not;
-    auto q = IoQueue::create(cfg.queue_depth, &why_not);
-    if (!q.ok()) return q.error();
-    queues[0] = std::move(*q);
-    static std::atomic<bool> told{false};
-    if (queues[0]->is_synchronous() && cfg.warn && !told.exchange(true))
+    std::unique_ptr<IoQueue> q = IoQueue::create(cfg.queue_depth, &why_not);
+    if (q->is_synchronous() && cfg.warn && !told.exchange(true))
       cfg.warn(
           fmt::format("io_uring is unavailable ({}): reading and writing with "
                       "pread/pwrite instead, one request per worker at a time, "
                       "which is slower on a disk",
                       why_not));
-  }
-  const bool synchronous = queues[0]->is_synchronous();
+    return q;
+  };
+  std::vector<std::unique_ptr<IoQueue>> queues(jobs);
+  queues[0] = make_queue(true);
+  const bool rings = !queues[0]->is_synchronous();
 
   std::atomic<i64> next{0};
   std::atomic<bool> stop{false};
@@ -129,16 +132,7 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
   std::vector<std::thread> threads;
 
   auto worker = [&](int w) {
-    if (!queues[w] && synchronous) queues[w] = IoQueue::synchronous();
-    if (!queues[w]) {
-      auto q = IoQueue::create(cfg.queue_depth);
-      if (!q.ok()) {
-        results[w] = q.error();
-        stop = true;
-        return;
-      }
-      queues[w] = std::move(*q);
-    }
+    if (!queues[w]) queues[w] = make_queue(rings);
     IoQueue& q = *queues[w];
     if (setup) setup(q, w);
     Status st;

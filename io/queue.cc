@@ -61,7 +61,7 @@ const FaultPlan& FaultPlan::get() {
 
 static std::atomic<i64> g_requests{0};
 
-Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth, std::string* why_not_ring) {
+std::unique_ptr<IoQueue> IoQueue::create(u32 depth, std::string* why_not_ring) {
   std::unique_ptr<IoQueue> q(new IoQueue());
   io_uring_params p{};
   p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
@@ -71,22 +71,16 @@ Result<std::unique_ptr<IoQueue>> IoQueue::create(u32 depth, std::string* why_not
     p = {};
     ret = io_uring_queue_init_params(depth, &q->ring_, &p);
   }
-  const bool no_fds = ret == -EMFILE || ret == -ENFILE;
-  if (ret < 0 && why_not_ring && !no_fds) {
-    *why_not_ring = fmt::format("io_uring_setup: {}{}", std::strerror(-ret),
-                                ret == -EPERM || ret == -ENOSYS
-                                    ? " (a seccomp profile or sysctl kernel.io_uring_disabled)"
-                                    : "");
-    return synchronous();
-  }
   if (ret < 0) {
-    return Error{"cannot set up io_uring", "", std::strerror(-ret)}.fix(
-        ret == -EPERM || ret == -ENOSYS
-            ? "io_uring is disabled on this host (sysctl kernel.io_uring_disabled=0 enables it)"
-        : no_fds ? errno_hint(-ret)
-        : ret == -ENOMEM
-            ? "raise the locked memory limit (ulimit -l), or use a smaller --queue-depth"
-            : "");
+    const char* hint =
+        ret == -EPERM || ret == -ENOSYS ? " (a seccomp profile, or sysctl kernel.io_uring_disabled)"
+        : ret == -ENOMEM ? "; raise the locked-memory limit (ulimit -l), or use a smaller "
+                           "--queue-depth"
+        : ret == -EMFILE || ret == -ENFILE ? "; raise the open-file limit (ulimit -n)"
+                                           : "";
+    if (why_not_ring)
+      *why_not_ring = fmt::format("io_uring_setup: {}{}", std::strerror(-ret), hint);
+    return synchronous();
   }
   q->ring_ok_ = true;
   q->slots_.resize(depth);

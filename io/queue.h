@@ -80,10 +80,10 @@ class IoQueue {
   // Called with the request's tag once it has fully completed.
   using OnDone = std::function<Status(const IoRequest&)>;
 
-  // A ring of `depth` entries. `why_not_ring`, when given, makes io_uring
-  // optional: if the kernel refuses a ring (not for lack of descriptors)
-  // the queue is synchronous and the reason is put there.
-  static Result<std::unique_ptr<IoQueue>> create(u32 depth, std::string* why_not_ring = nullptr);
+  // A ring of `depth` entries; where the kernel refuses one (io_uring
+  // disabled, out of locked memory or descriptors) a synchronous queue, and
+  // the reason, with its fix, in `why_not_ring`.
+  static std::unique_ptr<IoQueue> create(u32 depth, std::string* why_not_ring = nullptr);
   // A synchronous queue, without trying io_uring.
   static std::unique_ptr<IoQueue> synchronous();
   bool is_synchronous() const { return !ring_ok_; }
