@@ -580,6 +580,11 @@ static Result<Mapping> map_source(const RamSource& s, int flags) {
                  "reading it through a mapping (a --live or --compress save, or 1 GiB pages) "
                  "takes a huge page for each of its holes"}
         .fix("add huge pages (sysctl vm.nr_hugepages), or save without --live and --compress");
+  if (!m.ok() && m.error().detail == std::strerror(ENOMEM))
+    return m.error().fix(
+        fmt::format("this save maps the whole memory file ({}): raise the "
+                    "address-space limit (ulimit -v) above that",
+                    human_bytes(double(s.size))));
   return m;
 }
 
@@ -598,6 +603,9 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // front. The image's blocks allocated first (below) are found up front,
   // but by the chunk: one lseek() per chunk with data.
   const bool prealloc = block_fs_ && !compress_.enabled() && min_hole_ >= kDefaultMinHole;
+  i64 max_chunk = 0;
+  for (auto& b : img_.blocks) max_chunk = std::max(max_chunk, b.chunk_size);
+  const bool copy_from_memory = !compress_.enabled() && max_chunk <= kMaxIoSize;
   std::vector<Block> bs(sources.size());
   i64 n_chunks = 0;
   i64 total = 0;
@@ -608,14 +616,19 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     // a save of a 256 MiB guest that had used 154 MiB left its file at
     // 256 MiB. And the mapping reserves pages for the whole file, so with
     // the pool short of that the save failed (ENOMEM). So such a file is
-    // read with pread(), never through its mapping, which then reserves
-    // nothing. Not for chunks of 1 GiB pages (buffers of 1 GiB), nor
-    // compressed (read through the mapping as before).
+    // read with pread(), and not mapped at all. Not for chunks of 1 GiB
+    // pages (buffers of 1 GiB), nor compressed (read through a mapping).
     bs[i].copy = fs_magic(s.fd) == HUGETLBFS_MAGIC && !compress_.enabled() &&
                  img_.blocks[i].chunk_size <= kMaxHugeCopyChunk;
-    auto m = map_source(s, MAP_SHARED | (bs[i].copy ? MAP_NORESERVE : 0));
-    if (!m.ok()) return m.error();
-    bs[i].map = std::move(*m);
+    // From tmpfs too, or into an image there (see kCopyTag below).
+    bs[i].copy |= copy_from_memory && (page_cache_only(s.fd) || page_cache_only(file_.fd.get()));
+    // Read with pread(), a block is not mapped: a save took address space
+    // for all of guest RAM (ulimit -v) for nothing (trial N).
+    if (!bs[i].copy) {
+      auto m = map_source(s, MAP_SHARED);
+      if (!m.ok()) return m.error();
+      bs[i].map = std::move(*m);
+    }
     if (prealloc) bs[i].data = data_chunks(s.fd, s.offset, s.size, img_.blocks[i].chunk_size);
     bs[i].first_chunk = n_chunks;
     n_chunks += img_.blocks[i].chunks();
@@ -632,8 +645,6 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // stay busy until their write completes.
   const bool compress = compress_.enabled();
   const int jobs = cfg.jobs > 0 ? cfg.jobs : default_jobs();
-  i64 max_chunk = 0;
-  for (auto& b : img_.blocks) max_chunk = std::max(max_chunk, b.chunk_size);
   const i64 slot_size = compress ? max_chunk : std::min(max_chunk, kMaxIoSize);
   const int slots = compress ? compress_slots(jobs, slot_size) : 0;
   struct Worker {
@@ -706,12 +717,9 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // runs: 0.55-0.58 CPU-seconds and 1.24-1.31 s copied, against 1.56-1.61
   // CPU-seconds (1.50-1.60 of them the kernel's) and 1.28-1.49 s mapped.
   constexpr u64 kCopyTag = u64(1) << 63;
-  const bool may_copy = !compress && max_chunk <= kMaxIoSize;
   i64 copy_size = 0;  // the copy buffers' size: the largest chunk read so
-  for (size_t i = 0; i < bs.size(); i++) {
-    bs[i].copy |= may_copy && (serialize || page_cache_only(sources[i].fd));
+  for (size_t i = 0; i < bs.size(); i++)
     if (bs[i].copy) copy_size = std::max(copy_size, img_.blocks[i].chunk_size);
-  }
 
   // The RAM mapping is not registered as fixed buffers: pinning it made no
   // difference (1 GiB random, tmpfs to tmpfs: 0.708 against 0.704 CPU-seconds,
@@ -763,7 +771,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     i64 len = b.chunk_length(c);
     i64 page = b.page_size;
     i64 first_page = start / page;
-    const u8* base = blk.map.data() + start;
+    const u8* base = blk.copy ? nullptr : blk.map.data() + start;  // else set below
     u8* bitmap = bitmaps_[bi].data();
 
     // Which pages of this chunk are in source holes.

@@ -1704,3 +1704,33 @@ TEST_CASE("raw: out of threads (a pids cgroup), the work goes on in the workers 
   std::string why;
   CHECK_MESSAGE(test::files_equal(shm / "ram", out / "ram", &why), why);
 }
+
+TEST_CASE("raw: a save maps no RAM it reads with pread, so ulimit -v need not cover it") {
+#if defined(__SANITIZE_ADDRESS__)
+  test::skip("the sanitizers reserve terabytes of address space");
+#endif
+  // A save took address space for all of guest RAM, which it reads with
+  // pread, and said to use fewer --jobs when it had none (trial N).
+  require_shm();
+  TempDir shm{"/dev/shm"}, disk, out;
+  const std::string mem = shm / "ram";
+  test::write_pattern_file(mem, 8 * kMiB, "mixed", 9);
+  REQUIRE(::truncate(mem.c_str(), 512 * kMiB) == 0);  // the rest holes
+  auto limited = [&](const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {"/bin/sh", "-c", "ulimit -v 262144 && exec \"$@\"", "sh",
+                                     VMSAVE_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return test::run_program(argv);
+  };
+  const std::string image = disk / "vm.vmsave";
+  CHECK_RUN(limited({"save", "--ram", "ram=" + mem, image}), 0);
+  CHECK_RUN(limited({"verify", image}), 0);
+  CHECK_RUN(limited({"restore", image, "--ram-dir", out.path()}), 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(mem, out / "ram", &why), why);
+  // Compressed, it does map the file, and says what the limit must cover.
+  RunResult z = limited({"save", "--ram", "ram=" + mem, disk / "z.vmsave", "--compress", "lz4"});
+  CHECK_FAILS(z, 1,
+              "this save maps the whole memory file (512.0 MiB): raise the address-space limit "
+              "(ulimit -v) above that");
+}
