@@ -10,6 +10,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -20,6 +21,8 @@
 
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
+
+#include "lib/cancel.h"
 
 namespace vmsave {
 
@@ -56,6 +59,29 @@ static std::string rate_text(double bytes, double secs) {
   return human_bytes(bytes / secs) + "/s";
 }
 
+// ninja's ElideMiddle: `s` in at most `width` columns, its middle given up
+// for "..." (the phase at the start and the time left at the end say most).
+std::string elide_middle(const std::string& s, size_t width) {
+  if (s.size() <= width) return s;
+  if (width < 4) return s.substr(0, width);
+  const size_t head = (width - 3) / 2, tail = width - 3 - head;
+  return s.substr(0, head) + "..." + s.substr(s.size() - tail);
+}
+
+// Whether the terminal on stderr is ours to redraw on: not when vmsave runs
+// as a background job (`vmsave save ... &`), whose line would erase the
+// shell's prompt ten times a second.
+static bool in_foreground() {
+  const pid_t fg = tcgetpgrp(STDERR_FILENO);
+  return fg < 0 || fg == getpgrp();
+}
+
+// The terminal's width, 0 when it does not say.
+static size_t terminal_columns() {
+  winsize ws{};
+  return ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 ? ws.ws_col : 0;
+}
+
 void TerminalReporter::draw(bool final) {
   double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - phase_start_).count();
@@ -66,6 +92,7 @@ void TerminalReporter::draw(bool final) {
     nlohmann::json j = {{"phase", phase_}, {"done", done}, {"elapsed_s", secs},
                         {"final", final}};
     if (total > 0) j["total"] = total;
+    if (final && cancelled()) j["interrupted"] = true;
     write_progress(j.dump() + "\n");
   }
   if (quiet_) return;
@@ -85,8 +112,13 @@ void TerminalReporter::draw(bool final) {
     }
   }
   if (final) text += fmt::format(" in {:.2f} s", secs);
-  if (smart_) {
-    say(stderr, "\r{}\x1b[K", text);
+  if (final && cancelled()) text += " (interrupted)";
+  if (smart_ && !final && !in_foreground()) return;  // its final line only, as plain
+  if (smart_ && (line_dirty_ || !final)) {
+    // One row, redrawn: a line wider than the terminal wraps, and "\r"
+    // and "\x1b[K" redraw only its last row, leaving the others behind.
+    const size_t columns = terminal_columns();
+    say(stderr, "\r{}\x1b[K", final || !columns ? text : elide_middle(text, columns - 1));
     line_dirty_ = true;
     if (final) {
       say(stderr, "\n");

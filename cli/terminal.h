@@ -27,6 +27,9 @@ void say(std::FILE* f, fmt::format_string<T...> format, T&&... args) {
   (void)!std::fwrite(s.data(), 1, s.size(), f);
 }
 
+// `s` in at most `width` columns, its middle elided with "...".
+std::string elide_middle(const std::string& s, size_t width);
+
 class TerminalReporter : public Reporter {
  public:
   TerminalReporter(bool quiet, int progress_fd);

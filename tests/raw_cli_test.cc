@@ -7,6 +7,7 @@
 // ASan/UBSan an error report also ends the process that way).
 
 #include <fcntl.h>
+#include <pty.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -1733,4 +1734,89 @@ TEST_CASE("raw: a save maps no RAM it reads with pread, so ulimit -v need not co
   CHECK_FAILS(z, 1,
               "this save maps the whole memory file (512.0 MiB): raise the address-space limit "
               "(ulimit -v) above that");
+}
+
+namespace {
+
+// Runs vmsave with stdout and stderr on a new terminal `columns` wide
+// (TERM=xterm), as the terminal's foreground job or, with `background`, in
+// a process group of its own; returns what the terminal showed.
+std::string run_on_terminal(const std::vector<std::string>& args, int columns, bool background) {
+  std::vector<std::string> argv = {VMSAVE_BINARY};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  winsize ws{};
+  ws.ws_row = 24;
+  ws.ws_col = static_cast<unsigned short>(columns);
+  int master = -1;
+  pid_t pid = forkpty(&master, nullptr, nullptr, &ws);
+  REQUIRE(pid >= 0);
+  if (pid == 0) {  // the session leader, in the terminal's foreground
+    ::setenv("TERM", "xterm", 1);
+    if (background) {
+      pid_t job = ::fork();
+      if (job > 0) {
+        int st = 0;
+        ::waitpid(job, &st, 0);
+        ::_exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128);
+      }
+      ::setpgid(0, 0);  // a job of its own, not the foreground one
+    }
+    ::execv(cargv[0], cargv.data());
+    ::_exit(127);
+  }
+  std::string shown;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(master, buf, sizeof buf)) > 0;) shown.append(buf, size_t(n));
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  ::close(master);
+  CHECK_MESSAGE((WIFEXITED(st) && WEXITSTATUS(st) == 0), shown);
+  return shown;
+}
+
+// The progress lines redrawn in place: the text after each "\r" up to its
+// "\x1b[K", but for a phase's last, which a newline ends (it may wrap).
+std::vector<std::string> redrawn_lines(const std::string& shown) {
+  std::vector<std::string> out;
+  for (size_t at = 0; (at = shown.find('\r', at)) != std::string::npos; at++) {
+    size_t end = shown.find("\x1b[K", at);
+    if (end == std::string::npos) break;
+    std::string line = shown.substr(at + 1, end - at - 1);
+    const bool last =
+        shown.compare(end + 3, 2, "\r\n") == 0 || shown.compare(end + 3, 1, "\n") == 0;
+    if (!line.empty() && !last && line.find('\n') == std::string::npos) out.push_back(line);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("raw: the progress line fits the terminal, and a background job does not redraw it") {
+  // It wrapped on a narrow terminal, leaving rows behind at every redraw,
+  // and a background job redrew it over the shell's prompt (trial P).
+  require_shm();
+  TempDir shm{"/dev/shm"}, disk;
+  test::write_pattern_file(shm / "ram", 24 * kMiB, "random", 4);  // zstd:19: seconds
+  const std::vector<std::string> save = {
+      "save", "--ram", "ram=" + (shm / "ram"), "--compress", "zstd:19", "--jobs", "1"};
+  auto with = [&](const char* image) {
+    std::vector<std::string> a = save;
+    a.push_back(disk / image);
+    return a;
+  };
+  const std::string narrow = run_on_terminal(with("narrow.vmsave"), 30, false);
+  std::vector<std::string> lines = redrawn_lines(narrow);
+  REQUIRE_MESSAGE(lines.size() >= 3, narrow);
+  for (auto& l : lines) CHECK_MESSAGE(l.size() <= 29, l);
+  CHECK_MESSAGE(contains(narrow, "..."), narrow);  // elided in its middle
+  CHECK_MESSAGE(contains(narrow, "saved "), narrow);
+
+  const std::string bg = run_on_terminal(with("background.vmsave"), 80, true);
+  CHECK_MESSAGE(redrawn_lines(bg).empty(), bg);
+  // Its phases' final lines and summary still come, plain.
+  CHECK_MESSAGE(contains(bg, "writing RAM: 24.0 MiB of 24.0 MiB (100%)"), bg);
+  CHECK_MESSAGE(contains(bg, "saved "), bg);
 }
