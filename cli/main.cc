@@ -441,7 +441,10 @@ int main(int argc, char** argv) {
       "any other RAM (-m alone, memory-backend-ram/memfd) by QEMU's mapped-ram migration.\n"
       "See vmsave(1)."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", std::string("vmsave ") + VMSAVE_VERSION);
+  // The image format too: what an operator keeping images across upgrades
+  // needs to know (every build said only "vmsave 0.1.0", trial O).
+  app.set_version_flag("--version", fmt::format("vmsave {} (image format v{}.{})", VMSAVE_VERSION,
+                                                kFormatMajor, kFormatMinor));
   Common c;
   SaveOptions save;
   RestoreOptions restore;

@@ -1691,6 +1691,18 @@ Result<nlohmann::json> ImageReader::metadata() const {
     return damaged(path(), why, img_.metadata.offset);
   if (std::string why = metadata_layout_error(j, img_); !why.empty())
     return damaged(path(), why, img_.metadata.offset);
+  // A mode this vmsave does not know was restored as raw memory files.
+  if (const std::string mode = j.value("mode", "raw"); mode != "raw" && mode != "qemu") {
+    if (img_.minor > kFormatMinor)
+      return Error{"image needs a newer vmsave", path(),
+                   fmt::format("format v{}.{} saved in mode \"{}\", which this vmsave (v{}.{}) "
+                               "does not know",
+                               img_.major, img_.minor, mode, kFormatMajor, kFormatMinor)}
+          .fix("use a newer vmsave")
+          .as(Exit::kDamaged);
+    return damaged(path(), fmt::format("metadata names an unknown mode \"{}\"", mode),
+                   img_.metadata.offset);
+  }
   return j;
 }
 

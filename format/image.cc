@@ -206,9 +206,10 @@ Result<ImageLayout> decode_header(std::span<const u8> bytes, i64 file_size,
   // vmsave is too old for it (as "image too new", a different error).
   if (u64(h.flags) & ~kKnownFlags)
     return Error{"image needs a newer vmsave", path,
-                 fmt::format("this image needs a newer vmsave (feature flags 0x{:x}, this vmsave "
-                             "knows 0x{:x})",
-                             u64(h.flags), kKnownFlags)}
+                 fmt::format("format v{}.{} with feature flags 0x{:x}, of which this vmsave "
+                             "(v{}.{}) knows 0x{:x}",
+                             u32(h.major), u32(h.minor), u64(h.flags), kFormatMajor, kFormatMinor,
+                             kKnownFlags)}
         .fix("use a newer vmsave")
         .as(Exit::kDamaged);
   if ((u64(h.flags) & kFlagCompressed) && h.minor < 1)

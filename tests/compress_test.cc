@@ -536,6 +536,26 @@ TEST_CASE("compress: metadata whose blocks disagree with the section table is da
   }
 }
 
+TEST_CASE("compress: a metadata mode vmsave does not know is damage, not raw memory files") {
+  // "container" was restored with --ram-dir as raw memory files, and
+  // prepare said the image held files saved with --ram (trial O).
+  require_shm();
+  TempDir shm("/dev/shm"), disk, out;
+  test::write_pattern_file(shm / "ram", kMiB, "mixed", 9);
+  const std::string image = disk / "image.vmsave";
+  test::write_image_of(image, shm / "ram", "", "", {{"mode", "container"}});
+  for (std::vector<std::string> cmd : {std::vector<std::string>{"verify", image},
+                                       {"info", image},
+                                       {"restore", image, "--ram-dir", out.path()},
+                                       {"prepare", image, "--lazy"}}) {
+    CAPTURE(cmd[0]);
+    check_fails(run_vmsave(cmd), 3, "metadata names an unknown mode \"container\"");
+  }
+  CHECK(std::filesystem::is_empty(out.path()));
+  test::write_image_of(image, shm / "ram", "", "", {{"mode", "raw"}});
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+}
+
 TEST_CASE("compress: --lazy on a compressed image is refused before anything starts") {
   require_shm();
   CompressedImage s;
