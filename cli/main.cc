@@ -113,6 +113,12 @@ int fail(Error e, const std::string& cmd = "") {
     e.hint = cmd == "verify" ? "use an intact copy of the image"
                              : "use an intact copy of the image (vmsave verify names the first "
                                "damaged place)";
+  // After Ctrl-C the terminal has echoed "^C" where its cursor was: the
+  // error gets a line of its own.
+  if (e.status == Exit::kInterrupted && isatty(STDERR_FILENO)) {
+    const char* term = std::getenv("TERM");
+    say(stderr, "{}", term && std::strcmp(term, "dumb") != 0 ? "\r\x1b[K" : "\n");
+  }
   say(stderr, "vmsave: error: {}\n", e.message());
   return static_cast<int>(e.status);
 }

@@ -7,6 +7,9 @@
 
 #include <atomic>
 #include <csignal>
+#include <cstring>
+
+#include <fmt/core.h>
 
 #include "lib/common.h"
 
@@ -56,7 +59,7 @@ inline void cancel_with(Error why) {
 inline Error interrupted_error() {
   int sig = cancel_signal().load();
   if (sig == kCancelledWithError) return cancel_reason();
-  Error e{"interrupted", "", sig ? strsignal(sig) : "cancelled"};
+  Error e{sig ? fmt::format("interrupted by SIG{}", sigabbrev_np(sig)) : "interrupted", "", ""};
   e.status = Exit::kInterrupted;
   return e;
 }

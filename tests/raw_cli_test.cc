@@ -7,6 +7,7 @@
 // ASan/UBSan an error report also ends the process that way).
 
 #include <fcntl.h>
+#include <poll.h>
 #include <pty.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -1560,7 +1561,7 @@ TEST_CASE("raw: a signal at start-up interrupts with 130, and one ignored on ent
     CAPTURE(sig);
     RunResult r =
         run_with_pending_signal({"restore", s.image, "--ram-dir", ram.path()}, sig, false, err);
-    CHECK_FAILS(r, 130, fmt::format("vmsave: error: interrupted: {}", strsignal(sig)));
+    CHECK_FAILS(r, 130, fmt::format("vmsave: error: interrupted by SIG{}", sigabbrev_np(sig)));
     CHECK(list_dir(ram.path()).empty());
   }
   // nohup's SIGHUP (and a background job's SIGINT) are the caller's word
@@ -1740,8 +1741,10 @@ namespace {
 
 // Runs vmsave with stdout and stderr on a new terminal `columns` wide
 // (TERM=xterm), as the terminal's foreground job or, with `background`, in
-// a process group of its own; returns what the terminal showed.
-std::string run_on_terminal(const std::vector<std::string>& args, int columns, bool background) {
+// a process group of its own; with `sigint_after_s`, Ctrl-C on that
+// terminal then. Returns what the terminal showed; checks the exit status.
+std::string run_on_terminal(const std::vector<std::string>& args, int columns, bool background,
+                            double sigint_after_s = 0, int want_status = 0) {
   std::vector<std::string> argv = {VMSAVE_BINARY};
   argv.insert(argv.end(), args.begin(), args.end());
   std::vector<char*> cargv;
@@ -1769,11 +1772,24 @@ std::string run_on_terminal(const std::vector<std::string>& args, int columns, b
   }
   std::string shown;
   char buf[4096];
-  for (ssize_t n; (n = ::read(master, buf, sizeof buf)) > 0;) shown.append(buf, size_t(n));
+  const double t0 = test::now_s();
+  bool sent = sigint_after_s <= 0;
+  for (;;) {
+    if (!sent && test::now_s() - t0 >= sigint_after_s) {
+      const char ctrl_c = 3;  // the terminal's INTR character: SIGINT, and "^C" echoed
+      REQUIRE(::write(master, &ctrl_c, 1) == 1);
+      sent = true;
+    }
+    pollfd pfd{master, POLLIN, 0};
+    if (::poll(&pfd, 1, 20) == 0) continue;
+    ssize_t n = ::read(master, buf, sizeof buf);
+    if (n <= 0) break;  // EIO once the terminal's last user is gone
+    shown.append(buf, size_t(n));
+  }
   int st = 0;
   ::waitpid(pid, &st, 0);
   ::close(master);
-  CHECK_MESSAGE((WIFEXITED(st) && WEXITSTATUS(st) == 0), shown);
+  CHECK_MESSAGE((WIFEXITED(st) && WEXITSTATUS(st) == want_status), shown);
   return shown;
 }
 
@@ -1819,4 +1835,11 @@ TEST_CASE("raw: the progress line fits the terminal, and a background job does n
   // Its phases' final lines and summary still come, plain.
   CHECK_MESSAGE(contains(bg, "writing RAM: 24.0 MiB of 24.0 MiB (100%)"), bg);
   CHECK_MESSAGE(contains(bg, "saved "), bg);
+
+  // Ctrl-C: the phase's line says so, and the error has a line of its own,
+  // not after the "^C" the terminal echoed (trial P).
+  const std::string stopped = run_on_terminal(with("stopped.vmsave"), 80, false, 0.3, 130);
+  CHECK_MESSAGE(contains(stopped, " (interrupted)\x1b[K\r\n"), stopped);
+  CHECK_MESSAGE(contains(stopped, "\r\x1b[Kvmsave: error: interrupted by SIGINT\r\n"), stopped);
+  CHECK_FALSE(std::filesystem::exists(disk / "stopped.vmsave"));
 }

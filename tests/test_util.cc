@@ -90,12 +90,12 @@ PageKind page_kind(const std::string& kind, i64 page, u64 seed) {
   std::abort();
 }
 
+}  // namespace
+
 double now_s() {
   using namespace std::chrono;
   return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
-
-}  // namespace
 
 void skip(const std::string& why) {
   std::fprintf(stderr, "SKIP: %s\n", why.c_str());

@@ -78,6 +78,9 @@ inline bool contains(const std::string& s, const std::string& needle) {
 RunResult run_vmsave(const std::vector<std::string>& args, double timeout_s = 120,
                      const std::vector<std::string>& env = {});
 
+// Seconds on the monotonic clock.
+double now_s();
+
 // Runs any program the same way.
 RunResult run_program(const std::vector<std::string>& argv, double timeout_s = 120,
                       const std::vector<std::string>& env = {});

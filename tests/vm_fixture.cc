@@ -51,11 +51,6 @@ constexpr auto kPollInterval = std::chrono::milliseconds(20);
 constexpr auto kSerialPollInterval = std::chrono::milliseconds(50);
 constexpr size_t kTailLines = 15;
 
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 std::string errno_text(int e) {
   return std::strerror(e);
 }
