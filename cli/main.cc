@@ -704,6 +704,8 @@ int main(int argc, char** argv) {
       return usage(fmt::format("--ram takes ID=FILE, not \"{}\"", r));
     save.rams.emplace_back(r.substr(0, eq), r.substr(eq + 1));
   }
+  // "DIR/" named its files "DIR//ID" in every message and report.
+  while (restore.ram_dir.size() > 1 && restore.ram_dir.back() == '/') restore.ram_dir.pop_back();
   save.after = leave_running ? AfterSave::kLeaveRunning
                              : paused ? AfterSave::kPaused : AfterSave::kQuit;
   if (running) restore.running = true;

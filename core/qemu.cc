@@ -417,7 +417,10 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
       UniqueFd fd(::open(b.file.c_str(), O_RDONLY | O_CLOEXEC));
       if (!fd)
         return sys_error("open", b.file, errno)
-            .fix("opening an unlinked RAM file needs CAP_SYS_ADMIN: run vmsave as root");
+            .fix(
+                "opening an unlinked RAM file needs CAP_SYS_ADMIN in the host's user "
+                "namespace: run vmsave as root there (not in a container's namespace), or keep "
+                "the RAM file linked");
       b.fd = std::move(fd);
     }
     b.page_size = file_page_size(b.fd.get());

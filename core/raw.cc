@@ -188,7 +188,19 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
   }
   if (!f.fd_) {
     const int err = errno;
-    Error e = sys_error("cannot create RAM file", path, err);
+    Error e =
+        sys_error(created ? "cannot create RAM file" : "cannot overwrite RAM file", path, err);
+    if (!created && (err == EACCES || err == EPERM)) {
+      // --force writes an existing file in place (its holes kept where the
+      // image has zeros): one this user may not write is in the way, however
+      // writable its directory (trial N).
+      struct stat st {};
+      ::stat(path.c_str(), &st);
+      e.hint = fmt::format(
+          "it exists and is not writable by this user (its owner is uid {}): "
+          "remove it first, or restore as its owner",
+          st.st_uid);
+    }
     if (err == ENOENT) {
       // A directory that exists but takes no new files: /proc, /sys.
       struct stat dir;
@@ -198,7 +210,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
                      "hugetlbfs or a disk"
                    : "create its directory first";
     }
-    if (err == EROFS || err == EACCES) e.hint = "put it where vmsave can write";
+    if (err == EROFS || (err == EACCES && created)) e.hint = "put it where vmsave can write";
     if (err == ELOOP) {
       e.detail = "it is a symbolic link, and vmsave does not write through one";
       e.hint = "give the real path, or remove the link";

@@ -884,7 +884,10 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     std::string tmpl = parent + "/vmsave-XXXXXX";
     if (!mkdtemp(tmpl.data())) {
       Error e = sys_error("cannot make a directory for QEMU's QMP socket", tmpl, errno);
-      if (base && *base) e.hint = "check XDG_RUNTIME_DIR, or give the QEMU command its own -qmp";
+      // Whatever the cause (read-only, no such directory, no permission).
+      e.hint = base && *base ? "check XDG_RUNTIME_DIR, or give the QEMU command its own -qmp"
+                             : "set XDG_RUNTIME_DIR to a directory you can write, or give the "
+                               "QEMU command its own -qmp";
       return e;
     }
     run_dir = tmpl;

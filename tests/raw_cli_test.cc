@@ -1843,3 +1843,26 @@ TEST_CASE("raw: the progress line fits the terminal, and a background job does n
   CHECK_MESSAGE(contains(stopped, "\r\x1b[Kvmsave: error: interrupted by SIGINT\r\n"), stopped);
   CHECK_FALSE(std::filesystem::exists(disk / "stopped.vmsave"));
 }
+
+TEST_CASE("raw: restore --force over a RAM file another user owns says so, and keeps it") {
+  // "cannot create RAM file (...): Permission denied; put it where vmsave
+  // can write", of a directory the user could write (trial N).
+  require_shm();
+  if (geteuid() != 0) test::skip("needs root to run vmsave as another user");
+  if (access("/usr/bin/setpriv", X_OK) != 0) test::skip("no setpriv");
+  SmallImage s;
+  TempDir out;
+  REQUIRE(::chmod(s.disk.path().c_str(), 0755) == 0);
+  REQUIRE(::chmod(s.image.c_str(), 0644) == 0);
+  REQUIRE(::chmod(out.path().c_str(), 0777) == 0);
+  write_string(out / "ram0", "root's");
+  REQUIRE(::chmod((out / "ram0").c_str(), 0600) == 0);
+  RunResult r = test::run_program({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+                                   "--clear-groups", VMSAVE_BINARY, "restore", s.image, "--ram-dir",
+                                   out.path() + "//", "--force"});
+  CHECK_FAILS(r, 1,
+              "cannot overwrite RAM file (" + (out / "ram0") +
+                  "): Permission denied; it exists and is not writable by this user (its owner "
+                  "is uid 0): remove it first, or restore as its owner");
+  CHECK(test::read_file(out / "ram0") == "root's");
+}
