@@ -92,6 +92,9 @@ Status check_not_mapped(const std::string& path, const struct stat& st);
 // `claims` holds, per filesystem, the bytes the files created before this
 // one (and not filled yet) will take there: the room check counts them too.
 using SpaceClaims = std::map<dev_t, i64>;
+// The key under which SpaceClaims sums what goes into tmpfs on any device:
+// those pages are charged to vmsave's memory cgroup.
+constexpr dev_t kChargedToCgroup = ~dev_t(0);
 
 class RamFile {
  public:

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include <fmt/core.h>
 
@@ -52,6 +53,45 @@ i64 free_huge_pages(i64 page_size) {
   };
   i64 free = read("free_hugepages"), resv = read("resv_hugepages");
   return free < 0 || resv < 0 ? -1 : std::max<i64>(free - resv, 0);
+}
+
+// The least memory limit over the memory cgroup this process is in and
+// its ancestors (cgroup v2 memory.max, v1 memory.limit_in_bytes), with
+// that cgroup's path in `where`; -1 when there is none. The pages written
+// into tmpfs are charged to it: past it, the kernel's OOM killer ends
+// vmsave part-way (trial N: a 64 MiB cgroup, a 256 MiB guest).
+static i64 memory_cgroup_limit(std::string* where) {
+  std::ifstream in("/proc/self/cgroup");
+  std::string line, v1, v2;
+  bool have_v2 = false;
+  while (std::getline(in, line)) {  // "0::/PATH" (v2), "N:CONTROLLERS:/PATH" (v1)
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = "," + line.substr(a + 1, b - a - 1) + ",";
+    if (controllers == ",,") {
+      v2 = line.substr(b + 1);
+      have_v2 = true;
+    } else if (controllers.find(",memory,") != std::string::npos) {
+      v1 = line.substr(b + 1);
+    }
+  }
+  i64 least = -1;
+  auto walk = [&](const std::string& mount, std::string cg, const char* file) {
+    for (;;) {
+      std::ifstream f(fmt::format("{}{}/{}", mount, cg == "/" ? "" : cg, file));
+      long long v = -1;
+      if (f >> v && v >= 0 && v < (i64(1) << 60) && (least < 0 || v < least)) {
+        least = v;  // "max" (v2) and v1's huge "no limit" are not read as limits
+        *where = fmt::format("{}{}", mount, cg == "/" ? "" : cg);
+      }
+      if (cg.empty() || cg == "/") break;
+      const size_t slash = cg.rfind('/');
+      cg = slash == 0 || slash == std::string::npos ? "/" : cg.substr(0, slash);
+    }
+  };
+  if (!v1.empty()) walk("/sys/fs/cgroup/memory", v1, "memory.limit_in_bytes");
+  if (have_v2) walk("/sys/fs/cgroup", v2, "memory.max");
+  return least;
 }
 
 void warn_bytes_past_end(const ImageReader& img, Reporter& rep) {
@@ -291,6 +331,24 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
                                       needs, ids, others, has)}
                         .fix("free space on that filesystem or choose another place for it"));
     }
+  }
+  // tmpfs pages are charged to vmsave's memory cgroup, all the files' together.
+  if (!FaultPlan::get().no_space_check && !huge && in_memory_fs(f.fd_.get())) {
+    std::string cgroup;
+    i64& in_memory = claims[kChargedToCgroup];
+    const i64 limit = memory_cgroup_limit(&cgroup);
+    if (limit >= 0 && in_memory + need > limit + freed)
+      return refuse(Error{"not enough memory for RAM file", path,
+                          fmt::format("it needs {} for block {}{}, in memory charged to the "
+                                      "memory cgroup vmsave runs in ({}), which is limited to {}",
+                                      human_bytes(need), ids,
+                                      in_memory ? fmt::format(" (and {} for the RAM files "
+                                                              "before it)",
+                                                              human_bytes(in_memory))
+                                                : "",
+                                      cgroup, human_bytes(limit))}
+                        .fix("raise that cgroup's memory limit, or run vmsave outside it"));
+    in_memory += need;
   }
   claimed += need;
   // From here on the file is ours: removed unless the restore completes.

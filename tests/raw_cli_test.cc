@@ -1665,43 +1665,56 @@ TEST_CASE(
   CHECK_FALSE(contains(ring.err, "io_uring"));
 }
 
+namespace {
+
+// A cgroup of `controller` ("pids", "memory") for the test's children,
+// removed when it goes: cgroup v1's hierarchy of that controller, or v2's
+// where the root hands the controller down. Skips the case without one.
+struct TestCgroup {
+  std::string path;
+  explicit TestCgroup(const std::string& controller) {
+    if (geteuid() != 0) test::skip("a cgroup of its own needs root");
+    std::string root;
+    if (access(("/sys/fs/cgroup/" + controller + "/cgroup.procs").c_str(), W_OK) == 0)
+      root = "/sys/fs/cgroup/" + controller;
+    else if (access("/sys/fs/cgroup/cgroup.subtree_control", R_OK) == 0 &&
+             contains(test::read_file("/sys/fs/cgroup/cgroup.subtree_control"), controller))
+      root = "/sys/fs/cgroup";
+    else
+      test::skip("no " + controller + " cgroup controller here");
+    path = fmt::format("{}/vmsave-test-{}-{}", root, controller, getpid());
+    REQUIRE(::mkdir(path.c_str(), 0755) == 0);
+  }
+  ~TestCgroup() { ::rmdir(path.c_str()); }
+  // `args` to vmsave, run in this cgroup.
+  RunResult run(std::vector<std::string> args) const {
+    args.insert(args.begin(), {"/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+                               path, VMSAVE_BINARY});
+    return test::run_program(args);
+  }
+};
+
+}  // namespace
+
 TEST_CASE("raw: out of threads (a pids cgroup), the work goes on in the workers that started") {
   // It was "terminate called after throwing an instance of
   // 'std::system_error'", exit 134, whenever a worker thread could not
   // start (trial N).
   require_shm();
-  if (geteuid() != 0) test::skip("a pids cgroup needs root");
-  std::string root;
-  if (access("/sys/fs/cgroup/pids/cgroup.procs", W_OK) == 0)
-    root = "/sys/fs/cgroup/pids";
-  else if (access("/sys/fs/cgroup/cgroup.subtree_control", R_OK) == 0 &&
-           contains(test::read_file("/sys/fs/cgroup/cgroup.subtree_control"), "pids"))
-    root = "/sys/fs/cgroup";
-  else
-    test::skip("no pids cgroup controller to limit threads with");
-  const std::string cg = fmt::format("{}/vmsave-test-{}", root, getpid());
-  REQUIRE(::mkdir(cg.c_str(), 0755) == 0);
-  struct Remove {
-    std::string path;
-    ~Remove() { ::rmdir(path.c_str()); }
-  } remove{cg};
+  TestCgroup cgroup("pids");
+  const std::string& cg = cgroup.path;
   write_string(cg + "/pids.max", "1");  // vmsave's main thread and nothing more
-  auto in_cgroup = [&](std::vector<std::string> args) {
-    args.insert(args.begin(), {"/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", cg,
-                               VMSAVE_BINARY});
-    return test::run_program(args);
-  };
   TempDir shm{"/dev/shm"}, disk, out;
   test::write_pattern_file(shm / "ram", 8 * kMiB, "mixed", 5);
   const std::string image = disk / "vm.vmsave";
   RunResult save =
-      in_cgroup({"save", "--ram", "ram=" + (shm / "ram"), image, "--jobs", "4", "--json"});
+      cgroup.run({"save", "--ram", "ram=" + (shm / "ram"), image, "--jobs", "4", "--json"});
   REQUIRE_RUN(save, 0);
   CHECK(json::parse(save.out).value("jobs", 0) == 1);
-  CHECK_RUN(in_cgroup({"verify", image, "--jobs", "4"}), 0);
+  CHECK_RUN(cgroup.run({"verify", image, "--jobs", "4"}), 0);
   // A restore has its watchdog (a process) besides: room for that alone.
   write_string(cg + "/pids.max", "2");
-  RunResult back = in_cgroup({"restore", image, "--ram-dir", out.path(), "--jobs", "4"});
+  RunResult back = cgroup.run({"restore", image, "--ram-dir", out.path(), "--jobs", "4"});
   CHECK_RUN(back, 0);
   std::string why;
   CHECK_MESSAGE(test::files_equal(shm / "ram", out / "ram", &why), why);
@@ -1865,4 +1878,35 @@ TEST_CASE("raw: restore --force over a RAM file another user owns says so, and k
                   "): Permission denied; it exists and is not writable by this user (its owner "
                   "is uid 0): remove it first, or restore as its owner");
   CHECK(test::read_file(out / "ram0") == "root's");
+}
+
+TEST_CASE(
+    "raw: RAM files in tmpfs that a memory cgroup cannot hold are refused before any is written") {
+  // tmpfs pages are charged to the cgroup that writes them: vmsave in a
+  // 64 MiB cgroup was OOM-killed part-way through a restore (trial N).
+  require_shm();
+  TestCgroup cgroup("memory");
+  const std::string limit_file = contains(cgroup.path, "/sys/fs/cgroup/memory/")
+                                     ? cgroup.path + "/memory.limit_in_bytes"
+                                     : cgroup.path + "/memory.max";
+  write_string(limit_file, std::to_string(64 * kMiB));
+  TempDir shm{"/dev/shm"}, disk, out{"/dev/shm"};
+  for (int i = 0; i < 2; i++)
+    test::write_pattern_file(shm / fmt::format("ram{}", i), 48 * kMiB, "random", 7 + i);
+  const std::string image = disk / "vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--ram", "ram0=" + (shm / "ram0"), "--ram",
+                          "ram1=" + (shm / "ram1"), image}),
+              0);
+  // 48 MiB fits, 96 do not: said of the second file, before either is filled.
+  RunResult r = cgroup.run({"restore", image, "--ram-dir", out.path()});
+  CHECK_FAILS(r, 1,
+              "not enough memory for RAM file (" + (out / "ram1") +
+                  "): it needs 48.0 MiB for block ram1 (and 48.0 MiB for the RAM files before "
+                  "it), in memory charged to the memory cgroup vmsave runs in (" +
+                  cgroup.path +
+                  "), which is limited to 64.0 MiB; raise that cgroup's memory limit, or run "
+                  "vmsave outside it");
+  CHECK(list_dir(out.path()).empty());
+  // Outside it, the same restore goes through.
+  CHECK_RUN(run_vmsave({"restore", image, "--ram-dir", out.path()}), 0);
 }
