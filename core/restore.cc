@@ -1046,9 +1046,16 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     std::string tail = log_tail(log, 4);
     if (!tail.empty())
       e.detail = e.detail.empty() ? "QEMU: " + tail : e.detail + " (QEMU: " + tail + ")";
+    else if (cmd.daemonize()) {  // its stderr went to /dev/null (trial O)
+      const std::string lost =
+          "QEMU's reason is lost: -daemonize sends its errors nowhere; run the command without "
+          "-daemonize to see it";
+      e.detail = e.detail.empty() ? lost : e.detail + " (" + lost + ")";
+    }
     // QEMU refusing intact device state: a command that differs from the
     // saved one in what vmsave does not compare (topology, devices, options).
-    if (e.hint.empty() && e.status != Exit::kDamaged)
+    const bool generic = e.hint.empty() || e.hint.find("has QEMU exited?") != std::string::npos;
+    if (generic && e.status != Exit::kDamaged)
       e.hint = img.layout().has_qemu_section()
                    ? "start QEMU with the command line the VM was saved with (vmsave info shows "
                      "it); QEMU reads its section of the image unchecked, so run vmsave verify "
