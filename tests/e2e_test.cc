@@ -2608,7 +2608,7 @@ TEST_CASE("e2e: the two-step form (prepare --lazy, start QEMU, restore --qmp) ca
 
 TEST_CASE(
     "e2e: a signal while QEMU loads the device state (restore --qmp) lets the load finish, the "
-    "guest paused; a second stops it at once") {
+    "guest paused, and a second stops it at once") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
   const auto [image, log_at_save, saved] = boot_and_save(vm);
