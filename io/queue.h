@@ -9,8 +9,9 @@
 // them, and the destructor drains too, so no error path leaves the kernel
 // writing into memory that is about to be freed or unmapped.
 //
-// Where io_uring is unavailable (a container's seccomp profile, sysctl
-// kernel.io_uring_disabled) a queue is synchronous instead: submit() makes
+// Where the kernel refuses a ring (a container's seccomp profile, sysctl
+// kernel.io_uring_disabled, the locked-memory or open-file limit) a queue
+// is synchronous instead: submit() makes
 // the transfer with pread/pwrite and runs the callback before it returns,
 // so callers must count a request as pending before they submit it, as
 // they must anyway for a completion reaped while submit() waits for a slot.
