@@ -606,6 +606,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   i64 max_chunk = 0;
   for (auto& b : img_.blocks) max_chunk = std::max(max_chunk, b.chunk_size);
   const bool copy_from_memory = !compress_.enabled() && max_chunk <= kMaxIoSize;
+  const bool serialize = page_cache_only(file_.fd.get());  // an image in memory: see below
   std::vector<Block> bs(sources.size());
   i64 n_chunks = 0;
   i64 total = 0;
@@ -621,7 +622,7 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
     bs[i].copy = fs_magic(s.fd) == HUGETLBFS_MAGIC && !compress_.enabled() &&
                  img_.blocks[i].chunk_size <= kMaxHugeCopyChunk;
     // From tmpfs too, or into an image there (see kCopyTag below).
-    bs[i].copy |= copy_from_memory && (page_cache_only(s.fd) || page_cache_only(file_.fd.get()));
+    bs[i].copy |= copy_from_memory && (page_cache_only(s.fd) || serialize);
     // Read with pread(), a block is not mapped: a save took address space
     // for all of guest RAM (ulimit -v) for nothing (trial N).
     if (!bs[i].copy) {
@@ -701,7 +702,6 @@ Status ImageWriter::write_ram(const std::vector<RamSource>& sources, const Engin
   // 1.73-2.35 s (1.77). With it on, fresh pages cost so much that the runs
   // of both spread over 2.3-3.9 s.
   std::mutex turn;
-  const bool serialize = page_cache_only(fd);
   // There the copy into the image is the kernel's whole work, and mapping
   // the source cost as much again: MADV_POPULATE_READ of its pages was 29%
   // of the CPU samples of a 4 GiB mixed save. So the workers read each

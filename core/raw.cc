@@ -38,18 +38,20 @@ static Error short_huge_pool(const std::string& path, std::string detail, i64 fi
                   file_page / 1024));
 }
 
+// The number a sysfs or cgroup file holds, -1 when it holds none ("max")
+// or cannot be read.
+static i64 read_number(const std::string& path) {
+  std::ifstream f(path);
+  long long v = -1;
+  return f >> v && v >= 0 ? v : -1;
+}
+
 // Huge pages of `page_size` bytes the pool can still give out: free ones
 // that no mapping has reserved. -1 when the kernel does not say.
 i64 free_huge_pages(i64 page_size) {
-  auto read = [&](const char* what) -> i64 {
-    std::string path =
-        fmt::format("/sys/kernel/mm/hugepages/hugepages-{}kB/{}", page_size / 1024, what);
-    FILE* f = std::fopen(path.c_str(), "re");
-    if (!f) return -1;
-    long long v = -1;
-    if (std::fscanf(f, "%lld", &v) != 1) v = -1;
-    std::fclose(f);
-    return v;
+  auto read = [&](const char* what) {
+    return read_number(
+        fmt::format("/sys/kernel/mm/hugepages/hugepages-{}kB/{}", page_size / 1024, what));
   };
   i64 free = read("free_hugepages"), resv = read("resv_hugepages");
   return free < 0 || resv < 0 ? -1 : std::max<i64>(free - resv, 0);
@@ -78,9 +80,8 @@ static i64 memory_cgroup_limit(std::string* where) {
   i64 least = -1;
   auto walk = [&](const std::string& mount, std::string cg, const char* file) {
     for (;;) {
-      std::ifstream f(fmt::format("{}{}/{}", mount, cg == "/" ? "" : cg, file));
-      long long v = -1;
-      if (f >> v && v >= 0 && v < (i64(1) << 60) && (least < 0 || v < least)) {
+      const i64 v = read_number(fmt::format("{}{}/{}", mount, cg == "/" ? "" : cg, file));
+      if (v >= 0 && v < (i64(1) << 60) && (least < 0 || v < least)) {
         least = v;  // "max" (v2) and v1's huge "no limit" are not read as limits
         *where = fmt::format("{}{}", mount, cg == "/" ? "" : cg);
       }
