@@ -256,8 +256,13 @@ Result<std::optional<nlohmann::json>> QmpClient::read_message(Deadline deadline,
       return std::optional<nlohmann::json>();
     }
 
-    char buf[64 * 1024];
-    ssize_t got = ::recv(fd_.get(), buf, sizeof(buf), 0);
+    // Straight into in_: a 64 KiB buffer on the stack overflowed a stack
+    // of `ulimit -s 64`.
+    constexpr size_t kChunk = 64 * 1024;
+    const size_t had = in_.size();
+    in_.resize(had + kChunk);
+    ssize_t got = ::recv(fd_.get(), in_.data() + had, kChunk, 0);
+    in_.resize(had + std::max<ssize_t>(got, 0));
     if (got < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
       if (errno != ECONNRESET) return sys_error("recv on QMP socket", path_, errno);
@@ -268,7 +273,6 @@ Result<std::optional<nlohmann::json>> QmpClient::read_message(Deadline deadline,
                       "has QEMU exited? its log or stderr says why"};
       return *broken_;
     }
-    in_.append(buf, got);
   }
 }
 

@@ -364,6 +364,27 @@ TEST_CASE("qmp: a server that never greets times out with the one-client message
                     server.path()));
 }
 
+TEST_CASE("qmp: the client reads replies within a 64 KiB stack (ulimit -s 64)") {
+  // Its 64 KiB receive buffer was on the stack: under `ulimit -s 64` the
+  // first reply crashed vmsave with SIGSEGV (trial N).
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([](FakeQmp& s) {
+    s.handshake();
+    json r = s.request();
+    s.send(json{{"error", {{"class", "GenericError"}, {"desc", "the test ends here"}}},
+                {"id", r["id"]}}
+               .dump() +
+           "\r\n");
+  });
+  auto r = test::run_program({"/bin/sh", "-c", "ulimit -s 64 && exec \"$@\"", "sh", VMSAVE_BINARY,
+                              "save", "--qmp", server.path(), dir / "vm.img"});
+  server.join();
+  REQUIRE_RUN(r, 1);
+  CHECK(test::contains(r.err, "the test ends here"));
+  CHECK_FALSE(std::filesystem::exists(dir / "vm.img"));
+}
+
 namespace {
 
 // A QMP server in a child process that stops itself (SIGSTOP), before it
