@@ -114,12 +114,17 @@ Status run_parallel(const EngineConfig& cfg, i64 n,
     if (!try_ring) return IoQueue::synchronous();
     std::string why_not;
     std::unique_ptr<IoQueue> q = IoQueue::create(cfg.queue_depth, &why_not);
-    if (q->is_synchronous() && cfg.warn && !told.exchange(true))
-      cfg.warn(
-          fmt::format("io_uring is unavailable ({}): reading and writing with "
-                      "pread/pwrite instead, one request per worker at a time, "
-                      "which is slower on a disk",
-                      why_not));
+    // Said once the queue first does what a ring would have done: work
+    // between files in memory bypasses rings anyway.
+    if (q->is_synchronous() && cfg.warn)
+      q->set_on_ring_missed([warn = cfg.warn, why_not] {
+        if (!told.exchange(true))
+          warn(
+              fmt::format("io_uring is unavailable ({}): reading and writing with "
+                          "pread/pwrite instead, one request per worker at a time, "
+                          "which is slower on a disk",
+                          why_not));
+      });
     return q;
   };
   std::vector<std::unique_ptr<IoQueue>> queues(jobs);

@@ -183,6 +183,8 @@ Status IoQueue::submit(const IoRequest& req) {
   }
   if (!ring_ok_ && faulty && fault.err) return first_error_ = transfer_error(req, 0, fault.err);
   if (!ring_ok_ || (!faulty && !req.write && req.fd == inline_read_fd_)) {
+    if (!ring_ok_ && req.fd != inline_read_fd_ && on_ring_missed_)
+      std::exchange(on_ring_missed_, {})();
     if (Status st = transfer_now(req); !st.ok()) return first_error_ = st;
     Status st = on_done_ ? on_done_(req) : Status();
     if (!st.ok() && first_error_.ok()) first_error_ = st;

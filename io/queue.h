@@ -92,6 +92,10 @@ class IoQueue {
   IoQueue(const IoQueue&) = delete;
 
   void set_on_done(OnDone fn) { on_done_ = std::move(fn); }
+  // Called before the first request a synchronous queue makes that a ring
+  // would have made (not those to files in memory, which bypass the ring):
+  // a warning about a missing ring is then true of this work.
+  void set_on_ring_missed(std::function<void()> fn) { on_ring_missed_ = std::move(fn); }
 
   // `path` names the file in errors. Returns the first error seen so far.
   Status submit(const IoRequest& req);
@@ -171,6 +175,7 @@ class IoQueue {
   bool broken_ = false;
   u32 unsubmitted_ = 0;
   OnDone on_done_;
+  std::function<void()> on_ring_missed_;
   Status first_error_;
   LatencyHistogram latency_;
   i64 bytes_done_ = 0;

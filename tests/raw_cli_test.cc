@@ -1603,8 +1603,8 @@ TEST_CASE("raw: every --json report has command and ok, and all but info's total
 }
 
 TEST_CASE(
-    "raw: with io_uring refused (a container's seccomp profile) every command works and says so "
-    "once") {
+    "raw: with io_uring refused (a container's seccomp profile) every command works, and says so "
+    "once where a ring would have been used") {
   require_shm();
   TempDir shm{"/dev/shm"}, disk, out;
   // A block of 8 MiB and one of an odd size, whose last page is partial.
@@ -1619,13 +1619,17 @@ TEST_CASE(
   const std::string kSaid =
       "vmsave: warning: io_uring is unavailable (io_uring_setup: "
       "Operation not permitted";
+  // Work between files in memory uses no ring: nothing to warn about there.
+  std::string image;
   auto said_once = [&](const RunResult& r) {
     size_t at = r.err.find(kSaid);
+    if (image.starts_with("/dev/shm/")) return at == std::string::npos;
     return at != std::string::npos && r.err.find(kSaid, at + 1) == std::string::npos;
   };
   // Into an image on a disk (O_DIRECT writes) and one in memory (tmpfs:
   // writes taken in turns, reads made inline).
-  for (const std::string& image : {disk / "vm.vmsave", shm / "vm.vmsave"}) {
+  for (const std::string& path : {disk / "vm.vmsave", shm / "vm.vmsave"}) {
+    image = path;
     CAPTURE(image);
     std::vector<std::string> save = {"save", image, "--json"};
     for (auto& [id, size] : blocks) save.insert(save.end(), {"--ram", id + "=" + (shm / id)});
