@@ -358,12 +358,15 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
     auto covers = [&](const MapsEntry& m) {
       return m.inode != 0 && m.offset <= u64(b.offset) && m.end - m.start >= 4096;
     };
+    // The device too, not the inode number alone: a QEMU in a mount
+    // namespace of its own can map a file of any number on a filesystem of
+    // its own and name another file of that number as mem-path.
     struct stat st;
     bool direct = false;
     if (stat(b.path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
       for (auto& m : maps)
-        if (covers(m) && m.inode == st.st_ino && m.offset == u64(b.offset) &&
-            m.end - m.start == u64(b.size))
+        if (covers(m) && m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev &&
+            m.offset == u64(b.offset) && m.end - m.start == u64(b.size))
           direct = true;
     }
     if (direct) {
@@ -411,7 +414,8 @@ Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
       // left behind; from the working directory it was not found).
       struct stat there;
       if (relative && !found_path.empty() && stat(found_path.c_str(), &there) == 0 &&
-          S_ISREG(there.st_mode) && there.st_ino == found->inode)
+          S_ISREG(there.st_mode) && there.st_ino == found->inode &&
+          there.st_dev == makedev(found->dev_major, found->dev_minor))
         b.path = found_path;
       b.file = fmt::format("/proc/{}/map_files/{:x}-{:x}", pid, found->start, found->end);
       UniqueFd fd(::open(b.file.c_str(), O_RDONLY | O_CLOEXEC));

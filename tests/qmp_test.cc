@@ -583,6 +583,7 @@ TEST_CASE("qmp: getfd and add-fd pass a working fd with SCM_RIGHTS") {
 struct FakeQemu {
   test::TempDir shm{"/dev/shm"};
   std::string ram = shm / "ram0";
+  std::string mem_path = ram;  // what qom-get says
   void* map = nullptr;
   std::vector<std::string> commands;  // what vmsave asked, in order
   std::map<std::string, json> replies = {
@@ -595,7 +596,8 @@ struct FakeQemu {
                     {{"capability", "mapped-ram"}, {"state", false}}})},
   };
 
-  FakeQemu() {
+  explicit FakeQemu(const std::string& ram_path = "") {
+    if (!ram_path.empty()) ram = mem_path = ram_path;
     test::write_pattern_file(ram, 2 * kMiB, "mixed", 3);
     int fd = ::open(ram.c_str(), O_RDWR | O_CLOEXEC);
     REQUIRE(fd >= 0);
@@ -617,7 +619,7 @@ struct FakeQemu {
         std::string prop = r["arguments"].value("property", "");
         ret = prop == "size"       ? json(2 * kMiB)
               : prop == "share"    ? json(true)
-              : prop == "mem-path" ? json(ram)
+              : prop == "mem-path" ? json(mem_path)
               : prop == "offset"   ? json(0)
                                    : json("pc-q35-10.0-machine");
       } else if (replies.count(cmd)) {
@@ -676,6 +678,44 @@ TEST_CASE(
     CHECK_MESSAGE(r.err.find("-qmp unix:PATH") != std::string::npos, r.err);
     CHECK(out_empty());
   }
+}
+
+TEST_CASE("qmp: a mem-path naming another file of the same inode number is not read") {
+  // An untrusted QEMU (in a mount namespace of its own) maps a file whose
+  // inode number matches one of root's on another filesystem, and names
+  // that one as mem-path: vmsave took the inode number alone for a match
+  // and saved root's file (trial S).
+  test::require_mount("tmpfs");
+  test::TempMount mine("tmpfs", "size=8m"), theirs("tmpfs", "size=8m");
+  REQUIRE(mine.ok());
+  REQUIRE(theirs.ok());
+  const std::string secret = mine / "secret";
+  test::write_pattern_file(secret, 2 * kMiB, "text", 9);
+  struct stat want;
+  REQUIRE(::stat(secret.c_str(), &want) == 0);
+  // A file of the same inode number on the other tmpfs: each numbers its own.
+  std::string ram;
+  for (int i = 0; i < 1000 && ram.empty(); i++) {
+    const std::string p = theirs / fmt::format("f{}", i);
+    test::write_pattern_file(p, 0, "zero");
+    struct stat st;
+    REQUIRE(::stat(p.c_str(), &st) == 0);
+    if (st.st_ino == want.st_ino) ram = p;
+  }
+  REQUIRE_MESSAGE(!ram.empty(), "no file of inode number " << want.st_ino);
+  FakeQemu qemu(ram);
+  qemu.mem_path = secret;
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([&](FakeQmp& s) { qemu.serve(s); });
+  test::RunResult r = test::run_vmsave({"save", "--qmp", server.path(), dir / "vm.vmsave"}, 30);
+  server.join();
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(test::contains(r.err, "cannot find the RAM file of backend ram0 (" + secret +
+                                          "): QEMU has no mapping of it"),
+                r.err);
+  CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "stop") == 0);
+  CHECK_FALSE(std::filesystem::exists(dir / "vm.vmsave"));
 }
 
 TEST_CASE("qmp client drives a real QEMU") {
