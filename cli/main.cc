@@ -119,7 +119,7 @@ int fail(Error e, const std::string& cmd = "") {
     const char* term = std::getenv("TERM");
     say(stderr, "{}", term && std::strcmp(term, "dumb") != 0 ? "\r\x1b[K" : "\n");
   }
-  say(stderr, "vmsave: error: {}\n", e.message());
+  say(stderr, "vmsave: error: {}\n", visible(e.message()));
   return static_cast<int>(e.status);
 }
 
@@ -216,72 +216,74 @@ std::string latency_line(const nlohmann::json& j) {
 // One human paragraph per command; the JSON report has every figure.
 void print_summary(const std::string& cmd, const nlohmann::json& j, const Common& c) {
   if (cmd == "save") {
-    say(stderr, "saved {}: {} of RAM, {} stored ({}% zero)", j["image"].get<std::string>(),
-               human_bytes(j["ram_bytes"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
-               percent(j["zero_ratio"].get<double>()));
+    show(stderr, "saved {}: {} of RAM, {} stored ({}% zero)", j["image"].get<std::string>(),
+         human_bytes(j["ram_bytes"].get<double>()), human_bytes(j["stored_bytes"].get<double>()),
+         percent(j["zero_ratio"].get<double>()));
     if (j.contains("compress"))
-      say(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
-                 j["compression_ratio"].get<double>(),
-                 human_bytes(j["uncompressed_bytes"].get<double>()));
+      show(stderr, ", {} ratio {:.2f} of {}", j["compress"].get<std::string>(),
+           j["compression_ratio"].get<double>(),
+           human_bytes(j["uncompressed_bytes"].get<double>()));
     if (j.value("zero_filled_bytes", i64(0)) > 0)
-      say(stderr, " (+{} of short zero runs, see --min-hole)",
-                 human_bytes(j["zero_filled_bytes"].get<double>()));
+      show(stderr, " (+{} of short zero runs, see --min-hole)",
+           human_bytes(j["zero_filled_bytes"].get<double>()));
     if (j.contains("vmstate_bytes") && j.value("ram_saved_by", "") != "qemu")  // else in QEMU's section
-      say(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
-    say(stderr, "\n  total {}, RAM written in {} ({}/s", secs(j, "total_s"),
-               secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
+      show(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
+    show(stderr, "\n  total {}, RAM written in {} ({}/s", secs(j, "total_s"),
+         secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
     // Compressed, the rate of stored bytes says little of the RAM's.
     const double ram_s = j.value("ram_write_s", 0.0);
     if (j.contains("compress") && ram_s > 0)
-      say(stderr, " stored, {}/s of RAM", human_bytes(j["ram_bytes"].get<double>() / ram_s));
-    say(stderr, ")");
-    if (j.contains("downtime_s")) say(stderr, ", guest paused {}", secs(j, "downtime_s"));
-    if (j.value("ram_saved_by", "") == "qemu") say(stderr, " (RAM saved by QEMU mapped-ram)");
-    say(stderr, "\n");
+      show(stderr, " stored, {}/s of RAM", human_bytes(j["ram_bytes"].get<double>() / ram_s));
+    show(stderr, ")");
+    if (j.contains("downtime_s")) show(stderr, ", guest paused {}", secs(j, "downtime_s"));
+    if (j.value("ram_saved_by", "") == "qemu") show(stderr, " (RAM saved by QEMU mapped-ram)");
+    show(stderr, "\n");
     if (j.value("live", false))
-      say(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n",
-                 j.value("passes", 0), human_bytes(j.value("bytes_rewritten", 0.0)),
-                 secs(j, "flush_s"));
+      show(stderr, "  live: {} passes, {} rewritten, flush and commit {}\n", j.value("passes", 0),
+           human_bytes(j.value("bytes_rewritten", 0.0)), secs(j, "flush_s"));
     for (auto& f : j.value("ram_files_left", nlohmann::json::array())) {
       // Empty with discard-data=on (QEMU dropped its pages as it quit).
       struct stat st;
       std::string path = f.get<std::string>();
       bool holds = stat(path.c_str(), &st) != 0 || st.st_blocks > 0;
-      say(stderr, "  QEMU quit and left its RAM file {}: {} (a restore to it needs it gone, or "
-                  "--force)\n",
-          path, holds ? "remove it to free that memory" : "it holds no data");
+      show(stderr,
+           "  QEMU quit and left its RAM file {}: {} (a restore to it needs it gone, or "
+           "--force)\n",
+           path, holds ? "remove it to free that memory" : "it holds no data");
     }
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")  // prepare only prints the arguments that map it
-      say(stderr, "{} {} of RAM copy-on-write from the image\n",
-          cmd == "prepare" ? "these arguments map" : "mapped", human_bytes(j["ram_bytes"].get<double>()));
+      show(stderr, "{} {} of RAM copy-on-write from the image\n",
+           cmd == "prepare" ? "these arguments map" : "mapped",
+           human_bytes(j["ram_bytes"].get<double>()));
     else if (j.value("ram_bytes", 0.0) > 0)
-      say(stderr, "restored {} of RAM ({} stored) in {}\n",
-                 human_bytes(j["ram_bytes"].get<double>()),
-                 human_bytes(j.value("stored_bytes", 0.0)), secs(j, "ram_read_s"));
+      show(stderr, "restored {} of RAM ({} stored) in {}\n",
+           human_bytes(j["ram_bytes"].get<double>()), human_bytes(j.value("stored_bytes", 0.0)),
+           secs(j, "ram_read_s"));
     if (j.contains("qemu_ram_bytes"))
-      say(stderr, "QEMU loaded {} of RAM from its migration section in the image\n",
-                 human_bytes(j["qemu_ram_bytes"].get<double>()));
+      show(stderr, "QEMU loaded {} of RAM from its migration section in the image\n",
+           human_bytes(j["qemu_ram_bytes"].get<double>()));
     if (j.contains("pid"))
-      say(stderr, "QEMU pid {} is {}; QMP socket {}{}\n", j["pid"].get<i64>(),
-                 j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>(),
-                 j.contains("qemu_log") ? "; its log " + j["qemu_log"].get<std::string>() : "");
-    say(stderr, "  total {}\n", secs(j, "total_s"));
+      show(stderr, "QEMU pid {} is {}; QMP socket {}{}\n", j["pid"].get<i64>(),
+           j.value("running", false) ? "running" : "paused", j["qmp"].get<std::string>(),
+           j.contains("qemu_log") ? "; its log " + j["qemu_log"].get<std::string>() : "");
+    show(stderr, "  total {}\n", secs(j, "total_s"));
   } else if (cmd == "verify") {
     // An image QEMU saved all of has no chunks of vmsave's, only its section.
     const i64 chunks = j["chunks_checked"].get<i64>();
     const bool section = j.value("qemu_section_bytes", i64(0)) > 0;
     std::string what = fmt::format("{} chunks", chunks);
     if (section) what = chunks ? what + " and QEMU's section" : "QEMU's section";
-    say(stderr, "{}: intact ({}, {} read in {})\n", j["image"].get<std::string>(), what,
-        human_bytes(j["bytes_read"].get<double>()), secs(j, "verify_s"));
+    show(stderr, "{}: intact ({}, {} read in {})\n", j["image"].get<std::string>(), what,
+         human_bytes(j["bytes_read"].get<double>()), secs(j, "verify_s"));
     if (const i64 n = j.value("unchecked_sections", i64(0)); n > 0)
-      say(stderr, "  not checked: {} section{} of format v{}, newer than this vmsave (v{}.{})\n", n,
-          n == 1 ? "" : "s", j["format_version"].get<std::string>(), kFormatMajor, kFormatMinor);
+      show(stderr, "  not checked: {} section{} of format v{}, newer than this vmsave (v{}.{})\n",
+           n, n == 1 ? "" : "s", j["format_version"].get<std::string>(), kFormatMajor,
+           kFormatMinor);
   }
   // None when QEMU moved all of it (an image whose RAM QEMU saved).
   if (c.stats && j.contains("io_latency_us") && j["io_latency_us"].value("count", i64(0)) > 0)
-    say(stderr, "  {}\n", latency_line(j));
+    show(stderr, "  {}\n", latency_line(j));
 }
 
 // An argument as a POSIX shell would need it: as is when it has nothing
@@ -300,21 +302,7 @@ std::string shell_word(const std::string& a) {
 // (an image from elsewhere could otherwise retitle or clear the terminal).
 template <class... Args>
 void print_text(fmt::format_string<Args...> f, Args&&... args) {
-  std::string s = fmt::format(f, std::forward<Args>(args)...);
-  std::string out;
-  for (size_t i = 0; i < s.size(); i++) {
-    unsigned char ch = s[i];
-    bool c1 = ch == 0xc2 && i + 1 < s.size() && (unsigned char)s[i + 1] >= 0x80 &&
-              (unsigned char)s[i + 1] <= 0x9f;  // U+0080-U+009F in UTF-8
-    bool last_newline = ch == '\n' && i + 1 == s.size();  // the line's own; one in a value is shown
-    if ((ch < 0x20 && !last_newline) || ch == 0x7f || c1) {
-      out += fmt::format("\\x{:02x}", ch);
-      if (c1) out += fmt::format("\\x{:02x}", (unsigned char)s[++i]);
-    } else {
-      out += static_cast<char>(ch);
-    }
-  }
-  say(stdout, "{}", out);
+  show(stdout, f, std::forward<Args>(args)...);
 }
 
 void print_info(const nlohmann::json& j) {

@@ -179,14 +179,14 @@ void TerminalReporter::end_phase() {
 void TerminalReporter::warn(const std::string& msg) {
   std::lock_guard lock(mu_);
   clear_line();
-  say(stderr, "vmsave: warning: {}\n", msg);
+  say(stderr, "vmsave: warning: {}\n", visible(msg));
 }
 
 void TerminalReporter::note(const std::string& msg) {
   std::lock_guard lock(mu_);
   if (quiet_) return;
   clear_line();
-  say(stderr, "{}\n", msg);
+  say(stderr, "{}\n", visible(msg));
 }
 
 }  // namespace vmsave

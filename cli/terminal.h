@@ -27,6 +27,25 @@ void say(std::FILE* f, fmt::format_string<T...> format, T&&... args) {
   (void)!std::fwrite(s.data(), 1, s.size(), f);
 }
 
+// say(), with every string argument made visible(): for lines that show
+// text from an image or from QEMU, whose format strings are vmsave's own.
+inline std::string visible_arg(const std::string& s) {
+  return visible(s);
+}
+inline std::string visible_arg(const char* s) {
+  return visible(s);
+}
+template <typename T>
+const T& visible_arg(const T& v) {
+  return v;
+}
+template <typename... T>
+void show(std::FILE* f, fmt::format_string<T...> format, T&&... args) {
+  std::string s =
+      fmt::vformat(fmt::string_view(format), fmt::make_format_args(visible_arg(args)...));
+  (void)!std::fwrite(s.data(), 1, s.size(), f);
+}
+
 // `s` in at most `width` columns, its middle elided with "...".
 std::string elide_middle(const std::string& s, size_t width);
 

@@ -38,6 +38,24 @@ const char* errno_hint(int err) {
   }
 }
 
+std::string visible(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size(); i++) {
+    const unsigned char ch = s[i];
+    const bool c1 = ch == 0xc2 && i + 1 < s.size() &&
+                    static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+                    static_cast<unsigned char>(s[i + 1]) <= 0x9f;  // U+0080-U+009F
+    if (ch < 0x20 || ch == 0x7f || c1) {
+      out += fmt::format("\\x{:02x}", ch);
+      if (c1) out += fmt::format("\\x{:02x}", static_cast<unsigned char>(s[++i]));
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out;
+}
+
 std::string human_bytes(double bytes) {
   static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int i = 0;

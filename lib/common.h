@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <variant>
 
@@ -142,6 +143,12 @@ inline bool is_pow2(u64 v) { return v && !(v & (v - 1)); }
 
 // "1.5 GiB", "300 KiB": for messages and summaries.
 std::string human_bytes(double bytes);
+
+// `s` for a terminal: control characters (C0, DEL, C1 in UTF-8) shown as
+// \xNN, never obeyed. Text from an image or from QEMU (ids, paths, QEMU's
+// errors and log) could otherwise retitle or clear the terminal, or forge
+// lines of vmsave's own.
+std::string visible(std::string_view s);
 
 // EFBIG for a file of `size` bytes at `path`: past this process's file size
 // limit (ulimit -f, RLIMIT_FSIZE), or else more than the filesystem takes.

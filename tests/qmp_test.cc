@@ -385,6 +385,30 @@ TEST_CASE("qmp: the client reads replies within a 64 KiB stack (ulimit -s 64)") 
   CHECK_FALSE(std::filesystem::exists(dir / "vm.img"));
 }
 
+TEST_CASE(
+    "qmp: QEMU's error text reaches the terminal with its control characters shown, not obeyed") {
+  // An untrusted QEMU's error could retitle or clear the terminal, or
+  // forge a line of vmsave's own (trial S).
+  test::TempDir dir;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([](FakeQmp& s) {
+    s.handshake();
+    json r = s.request();
+    s.send(json{{"error",
+                 {{"class", "GenericError"}, {"desc", "boom\x1b]0;PWNED\x07\nvmsave: saved ok\r"}}},
+                {"id", r["id"]}}
+               .dump() +
+           "\r\n");
+  });
+  auto r = test::run_vmsave({"save", "--qmp", server.path(), dir / "vm.img"}, 30);
+  server.join();
+  REQUIRE_RUN(r, 1);
+  CHECK_MESSAGE(test::contains(r.err, "boom\\x1b]0;PWNED\\x07\\x0avmsave: saved ok\\x0d"), r.err);
+  CHECK(r.err.find('\x1b') == std::string::npos);
+  CHECK(r.err.find('\r') == std::string::npos);
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);  // its own line's end only
+}
+
 namespace {
 
 // A QMP server in a child process that stops itself (SIGSTOP), before it
