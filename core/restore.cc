@@ -1109,6 +1109,19 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
   if (opts.lazy) VMSAVE_TRY(check_lazy(img, opts.image));
   VMSAVE_TRY(check_qemu_image(*meta, opts.image));
   if (opts.lazy) VMSAVE_TRY(refuse_lazy_qemu_section(img));
+  // Its arguments reach QEMU through a wrapper, one per line: a control
+  // character (a newline) in a saved backend's properties would split its
+  // argument into several, QEMU options of the image's choosing (trial S).
+  const std::vector<ObjectArg> saved = saved_backends(*meta);
+  for (auto& s : saved) {
+    const std::string o = format_object(s.object);
+    if (std::any_of(o.begin(), o.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; }))
+      return Error{"the image's saved QEMU command line holds a control character", opts.image,
+                   fmt::format("in the -object of backend {}: {}", s.object.id, o)}
+          .fix(
+              "restore it with `vmsave restore IMAGE -- QEMU-COMMAND`, giving the command yourself")
+          .as(Exit::kDamaged);
+  }
   std::string image_abs = absolute(opts.image);
   nlohmann::json args = nlohmann::json::array();
   RamStats ram;
@@ -1121,7 +1134,6 @@ Result<nlohmann::json> prepare(const RestoreOptions& opts, Reporter& rep) {
     files = std::move(*filled);
     timer.lap("ram");
   }
-  const std::vector<ObjectArg> saved = saved_backends(*meta);
   for (auto& b : img.layout().blocks) {
     // QEMU loads these from the image; the VM's own command line (its -m,
     // its memory-backend-ram/memfd objects) provides them.

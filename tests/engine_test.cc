@@ -597,6 +597,42 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "engine: prepare refuses saved backend properties that would split into extra QEMU options") {
+  // prepare prints one argument per line for a wrapper to pass to QEMU: a
+  // newline in a saved -object made its tail separate options, run by root's
+  // QEMU (`-pidfile FILE` overwrote FILE; trial S).
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", kMiB, "mixed", 5);
+  const std::string image = disk / "image.vmsave";
+  const std::string victim = disk / "victim";
+  test::write_image_of(image, shm / "ram", "", "",
+                       {{"mode", "qemu"},
+                        {"qemu_cmdline",
+                         {"qemu-system-x86_64", "-object",
+                          "memory-backend-file,id=ram,size=1M,share=on,mem-path=/dev/shm/x,"
+                          "x-use-canonical-path-for-ramblock-id=off\n-pidfile\n" +
+                              victim}}});
+  const std::string out = shm / "out";
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
+  for (std::vector<std::string> args : {std::vector<std::string>{"prepare", image, "--lazy"},
+                                        {"prepare", image, "--lazy", "--json"},
+                                        {"prepare", image, "--ram-dir", out}}) {
+    CAPTURE(args.back());
+    RunResult r = run_vmsave(args);
+    CHECK_RUN(r, 3);
+    CHECK_MESSAGE(
+        contains(r.err, "the image's saved QEMU command line holds a control character (" + image +
+                            "): in the -object of backend ram: "),
+        r.err);
+    CHECK_MESSAGE(contains(r.err, "=off\\x0a-pidfile\\x0a"), r.err);
+    CHECK_FALSE(contains(r.out, "\n-pidfile\n"));
+  }
+  CHECK(std::filesystem::is_empty(out));  // refused before any RAM file was filled
+  CHECK_FALSE(std::filesystem::exists(victim));
+}
+
 TEST_CASE("engine: a filesystem without O_DIRECT falls back to buffered I/O with a warning") {
   require_shm();
   require_mount("ramfs");
