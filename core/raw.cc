@@ -226,6 +226,28 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
           "pass --force to overwrite it, or remove it");
     created = false;
     f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC));
+    // Another user's file is replaced by a new one, not filled in place:
+    // its owner could read and write the guest's memory through it, even
+    // through a descriptor opened before (trial S).
+    struct stat old;
+    if (f.fd_ && fstat(f.fd_.get(), &old) == 0 && S_ISREG(old.st_mode) && old.st_uid != geteuid()) {
+      if (parts.size() > 1 || parts[0].offset > 0)
+        return Error{"RAM file belongs to another user", path,
+                     fmt::format("its owner (uid {}) could read and write the guest's memory in "
+                                 "it, and it holds more than block {}, so it is not replaced",
+                                 old.st_uid, ids)}
+            .fix("remove it first, or restore as its owner");
+      VMSAVE_TRY(check_not_mapped(path, old));
+      struct stat now;
+      if (lstat(path.c_str(), &now) == 0 && same_file(now, old) && ::unlink(path.c_str()) < 0)
+        return Error{"cannot replace RAM file", path,
+                     fmt::format("it belongs to uid {}, and removing it failed: {}", old.st_uid,
+                                 std::strerror(errno))}
+            .fix("remove it first, or restore as its owner");
+      created = true;
+      f.fd_ =
+          UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    }
   }
   if (!f.fd_) {
     const int err = errno;

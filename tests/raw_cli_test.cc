@@ -1892,6 +1892,34 @@ TEST_CASE("raw: restore --force over a RAM file another user owns says so, and k
   CHECK(test::read_file(out / "ram0") == "root's");
 }
 
+TEST_CASE("raw: restore --force replaces another user's RAM file with one of its own") {
+  // Filled in place, the file stayed its owner's (mode 0600 or not): a user
+  // who made it in a shared directory, and kept it open, read and wrote the
+  // restored guest's memory (trial S).
+  require_shm();
+  if (geteuid() != 0) test::skip("needs root to give a file to another user");
+  SmallImage s;
+  TempDir out{"/dev/shm"};
+  REQUIRE(::chmod(out.path().c_str(), 01777) == 0);  // like /tmp and /dev/shm
+  const std::string ram0 = out / "ram0";
+  write_string(ram0, "theirs");
+  REQUIRE(::chown(ram0.c_str(), 65534, 65534) == 0);
+  UniqueFd theirs(::open(ram0.c_str(), O_RDWR | O_CLOEXEC));  // held open, as its owner would
+  REQUIRE(theirs);
+  RunResult r = run_vmsave({"restore", s.image, "--ram-dir", out.path(), "--force"});
+  REQUIRE_RUN(r, 0);
+  struct stat st;
+  REQUIRE(::stat(ram0.c_str(), &st) == 0);
+  CHECK(st.st_uid == 0);
+  CHECK((st.st_mode & 07777) == 0600);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(s.shm / "ram0", ram0, &why), why);
+  // What its owner holds is the old file, with none of the guest in it.
+  char buf[16] = {};
+  CHECK(::pread(theirs.get(), buf, sizeof(buf), 0) == 6);
+  CHECK(std::string(buf) == "theirs");
+}
+
 TEST_CASE(
     "raw: RAM files in tmpfs that a memory cgroup cannot hold are refused before any is written") {
   // tmpfs pages are charged to the cgroup that writes them: vmsave in a
