@@ -14,7 +14,9 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
 
@@ -752,6 +754,58 @@ std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t
   return out;
 }
 
+std::string new_qemu_mark() {
+  u8 bytes[16] = {};
+  if (getrandom(bytes, sizeof(bytes), 0) !=
+      sizeof(bytes)) {  // before the pool is ready: unique will do
+    const u64 t = static_cast<u64>(Clock::now().time_since_epoch().count()) ^ u64(getpid()) << 40;
+    std::memcpy(bytes, &t, sizeof(t));
+  }
+  std::string mark = "VMSAVE_QEMU=";
+  for (u8 b : bytes) mark += fmt::format("{:02x}", b);
+  return mark;
+}
+
+bool has_mark(pid_t pid, const std::string& mark) {
+  if (mark.empty() || pid <= 0) return false;
+  std::ifstream in(fmt::format("/proc/{}/environ", pid), std::ios::binary);
+  // NUL before each entry, as after each: whole entries only.
+  std::string env(1, '\0');
+  env.append(std::istreambuf_iterator<char>(in), {});
+  std::string entry(1, '\0');
+  entry += mark;
+  entry += '\0';
+  return env.find(entry) != std::string::npos;
+}
+
+int kill_marked(const std::string& mark) {
+  if (mark.empty()) return 0;
+  DIR* proc = opendir("/proc");
+  if (!proc) return 0;
+  std::vector<pid_t> pids;
+  while (dirent* d = readdir(proc)) {
+    char* end;
+    const long pid = std::strtol(d->d_name, &end, 10);
+    if (!*end && pid > 0 && pid != getpid() && has_mark(static_cast<pid_t>(pid), mark))
+      pids.push_back(static_cast<pid_t>(pid));
+  }
+  closedir(proc);
+  int killed = 0;
+  for (pid_t pid : pids) {
+    UniqueFd pidfd = open_pidfd(pid);
+    // Looked at again through the pidfd: the pid may be another's by now.
+    if (!pidfd || !has_mark(pid, mark) ||
+        ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) < 0)
+      continue;
+    killed++;
+    if (waitpid(pid, nullptr, 0) == pid) continue;  // a child of ours: reaped
+    pollfd p{pidfd.get(), POLLIN, 0};
+    while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
+    }
+  }
+  return killed;
+}
+
 std::string log_tail(const std::string& path, int lines) {
   std::ifstream in(path);
   std::vector<std::string> all;
@@ -767,7 +821,8 @@ std::string log_tail(const std::string& path, int lines) {
 }
 
 Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log,
-                               bool log_named, const std::function<void(pid_t)>& forked) {
+                               bool log_named, const std::string& mark,
+                               const std::function<void(pid_t)>& forked) {
   UniqueFd logfd;
   if (log_named) {
     // A link is followed only to what is not a regular file (/dev/stderr):
@@ -796,6 +851,11 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
   std::vector<char*> args;
   for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  std::vector<char*> env;
+  for (char** e = environ; *e; e++)
+    if (!std::string_view(*e).starts_with("VMSAVE_QEMU=")) env.push_back(*e);
+  if (!mark.empty()) env.push_back(const_cast<char*>(mark.c_str()));
+  env.push_back(nullptr);
   // The exec error travels back through a close-on-exec pipe.
   int ep[2];
   if (pipe2(ep, O_CLOEXEC) < 0) return sys_error("pipe2", "", errno);
@@ -822,7 +882,7 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
     dup2(devnull.get(), 0);
     dup2(logfd.get(), 1);
     dup2(logfd.get(), 2);
-    execvp(args[0], args.data());
+    execvpe(args[0], args.data(), env.data());
     int e = errno;
     (void)!::write(ewr.get(), &e, sizeof(e));
     _exit(127);
@@ -836,7 +896,7 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
     waitpid(pid, nullptr, 0);
     return sys_error("cannot start QEMU", argv[0], e).fix("check the command after --");
   }
-  return StartedQemu{pid, log};
+  return StartedQemu{pid, log, mark};
 }
 
 Error killed_error(int sig, const std::string& when, const std::string& log) {
@@ -869,6 +929,9 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
                                   bool daemonize) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   Backoff pause(5);
+  pid_t other = -1;  // a process not ours that listens on `path`
+  for (int ms = 0; ms < FaultPlan::get().slow_connect_ms && !cancelled(); ms += 10)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   for (;;) {
     auto info = peek_exit(q.pid);
     bool exited = info.has_value();
@@ -881,9 +944,19 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
       auto c = QmpClient::connect(path, std::max(1.0, timeout_s / 2));
       // Until our QEMU has bound the path anew, it may still lead to the
       // QEMU that had it before (one killed a moment ago, still exiting).
-      if (c.ok() && (daemonize || c->peer_pid() == q.pid)) return c;
+      // A daemon is ours by its mark: another QEMU may have bound the path
+      // after ours (trial Q), or someone may have put a socket there.
+      if (c.ok() &&
+          (daemonize ? has_mark(c->peer_pid(), q.mark) || q.mark.empty() : c->peer_pid() == q.pid))
+        return c;
+      if (c.ok()) other = c->peer_pid();
       if (!c.ok() && Clock::now() > deadline) return c.error();
     }
+    if (Clock::now() > deadline && other > 0)
+      return Error{
+          "the QMP socket leads to another process", path,
+          fmt::format("process {} listens there, not the QEMU this restore started", other)}
+          .fix("give each VM its own -qmp socket");
     if (Clock::now() > deadline)
       return Error{"QEMU did not open its QMP socket in time", path, log_tail(q.log, 3)};
     if (cancelled()) return interrupted_error();

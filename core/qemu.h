@@ -146,14 +146,27 @@ std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t
 struct StartedQemu {
   pid_t pid = -1;
   std::string log;
+  std::string mark;  // new_qemu_mark(), in its environment
 };
+
+// "VMSAVE_QEMU=" and 32 random hex digits, put in the environment of a
+// QEMU a restore starts. It marks that QEMU and the daemon it forks
+// (-daemonize), whose pid nobody learns until it answers on its QMP socket:
+// the restore knows its QEMU on the socket by it, and a restore killed
+// before then (or its watchdog) finds its QEMU by it.
+std::string new_qemu_mark();
+// Whether `pid`'s environment holds `mark`.
+bool has_mark(pid_t pid, const std::string& mark);
+// Kills every process whose environment holds `mark` (SIGKILL, through a
+// pidfd, waiting up to 5 s for each to go); returns how many.
+int kill_marked(const std::string& mark);
 // `forked` is told the pid as soon as it exists, before exec (a restore's
 // watchdog must know it before anything else can go wrong). A log the user
 // did not name (`log_named` false: the one beside QEMU's socket, in a
 // directory others may write) must be a regular file, not a link: vmsave,
 // often root, must not be steered into truncating another file.
 Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::string& log,
-                               bool log_named,
+                               bool log_named, const std::string& mark,
                                const std::function<void(pid_t)>& forked = nullptr);
 
 // Connects to `path` as soon as QEMU listens there; fails early with the

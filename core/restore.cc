@@ -38,6 +38,7 @@
 #include <thread>
 
 #include <fmt/core.h>
+#include <xxhash.h>
 
 #include "core/internal.h"
 #include "core/qemu.h"
@@ -643,6 +644,31 @@ Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
       .as(Exit::kUsage);
 }
 
+// Two restores whose commands name one QMP socket each found the path
+// free, and the QEMU started second took it from the first (QEMU unlinks
+// and binds anew): one restore reported the other's VM, and its own QEMU
+// waited unreachable (trial Q). The path is claimed, by an abstract socket
+// named after it, while this vmsave runs; by then its QEMU listens there,
+// which check_qmp_path_free() refuses.
+Result<UniqueFd> claim_qmp_path(const std::string& path) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
+  const std::string abs = absolute(path);
+  const std::string name = fmt::format("vmsave-qmp-{:016x}", XXH3_64bits(abs.data(), abs.size()));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  memcpy(addr.sun_path + 1, name.data(), name.size());  // sun_path[0] == 0: abstract
+  const auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), len) < 0) {
+    if (errno == EADDRINUSE)
+      return Error{"the QEMU command's QMP socket is in use", path,
+                   "another vmsave is restoring a VM with this socket"}
+          .fix("give each VM its own -qmp socket, or wait for that restore to finish");
+    return sys_error("cannot claim the QMP socket's path", path, errno);
+  }
+  return fd;
+}
+
 // The command's own QMP socket must not be another process's: QEMU would
 // unlink it and bind anew, taking it from a running VM (a second clone
 // started with the same command), and vmsave could talk to that VM before
@@ -850,6 +876,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   auto mon = cmd.qmp_socket();
   if (!mon.ok()) return mon.error().as(Exit::kUsage);
   std::string qmp_path;
+  UniqueFd qmp_claim;  // held until vmsave exits: see claim_qmp_path()
   std::string log = opts.qemu_log;
   std::string run_dir;
   if (*mon && (*mon)->server) {
@@ -858,6 +885,9 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return Error{"the QEMU command's QMP socket waits for a client at start-up", qmp_path, ""}
           .fix("add wait=off to it")
           .as(Exit::kUsage);
+    auto claim = claim_qmp_path(qmp_path);
+    if (!claim.ok()) return claim.error();
+    qmp_claim = std::move(*claim);
     VMSAVE_TRY(check_qmp_path_free(qmp_path));
     // QEMU would fail to bind it; said before any RAM file is filled.
     std::string dir = std::filesystem::path(absolute(qmp_path)).parent_path().string();
@@ -879,6 +909,20 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (log.empty() && !qmp_path.empty()) log = qmp_path + ".qemu.log";
   if (qmp_path.empty()) {
     const char* base = getenv("XDG_RUNTIME_DIR");
+    // Only a directory of this user's alone, as the XDG spec has it: the
+    // owner of another (root after `su` keeps the user's) could rename the
+    // run directory and put a socket of its own where QEMU's goes (trial S).
+    struct stat bst;
+    if (base && *base && stat(base, &bst) == 0 &&
+        (bst.st_uid != geteuid() || (bst.st_mode & (S_IWGRP | S_IWOTH)))) {
+      rep.warn(
+          fmt::format("XDG_RUNTIME_DIR ({}) is not this user's alone ({}): QEMU's QMP socket "
+                      "goes under /tmp instead",
+                      base,
+                      bst.st_uid != geteuid() ? fmt::format("its owner is uid {}", bst.st_uid)
+                                              : std::string("others may write to it")));
+      base = nullptr;
+    }
     std::string parent = base && *base ? base : "/tmp";
     remove_stale_run_dirs(parent);
     std::string tmpl = parent + "/vmsave-XXXXXX";
@@ -963,6 +1007,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     ~Cleanup() {
       if (*ok) return;
       kill_qemu(q->pid);
+      kill_marked(q->mark);  // a daemon that has not answered yet
       for (auto& f : qemu_files) ::unlink(f.c_str());
       // The command's own socket, which the QEMU that failed left bound to
       // nothing (no live process listened there before it started).
@@ -1004,7 +1049,11 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // boundary looks again, so an interrupted restore never reports success.
   if (cancelled()) return interrupted_error();
   // A daemonizing QEMU's first process exits; the daemon is noted below.
-  auto started = start_qemu(cmd.argv(), log, !opts.qemu_log.empty(), [&](pid_t pid) {
+  // A daemon is known by its mark until it answers (a restore killed before
+  // then left it waiting for ever; trial Q).
+  const std::string mark = new_qemu_mark();
+  if (cmd.daemonize()) watchdog->note_kill_marked(mark);
+  auto started = start_qemu(cmd.argv(), log, !opts.qemu_log.empty(), mark, [&](pid_t pid) {
     if (!cmd.daemonize()) watchdog->note_kill(pid);
   });
   if (!started.ok()) return started.error();

@@ -148,6 +148,8 @@ void kill_and_wait(int pidfd) {
     } else if (it->contains("kill") && it->value("pidfd", -1) >= 0) {
       kill_and_wait(it->value("pidfd", -1));
       killed = true;
+    } else if (it->contains("kill_marked")) {
+      killed |= kill_marked(it->value("kill_marked", "")) > 0;
     } else if (it->contains("remove")) {
       std::error_code ec;
       removed |= std::filesystem::remove_all(it->value("remove", ""), ec) > 0;
@@ -224,6 +226,10 @@ Result<Watchdog> Watchdog::fork_watch(QmpClient* qmp, bool resume, const char* c
 
 void Watchdog::note_kill(pid_t pid) {
   if (pid_ > 0 && pid > 0) send_note(sock_.get(), {{"kill", pid}});
+}
+
+void Watchdog::note_kill_marked(const std::string& mark) {
+  if (pid_ > 0 && !mark.empty()) send_note(sock_.get(), {{"kill_marked", mark}});
 }
 
 void Watchdog::note_remove(const std::string& path) {

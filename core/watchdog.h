@@ -45,6 +45,9 @@ class Watchdog {
 
   // The process `pid` (a QEMU this run started) is killed if vmsave dies.
   void note_kill(pid_t pid);
+  // So is every process whose environment holds `mark` (new_qemu_mark()):
+  // a daemonizing QEMU, whose pid is not known yet.
+  void note_kill_marked(const std::string& mark);
   // `path` (a file, or a directory with everything in it) is removed if
   // vmsave dies. Note only what this run created or truncated.
   void note_remove(const std::string& path);

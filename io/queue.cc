@@ -42,6 +42,10 @@ const FaultPlan& FaultPlan::get() {
       p.slow_load_ms = std::atoi(v.c_str() + std::strlen("slow-load:"));
       return p;
     }
+    if (v.starts_with("slow-connect:")) {
+      p.slow_connect_ms = std::atoi(v.c_str() + std::strlen("slow-connect:"));
+      return p;
+    }
     if (v.starts_with("slow-flush:")) {
       p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
       return p;

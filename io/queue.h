@@ -59,7 +59,10 @@ struct IoRequest {
 // a full filesystem is met part-way through the fill (as when something
 // else fills it meanwhile); "slow-load:MS" makes a restore wait MS
 // milliseconds once QEMU has begun loading the device state, before it
-// sends the first byte (a signal lands there). Read once at start-up.
+// sends the first byte (a signal lands there); "slow-connect:MS" makes a
+// restore wait MS milliseconds once QEMU has started, before it connects
+// to its QMP socket (a kill lands before the daemon's pid is known). Read
+// once at start-up.
 struct FaultPlan {
   i64 nth = 0;
   int err = 0;       // positive errno to fail with, or 0
@@ -69,6 +72,7 @@ struct FaultPlan {
   bool no_space_check = false;
   double qmp_timeout_s = 0;  // "qmp-timeout:S": QMP commands wait S seconds
   int slow_load_ms = 0;
+  int slow_connect_ms = 0;
   static const FaultPlan& get();
 };
 

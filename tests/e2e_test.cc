@@ -2394,6 +2394,63 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "e2e: a restore killed before its daemonized QEMU answers leaves no QEMU behind, and holds "
+    "its QMP socket until then") {
+  // The daemon's pid was learnt from its QMP connection: a restore killed
+  // before that left it waiting for its device state for ever, holding its
+  // RAM file and socket, and the retry found the socket in use (trial Q).
+  // And a second restore with the same QMP socket is refused meanwhile.
+  test::require_guest_kit();
+  TestVm vm(kSmallVm);
+  const std::string image = saved_without_ram(vm);
+  const MemcheckLine saved = *read_story(vm.serial_log()).last;
+  const std::string log = vm.dir() + "/killed-restore.log";
+  const std::vector<std::string> restore =
+      restore_args(image, vm.dir() + "/restore.log", false, plus(vm.command(), {"-daemonize"}));
+  std::vector<std::string> argv = {VMSAVE_BINARY};
+  argv.insert(argv.end(), restore.begin(), restore.end());
+  {
+    Child held(argv, log, -1, {"VMSAVE_FAULT=slow-connect:60000"});
+    // QEMU has daemonized (its first process gone) and listens.
+    struct stat st;
+    double deadline = now_s() + kRunTimeout;
+    while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+             test::qemu_pids_mentioning(vm.dir()).size() == 1) &&
+           now_s() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    REQUIRE(test::qemu_pids_mentioning(vm.dir()).size() == 1);
+    // A second restore of a command with the same QMP socket is refused
+    // while this one runs: its QEMU would have taken the socket's path
+    // (trial Q: one restore reported the other's VM).
+    const std::string second_ram =
+        std::filesystem::path(vm.ram_path()).parent_path().string() + "/second";
+    RunResult second = run_vmsave(rewrite(restore, vm.ram_path(), second_ram), kRunTimeout);
+    CHECK_RUN(second, 1);
+    CHECK_MESSAGE(contains(second.err, "the QEMU command's QMP socket is in use (" + vm.qmp_path() +
+                                           "): another vmsave is restoring a VM with this socket; "
+                                           "give each VM its own -qmp socket, or wait for that "
+                                           "restore to finish"),
+                  second.err);
+    CHECK_FALSE(exists(second_ram));
+    held.signal(SIGKILL);
+    REQUIRE(held.wait(10) == 128 + SIGKILL);
+  }
+  std::string err;
+  double deadline = now_s() + 15;
+  while (!contains(err = slurp(log), "vmsave: the restore was killed part-way") &&
+         now_s() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK_MESSAGE(contains(err, "the QEMU it started is stopped"), err);
+  CHECK_MESSAGE(test::qemu_pids_mentioning(vm.dir()).empty(), err);
+  CHECK_FALSE(exists(vm.ram_path()));
+  // So the retry finds nothing in its way, and the guest carries on.
+  RunResult r = run_vmsave(restore, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  check_carries_on(vm, saved, parse_json(r).value("pid", -1));
+  CHECK(test::kill_qemu_mentioning(vm.dir()) == 1);
+}
+
+TEST_CASE(
     "e2e: a QEMU killed during a restore is named as the cause, and the retry finds nothing in "
     "its way") {
   test::require_guest_kit();
@@ -2775,6 +2832,25 @@ TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and
   CHECK_RUN(r, 1);
   CHECK_MESSAGE(contains(r.err, "the QMP socket vmsave would give QEMU has too long a path"), r.err);
   CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
+
+  // Another user's XDG_RUNTIME_DIR (root after `su`) is not used: its owner
+  // could swap the run directory and QEMU's socket in it (trial S).
+  if (geteuid() == 0) {
+    const std::string theirs = vm.dir() + "/theirs";
+    REQUIRE(::mkdir(theirs.c_str(), 0700) == 0);
+    REQUIRE(::chown(theirs.c_str(), 65534, 65534) == 0);
+    r = run_vmsave(args, kRunTimeout, {"XDG_RUNTIME_DIR=" + theirs});
+    REQUIRE_RUN(r, 0);
+    CHECK_MESSAGE(contains(r.err, "vmsave: warning: XDG_RUNTIME_DIR (" + theirs +
+                                      ") is not this user's alone (its owner is uid 65534): "
+                                      "QEMU's QMP socket goes under /tmp instead"),
+                  r.err);
+    const std::string at = parse_json(r).value("qmp", "");
+    CHECK(at.starts_with("/tmp/vmsave-"));
+    CHECK(list_dir(theirs).empty());
+    CHECK(test::kill_qemu_mentioning(vm.dir()) == 1);
+    std::filesystem::remove_all(std::filesystem::path(at).parent_path());
+  }
 
   // A QEMU that fails at start-up does not leave the command's own socket.
   const std::string own = vm.dir() + "/own.sock";
