@@ -1514,12 +1514,27 @@ Status ImageWriter::link_into_place() {
     VMSAVE_TRY(check_target(target_, true));  // what appeared there while saving
     if (rename(from.c_str(), target_.c_str()) < 0) return sys_error("rename", target_, errno);
   } else {
-    if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, target_.c_str(), RENAME_NOREPLACE) < 0) {
-      if (errno == EEXIST)
-        return Error{"image exists", target_, "it appeared while saving"}.fix(
-            "pass --force to replace it");
-      return sys_error("rename", target_, errno);
+    int err = renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, target_.c_str(), RENAME_NOREPLACE) < 0
+                  ? errno
+                  : 0;
+    // FUSE (sshfs, fuse2fs, exfat-fuse) refuses the flag (EINVAL): a hard
+    // link does not replace either; without links (exfat), a plain rename
+    // once nothing is there. Every save there failed at its end (trial R).
+    if (err == EINVAL || err == ENOSYS) {
+      err = ::link(from.c_str(), target_.c_str()) < 0 ? errno : 0;
+      if (!err) {
+        ::unlink(from.c_str());
+      } else if (err != EEXIST) {
+        struct stat st;
+        err = ::lstat(target_.c_str(), &st) == 0            ? EEXIST
+              : ::rename(from.c_str(), target_.c_str()) < 0 ? errno
+                                                            : 0;
+      }
     }
+    if (err == EEXIST)
+      return Error{"image exists", target_, "it appeared while saving"}.fix(
+          "pass --force to replace it");
+    if (err) return sys_error("rename", target_, err);
   }
   temp_name_.clear();
   return Status();

@@ -11,6 +11,7 @@
 #include <pty.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1890,6 +1891,42 @@ TEST_CASE("raw: restore --force over a RAM file another user owns says so, and k
                   "): Permission denied; it exists and is not writable by this user (its owner "
                   "is uid 0): remove it first, or restore as its owner");
   CHECK(test::read_file(out / "ram0") == "root's");
+}
+
+TEST_CASE("raw: a save commits on FUSE, which refuses rename's RENAME_NOREPLACE") {
+  // Every save to sshfs, fuse2fs or exfat-fuse failed at its very end with
+  // "rename (...): Invalid argument", the guest paused all the while (trial R).
+  require_shm();
+  if (geteuid() != 0 || access("/dev/fuse", R_OK | W_OK) != 0) test::skip("no FUSE for root here");
+  if (access("/usr/bin/fuse2fs", X_OK) != 0 || access("/sbin/mkfs.ext4", X_OK) != 0)
+    test::skip("fuse2fs or mkfs.ext4 is missing");
+  TempDir shm{"/dev/shm"}, disk;
+  const std::string fs = disk / "fs.ext4", mnt = disk / "mnt";
+  REQUIRE(::mkdir(mnt.c_str(), 0700) == 0);
+  REQUIRE_RUN(test::run_program({"/usr/bin/truncate", "-s", "64M", fs}), 0);
+  REQUIRE_RUN(test::run_program({"/sbin/mkfs.ext4", "-q", "-F", fs}), 0);
+  REQUIRE_RUN(test::run_program({"/usr/bin/fuse2fs", fs, mnt, "-o", "fakeroot"}), 0);
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  test::write_pattern_file(shm / "ram", 5 * kMiB + 4096, "mixed", 12);
+  const std::string image = mnt + "/vm.vmsave";
+  RunResult r = run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image});
+  REQUIRE_RUN(r, 0);
+  CHECK_RUN(run_vmsave({"verify", image}), 0);
+  // The temporary file went into place: nothing else is left beside it.
+  CHECK(list_dir(mnt) == std::vector<std::string>{"lost+found", "vm.vmsave"});
+  // And a second save still never replaces it without --force.
+  r = run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image});
+  CHECK_FAILS(r, 1, "image exists");
+  r = run_vmsave({"save", "--ram", "ram=" + (shm / "ram"), image, "--force"});
+  CHECK_RUN(r, 0);
+  const std::string out = shm / "out";
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
+  REQUIRE_RUN(run_vmsave({"restore", image, "--ram-dir", out}), 0);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(shm / "ram", out + "/ram", &why), why);
 }
 
 TEST_CASE("raw: restore --force replaces another user's RAM file with one of its own") {
