@@ -807,11 +807,20 @@ int kill_marked(const std::string& mark) {
 }
 
 std::string log_tail(const std::string& path, int lines) {
-  std::ifstream in(path);
+  // A regular file's last 64 KiB, lines cut at 500 bytes: a log that is a
+  // device or FIFO (--qemu-log /dev/tty) is not read back, nor a huge one
+  // whole (trial S: 1 MiB of a block device quoted as the log's tail).
+  constexpr i64 kTailBytes = 64 * 1024;
+  constexpr size_t kLineBytes = 500;
+  struct stat st;
+  if (::stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) return "";
+  std::ifstream in(path, std::ios::binary);
+  if (st.st_size > kTailBytes) in.seekg(st.st_size - kTailBytes);
   std::vector<std::string> all;
   std::string line;
   while (std::getline(in, line))
-    if (!line.empty()) all.push_back(line);
+    if (!line.empty())
+      all.push_back(line.size() > kLineBytes ? line.substr(0, kLineBytes) + "..." : line);
   std::string out;
   for (size_t i = all.size() > size_t(lines) ? all.size() - lines : 0; i < all.size(); i++) {
     if (!out.empty()) out += " | ";
@@ -831,6 +840,10 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
     const bool link = !logfd && errno == ELOOP;
     if (link) logfd.reset(::open(log.c_str(), O_WRONLY | O_CLOEXEC));
     struct stat st;
+    if (logfd && fstat(logfd.get(), &st) == 0 && (S_ISBLK(st.st_mode) || S_ISDIR(st.st_mode)))
+      return Error{"cannot write QEMU's log", log,
+                   S_ISBLK(st.st_mode) ? "it is a block device" : "it is a directory"}
+          .fix("give --qemu-log a file, or a character device such as /dev/stderr");
     if (logfd && fstat(logfd.get(), &st) == 0 && S_ISREG(st.st_mode)) {
       if (link)
         return Error{"cannot write QEMU's log", log, "it is a symbolic link to a regular file"}.fix(
@@ -844,6 +857,12 @@ Result<StartedQemu> start_qemu(const std::vector<std::string>& argv, const std::
         (!logfd && (errno == ELOOP || errno == ENXIO)))
       return Error{"cannot write QEMU's log", log, "it is not a regular file (a link, a FIFO?)"}.fix(
           "remove it, or choose the log with --qemu-log");
+    // Another user's file, planted where the log goes, would get QEMU's
+    // output and be quoted in vmsave's errors (trial S).
+    if (logfd && st.st_uid != geteuid())
+      return Error{"cannot write QEMU's log", log,
+                   fmt::format("it exists and belongs to uid {}", st.st_uid)}
+          .fix("remove it, or choose the log with --qemu-log");
     if (logfd && ftruncate(logfd.get(), 0) < 0) return sys_error("cannot write QEMU's log", log, errno);
   }
   if (!logfd) return sys_error("cannot write QEMU's log", log, errno);

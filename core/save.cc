@@ -240,9 +240,13 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     const bool private_file = unshared->qom_type == "memory-backend-file";
     bool lazy_clone = false;
     if (private_file) {
-      UniqueFd f(::open(unshared->mem_path.c_str(), O_RDONLY | O_CLOEXEC));
+      // Only to word the message: never waiting on a FIFO, nor reading a
+      // device, that an untrusted QEMU names as its mem-path (trial S).
+      UniqueFd f(::open(unshared->mem_path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+      struct stat st;
       char magic[8] = {};
-      lazy_clone = f && ::pread(f.get(), magic, sizeof magic, 0) == ssize_t(sizeof magic) &&
+      lazy_clone = f && fstat(f.get(), &st) == 0 && S_ISREG(st.st_mode) &&
+                   ::pread(f.get(), magic, sizeof magic, 0) == ssize_t(sizeof magic) &&
                    std::memcmp(magic, kMagic.data(), sizeof magic) == 0;
     }
     return Error{"cannot compress this VM's RAM", opts.qmp,

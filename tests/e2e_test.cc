@@ -1581,6 +1581,22 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
                 r.err);
   CHECK(slurp(victim) == "not QEMU's log\n");
   CHECK_FALSE(exists(sock3));
+  // Nor another user's file there: it got QEMU's output, and its text was
+  // quoted in vmsave's errors (trial S).
+  if (geteuid() == 0) {
+    const std::string planted = sock3 + ".qemu.log";
+    REQUIRE(::unlink(planted.c_str()) == 0);
+    std::ofstream(planted) << "theirs\n";
+    REQUIRE(::chown(planted.c_str(), 65534, 65534) == 0);
+    r = run_vmsave(args, kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot write QEMU's log (" + planted +
+                                      "): it exists and belongs to uid 65534; remove it, or "
+                                      "choose the log with --qemu-log"),
+                  r.err);
+    CHECK(slurp(planted) == "theirs\n");
+    CHECK_FALSE(exists(sock3));
+  }
 }
 
 TEST_CASE("e2e: two saves of one VM at once: one image, and the other told QEMU quit meanwhile") {
