@@ -608,6 +608,7 @@ struct FakeQemu {
   test::TempDir shm{"/dev/shm"};
   std::string ram = shm / "ram0";
   std::string mem_path = ram;  // what qom-get says
+  bool share = true;
   void* map = nullptr;
   std::vector<std::string> commands;  // what vmsave asked, in order
   std::map<std::string, json> replies = {
@@ -642,7 +643,7 @@ struct FakeQemu {
       if (cmd == "qom-get") {
         std::string prop = r["arguments"].value("property", "");
         ret = prop == "size"       ? json(2 * kMiB)
-              : prop == "share"    ? json(true)
+              : prop == "share"    ? json(share)
               : prop == "mem-path" ? json(mem_path)
               : prop == "offset"   ? json(0)
                                    : json("pc-q35-10.0-machine");
@@ -740,6 +741,25 @@ TEST_CASE("qmp: a mem-path naming another file of the same inode number is not r
                 r.err);
   CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "stop") == 0);
   CHECK_FALSE(std::filesystem::exists(dir / "vm.vmsave"));
+}
+
+TEST_CASE("qmp: save --compress never waits on a FIFO that QEMU names as its mem-path") {
+  // It opened the path to word its refusal, and an untrusted QEMU's FIFO
+  // held that open (root's vmsave) for ever (trial S).
+  test::TempDir dir;
+  const std::string fifo = dir / "fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  FakeQemu qemu;
+  qemu.mem_path = fifo;
+  qemu.share = false;
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([&](FakeQmp& s) { qemu.serve(s); });
+  test::RunResult r = test::run_vmsave(
+      {"save", "--qmp", server.path(), dir / "vm.vmsave", "--compress", "lz4"}, 20);
+  server.join();
+  CHECK_RUN(r, 2);
+  CHECK_MESSAGE(test::contains(r.err, "cannot compress this VM's RAM"), r.err);
+  CHECK_MESSAGE(test::contains(r.err, "a file mapped with share=off"), r.err);
 }
 
 TEST_CASE("qmp client drives a real QEMU") {
