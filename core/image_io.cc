@@ -35,6 +35,7 @@
 
 #include <fmt/core.h>
 
+#include "core/internal.h"
 #include "lib/cancel.h"
 
 namespace vmsave {
@@ -419,6 +420,16 @@ Status check_target_not_source(const std::string& target, const std::vector<RamS
       return Error{"cannot save there", target,
                    fmt::format("it is the memory file of block {}, which this save reads", s.id)}
           .fix("choose another path for the image");
+  // Another VM's RAM file, say (a typo in the path): the image would take
+  // its name, and that VM would run on a file nobody can find (trial Q).
+  // A lazy clone's private mapping of an image is no obstacle: it keeps
+  // the old file.
+  if (const Mapper m = find_mapper(st, true); m.pid > 0)
+    return Error{"cannot save there", target,
+                 fmt::format("process {} ({}) maps it shared: it is a running VM's RAM file, or "
+                             "memory another program uses",
+                             m.pid, m.name)}
+        .fix("choose another path for the image");
   return Status();
 }
 

@@ -79,7 +79,9 @@ struct Mapper {
   pid_t pid = 0;
   std::string name;  // its comm
 };
-Mapper find_mapper(const struct stat& st);
+// `shared_only`: only a shared mapping counts (a VM's RAM, not a lazy
+// clone's private mapping of its image).
+Mapper find_mapper(const struct stat& st, bool shared_only = false);
 
 // --force replaces files, never one a process maps: an error naming it.
 Status check_not_mapped(const std::string& path, const struct stat& st);

@@ -168,6 +168,7 @@ namespace {
 struct MapsEntry {
   u64 start = 0, end = 0, offset = 0, inode = 0;
   unsigned dev_major = 0, dev_minor = 0;
+  bool shared = false;  // MAP_SHARED ('s' in its permissions)
   std::string path;
 };
 
@@ -183,6 +184,7 @@ std::vector<MapsEntry> read_maps(pid_t pid) {
                &e.dev_major, &e.dev_minor, &e.inode, &pos) < 7)
       continue;
     if (pos > 0 && static_cast<size_t>(pos) < line.size()) e.path = line.substr(pos);
+    e.shared = perms[3] == 's';
     out.push_back(e);
   }
   return out;
@@ -318,7 +320,7 @@ void remove_stale_run_dirs(const std::string& parent) {
   }
 }
 
-Mapper find_mapper(const struct stat& st) {
+Mapper find_mapper(const struct stat& st, bool shared_only) {
   DIR* proc = opendir("/proc");
   if (!proc) return {};
   Mapper found;
@@ -328,7 +330,8 @@ Mapper find_mapper(const struct stat& st) {
     long pid = std::strtol(d->d_name, &end, 10);
     if (*end || pid <= 0 || pid == self) continue;
     for (auto& m : read_maps(static_cast<pid_t>(pid)))
-      if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev) {
+      if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev &&
+          (m.shared || !shared_only)) {
         found.pid = static_cast<pid_t>(pid);
         std::ifstream comm(fmt::format("/proc/{}/comm", pid));
         std::getline(comm, found.name);

@@ -1929,6 +1929,37 @@ TEST_CASE("raw: a save commits on FUSE, which refuses rename's RENAME_NOREPLACE"
   CHECK_MESSAGE(test::files_equal(shm / "ram", out + "/ram", &why), why);
 }
 
+TEST_CASE("raw: save --force never takes the path of a file a process maps shared") {
+  // A typo naming another VM's RAM file: the image took its path, and that
+  // VM ran on a file nobody could find (trial Q). A private mapping (a lazy
+  // clone's of its image) is no obstacle.
+  require_shm();
+  SmallImage s;
+  const std::string other = s.shm / "other";
+  test::write_pattern_file(other, kMiB, "text", 3);
+  std::string before = test::read_file(other);
+  UniqueFd fd(::open(other.c_str(), O_RDWR | O_CLOEXEC));
+  REQUIRE(fd);
+  for (int flags : {MAP_SHARED, MAP_PRIVATE}) {
+    CAPTURE(flags);
+    void* map = ::mmap(nullptr, kMiB, PROT_READ | PROT_WRITE, flags, fd.get(), 0);
+    REQUIRE(map != MAP_FAILED);
+    RunResult r = run_vmsave({"save", "--ram", "ram0=" + (s.shm / "ram0"), other, "--force"});
+    ::munmap(map, kMiB);
+    if (flags == MAP_SHARED) {
+      CHECK_FAILS(r, 1,
+                  fmt::format("cannot save there ({}): process {} (vmsave_tests) maps it shared: "
+                              "it is a running VM's RAM file, or memory another program uses; "
+                              "choose another path for the image",
+                              other, getpid()));
+      CHECK(test::read_file(other) == before);
+    } else {
+      CHECK_RUN(r, 0);
+      CHECK_RUN(run_vmsave({"verify", other}), 0);
+    }
+  }
+}
+
 TEST_CASE("raw: restore --force replaces another user's RAM file with one of its own") {
   // Filled in place, the file stayed its owner's (mode 0600 or not): a user
   // who made it in a shared directory, and kept it open, read and wrote the
