@@ -400,6 +400,13 @@ Status check_target(const std::string& target, bool force) {
   if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
     return Error{"cannot replace", target, "it is not a regular file"}.fix(
         "choose another path for the image");
+  // A file mounted on the target (a bind mount) cannot be renamed over:
+  // said now, not with EBUSY once all RAM is written (trial R).
+  struct statx sx;
+  if (statx(AT_FDCWD, target.c_str(), AT_SYMLINK_NOFOLLOW, STATX_TYPE, &sx) == 0 &&
+      (sx.stx_attributes_mask & sx.stx_attributes & STATX_ATTR_MOUNT_ROOT))
+    return Error{"cannot replace", target, "a file is mounted on it (a bind mount)"}.fix(
+        "unmount it, or choose another path for the image");
   if (!force && S_ISLNK(st.st_mode))  // dangling or not: the link is what is replaced
     return Error{"a symbolic link is at the image path", target,
                  "refusing to replace it (vmsave does not write through a link)"}
@@ -518,7 +525,13 @@ Result<std::unique_ptr<ImageWriter>> ImageWriter::create(const std::string& targ
   // the guest is paused, not part-way through its RAM. Holes, no space.
   const i64 extent = w->img_.has_qemu_section() ? w->img_.qemu.offset : w->img_.vmstate.offset;
   if (::ftruncate(w->file_.fd.get(), extent) < 0) {
-    if (errno != EFBIG) return sys_error("cannot create image", target, errno);
+    // Made, but not given its size (fusefat refuses to grow a file: EPERM).
+    if (const int err = errno; err != EFBIG) {
+      Error e = sys_error("cannot set the new image's size", target, err);
+      if (err == EPERM || err == EOPNOTSUPP)
+        e.hint = "this filesystem does not let a file grow that way: save the image elsewhere";
+      return e;
+    }
     return file_too_large("cannot create image", target, extent);
   }
   std::random_device rd;

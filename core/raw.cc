@@ -386,7 +386,9 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
   if (!created && fchmod(f.fd_.get(), 0600) < 0) return sys_error("fchmod", path, errno);
   auto size_error = [&](int err) {
     if (err == EFBIG) return file_too_large("cannot create RAM file", path, length);
-    Error e = sys_error("ftruncate", path, err);
+    Error e = sys_error("cannot set the RAM file's size", path, err);
+    if (err == EPERM || err == EOPNOTSUPP)  // fusefat refuses to grow a file
+      e.hint = "this filesystem does not let a file grow that way: put the RAM files elsewhere";
     if (err == EINVAL && file_page > 4096)
       e.hint = "the block's size is not a multiple of this hugetlbfs page size";
     return e;

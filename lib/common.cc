@@ -22,12 +22,16 @@ const char* errno_hint(int err) {
   switch (err) {
     case ENOSPC:
     case EDQUOT:
-      return "free space on that filesystem (or on the device under it) or choose another";
+      return "free space on that filesystem (or on the device under it), or choose another "
+             "filesystem";
     case EIO:
       return "the device failed (dmesg says more): use another disk, and verify what is on "
              "this one";
     case EROFS:
       return "that filesystem is read-only (remounted so after errors? dmesg says): use another";
+    case ENOTCONN:
+    case ECONNABORTED:
+      return "the filesystem's server went away (a FUSE daemon, sshfs, NFS): mount it again";
     case EMFILE:
     case ENFILE:
       return "raise the open-file limit (ulimit -n) or use fewer --jobs";

@@ -1960,6 +1960,26 @@ TEST_CASE("raw: save --force never takes the path of a file a process maps share
   }
 }
 
+TEST_CASE("raw: save --force onto a bind-mounted file is refused before any RAM is written") {
+  // It wrote all of the RAM, then failed at the rename: EBUSY (trial R).
+  require_shm();
+  if (geteuid() != 0) test::skip("needs root to bind-mount");
+  SmallImage s;
+  const std::string other = s.disk / "other.vmsave", target = s.disk / "target.vmsave";
+  write_string(other, "other");
+  write_string(target, "target");
+  REQUIRE(::mount(other.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) == 0);
+  RunResult r = run_vmsave({"save", "--ram", "ram0=" + (s.shm / "ram0"), target, "--force"});
+  ::umount2(target.c_str(), MNT_DETACH);
+  CHECK_FAILS(r, 1,
+              "cannot replace (" + target +
+                  "): a file is mounted on it (a bind mount); unmount it, or choose another path "
+                  "for the image");
+  CHECK_FALSE(contains(r.err, "writing RAM"));
+  CHECK(test::read_file(target) == "target");
+  CHECK(test::read_file(other) == "other");
+}
+
 TEST_CASE("raw: restore --force replaces another user's RAM file with one of its own") {
   // Filled in place, the file stayed its owner's (mode 0600 or not): a user
   // who made it in a shared directory, and kept it open, read and wrote the
