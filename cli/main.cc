@@ -287,11 +287,21 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
 }
 
 // An argument as a POSIX shell would need it: as is when it has nothing
-// the shell treats specially, else in single quotes.
+// the shell treats specially, else in single quotes; with a control
+// character in it, in bash's $'...' with \xNN for those, so that what is
+// shown pastes back as the same argument (\x0a inside '...' did not).
 std::string shell_word(const std::string& a) {
   const bool plain = !a.empty() && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                                                      "0123456789_./=,:@%+-") == std::string::npos;
   if (plain) return a;
+  if (std::any_of(a.begin(), a.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; })) {
+    std::string out = "$'";
+    for (unsigned char ch : a)
+      out += ch < 0x20 || ch == 0x7f    ? fmt::format("\\x{:02x}", ch)
+             : ch == '\'' || ch == '\\' ? std::string{'\\', static_cast<char>(ch)}
+                                        : std::string(1, static_cast<char>(ch));
+    return out + "'";
+  }
   std::string out = "'";
   for (char ch : a) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
   return out + "'";

@@ -633,6 +633,22 @@ TEST_CASE(
   CHECK_FALSE(std::filesystem::exists(victim));
 }
 
+TEST_CASE("engine: info shows a saved argument with a control character as one that pastes back") {
+  // 'a\x0ab' in single quotes pasted back as the six characters (trial S).
+  require_shm();
+  TempDir shm("/dev/shm"), disk;
+  test::write_pattern_file(shm / "ram", kMiB, "mixed", 6);
+  const std::string image = disk / "image.vmsave";
+  test::write_image_of(image, shm / "ram", "", "",
+                       {{"mode", "qemu"}, {"qemu_cmdline", {"qemu", "a\nb", "it's \\", "c d"}}});
+  RunResult r = run_vmsave({"info", image});
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.out, "command:      qemu $'a\\x0ab' 'it'\\''s \\' 'c d'\n"), r.out);
+  RunResult bash =
+      test::run_program({"/bin/bash", "-c", "printf '%s|' " + std::string("$'a\\x0ab'")});
+  CHECK(bash.out == "a\nb|");
+}
+
 TEST_CASE("engine: a filesystem without O_DIRECT falls back to buffered I/O with a warning") {
   require_shm();
   require_mount("ramfs");
