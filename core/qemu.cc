@@ -623,22 +623,27 @@ Status save_device_state(QmpClient& qmp, const std::function<Status(const u8*, s
   }
   std::vector<u8> buf(1 << 20);
   i64 total = 0;
-  auto deadline = Clock::now() + std::chrono::duration<double>(kDeviceStateTimeout);
+  const double limit_s = FaultPlan::get().vmstate_timeout_s > 0 ? FaultPlan::get().vmstate_timeout_s
+                                                                : kDeviceStateTimeout;
+  auto deadline = Clock::now() + std::chrono::duration<double>(limit_s);
   for (;;) {
     if (cancelled()) {
       (void)qmp.execute("migrate_cancel", nullptr, 5);
       return interrupted_error();
     }
+    // Looked at whatever arrives: a QEMU that trickles bytes (an untrusted
+    // one, trial S) kept the guest paused and vmsave writing for ever.
+    if (Clock::now() > deadline) {
+      (void)qmp.execute("migrate_cancel", nullptr, 5);
+      return Error{
+          "QEMU's device state did not end in time", qmp.path(),
+          fmt::format("{} came in {:.0f} s, the most vmsave waits", human_bytes(total), limit_s)}
+          .fix("look at QEMU's log for why it is stuck, and save again");
+    }
     pollfd pfd{rd.get(), POLLIN, 0};
     int n = poll(&pfd, 1, 100);
     if (n < 0 && errno != EINTR) return sys_error("poll", "migration pipe", errno);
-    if (n <= 0) {
-      if (Clock::now() > deadline) {
-        (void)qmp.execute("migrate_cancel", nullptr, 5);
-        return Error{"QEMU sent no device state for too long", qmp.path(), ""};
-      }
-      continue;
-    }
+    if (n <= 0) continue;
     ssize_t got = ::read(rd.get(), buf.data(), buf.size());
     if (got < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;

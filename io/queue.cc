@@ -42,6 +42,10 @@ const FaultPlan& FaultPlan::get() {
       p.slow_load_ms = std::atoi(v.c_str() + std::strlen("slow-load:"));
       return p;
     }
+    if (v.starts_with("vmstate-timeout:")) {
+      p.vmstate_timeout_s = std::atof(v.c_str() + std::strlen("vmstate-timeout:"));
+      return p;
+    }
     if (v.starts_with("slow-connect:")) {
       p.slow_connect_ms = std::atoi(v.c_str() + std::strlen("slow-connect:"));
       return p;

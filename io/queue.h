@@ -61,7 +61,8 @@ struct IoRequest {
 // milliseconds once QEMU has begun loading the device state, before it
 // sends the first byte (a signal lands there); "slow-connect:MS" makes a
 // restore wait MS milliseconds once QEMU has started, before it connects
-// to its QMP socket (a kill lands before the daemon's pid is known). Read
+// to its QMP socket (a kill lands before the daemon's pid is known);
+// "vmstate-timeout:S" shortens the 600 s a save waits for device state. Read
 // once at start-up.
 struct FaultPlan {
   i64 nth = 0;
@@ -73,6 +74,7 @@ struct FaultPlan {
   double qmp_timeout_s = 0;  // "qmp-timeout:S": QMP commands wait S seconds
   int slow_load_ms = 0;
   int slow_connect_ms = 0;
+  double vmstate_timeout_s = 0;  // "vmstate-timeout:S": the most a device state may take
   static const FaultPlan& get();
 };
 

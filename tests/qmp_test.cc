@@ -15,6 +15,7 @@
 #include <doctest/doctest.h>
 #include <fmt/core.h>
 
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
@@ -630,15 +631,32 @@ struct FakeQemu {
     ::close(fd);
     REQUIRE(map != MAP_FAILED);
   }
-  ~FakeQemu() { munmap(map, 2 * kMiB); }
+  ~FakeQemu() {
+    stop = true;
+    if (trickling.joinable()) trickling.join();
+    munmap(map, 2 * kMiB);
+  }
+
+  // migrate: with `trickle`, a byte of device state every 20 ms, for ever.
+  bool trickle = false;
+  UniqueFd migration;
+  std::thread trickling;
+  std::atomic<bool> stop{false};
 
   void serve(FakeQmp& s) {
     s.handshake();
     for (;;) {
-      json r = s.request();
-      if (r.is_null()) return;
+      UniqueFd fd;
+      json r = s.request(&fd);
+      if (r.is_null()) break;
       std::string cmd = r.value("execute", "");
       commands.push_back(cmd);
+      if (fd) migration = std::move(fd);
+      if (cmd == "migrate" && trickle && migration)
+        trickling = std::thread([this, w = migration.get()] {
+          while (!stop && ::write(w, "x", 1) == 1)
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        });
       json ret = json::object();
       if (cmd == "qom-get") {
         std::string prop = r["arguments"].value("property", "");
@@ -760,6 +778,37 @@ TEST_CASE("qmp: save --compress never waits on a FIFO that QEMU names as its mem
   CHECK_RUN(r, 2);
   CHECK_MESSAGE(test::contains(r.err, "cannot compress this VM's RAM"), r.err);
   CHECK_MESSAGE(test::contains(r.err, "a file mapped with share=off"), r.err);
+}
+
+TEST_CASE("qmp: device state that trickles in for longer than the save waits is an error") {
+  // The limit was looked at only when nothing came for 100 ms: an untrusted
+  // QEMU sending a byte now and then kept its guest paused, and vmsave
+  // writing, for ever (trial S).
+  test::TempDir dir;
+  FakeQemu qemu;
+  qemu.trickle = true;
+  qemu.replies["query-migrate-capabilities"] =
+      json::array({{{"capability", "x-ignore-shared"}, {"state", false}},
+                   {{"capability", "mapped-ram"}, {"state", false}},
+                   {{"capability", "multifd"}, {"state", false}}});
+  FakeQmp server(dir / "qmp.sock");
+  server.serve([&](FakeQmp& s) { qemu.serve(s); });
+  const double t0 = test::now_s();
+  test::RunResult r =
+      test::run_vmsave({"save", "--qmp", server.path(), dir / "vm.vmsave", "--leave-running"}, 60,
+                       {"VMSAVE_FAULT=vmstate-timeout:2"});
+  const double took = test::now_s() - t0;
+  qemu.stop = true;
+  server.join();
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(
+      test::contains(r.err, "QEMU's device state did not end in time (" + server.path() + "): "),
+      r.err);
+  CHECK_MESSAGE(test::contains(r.err, " came in 2 s, the most vmsave waits"), r.err);
+  CHECK(took < 20);
+  CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "migrate_cancel") >= 1);
+  CHECK(std::count(qemu.commands.begin(), qemu.commands.end(), "cont") == 1);  // running again
+  CHECK_FALSE(std::filesystem::exists(dir / "vm.vmsave"));
 }
 
 TEST_CASE("qmp client drives a real QEMU") {
