@@ -122,6 +122,11 @@ class RamFile {
               RamStats* stats);
   void keep() { keep_ = true; }
 
+  // Set when the file's filesystem (tmpfs with size=) holds its data pages
+  // but not all of its blocks: the guest may fill more of its memory later
+  // and then die of SIGBUS. For a warning; the restore goes on.
+  std::string short_room;
+
  private:
   Status fill_part(const ImageReader& img, const Part& part, const EngineConfig& cfg,
                    Progress* progress, RamStats* stats);

@@ -342,6 +342,13 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
   }
   if (!FaultPlan::get().no_space_check && fstatvfs(f.fd_.get(), &sv) == 0 && sv.f_blocks > 0) {
     const i64 room = static_cast<i64>(sv.f_bavail) * static_cast<i64>(sv.f_frsize);
+    i64 whole = 0;
+    for (const Part& part : parts) whole += align_up(blocks[part.block].size, file_page);
+    if (!huge && room + freed >= claimed + need && room + freed < claimed + whole)
+      f.short_room = fmt::format(
+          "{} holds the guest's {} of data but not all its {} of RAM ({} free there): the guest "
+          "dies of SIGBUS if it fills more; give the filesystem more room",
+          path, human_bytes(need), human_bytes(whole), human_bytes(room + freed - claimed));
     if (room + freed < claimed + need) {
       std::string others =
           claimed ? fmt::format(" (and {} for the RAM files before it there)", human_bytes(claimed))
@@ -614,6 +621,7 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
     std::string p = opts.ram_dir + "/" + img.layout().blocks[i].id;
     auto f = RamFile::create(img, {{i, 0}}, p, opts.force, &*watchdog, claims);
     if (!f.ok()) return f.error();
+    if (!f->short_room.empty()) rep.warn(f->short_room);
     files.push_back(std::move(*f));
     // Absolute, as the arguments prepare prints: a wrapper may clean up
     // from another directory.

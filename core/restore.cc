@@ -979,6 +979,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return f.error();
     }
     files = std::move(*f);
+    for (auto& file : files)
+      if (!file.short_room.empty()) rep.warn(file.short_room);
   }
   for (auto& path : *to_empty) {
     Status st = empty_file(path);

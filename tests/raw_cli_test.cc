@@ -1980,6 +1980,34 @@ TEST_CASE("raw: save --force onto a bind-mounted file is refused before any RAM 
   CHECK(test::read_file(other) == "other");
 }
 
+TEST_CASE(
+    "raw: RAM files in a tmpfs that holds their data but not all of them are restored with a "
+    "warning") {
+  // Accepted silently: the guest died of SIGBUS once it filled more of its
+  // memory than the tmpfs had room for (trial R).
+  require_shm();
+  test::require_mount("tmpfs");
+  SmallImage s;  // two blocks of 256 KiB, a quarter of each zero
+  test::TempMount small("tmpfs", "size=400k");
+  REQUIRE(small.ok());
+  RunResult r = run_vmsave({"restore", s.image, "--ram-dir", small.path()});
+  CHECK_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, "vmsave: warning: " + (small / "ram1") + " holds the guest's "),
+                r.err);
+  CHECK_MESSAGE(contains(r.err,
+                         "the guest dies of SIGBUS if it fills more; give the filesystem "
+                         "more room"),
+                r.err);
+  std::string why;
+  for (auto& id : s.ids) CHECK_MESSAGE(test::files_equal(s.shm / id, small / id, &why), why);
+  // Room for all of it: nothing to say.
+  test::TempMount roomy("tmpfs", "size=1m");
+  REQUIRE(roomy.ok());
+  r = run_vmsave({"restore", s.image, "--ram-dir", roomy.path()});
+  CHECK_RUN(r, 0);
+  CHECK_FALSE(contains(r.err, "warning"));
+}
+
 TEST_CASE("raw: restore --force replaces another user's RAM file with one of its own") {
   // Filled in place, the file stayed its owner's (mode 0600 or not): a user
   // who made it in a shared directory, and kept it open, read and wrote the
