@@ -764,8 +764,8 @@ std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t
 
 std::string new_qemu_mark() {
   u8 bytes[16] = {};
-  if (getrandom(bytes, sizeof(bytes), 0) !=
-      sizeof(bytes)) {  // before the pool is ready: unique will do
+  // Before the entropy pool is ready, a value no other run has will do.
+  if (getrandom(bytes, sizeof(bytes), 0) != sizeof(bytes)) {
     const u64 t = static_cast<u64>(Clock::now().time_since_epoch().count()) ^ u64(getpid()) << 40;
     std::memcpy(bytes, &t, sizeof(t));
   }

@@ -648,7 +648,7 @@ Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
 // free, and the QEMU started second took it from the first (QEMU unlinks
 // and binds anew): one restore reported the other's VM, and its own QEMU
 // waited unreachable (trial Q). The path is claimed, by an abstract socket
-// named after it, while this vmsave runs; by then its QEMU listens there,
+// named after it, while this restore runs; by then its QEMU listens there,
 // which check_qmp_path_free() refuses.
 Result<UniqueFd> claim_qmp_path(const std::string& path) {
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -876,7 +876,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   auto mon = cmd.qmp_socket();
   if (!mon.ok()) return mon.error().as(Exit::kUsage);
   std::string qmp_path;
-  UniqueFd qmp_claim;  // held until vmsave exits: see claim_qmp_path()
+  UniqueFd qmp_claim;  // held while this restore runs: see claim_qmp_path()
   std::string log = opts.qemu_log;
   std::string run_dir;
   if (*mon && (*mon)->server) {
