@@ -30,30 +30,23 @@ const FaultPlan& FaultPlan::get() {
       p.no_space_check = true;
       return p;
     }
-    if (v.starts_with("qmp-timeout:")) {
-      p.qmp_timeout_s = std::atof(v.c_str() + std::strlen("qmp-timeout:"));
-      return p;
-    }
-    if (v.starts_with("after-commit:")) {
-      p.after_commit_ms = std::atoi(v.c_str() + std::strlen("after-commit:"));
-      return p;
-    }
-    if (v.starts_with("slow-load:")) {
-      p.slow_load_ms = std::atoi(v.c_str() + std::strlen("slow-load:"));
-      return p;
-    }
-    if (v.starts_with("vmstate-timeout:")) {
-      p.vmstate_timeout_s = std::atof(v.c_str() + std::strlen("vmstate-timeout:"));
-      return p;
-    }
-    if (v.starts_with("slow-connect:")) {
-      p.slow_connect_ms = std::atoi(v.c_str() + std::strlen("slow-connect:"));
-      return p;
-    }
-    if (v.starts_with("slow-flush:")) {
-      p.flush_delay_ms = std::atoi(v.c_str() + std::strlen("slow-flush:"));
-      return p;
-    }
+    // "NAME:NUMBER" settings, each a number in one field.
+    const std::pair<const char*, double*> seconds[] = {{"qmp-timeout:", &p.qmp_timeout_s},
+                                                       {"vmstate-timeout:", &p.vmstate_timeout_s}};
+    const std::pair<const char*, int*> millis[] = {{"after-commit:", &p.after_commit_ms},
+                                                   {"slow-load:", &p.slow_load_ms},
+                                                   {"slow-connect:", &p.slow_connect_ms},
+                                                   {"slow-flush:", &p.flush_delay_ms}};
+    for (auto [name, field] : seconds)
+      if (v.starts_with(name)) {
+        *field = std::atof(v.c_str() + std::strlen(name));
+        return p;
+      }
+    for (auto [name, field] : millis)
+      if (v.starts_with(name)) {
+        *field = std::atoi(v.c_str() + std::strlen(name));
+        return p;
+      }
     size_t colon = v.find(':');
     if (colon == std::string::npos) return p;
     p.nth = std::atoll(v.substr(0, colon).c_str());

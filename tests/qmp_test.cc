@@ -117,6 +117,12 @@ class FakeQmp {
     return r;
   }
 
+  // Answers the next request with an error of `cls` saying `desc`.
+  void refuse(const std::string& cls, const std::string& desc) {
+    json r = request();
+    send(json{{"error", {{"class", cls}, {"desc", desc}}}, {"id", r["id"]}}.dump() + "\r\n");
+  }
+
   // The usual opening: greeting, then the capabilities handshake.
   void handshake() {
     send(std::string(kGreeting) + "\r\n");
@@ -210,12 +216,7 @@ TEST_CASE("qmp: an error reply names QEMU's class and description") {
   FakeQmp server(dir / "qmp.sock");
   server.serve([&](FakeQmp& s) {
     s.handshake();
-    json req = s.request();
-    s.send(json{{"error",
-                 {{"class", "CommandNotFound"}, {"desc", "The command nope has not been found"}}},
-                {"id", req["id"]}}
-               .dump() +
-           "\r\n");
+    s.refuse("CommandNotFound", "The command nope has not been found");
     s.reply({{"ok", 1}});
   });
   QmpClient c = connect_ok(server.path());
@@ -372,11 +373,7 @@ TEST_CASE("qmp: the client reads replies within a 64 KiB stack (ulimit -s 64)") 
   FakeQmp server(dir / "qmp.sock");
   server.serve([](FakeQmp& s) {
     s.handshake();
-    json r = s.request();
-    s.send(json{{"error", {{"class", "GenericError"}, {"desc", "the test ends here"}}},
-                {"id", r["id"]}}
-               .dump() +
-           "\r\n");
+    s.refuse("GenericError", "the test ends here");
   });
   auto r = test::run_program({"/bin/sh", "-c", "ulimit -s 64 && exec \"$@\"", "sh", VMSAVE_BINARY,
                               "save", "--qmp", server.path(), dir / "vm.img"});
@@ -394,12 +391,7 @@ TEST_CASE(
   FakeQmp server(dir / "qmp.sock");
   server.serve([](FakeQmp& s) {
     s.handshake();
-    json r = s.request();
-    s.send(json{{"error",
-                 {{"class", "GenericError"}, {"desc", "boom\x1b]0;PWNED\x07\nvmsave: saved ok\r"}}},
-                {"id", r["id"]}}
-               .dump() +
-           "\r\n");
+    s.refuse("GenericError", "boom\x1b]0;PWNED\x07\nvmsave: saved ok\r");
   });
   auto r = test::run_vmsave({"save", "--qmp", server.path(), dir / "vm.img"}, 30);
   server.join();
