@@ -786,6 +786,14 @@ bool has_mark(pid_t pid, const std::string& mark) {
   return env.find(entry) != std::string::npos;
 }
 
+bool kill_and_wait(int pidfd) {
+  if (::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0) < 0) return false;
+  pollfd p{pidfd, POLLIN, 0};
+  while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
+  }
+  return true;
+}
+
 int kill_marked(const std::string& mark) {
   if (mark.empty()) return 0;
   DIR* proc = opendir("/proc");
@@ -802,14 +810,9 @@ int kill_marked(const std::string& mark) {
   for (pid_t pid : pids) {
     UniqueFd pidfd = open_pidfd(pid);
     // Looked at again through the pidfd: the pid may be another's by now.
-    if (!pidfd || !has_mark(pid, mark) ||
-        ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) < 0)
-      continue;
+    if (!pidfd || !has_mark(pid, mark) || !kill_and_wait(pidfd.get())) continue;
     killed++;
-    if (waitpid(pid, nullptr, 0) == pid) continue;  // a child of ours: reaped
-    pollfd p{pidfd.get(), POLLIN, 0};
-    while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
-    }
+    waitpid(pid, nullptr, WNOHANG);  // a child of ours is reaped
   }
   return killed;
 }

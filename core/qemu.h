@@ -157,6 +157,9 @@ struct StartedQemu {
 std::string new_qemu_mark();
 // Whether `pid`'s environment holds `mark`.
 bool has_mark(pid_t pid, const std::string& mark);
+// Kills the process behind `pidfd` (SIGKILL) and waits up to 5 s for it
+// to go; false if the signal could not be sent.
+bool kill_and_wait(int pidfd);
 // Kills every process whose environment holds `mark` (SIGKILL, through a
 // pidfd, waiting up to 5 s for each to go); returns how many.
 int kill_marked(const std::string& mark);

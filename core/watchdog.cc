@@ -1,11 +1,9 @@
 #include "core/watchdog.h"
 
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -37,15 +35,6 @@ void close_all_but(std::vector<int> keep) {
 void send_note(int sock, const nlohmann::json& note) {
   std::string line = note.dump() + "\n";
   (void)::send(sock, line.data(), line.size(), MSG_NOSIGNAL);
-}
-
-// Kills the process behind `pidfd` and waits up to 5 s for it to go. A
-// pidfd, opened when the note came, cannot hit a reused pid.
-void kill_and_wait(int pidfd) {
-  if (::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0) < 0) return;
-  pollfd p{pidfd, POLLIN, 0};
-  while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
-  }
 }
 
 // The watchdog process: waits for "done" or for vmsave to die, and then
@@ -146,6 +135,7 @@ void kill_and_wait(int pidfd) {
     if (qmp && it->contains("execute")) {
       (void)qmp->execute(it->value("execute", ""), it->value("arguments", nlohmann::json()), 5);
     } else if (it->contains("kill") && it->value("pidfd", -1) >= 0) {
+      // A pidfd, opened when the note came, cannot hit a reused pid.
       kill_and_wait(it->value("pidfd", -1));
       killed = true;
     } else if (it->contains("kill_marked")) {
