@@ -15,9 +15,11 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 #include <chrono>
@@ -815,6 +817,29 @@ int kill_marked(const std::string& mark) {
     waitpid(pid, nullptr, WNOHANG);  // a child of ours is reaped
   }
   return killed;
+}
+
+bool remove_left_behind(const std::string& path) {
+  struct stat st;
+  if (path.empty() || ::lstat(path.c_str(), &st) < 0) return false;
+  if (S_ISSOCK(st.st_mode)) {
+    sockaddr_un addr{};
+    if (path.size() >= sizeof(addr.sun_path)) return false;
+    addr.sun_family = AF_UNIX;
+    memcpy(addr.sun_path, path.data(), path.size());
+    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    return fd && ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 &&
+           errno == ECONNREFUSED && ::unlink(path.c_str()) == 0;
+  }
+  if (!S_ISREG(st.st_mode)) return false;
+  if (st.st_size == 0) return ::unlink(path.c_str()) == 0;
+  if (st.st_size > 32) return false;
+  std::ifstream in(path);
+  long pid = 0;
+  std::string rest;
+  // A zombie is gone too: a daemon killed a moment ago, not yet reaped.
+  return (in >> pid) && !(in >> rest) && pid > 0 && !process_alive(static_cast<pid_t>(pid)) &&
+         ::unlink(path.c_str()) == 0;
 }
 
 std::string log_tail(const std::string& path, int lines) {

@@ -163,6 +163,10 @@ bool kill_and_wait(int pidfd);
 // Kills every process whose environment holds `mark` (SIGKILL, through a
 // pidfd, waiting up to 5 s for each to go); returns how many.
 int kill_marked(const std::string& mark);
+// Removes what a QEMU vmsave started, and killed, left at `path`: a socket
+// nobody listens on, an empty file (a log it never wrote to), or a pidfile
+// naming a process that is gone. Anything else stays. True if it removed.
+bool remove_left_behind(const std::string& path);
 // `forked` is told the pid as soon as it exists, before exec (a restore's
 // watchdog must know it before anything else can go wrong). A log the user
 // did not name (`log_named` false: the one beside QEMU's socket, in a

@@ -820,8 +820,10 @@ Status check_started_machine(QmpClient& qmp, const nlohmann::json& meta) {
 
 void kill_qemu(pid_t pid) {
   if (pid <= 0) return;
-  kill(pid, SIGKILL);
-  waitpid(pid, nullptr, 0);
+  // A daemon is not our child: waited for through its pidfd.
+  UniqueFd pidfd = open_pidfd(pid);
+  if (!pidfd || !kill_and_wait(pidfd.get())) kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);  // a child is reaped; a daemon is not (ECHILD)
 }
 
 // The memory backends as the VM was started, so that the ones prepare
@@ -994,6 +996,12 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   std::vector<std::string> qemu_files = *to_empty;
   qemu_files.insert(qemu_files.end(), qemu_makes.begin(), qemu_makes.end());
   for (auto& path : qemu_files) watchdog->note_remove(path);
+  // What a QEMU killed part-way leaves outside the private directory: the
+  // command's socket, the log vmsave put beside it, QEMU's pidfile.
+  std::vector<std::string> left = cmd.option_values("pidfile");
+  if (run_dir.empty()) left.push_back(qmp_path);
+  if (run_dir.empty() && opts.qemu_log.empty()) left.push_back(log);
+  for (auto& path : left) watchdog->note_left(path);
   for (auto& p : plans) cmd.replace_arg(p.arg_index, format_object(p.object));
   timer.lap("plan");
 
@@ -1004,28 +1012,28 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   struct Cleanup {
     bool* ok;
     StartedQemu* q;
-    std::string run_dir, socket;
-    std::vector<std::string> qemu_files;
+    std::string run_dir;
+    std::vector<std::string> qemu_files, left;
     ~Cleanup() {
       if (*ok) return;
       kill_qemu(q->pid);
       kill_marked(q->mark);  // a daemon that has not answered yet
       for (auto& f : qemu_files) ::unlink(f.c_str());
-      // The command's own socket, which the QEMU that failed left bound to
-      // nothing (no live process listened there before it started).
-      struct stat st;
-      if (q->pid > 0 && lstat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
-        ::unlink(socket.c_str());
+      // A log QEMU wrote stays (the error names it); the socket it left
+      // bound to nothing (none listened there before it started) goes.
+      if (q->pid > 0)
+        for (auto& f : left) remove_left_behind(f);
       // A private directory goes, but for a log QEMU wrote, which the error
       // names: it stays for the user to read, until the next restore finds
       // its QEMU gone.
       if (run_dir.empty()) return;
+      struct stat st;
       if (q->pid > 0 && stat((run_dir + "/qemu.log").c_str(), &st) == 0 && st.st_size > 0)
         note_run_dir_owner(run_dir, q->pid);
       else
         std::filesystem::remove_all(run_dir);
     }
-  } cleanup{&ok, &q, run_dir, qmp_path, qemu_files};
+  } cleanup{&ok, &q, run_dir, qemu_files, left};
 
   auto fill = [&]() -> Status {
     if (files.empty()) return Status();

@@ -145,6 +145,8 @@ void send_note(int sock, const nlohmann::json& note) {
       removed |= std::filesystem::remove_all(it->value("remove", ""), ec) > 0;
     }
   }
+  for (auto& note : notes)
+    if (note.contains("left")) removed |= remove_left_behind(note.value("left", ""));
   bool resumed = false;
   if (qmp && resume) {
     auto st = qmp->execute("query-status", nullptr, 5);
@@ -224,6 +226,12 @@ void Watchdog::note_kill_marked(const std::string& mark) {
 
 void Watchdog::note_remove(const std::string& path) {
   if (pid_ > 0) send_note(sock_.get(), {{"remove", path}});
+}
+
+void Watchdog::note_left(const std::string& path) {
+  std::error_code ec;
+  std::string abs = std::filesystem::absolute(path, ec).string();
+  if (pid_ > 0) send_note(sock_.get(), {{"left", ec ? path : abs}});
 }
 
 void Watchdog::note_commit(const std::string& path, int fd, const std::string& after) {

@@ -51,6 +51,9 @@ class Watchdog {
   // `path` (a file, or a directory with everything in it) is removed if
   // vmsave dies. Note only what this run created or truncated.
   void note_remove(const std::string& path);
+  // What the QEMU it started may leave at `path` (its socket, log or
+  // pidfile) is removed once that QEMU is killed: see remove_left_behind().
+  void note_left(const std::string& path);
 
   // A save is about to link the image whose file `fd` is at `path`. If
   // vmsave dies after that, the watchdog finds that file at `path` and,

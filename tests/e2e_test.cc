@@ -2421,8 +2421,13 @@ TEST_CASE(
   const std::string image = saved_without_ram(vm);
   const MemcheckLine saved = *read_story(vm.serial_log()).last;
   const std::string log = vm.dir() + "/killed-restore.log";
-  const std::vector<std::string> restore =
-      restore_args(image, vm.dir() + "/restore.log", false, plus(vm.command(), {"-daemonize"}));
+  // QEMU's log goes beside its socket (vmsave's default), and QEMU writes
+  // a pidfile: the killed QEMU left both and its socket behind (trial Q).
+  const std::string pidfile = vm.dir() + "/qemu.pid";
+  const std::string qemu_log = vm.qmp_path() + ".qemu.log";
+  std::vector<std::string> restore = {"restore", image, "--json", "--"};
+  for (const std::string& a : plus(vm.command(), {"-daemonize", "-pidfile", pidfile}))
+    restore.push_back(a);
   std::vector<std::string> argv = {VMSAVE_BINARY};
   argv.insert(argv.end(), restore.begin(), restore.end());
   {
@@ -2435,6 +2440,8 @@ TEST_CASE(
            now_s() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     REQUIRE(test::qemu_pids_mentioning(vm.dir()).size() == 1);
+    CHECK(exists(pidfile));
+    CHECK(exists(qemu_log));
     // A second restore of a command with the same QMP socket is refused
     // while this one runs: its QEMU would have taken the socket's path
     // (trial Q: one restore reported the other's VM).
@@ -2459,6 +2466,9 @@ TEST_CASE(
   CHECK_MESSAGE(contains(err, "the QEMU it started is stopped"), err);
   CHECK_MESSAGE(test::qemu_pids_mentioning(vm.dir()).empty(), err);
   CHECK_FALSE(exists(vm.ram_path()));
+  CHECK_FALSE(exists(vm.qmp_path()));
+  CHECK_FALSE(exists(pidfile));
+  CHECK_FALSE(exists(qemu_log));
   // So the retry finds nothing in its way, and the guest carries on.
   RunResult r = run_vmsave(restore, kRunTimeout);
   REQUIRE_RUN(r, 0);
@@ -3112,15 +3122,19 @@ TEST_CASE("e2e: a restore that fails while it fills RAM stops the QEMU that daem
     ::close(fd);
   }
   // The daemon was left waiting for its device state, holding its RAM file
-  // and QMP socket.
+  // and QMP socket; then, killed, it left the socket and its pidfile.
+  const std::string pidfile = vm.dir() + "/qemu.pid";
   std::vector<std::string> args =
-      restore_args(image, vm.dir() + "/restore.log", false, plus(vm.command(), {"-daemonize"}));
+      restore_args(image, vm.dir() + "/restore.log", false,
+                   plus(vm.command(), {"-daemonize", "-pidfile", pidfile}));
   args.insert(args.begin() + 1, {"--jobs", "1", "--queue-depth", "1"});
   r = run_vmsave(args, kRunTimeout);
   CHECK_RUN(r, 3);
   CHECK_MESSAGE(contains(r.err, "image damaged"), r.err);
   CHECK(test::kill_qemu_mentioning(vm.dir()) == 0);
   CHECK_FALSE(exists(vm.ram_path()));
+  CHECK_FALSE(exists(vm.qmp_path()));
+  CHECK_FALSE(exists(pidfile));
 }
 
 // Compressed, a flipped byte decompresses to garbage QEMU may refuse before
