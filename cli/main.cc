@@ -230,9 +230,10 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
       show(stderr, ", device state {}", human_bytes(j["vmstate_bytes"].get<double>()));
     show(stderr, "\n  total {}, RAM written in {} ({}/s", secs(j, "total_s"),
          secs(j, "ram_write_s"), human_bytes(j["throughput_bps"].get<double>()));
-    // Compressed, the rate of stored bytes says little of the RAM's.
+    // Both rates, named: the progress line's is of the RAM, and with zero
+    // pages or compression the stored bytes' rate is another figure.
     const double ram_s = j.value("ram_write_s", 0.0);
-    if (j.contains("compress") && ram_s > 0)
+    if (ram_s > 0)
       show(stderr, " stored, {}/s of RAM", human_bytes(j["ram_bytes"].get<double>() / ram_s));
     show(stderr, ")");
     if (j.contains("downtime_s")) show(stderr, ", guest paused {}", secs(j, "downtime_s"));

@@ -1183,6 +1183,10 @@ TEST_CASE("engine: the zero share of blocks with different page sizes is counted
   r = run_vmsave({"save", "--force", "--ram", "a=" + zeros, "--ram", "b=" + data, image});
   REQUIRE_RUN(r, 0);
   CHECK_MESSAGE(contains(r.err, "(50% zero)"), r.err);
+  // Half the RAM stored: the rate of the stored bytes and that of the RAM
+  // (the progress line's) are two figures, each named.
+  CHECK_MESSAGE(contains(r.err, "/s stored, "), r.err);
+  CHECK_MESSAGE(contains(r.err, "/s of RAM)"), r.err);
   TempDir out("/dev/shm");
   r = run_vmsave({"restore", "--json", image, "--ram-dir", out.path()});
   REQUIRE_RUN(r, 0);
