@@ -42,19 +42,50 @@ const char* errno_hint(int err) {
   }
 }
 
+namespace {
+
+// Bytes in the well-formed UTF-8 sequence at s[i] (Unicode's table 3-7: no
+// overlong forms, surrogates or code points past U+10FFFF), 0 if there is
+// none.
+size_t utf8_length(std::string_view s, size_t i) {
+  const unsigned char c = s[i];
+  size_t n = c >= 0xc2 && c <= 0xdf   ? 2
+             : c >= 0xe0 && c <= 0xef ? 3
+             : c >= 0xf0 && c <= 0xf4 ? 4
+                                      : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  const unsigned char c1 = s[i + 1];
+  const unsigned char lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80;
+  const unsigned char hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+  if (c1 < lo || c1 > hi) return 0;
+  for (size_t k = 2; k < n; k++)
+    if ((static_cast<unsigned char>(s[i + k]) & 0xc0) != 0x80) return 0;
+  return n;
+}
+
+}  // namespace
+
 std::string visible(std::string_view s) {
   std::string out;
   out.reserve(s.size());
-  for (size_t i = 0; i < s.size(); i++) {
+  for (size_t i = 0; i < s.size();) {
     const unsigned char ch = s[i];
-    const bool c1 = ch == 0xc2 && i + 1 < s.size() &&
-                    static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
-                    static_cast<unsigned char>(s[i + 1]) <= 0x9f;  // U+0080-U+009F
-    if (ch < 0x20 || ch == 0x7f || c1) {
-      out += fmt::format("\\x{:02x}", ch);
-      if (c1) out += fmt::format("\\x{:02x}", static_cast<unsigned char>(s[++i]));
-    } else {
+    if (ch >= 0x20 && ch < 0x7f) {
       out += static_cast<char>(ch);
+      i++;
+      continue;
+    }
+    // C0 and C1 controls (U+0080-U+009F, which terminals obey too) and
+    // bytes that are not UTF-8 (a terminal shows them as it likes).
+    const size_t n = ch < 0x80 ? 0 : utf8_length(s, i);
+    const bool c1 = n == 2 && ch == 0xc2 && static_cast<unsigned char>(s[i + 1]) <= 0x9f;
+    if (n == 0 || c1) {
+      for (size_t k = 0; k < (c1 ? 2 : 1); k++)
+        out += fmt::format("\\x{:02x}", static_cast<unsigned char>(s[i + k]));
+      i += c1 ? 2 : 1;
+    } else {
+      out.append(s.substr(i, n));
+      i += n;
     }
   }
   return out;

@@ -144,10 +144,10 @@ inline bool is_pow2(u64 v) { return v && !(v & (v - 1)); }
 // "1.5 GiB", "300 KiB": for messages and summaries.
 std::string human_bytes(double bytes);
 
-// `s` for a terminal: control characters (C0, DEL, C1 in UTF-8) shown as
-// \xNN, never obeyed. Text from an image or from QEMU (ids, paths, QEMU's
-// errors and log) could otherwise retitle or clear the terminal, or forge
-// lines of vmsave's own.
+// `s` for a terminal: control characters (C0, DEL, C1 in UTF-8) and bytes
+// that are not UTF-8 shown as \xNN, never obeyed. Text from an image or from QEMU (ids, paths,
+// QEMU's errors and log) could otherwise retitle or clear the terminal, or forge lines of vmsave's
+// own.
 std::string visible(std::string_view s);
 
 // EFBIG for a file of `size` bytes at `path`: past this process's file size

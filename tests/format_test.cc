@@ -1228,3 +1228,20 @@ TEST_CASE("format: the QEMU migration section and its flag must agree") {
     check_damaged(decode_table(t, img), "duplicate");
   }
 }
+
+TEST_CASE("format: visible() shows control characters and bytes that are not UTF-8 as \\xNN") {
+  // An image's block id with stray bytes reached damage messages raw.
+  CHECK(visible("ram0") == "ram0");
+  CHECK(visible("a\nb\x1b[2J\x7f") == "a\\x0ab\\x1b[2J\\x7f");
+  CHECK(visible("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") ==
+        "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
+  CHECK(visible("\xc2\x9b"
+                "1m") == "\\xc2\\x9b1m");  // C1 CSI
+  CHECK(visible("a\xff\xfe") == "a\\xff\\xfe");
+  CHECK(visible("\x80x") == "\\x80x");  // a stray continuation byte
+  CHECK(visible("\xc3") == "\\xc3");    // cut short
+  CHECK(visible("\xe2\x82") == "\\xe2\\x82");
+  CHECK(visible("\xc0\xaf") == "\\xc0\\xaf");                    // overlong '/'
+  CHECK(visible("\xed\xa0\x80") == "\\xed\\xa0\\x80");           // a surrogate
+  CHECK(visible("\xf4\x90\x80\x80") == "\\xf4\\x90\\x80\\x80");  // past U+10FFFF
+}
