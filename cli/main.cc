@@ -3,8 +3,10 @@
 // into one line and an exit status, and owns the signal handlers.
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
@@ -245,12 +247,19 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     for (auto& f : j.value("ram_files_left", nlohmann::json::array())) {
       // Empty with discard-data=on (QEMU dropped its pages as it quit).
       struct stat st;
+      struct statfs fs;
       std::string path = f.get<std::string>();
       bool holds = stat(path.c_str(), &st) != 0 || st.st_blocks > 0;
+      // Memory only on tmpfs and hugetlbfs; elsewhere the file takes disk.
+      bool memory = statfs(path.c_str(), &fs) != 0 || fs.f_type == TMPFS_MAGIC ||
+                    fs.f_type == HUGETLBFS_MAGIC;
       show(stderr,
            "  QEMU quit and left its RAM file {}: {} (a restore to it needs it gone, or "
            "--force)\n",
-           path, holds ? "remove it to free that memory" : "it holds no data");
+           path,
+           !holds   ? "it holds no data"
+           : memory ? "remove it to free that memory"
+                    : "remove it to free that disk space");
     }
   } else if (cmd == "restore" || cmd == "prepare") {
     if (j.value("mode", "") == "lazy")  // prepare only prints the arguments that map it
@@ -504,8 +513,10 @@ int main(int argc, char** argv) {
       ->needs(live_opt);
   auto* live_timeout =
       save_cmd
-          ->add_option("--live-timeout", save.live_timeout,
-                       "--live, RAM saved by QEMU: stop the guest after SECONDS (default 60)")
+          ->add_option(
+              "--live-timeout", save.live_timeout,
+              "--live: stop the guest after SECONDS (RAM saved by QEMU: default 60; RAM vmsave "
+              "writes: no pass starts after it)")
           ->check(kSeconds)
           ->needs(live_opt);
   auto* flush_timeout = save_cmd->add_option("--flush-timeout", save.flush_timeout,

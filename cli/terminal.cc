@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <system_error>
+#include <vector>
 
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
@@ -44,13 +45,19 @@ TerminalReporter::TerminalReporter(bool quiet, int progress_fd)
 TerminalReporter::~TerminalReporter() {
   stop_ = true;
   if (thread_.joinable()) thread_.join();
+  // The last lines, if the reader made room meanwhile; never waited for.
+  std::lock_guard lock(mu_);
+  if (progress_fd_ >= 0) send_unsent();
 }
 
 void TerminalReporter::ticker() {
   while (!stop_) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     std::lock_guard lock(mu_);
-    if (!phase_.empty()) draw(false);
+    if (!phase_.empty())
+      draw(false);
+    else if (progress_fd_ >= 0)
+      send_unsent();
   }
 }
 
@@ -82,43 +89,81 @@ static size_t terminal_columns() {
   return ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 ? ws.ws_col : 0;
 }
 
-void TerminalReporter::draw(bool final) {
+// The longest of `variants` (each shorter than the one before) that fits
+// in `width` columns, else the last one with its middle elided: a narrow
+// terminal loses the rate, then the byte counts, never half a number
+// ("verifying: 2.2 GiB....2 GiB/s" read as a rate of 2 GiB/s; trial U).
+static std::string fit(const std::vector<std::string>& variants, size_t width) {
+  for (const std::string& v : variants)
+    if (v.size() <= width) return v;
+  return elide_middle(variants.back(), width);
+}
+
+void TerminalReporter::draw(bool final, bool failed) {
   double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - phase_start_).count();
   i64 done = progress_ ? progress_->done.load(std::memory_order_relaxed) : 0;
   i64 total = progress_ ? progress_->total.load(std::memory_order_relaxed) : 0;
+  const i64 data_total = progress_ ? progress_->data_total.load(std::memory_order_relaxed) : 0;
+  const i64 data_done = progress_ ? progress_->data_done.load(std::memory_order_relaxed) : 0;
+  // A signal that came once all of the phase was done did not stop it.
+  const bool stopped = final && (failed || (cancelled() && !(total > 0 && done >= total)));
 
   if (progress_fd_ >= 0) {
     nlohmann::json j = {{"phase", phase_}, {"done", done}, {"elapsed_s", secs},
                         {"final", final}};
     if (total > 0) j["total"] = total;
-    if (final && cancelled()) j["interrupted"] = true;
-    write_progress(j.dump() + "\n");
+    if (data_total > 0) {
+      j["data_done"] = data_done;
+      j["data_total"] = data_total;
+    }
+    if (stopped) j["interrupted"] = true;
+    write_progress(j.dump() + "\n", final);
   }
   if (quiet_) return;
 
-  std::string text = phase_;
-  if (progress_) {
+  std::string counts, rate, eta;
+  if (progress_ && data_total > 0 && total > 0) {
+    // The work is the data: holes go by in no time.
+    rate = rate_text(data_done, secs);
+    counts = fmt::format("{} of {} in use ({:.0f}%)", human_bytes(data_done),
+                         human_bytes(data_total), 100.0 * double(data_done) / double(data_total));
+    if (!final && data_done > 0 && data_done < data_total)
+      eta = fmt::format("{:.0f} s left", secs * double(data_total - data_done) / double(data_done));
+  } else if (progress_) {
+    rate = rate_text(done, secs);
     if (total > 0) {
-      double pct = 100.0 * double(done) / double(total);
-      text += fmt::format(": {} of {} ({:.0f}%), {}", human_bytes(done), human_bytes(total), pct,
-                          rate_text(done, secs));
-      if (!final && done > 0 && done < total) {
-        double eta = secs * double(total - done) / double(done);
-        text += fmt::format(", {:.0f} s left", eta);
-      }
+      counts = fmt::format("{} of {} ({:.0f}%)", human_bytes(done), human_bytes(total),
+                           100.0 * double(done) / double(total));
+      if (!final && done > 0 && done < total)
+        eta = fmt::format("{:.0f} s left", secs * double(total - done) / double(done));
     } else {
-      text += fmt::format(": {}, {}", human_bytes(done), rate_text(done, secs));
+      counts = human_bytes(done);
     }
   }
-  if (final) text += fmt::format(" in {:.2f} s", secs);
-  if (final && cancelled()) text += " (interrupted)";
+  std::string end;
+  if (final) end += fmt::format(" in {:.2f} s", secs);
+  if (stopped) end += cancelled() ? " (interrupted)" : " (failed)";
+  auto line = [&](std::initializer_list<const std::string*> parts) {
+    std::string t;
+    for (const std::string* p : parts)
+      if (!p->empty()) t += (t.empty() ? ": " : ", ") + *p;
+    return phase_ + t + end;
+  };
+  const std::string text = line({&counts, &rate, &eta});
   if (smart_ && !final && !in_foreground()) return;  // its final line only, as plain
   if (smart_ && (line_dirty_ || !final)) {
     // One row, redrawn: a line wider than the terminal wraps, and "\r"
     // and "\x1b[K" redraw only its last row, leaving the others behind.
     const size_t columns = terminal_columns();
-    say(stderr, "\r{}\x1b[K", final || !columns ? text : elide_middle(text, columns - 1));
+    std::string pct = !(total > 0 && progress_) ? counts
+                      : data_total > 0
+                          ? fmt::format("{:.0f}%", 100.0 * double(data_done) / double(data_total))
+                          : fmt::format("{:.0f}%", 100.0 * double(done) / double(total));
+    say(stderr, "\r{}\x1b[K",
+        final || !columns
+            ? text
+            : fit({text, line({&counts, &eta}), line({&pct, &eta}), line({&pct})}, columns - 1));
     line_dirty_ = true;
     if (final) {
       say(stderr, "\n");
@@ -132,24 +177,43 @@ void TerminalReporter::draw(bool final) {
 
 // Never waits for the reader: a wrapper that stops reading must not keep
 // a guest paused, nor hold up a signal's handling behind mu_. A line the
-// pipe has no room for is dropped (a pipe with room for one page takes a
-// line whole: they are far shorter). Called with mu_ held.
-void TerminalReporter::write_progress(const std::string& line) {
-  pollfd pfd{progress_fd_, POLLOUT, 0};
-  if (::poll(&pfd, 1, 0) != 1 || !(pfd.revents & POLLOUT)) {
-    if (pfd.revents & (POLLERR | POLLHUP)) progress_fd_ = -1;  // the reader is gone
-    return;
+// pipe has no room for waits in unsent_ (a pipe with room for one page
+// takes a line whole: they are far shorter); of the lines that are not a
+// phase's last, only the latest. A reader that drained its pipe only at
+// the end got the first line and no final one (trial U). Called with mu_
+// held.
+void TerminalReporter::write_progress(const std::string& line, bool final) {
+  if (!unsent_.empty() && !unsent_.back().second) unsent_.pop_back();  // superseded
+  if (unsent_.size() < 1024) unsent_.emplace_back(line, final);
+  send_unsent();
+}
+
+// Sends what it can of unsent_; false once the descriptor is gone.
+bool TerminalReporter::send_unsent() {
+  while (!unsent_.empty() && progress_fd_ >= 0) {
+    pollfd pfd{progress_fd_, POLLOUT, 0};
+    if (::poll(&pfd, 1, 0) != 1 || !(pfd.revents & POLLOUT)) {
+      if (pfd.revents & (POLLERR | POLLHUP)) progress_fd_ = -1;  // the reader is gone
+      break;
+    }
+    const std::string& line = unsent_.front().first;
+    ssize_t n = ::write(progress_fd_, line.data(), line.size());
+    if (n >= 0) {
+      unsent_.pop_front();
+      continue;
+    }
+    if (errno == EAGAIN || errno == EINTR) break;
+    if (errno != EPIPE) {
+      clear_line();
+      say(stderr,
+          "vmsave: warning: cannot write progress to descriptor {}: {}; no more progress "
+          "lines\n",
+          progress_fd_, std::strerror(errno));
+    }
+    progress_fd_ = -1;
   }
-  ssize_t n = ::write(progress_fd_, line.data(), line.size());
-  if (n >= 0 || errno == EAGAIN || errno == EINTR) return;
-  if (errno != EPIPE) {
-    clear_line();
-    say(stderr,
-        "vmsave: warning: cannot write progress to descriptor {}: {}; no more progress "
-        "lines\n",
-        progress_fd_, std::strerror(errno));
-  }
-  progress_fd_ = -1;
+  if (progress_fd_ < 0) unsent_.clear();
+  return progress_fd_ >= 0;
 }
 
 void TerminalReporter::clear_line() {
@@ -169,9 +233,9 @@ void TerminalReporter::begin_phase(const std::string& name, const Progress* prog
   if (progress_fd_ >= 0) draw(false);
 }
 
-void TerminalReporter::end_phase() {
+void TerminalReporter::end_phase(bool failed) {
   std::lock_guard lock(mu_);
-  if (!phase_.empty()) draw(true);
+  if (!phase_.empty()) draw(true, failed);
   phase_.clear();
   progress_ = nullptr;
 }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -55,15 +56,16 @@ class TerminalReporter : public Reporter {
   ~TerminalReporter() override;
 
   void begin_phase(const std::string& name, const Progress* progress) override;
-  void end_phase() override;
+  void end_phase(bool failed) override;
   void warn(const std::string& msg) override;
   void note(const std::string& msg) override;
 
  private:
   void ticker();
-  void draw(bool final);
+  void draw(bool final, bool failed = false);
   void clear_line();
-  void write_progress(const std::string& line);
+  void write_progress(const std::string& line, bool final);
+  bool send_unsent();
 
   bool quiet_;
   int progress_fd_;
@@ -73,6 +75,9 @@ class TerminalReporter : public Reporter {
   const Progress* progress_ = nullptr;
   std::chrono::steady_clock::time_point phase_start_;
   bool line_dirty_ = false;
+  // Progress lines the descriptor had no room for, sent as soon as it has:
+  // every phase's final line, in order, and the latest other line.
+  std::deque<std::pair<std::string, bool>> unsent_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

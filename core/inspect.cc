@@ -136,7 +136,7 @@ Result<nlohmann::json> verify(const std::string& image, const EngineConfig& engi
   VerifyReport report;
   rep.begin_phase("verifying", &progress);
   Status st = (*r)->verify(engine, &progress, &report);
-  rep.end_phase();
+  rep.end_phase(!st.ok());
   if (!st.ok()) return st.error();
   timer.lap("verify");
   return nlohmann::json{

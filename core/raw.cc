@@ -564,7 +564,7 @@ Result<nlohmann::json> save_raw(const SaveOptions& opts, Reporter& rep) {
   RamStats ram;
   rep.begin_phase("writing RAM", &progress);
   Status st = (*w)->write_ram(sources, opts.engine, &progress, &ram);
-  rep.end_phase();
+  rep.end_phase(!st.ok());
   if (!st.ok()) return st.error();
   timer.lap("ram");
   // A file written to meanwhile no longer matches what was hashed and
@@ -633,7 +633,7 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   Status filled;
   for (size_t i = 0; i < files.size() && filled.ok(); i++)
     filled = files[i].fill(img, opts.engine, &progress, ram);
-  rep.end_phase();
+  rep.end_phase(!filled.ok());
   if (!filled.ok()) return filled.error();
   for (auto& f : files) f.keep();
   return done;

@@ -21,7 +21,9 @@ class Reporter {
   // A named phase starts. `progress` (may be null) stays valid until
   // end_phase(); `total` 0 means the size is unknown (device state).
   virtual void begin_phase(const std::string& name, const Progress* progress) = 0;
-  virtual void end_phase() = 0;
+  // `failed`: an error stopped the phase (its last line says so, as for a
+  // signal).
+  virtual void end_phase(bool failed = false) = 0;
   virtual void warn(const std::string& msg) = 0;
   virtual void note(const std::string& msg) = 0;
 };
@@ -30,7 +32,7 @@ class Reporter {
 class NullReporter : public Reporter {
  public:
   void begin_phase(const std::string&, const Progress*) override {}
-  void end_phase() override {}
+  void end_phase(bool) override {}
   void warn(const std::string&) override {}
   void note(const std::string&) override {}
 };

@@ -356,7 +356,7 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
       if (!whole.ok() && whole.error().status == Exit::kDamaged) st = whole;
     }
   }
-  rep.end_phase();
+  rep.end_phase(!st.ok());
   if (!st.ok()) return st;
   *vmstate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // Loaded: the capabilities go back to what QEMU had, or the VM's next
@@ -1042,7 +1042,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     Status st;
     for (auto& f : files)
       if (st.ok()) st = f.fill(img, opts.engine, &progress, &ram);
-    rep.end_phase();
+    rep.end_phase(!st.ok());
     timer.lap("ram");
     return st;
   };

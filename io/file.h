@@ -59,6 +59,13 @@ int default_jobs();
 struct Progress {
   std::atomic<i64> done{0};
   std::atomic<i64> total{0};
+  // The bytes the phase must read, where known (0: not known): a save's
+  // sources' allocated bytes, its holes passed over in no time. The line's
+  // percentage, rate and time left then count these: with the data in the
+  // low part of RAM, 61% of the address space had been scanned until the
+  // last second, and the time left grew as the end came (trial U).
+  std::atomic<i64> data_done{0};
+  std::atomic<i64> data_total{0};
 };
 
 struct EngineStats {

@@ -489,12 +489,14 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
     // QEMU cannot finish a live migration in 1 ms: vmsave stops the guest
     // so it does, saves a complete image, and resumes the guest.
     const std::string early = vm.dir() + "/early.vmsave";
+    // vmsave's own passes: none after the first once the time is up.
     RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), early, "--live", "--leave-running",
                               "--live-timeout", "0.001", "--json"},
                              kRunTimeout);
     REQUIRE_RUN(r, 0);
     CHECK(parse_json(r).value("live_timeout_reached", false));
-    CHECK_MESSAGE(!contains(r.err, "no effect"), r.err);  // QEMU's RAM: it has
+    CHECK_MESSAGE(!contains(r.err, "no effect"), r.err);  // it has, on either path
+    if (opts.shared_file_ram) CHECK(parse_json(r).value("passes", 0) == 2);
     CHECK(qmp_status(vm.qmp_path()) == "running");
     RunResult v = run_vmsave({"verify", early}, kRunTimeout);
     CHECK_RUN(v, 0);
@@ -528,6 +530,17 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
   if (opts.shared_file_ram) {  // vmsave's own passes: its requests counted
     CHECK(j.value("jobs", 0) > 0);
     CHECK(j["io_latency_us"].value("count", i64(0)) > 0);
+    // Each pass reported, the stopped one last; what all but the first
+    // wrote is what was rewritten.
+    REQUIRE_MESSAGE(j["live_passes"].is_array(), j.dump());
+    const json& passes = j["live_passes"];
+    CHECK(passes.size() == j.value("passes", size_t(0)));
+    CHECK(passes.back().value("guest_stopped", false));
+    i64 rewritten = 0;
+    for (size_t i = 1; i < passes.size(); i++)
+      rewritten += passes[i].value("bytes_written", i64(0));
+    CHECK(rewritten == j.value("bytes_rewritten", i64(-1)));
+    CHECK(passes[0].value("bytes_written", i64(0)) > 0);
   }
   RunResult v = run_vmsave({"verify", image}, kRunTimeout);
   CHECK_RUN(v, 0);
@@ -2096,11 +2109,13 @@ TEST_CASE("e2e: a guest mixing a shared-file block and an anonymous block carrie
   CHECK(stale_pages == 0);
 }
 
-TEST_CASE("e2e: save --live of shared-file RAM while memcheck writes: the restored guest carries on, and --flush-timeout fails cleanly") {
+TEST_CASE(
+    "e2e: save --live of shared-file RAM while memcheck writes: the restored guest carries on, "
+    "--live-timeout ends its passes, and --flush-timeout fails cleanly") {
   test::require_guest_kit();
   VmOptions opts = kSmallVm;
   opts.dirty_mib = kLiveDirtyMib;
-  json j = live_save_then_restore(opts, /*try_flush_timeout=*/true);
+  json j = live_save_then_restore(opts, /*try_flush_timeout=*/true, /*try_live_timeout=*/true);
   CHECK(j.value("ram_saved_by", "") == "vmsave");
 }
 

@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -1852,14 +1853,29 @@ TEST_CASE("raw: the progress line fits the terminal, and a background job does n
   const std::string narrow = run_on_terminal(with("narrow.vmsave"), 30, false);
   std::vector<std::string> lines = redrawn_lines(narrow);
   REQUIRE_MESSAGE(lines.size() >= 3, narrow);
-  for (auto& l : lines) CHECK_MESSAGE(l.size() <= 29, l);
-  CHECK_MESSAGE(contains(narrow, "..."), narrow);  // elided in its middle
+  // Whole fields dropped to fit, the rate first; never a number cut in
+  // two ("verifying: 2.2 GiB....2 GiB/s" read as a rate; trial U).
+  const std::regex whole(R"(writing RAM(: \d+%(, \d+ s left)?)?)");
+  for (auto& l : lines) {
+    CHECK_MESSAGE(l.size() <= 29, l);
+    CHECK_MESSAGE(std::regex_match(l, whole), l);
+  }
   CHECK_MESSAGE(contains(narrow, "saved "), narrow);
+  // Wide enough for the byte counts, but not the rate.
+  const std::string medium = run_on_terminal(with("medium.vmsave"), 63, false);
+  lines = redrawn_lines(medium);
+  REQUIRE_MESSAGE(lines.size() >= 3, medium);
+  const std::regex counts(
+      R"(writing RAM: [\d.]+ [KMG]?i?B of 24\.0 MiB in use \(\d+%\)(, [\d.]+ [KMG]?i?B/s)?(, \d+ s left)?)");
+  for (auto& l : lines) {
+    CHECK_MESSAGE(l.size() <= 62, l);
+    CHECK_MESSAGE(std::regex_match(l, counts), l);
+  }
 
   const std::string bg = run_on_terminal(with("background.vmsave"), 80, true);
   CHECK_MESSAGE(redrawn_lines(bg).empty(), bg);
   // Its phases' final lines and summary still come, plain.
-  CHECK_MESSAGE(contains(bg, "writing RAM: 24.0 MiB of 24.0 MiB (100%)"), bg);
+  CHECK_MESSAGE(contains(bg, "writing RAM: 24.0 MiB of 24.0 MiB in use (100%)"), bg);
   CHECK_MESSAGE(contains(bg, "saved "), bg);
 
   // Ctrl-C: the phase's line says so, and the error has a line of its own,
@@ -2065,4 +2081,54 @@ TEST_CASE(
   CHECK(list_dir(out.path()).empty());
   // Outside it, the same restore goes through.
   CHECK_RUN(run_vmsave({"restore", image, "--ram-dir", out.path()}), 0);
+}
+
+TEST_CASE("raw: a phase that fails ends with an interrupted final progress line") {
+  // The man page says so; a save that ran out of room ended its phase with
+  // a final line like a finished one, done short of total (trial U).
+  require_shm();
+  test::TempMount small("tmpfs", "size=4m");
+  if (!small.ok()) test::skip(small.error());
+  TempDir shm("/dev/shm");
+  test::write_pattern_file(shm / "ram", 16 * kMiB, "random", 6);
+  const std::string progress = shm / "progress";
+  RunResult r = test::run_program(
+      {"/bin/sh", "-c", "exec \"$0\" save --ram ram=\"$1\" \"$2\" --progress-fd 5 5>\"$3\"",
+       VMSAVE_BINARY, shm / "ram", small / "image.vmsave", progress});
+  CHECK_FAILS(r, 1, "No space left on device");
+  std::vector<json> lines;
+  std::istringstream in(test::read_file(progress));
+  for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
+  REQUIRE_FALSE(lines.empty());
+  const json& last = lines.back();
+  CHECK_MESSAGE(last.value("phase", "") == "writing RAM", last.dump());
+  CHECK(last.value("final", false));
+  CHECK_MESSAGE(last.value("interrupted", false), last.dump());
+  CHECK_MESSAGE(contains(r.err, " (failed)"), r.err);
+  CHECK_FALSE(std::filesystem::exists(small / "image.vmsave"));
+}
+
+TEST_CASE("raw: progress counts a save's data, which its holes do not slow") {
+  // With the data low in RAM, the line said 61% (of the address space)
+  // until the last second, and the time left grew toward the end (trial U).
+  require_shm();
+  TempDir shm("/dev/shm");
+  const std::string ram = shm / "ram";
+  test::write_pattern_file(ram, 16 * kMiB, "random", 7);
+  REQUIRE(::truncate(ram.c_str(), 64 * kMiB) == 0);  // 48 MiB of holes after it
+  const std::string progress = shm / "progress";
+  RunResult r = test::run_program(
+      {"/bin/sh", "-c", "exec \"$0\" save --ram ram=\"$1\" \"$2\" --progress-fd 5 5>\"$3\"",
+       VMSAVE_BINARY, ram, shm / "image.vmsave", progress});
+  REQUIRE_RUN(r, 0);
+  std::vector<json> lines;
+  std::istringstream in(test::read_file(progress));
+  for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
+  REQUIRE_FALSE(lines.empty());
+  const json& last = lines.back();
+  CHECK_MESSAGE(last.value("total", i64(0)) == 64 * kMiB, last.dump());
+  CHECK_MESSAGE(last.value("data_total", i64(0)) == 16 * kMiB, last.dump());
+  CHECK_MESSAGE(last.value("data_done", i64(0)) == 16 * kMiB, last.dump());
+  for (const json& l : lines) CHECK(l.value("data_done", i64(0)) <= l.value("data_total", i64(0)));
+  CHECK_MESSAGE(contains(r.err, "writing RAM: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
 }
