@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -105,7 +106,10 @@ void TerminalReporter::draw(bool final, bool failed) {
   i64 done = progress_ ? progress_->done.load(std::memory_order_relaxed) : 0;
   i64 total = progress_ ? progress_->total.load(std::memory_order_relaxed) : 0;
   const i64 data_total = progress_ ? progress_->data_total.load(std::memory_order_relaxed) : 0;
-  const i64 data_done = progress_ ? progress_->data_done.load(std::memory_order_relaxed) : 0;
+  // Clamped: the allocated figure is taken as the save begins, and a file
+  // written to meanwhile (a raw save of one in use) may hold more by then.
+  const i64 data_done =
+      progress_ ? std::min(progress_->data_done.load(std::memory_order_relaxed), data_total) : 0;
   // A signal that came once all of the phase was done did not stop it.
   const bool stopped = final && (failed || (cancelled() && !(total > 0 && done >= total)));
 
