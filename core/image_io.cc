@@ -1855,6 +1855,15 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   std::atomic<i64> data_bytes{0}, filled_bytes{0};
 
   auto present = [&](i64 p) { return bitmap_test(bitmap.data(), p); };
+  // Chunk c of `len` bytes is read: the RAM, and the data it stored.
+  auto count_done = [&](i64 c, i64 len) {
+    if (!progress) return;
+    i64 data = 0;
+    for (i64 p = 0; p * page < len; p++)
+      if (present(c * pages_per_chunk + p)) data += std::min(page, len - p * page);
+    progress->done.fetch_add(len, std::memory_order_relaxed);
+    progress->data_done.fetch_add(data, std::memory_order_relaxed);
+  };
   // The checksum of an all-hole chunk of full length (chunk 0's length:
   // the block's size when that is less than one chunk).
   const i64 full = b.chunk_length(0);
@@ -1912,7 +1921,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
       int slot;
       ~Release() { free.push_back(slot); }
     } release{wk.free, chunk_slot[c]};
-    if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
+    count_done(c, len);
     if (checksum({src, static_cast<size_t>(ci.stored_length)}) != ci.checksum)
       return chunk_damaged(c, "compressed data checksum mismatch");
     i64 padded = align_up(ci.stored_length, kDirectAlign);
@@ -1959,7 +1968,7 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
     u8* base = chunk_buf[c];
     u64 sum = empty ? (len == full ? zero_full : zero_checksum(len))
                     : chunk_checksum(base, len, page, c * pages_per_chunk, present);
-    if (progress) progress->done.fetch_add(len, std::memory_order_relaxed);
+    count_done(c, len);
     if (chunk_slot[c] >= 0) {
       workers[w].free.push_back(chunk_slot[c]);
       if (sum != sums[c]) return chunk_damaged(c, "checksum mismatch");

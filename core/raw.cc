@@ -607,7 +607,10 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   // into files.
   Progress progress;
   for (auto& b : img.layout().blocks)
-    if (!b.via_qemu()) progress.total += b.size;
+    if (!b.via_qemu()) {
+      progress.total += b.size;
+      progress.data_total += std::min(b.data_pages * b.page_size, b.size);
+    }
   if (progress.total == 0) return std::vector<std::string>();  // QEMU loads all of it
   auto watchdog = Watchdog::start(command);
   if (!watchdog.ok()) return watchdog.error();
@@ -633,6 +636,7 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   Status filled;
   for (size_t i = 0; i < files.size() && filled.ok(); i++)
     filled = files[i].fill(img, opts.engine, &progress, ram);
+  if (filled.ok()) progress.data_done = progress.data_total.load();
   rep.end_phase(!filled.ok());
   if (!filled.ok()) return filled.error();
   for (auto& f : files) f.keep();

@@ -1037,11 +1037,16 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
 
   auto fill = [&]() -> Status {
     if (files.empty()) return Status();
-    for (auto& p : plans) progress.total += img.layout().blocks[p.block].size;
+    for (auto& p : plans) {
+      const BlockLayout& b = img.layout().blocks[p.block];
+      progress.total += b.size;
+      progress.data_total += std::min(b.data_pages * b.page_size, b.size);
+    }
     rep.begin_phase("reading RAM", &progress);
     Status st;
     for (auto& f : files)
       if (st.ok()) st = f.fill(img, opts.engine, &progress, &ram);
+    if (st.ok()) progress.data_done = progress.data_total.load();
     rep.end_phase(!st.ok());
     timer.lap("ram");
     return st;

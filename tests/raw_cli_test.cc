@@ -2108,7 +2108,7 @@ TEST_CASE("raw: a phase that fails ends with an interrupted final progress line"
   CHECK_FALSE(std::filesystem::exists(small / "image.vmsave"));
 }
 
-TEST_CASE("raw: progress counts a save's data, which its holes do not slow") {
+TEST_CASE("raw: progress counts the data a save or restore moves, which holes do not slow") {
   // With the data low in RAM, the line said 61% (of the address space)
   // until the last second, and the time left grew toward the end (trial U).
   require_shm();
@@ -2131,4 +2131,21 @@ TEST_CASE("raw: progress counts a save's data, which its holes do not slow") {
   CHECK_MESSAGE(last.value("data_done", i64(0)) == 16 * kMiB, last.dump());
   for (const json& l : lines) CHECK(l.value("data_done", i64(0)) <= l.value("data_total", i64(0)));
   CHECK_MESSAGE(contains(r.err, "writing RAM: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
+
+  // A restore counts the data the image stores (it too said 61% till the end).
+  const std::string out = shm / "out";
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
+  r = test::run_program({"/bin/sh", "-c",
+                         "exec \"$0\" restore \"$1\" --ram-dir \"$2\" --progress-fd 5 5>\"$3\"",
+                         VMSAVE_BINARY, shm / "image.vmsave", out, progress});
+  REQUIRE_RUN(r, 0);
+  lines.clear();
+  std::istringstream again(test::read_file(progress));
+  for (std::string l; std::getline(again, l);) lines.push_back(json::parse(l));
+  REQUIRE_FALSE(lines.empty());
+  CHECK_MESSAGE(lines.back().value("data_total", i64(0)) == 16 * kMiB, lines.back().dump());
+  CHECK_MESSAGE(lines.back().value("data_done", i64(0)) == 16 * kMiB, lines.back().dump());
+  CHECK_MESSAGE(contains(r.err, "reading RAM: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(ram, out + "/ram", &why), why);
 }
