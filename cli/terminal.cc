@@ -126,23 +126,20 @@ void TerminalReporter::draw(bool final, bool failed) {
   }
   if (quiet_) return;
 
-  std::string counts, rate, eta;
-  if (progress_ && data_total > 0 && total > 0) {
-    // The work is the data: holes go by in no time.
-    rate = rate_text(data_done, secs);
-    counts = fmt::format("{} of {} in use ({:.0f}%)", human_bytes(data_done),
-                         human_bytes(data_total), 100.0 * double(data_done) / double(data_total));
-    if (!final && data_done > 0 && data_done < data_total)
-      eta = fmt::format("{:.0f} s left", secs * double(data_total - data_done) / double(data_done));
-  } else if (progress_) {
-    rate = rate_text(done, secs);
-    if (total > 0) {
-      counts = fmt::format("{} of {} ({:.0f}%)", human_bytes(done), human_bytes(total),
-                           100.0 * double(done) / double(total));
-      if (!final && done > 0 && done < total)
-        eta = fmt::format("{:.0f} s left", secs * double(total - done) / double(done));
+  // Where the data to move is known, it is the work: holes go by in no time.
+  const bool by_data = data_total > 0 && total > 0;
+  const i64 d = by_data ? data_done : done, t = by_data ? data_total : total;
+  std::string counts, pct, rate, eta;
+  if (progress_) {
+    rate = rate_text(d, secs);
+    if (t > 0) {
+      pct = fmt::format("{:.0f}%", 100.0 * double(d) / double(t));
+      counts = fmt::format("{} of {}{} ({})", human_bytes(d), human_bytes(t),
+                           by_data ? " in use" : "", pct);
+      if (!final && d > 0 && d < t)
+        eta = fmt::format("{:.0f} s left", secs * double(t - d) / double(d));
     } else {
-      counts = human_bytes(done);
+      counts = human_bytes(d);
     }
   }
   std::string end;
@@ -160,14 +157,11 @@ void TerminalReporter::draw(bool final, bool failed) {
     // One row, redrawn: a line wider than the terminal wraps, and "\r"
     // and "\x1b[K" redraw only its last row, leaving the others behind.
     const size_t columns = terminal_columns();
-    std::string pct = !(total > 0 && progress_) ? counts
-                      : data_total > 0
-                          ? fmt::format("{:.0f}%", 100.0 * double(data_done) / double(data_total))
-                          : fmt::format("{:.0f}%", 100.0 * double(done) / double(total));
+    const std::string& least = pct.empty() ? counts : pct;
     say(stderr, "\r{}\x1b[K",
-        final || !columns
-            ? text
-            : fit({text, line({&counts, &eta}), line({&pct, &eta}), line({&pct})}, columns - 1));
+        final || !columns ? text
+                          : fit({text, line({&counts, &eta}), line({&least, &eta}), line({&least})},
+                                columns - 1));
     line_dirty_ = true;
     if (final) {
       say(stderr, "\n");
@@ -192,8 +186,8 @@ void TerminalReporter::write_progress(const std::string& line, bool final) {
   send_unsent();
 }
 
-// Sends what it can of unsent_; false once the descriptor is gone.
-bool TerminalReporter::send_unsent() {
+// Sends what it can of unsent_.
+void TerminalReporter::send_unsent() {
   while (!unsent_.empty() && progress_fd_ >= 0) {
     pollfd pfd{progress_fd_, POLLOUT, 0};
     if (::poll(&pfd, 1, 0) != 1 || !(pfd.revents & POLLOUT)) {
@@ -217,7 +211,6 @@ bool TerminalReporter::send_unsent() {
     progress_fd_ = -1;
   }
   if (progress_fd_ < 0) unsent_.clear();
-  return progress_fd_ >= 0;
 }
 
 void TerminalReporter::clear_line() {

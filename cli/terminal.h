@@ -65,7 +65,7 @@ class TerminalReporter : public Reporter {
   void draw(bool final, bool failed = false);
   void clear_line();
   void write_progress(const std::string& line, bool final);
-  bool send_unsent();
+  void send_unsent();
 
   bool quiet_;
   int progress_fd_;
