@@ -509,7 +509,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       // than the one before (and --live-timeout allows); then the stopped
       // pass makes the image exact.
       const auto t0 = timer.now();
-      i64 prev = INT64_MAX;
+      i64 prev = INT64_MAX, first = 0;
       for (int p = 0; p < kMaxLivePasses; p++) {
         Progress pass_progress;
         ImageWriter::PassStats ps;
@@ -518,7 +518,10 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         Status st = w.live_pass(sources, opts.engine, &pass_progress, &ps);
         rep.end_phase(!st.ok());
         if (!st.ok()) return st.error();
-        if (p == 0) VMSAVE_TRY(w.sync_data());  // the guest runs: this costs no downtime
+        if (p == 0) {
+          VMSAVE_TRY(w.sync_data());  // the guest runs: this costs no downtime
+          first = ps.bytes_written;
+        }
         pass_report.push_back({{"bytes_written", ps.bytes_written}, {"seconds", ps.seconds}});
         if (p > 0) {
           passes++;
@@ -527,7 +530,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
           if (double(ps.bytes_written) > kLiveShrink * double(prev)) {
             // Said when the passes did little: a steady working set (a
             // guest rewriting the same 64 MiB) ends them quietly.
-            if (ps.bytes_written * 2 > pass_report[0].value("bytes_written", i64(0)))
+            if (ps.bytes_written * 2 > first)
               rep.warn(fmt::format(
                   "the guest rewrites its memory about as fast as vmsave writes it (live pass {} "
                   "rewrote {} in {:.1f} s, the one before {}): the guest is stopped now, for a "
