@@ -300,7 +300,7 @@ Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::stri
   auto zeros = [&](i64 upto) {
     if (upto > pos) {
       st.update_zeros(upto - pos);
-      if (progress) progress->done.fetch_add(upto - pos, std::memory_order_relaxed);
+      if (progress) progress->add_done(upto - pos);
     }
     pos = std::max(pos, upto);
   };
@@ -323,7 +323,7 @@ Result<u64> hash_range(int fd, bool direct, i64 offset, i64 len, const std::stri
       i64 got = std::min<i64>(n - skip, want);
       st.update(buf.data() + skip, got);
       pos += got;
-      if (progress) progress->done.fetch_add(got, std::memory_order_relaxed);
+      if (progress) progress->add_done(got);
     }
   }
   zeros(end);
@@ -2188,7 +2188,14 @@ Status ImageReader::verify_large_chunks(size_t block, const std::vector<u8>& bit
           at = end;
         }
       }
-      if (progress) progress->done.fetch_add(std::min(n, len - off), std::memory_order_relaxed);
+      if (progress) {
+        const i64 to = std::min(off + n, len);
+        i64 data = 0;  // of the pages the bitmap marks, the part in [off, to)
+        for (i64 p = off / page; p * page < to; p++)
+          if (present(first + p)) data += std::min(to, (p + 1) * page) - std::max(off, p * page);
+        progress->done.fetch_add(to - off, std::memory_order_relaxed);
+        progress->data_done.fetch_add(data, std::memory_order_relaxed);
+      }
     }
     if (st.digest() != sums[c]) return chunk_damaged(b, c, "checksum mismatch", -1, report);
     if (bad_page >= 0)
@@ -2361,11 +2368,19 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
                         img_.file_size));
   Status vs = stream_vmstate(nullptr);
   if (!vs.ok()) return fail(vs.error());
+  // The progress counts the data to read, as a restore's does: QEMU's
+  // section whole, and the pages each block stores.
   if (progress)
     for (auto& b : img_.blocks)
-      if (!b.via_qemu()) progress->total += b.size;
+      if (!b.via_qemu()) {
+        progress->total += b.size;
+        progress->data_total += std::min(b.data_pages * b.page_size, b.size);
+      }
   if (img_.has_qemu_section()) {
-    if (progress) progress->total += img_.qemu.length;
+    if (progress) {
+      progress->total += img_.qemu.length;
+      progress->data_total += img_.qemu.length;
+    }
     auto sum = hash_range(fd(), file_.direct, img_.qemu.offset, img_.qemu.length, path(), progress);
     if (!sum.ok()) return fail(sum.error());
     report->bytes_read += img_.qemu.length;

@@ -66,6 +66,12 @@ struct Progress {
   // last second, and the time left grew as the end came (trial U).
   std::atomic<i64> data_done{0};
   std::atomic<i64> data_total{0};
+
+  // Bytes that are data and address space alike (a section read whole).
+  void add_done(i64 n) {
+    done.fetch_add(n, std::memory_order_relaxed);
+    data_done.fetch_add(n, std::memory_order_relaxed);
+  }
 };
 
 struct EngineStats {

@@ -2108,7 +2108,8 @@ TEST_CASE("raw: a phase that fails ends with an interrupted final progress line"
   CHECK_FALSE(std::filesystem::exists(small / "image.vmsave"));
 }
 
-TEST_CASE("raw: progress counts the data a save or restore moves, which holes do not slow") {
+TEST_CASE(
+    "raw: progress counts the data a save, restore or verify moves, which holes do not slow") {
   // With the data low in RAM, the line said 61% (of the address space)
   // until the last second, and the time left grew toward the end (trial U).
   require_shm();
@@ -2148,4 +2149,16 @@ TEST_CASE("raw: progress counts the data a save or restore moves, which holes do
   CHECK_MESSAGE(contains(r.err, "reading RAM: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
   std::string why;
   CHECK_MESSAGE(test::files_equal(ram, out + "/ram", &why), why);
+
+  // And a verify: it too sat at 25% until the end.
+  r = test::run_program({"/bin/sh", "-c", "exec \"$0\" verify \"$1\" --progress-fd 5 5>\"$2\"",
+                         VMSAVE_BINARY, shm / "image.vmsave", progress});
+  REQUIRE_RUN(r, 0);
+  lines.clear();
+  std::istringstream third(test::read_file(progress));
+  for (std::string l; std::getline(third, l);) lines.push_back(json::parse(l));
+  REQUIRE_FALSE(lines.empty());
+  CHECK_MESSAGE(lines.back().value("data_total", i64(0)) == 16 * kMiB, lines.back().dump());
+  CHECK_MESSAGE(lines.back().value("data_done", i64(0)) == 16 * kMiB, lines.back().dump());
+  CHECK_MESSAGE(contains(r.err, "verifying: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
 }
