@@ -86,6 +86,12 @@ Mapper find_mapper(const struct stat& st, bool shared_only = false);
 // --force replaces files, never one a process maps: an error naming it.
 Status check_not_mapped(const std::string& path, const struct stat& st);
 
+// Nor a vmsave image: the one being restored (the same name, a hard link)
+// or any other (a lazy clone's base given as a mem-path), whatever its
+// name. `ids`: the blocks that would go into `path`, for the message.
+Status check_not_an_image(const std::string& path, const struct stat& st, const ImageReader& img,
+                          const std::string& ids);
+
 // A RAM file a restore creates and fills: created (mode 0600, never through
 // a symlink; an existing file only with `force`) and sized to its block,
 // then filled from the image, leaving holes where the image has them. It is

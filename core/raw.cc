@@ -174,10 +174,29 @@ Status refuse_lazy_qemu_section(const ImageReader& img) {
 Status check_not_mapped(const std::string& path, const struct stat& st) {
   Mapper m = find_mapper(st);
   if (!m.pid) return Status();
-  return Error{"RAM file is in use", path,
-               fmt::format("process {} ({}) maps it; replacing it would kill that process", m.pid,
-                           m.name)}
-      .fix("stop that VM first, or restore into another file (another mem-path or --ram-dir)");
+  return Error{
+      "RAM file is in use", path,
+      fmt::format("process {} ({}) maps it; replacing it would kill that process", m.pid, m.name)}
+      .fix(
+          "stop that VM first, or restore into another file (another mem-path, or another "
+          "--ram-dir)");
+}
+
+Status check_not_an_image(const std::string& path, const struct stat& st, const ImageReader& img,
+                          const std::string& ids) {
+  struct stat own;
+  if (fstat(img.fd(), &own) == 0 && same_file(st, own))
+    return Error{"the RAM file is the image itself", path,
+                 fmt::format("block {} would be written over the image it comes from", ids)}
+        .fix("give the RAM files another directory (or mem-path)");
+  std::array<u8, 8> head{};
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC));
+  if (S_ISREG(st.st_mode) && fd && ::pread(fd.get(), head.data(), head.size(), 0) == 8 &&
+      head == kMagic)
+    return Error{"the RAM file is a vmsave image", path,
+                 fmt::format("block {} would be written over it", ids)}
+        .fix("give the RAM files another directory (or mem-path), or move that image away");
+  return Status();
 }
 
 Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>& parts,
@@ -201,12 +220,8 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
                                  blocks[c.block].id, c.offset, human_bytes(blocks[c.block].size))}
             .fix("give each backend its own range (offset=) or its own file, as the VM had them");
     }
-  // --force truncates: never the image being read (same name, a hard link).
-  struct stat own, at;
-  if (fstat(img.fd(), &own) == 0 && stat(path.c_str(), &at) == 0 && same_file(at, own))
-    return Error{"the RAM file is the image itself", path,
-                 fmt::format("block {} would be written over the image it comes from", ids)}
-        .fix("give the RAM files another directory (or mem-path)");
+  struct stat at;
+  if (stat(path.c_str(), &at) == 0) VMSAVE_TRY(check_not_an_image(path, at, img, ids));
   // An existing file (--force) is replaced only once every check below has
   // passed: a restore refused for want of room leaves it as it was.
   RamFile f;
@@ -221,9 +236,12 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
       return Error{"cannot create RAM file", path,
                    "it is a symbolic link, and vmsave does not write through one"}
           .fix("give the real path, or remove the link");
-    if (!force)
+    if (!force) {
+      // Another VM's RAM: neither --force nor removing it would do.
+      if (struct stat st; stat(path.c_str(), &st) == 0) VMSAVE_TRY(check_not_mapped(path, st));
       return Error{"RAM file exists", path, "refusing to overwrite it"}.fix(
           "pass --force to overwrite it, or remove it");
+    }
     created = false;
     f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC));
     // Another user's file is replaced by a new one, not filled in place:

@@ -622,12 +622,13 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
                            "memory-backend-ram); this file is left as it is",
                            o.object.id));
     }
-    if (!force)
-      return Error{"RAM file exists", *mp,
-                   fmt::format("QEMU would load block {} into it; refusing to overwrite it",
-                               o.object.id)}
-          .fix("pass --force to overwrite it, or remove it (is another VM using it?)");
+    VMSAVE_TRY(check_not_an_image(*mp, st, img, o.object.id));
     VMSAVE_TRY(check_not_mapped(*mp, st));
+    if (!force)
+      return Error{
+          "RAM file exists", *mp,
+          fmt::format("QEMU would load block {} into it; refusing to overwrite it", o.object.id)}
+          .fix("pass --force to overwrite it, or remove it");
     to_empty.push_back(*mp);
     loaded.emplace_back(*mp, size, i64(st.st_blocks) * 512);
   }

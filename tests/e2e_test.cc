@@ -1964,6 +1964,37 @@ TEST_CASE("e2e: a memfd guest is saved through QEMU and restored in two steps") 
                                       "): qemu-system-x86_64: -device no-such-device:"),
                   s.err);
     CHECK_FALSE(exists(vm.dir() + "/ram0"));
+
+    // Never into the image itself (by its name or a hard link), nor into
+    // another image: with --force vmsave emptied it for QEMU, and QEMU,
+    // failing on the zeros, left none (trial V).
+    const std::string link = vm.dir() + "/link.vmsave", other = vm.dir() + "/other.vmsave";
+    REQUIRE(::link(image.c_str(), link.c_str()) == 0);
+    std::filesystem::copy_file(image, other);
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {image, "the RAM file is the image itself"},
+        {link, "the RAM file is the image itself"},
+        {other, "the RAM file is a vmsave image"}};
+    for (const auto& [path, why] : cases) {
+      CAPTURE(path);
+      std::vector<std::string> cmd =
+          rewrite(vm.command(), "memory-backend-memfd,id=ram0,size=256M",
+                  "memory-backend-file,id=ram0,size=256M,share=on,mem-path=" + path);
+      for (bool force : {false, true}) {
+        const std::string refused_log = vm.dir() + "/refused-qemu.log";
+        std::vector<std::string> args = restore_args(image, refused_log, false, cmd);
+        if (force) args.insert(args.begin() + 1, "--force");
+        s = run_vmsave(args, kRunTimeout);
+        CHECK_RUN(s, 1);
+        CHECK_MESSAGE(
+            contains(s.err, "vmsave: error: " + why + " (" + path + "): block ram0 would be"),
+            s.err);
+        CHECK_FALSE(exists(refused_log));
+      }
+      CHECK_RUN(run_vmsave({"verify", path}, kRunTimeout), 0);
+    }
+    ::unlink(link.c_str());
+    ::unlink(other.c_str());
   }
 
   // Without the backend QEMU loads ram0 into (plain -m instead), or with it

@@ -461,6 +461,16 @@ TEST_CASE("raw: restore refuses an existing RAM file without --force and overwri
     CHECK_FAILS(r, 1, "the RAM file is the image itself (" + image + ")");
     CHECK_RUN(run_vmsave({"verify", image}), 0);
   }
+  // Nor over another image, such as a lazy clone's base given as the RAM
+  // file by mistake: --force deleted one (trial V).
+  {
+    TempDir dir;
+    const std::string other = dir / "ram1";
+    std::filesystem::copy_file(s.image, other);
+    r = run_vmsave({"restore", s.image, "--ram-dir", dir.path(), "--force"});
+    CHECK_FAILS(r, 1, "the RAM file is a vmsave image (" + other + ")");
+    CHECK_RUN(run_vmsave({"verify", other}), 0);
+  }
 
   // Nor under a process that maps the file (a VM running on it): truncating
   // it would kill that process with SIGBUS.
