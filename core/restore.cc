@@ -379,8 +379,12 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
     auto r = qmp.execute("cont");
     if (!r.ok()) {  // loaded, but it cannot run: a disk another QEMU holds, say
       Error e = r.error();
-      e.hint = "the guest's state is loaded but QEMU cannot run it; see QEMU's message (a disk "
-               "image another QEMU still uses?)";
+      e.hint = e.detail.find("lock") != std::string::npos
+                   ? "the guest's state is loaded but QEMU cannot run it: another process (the "
+                     "VM it was saved from, still running?) holds a disk image it uses; stop "
+                     "that VM, or give this one its own copy of the disks"
+                   : "the guest's state is loaded but QEMU cannot run it; see QEMU's message (a "
+                     "disk image another QEMU still uses?)";
       return e;
     }
   } else {
@@ -634,6 +638,15 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
   }
   VMSAVE_TRY(check_qemu_load_room(loaded, meta, img.layout().qemu.length));
   return to_empty;
+}
+
+// A QMP error reply carries QEMU's own reason ("QEMU refused cont
+// (SOCKET): GenericError: Failed to get "write" lock"): it is not lost to
+// -daemonize, as a closed connection's is (trial V saw both said at once).
+bool qemu_gave_reason(const Error& e) {
+  const size_t colon = e.detail.find(": ");
+  return e.what.starts_with("QEMU refused ") && colon != std::string::npos &&
+         colon + 2 < e.detail.size();
 }
 
 // Raw images hold memory files, not a VM: no QEMU can load them. A usage
@@ -1111,7 +1124,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     std::string tail = log_tail(log, 4);
     if (!tail.empty())
       e.detail = e.detail.empty() ? "QEMU: " + tail : e.detail + " (QEMU: " + tail + ")";
-    else if (cmd.daemonize()) {  // its stderr went to /dev/null (trial O)
+    else if (cmd.daemonize() && !qemu_gave_reason(e)) {  // its stderr went to /dev/null (trial O)
       const std::string lost =
           "QEMU's reason is lost: -daemonize sends its errors nowhere; run the command without "
           "-daemonize to see it";

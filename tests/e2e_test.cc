@@ -2822,6 +2822,42 @@ TEST_CASE("e2e: QEMU refusing the device state under -daemonize is said to have 
   CHECK(test::qemu_pids_mentioning(vm.dir()).empty());
 }
 
+TEST_CASE(
+    "e2e: a daemonized restore whose cont QEMU refuses (a disk the saved VM still holds) gives "
+    "QEMU's reason and leaves nothing") {
+  // The reason was shown, then said to be lost to -daemonize (trial V).
+  test::require_guest_kit();
+  test::TempDir disks;
+  const std::string disk = disks / "disk.raw";
+  test::write_pattern_file(disk, kMiB, "zero", 0);
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
+              0);
+  // A second instance of the VM, its own QMP socket and RAM file, the
+  // disk the same: QEMU takes the disk's lock only as the guest resumes.
+  const std::string ram = vm.dir() + "/second-ram0", qmp = vm.dir() + "/second.qmp";
+  std::vector<std::string> cmd =
+      plus(rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram), {"-daemonize"});
+  REQUIRE(cmd != plus(vm.command(), {"-daemonize"}));
+  RunResult r = run_vmsave(restore_args(image, vm.dir() + "/second.log", false, cmd), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: QEMU refused cont (" + qmp + "): GenericError: "),
+                r.err);
+  CHECK_MESSAGE(contains(r.err, "lock"), r.err);
+  CHECK_MESSAGE(!contains(r.err, "reason is lost"), r.err);
+  CHECK_MESSAGE(contains(r.err,
+                         "holds a disk image it uses; stop that VM, or give this one its "
+                         "own copy of the disks\n"),
+                r.err);
+  CHECK_FALSE(exists(ram));
+  CHECK(test::qemu_pids_mentioning(qmp).empty());
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+}
+
 TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and no longer") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
