@@ -20,7 +20,9 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/stat.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -171,6 +173,45 @@ Status check_capabilities_kept(QmpClient& qmp) {
   return Status();
 }
 
+// A lazy clone runs with the backends its restore rewrote to map the image
+// copy-on-write (mem-path=IMAGE, share=off, readonly=on); the command its
+// user gave had the VM's own, which that image's metadata holds. The saved
+// command gets those back, so that `vmsave info` shows a command the new
+// image restores with: the clone's own named the image, which a save
+// --force over it had just replaced, and the VM's first backend was
+// nowhere to be seen (trial V).
+std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::string> argv) {
+  auto cmd = QemuCommand::parse(argv);
+  if (!cmd.ok()) return argv;
+  auto objs = cmd->objects();
+  if (!objs.ok()) return argv;
+  for (auto& o : *objs) {
+    auto mp = o.object.get_string("mem-path");
+    auto share = o.object.get_bool("share");
+    auto ro = o.object.get_bool("readonly");
+    if (o.object.qom_type != "memory-backend-file" || !mp || !share.ok() ||
+        share->value_or(false) || !ro.ok() || !ro->value_or(false))
+      continue;
+    struct stat st;  // never opening a FIFO or a device that QEMU names
+    if (stat(mp->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    auto img = ImageReader::open(*mp, [](const std::string&) {});
+    if (!img.ok()) continue;
+    auto meta = (*img)->metadata();
+    if (!meta.ok()) continue;
+    auto it = meta->find("qemu_cmdline");
+    if (it == meta->end() || !it->is_array() ||
+        !std::all_of(it->begin(), it->end(), [](auto& a) { return a.is_string(); }))
+      continue;
+    auto base = QemuCommand::parse(it->get<std::vector<std::string>>());
+    if (!base.ok()) continue;
+    auto base_objs = base->objects();
+    if (!base_objs.ok()) continue;
+    for (auto& b : *base_objs)
+      if (b.object.id == o.object.id) argv[o.index] = base->argv()[b.index];
+  }
+  return argv;
+}
+
 nlohmann::json qemu_metadata(QmpClient& qmp, const std::vector<std::string>& cmdline) {
   nlohmann::json m;
   auto v = qmp.execute("query-version");
@@ -277,7 +318,8 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     VMSAVE_TRY(open_backend_files(backends, pid));
   }
 
-  std::vector<std::string> cmdline = as_started_by_user(process_cmdline(pid), pid);
+  std::vector<std::string> cmdline =
+      with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid));
   if (writes_disks_to_temporary_overlay(cmdline))
     rep.warn(
         "QEMU runs with -snapshot: the guest's disk writes are in a temporary overlay that "

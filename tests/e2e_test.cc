@@ -1544,18 +1544,36 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     CHECK_MESSAGE(j["ram_files_left"] == json::array(), j.dump());
     CHECK_FALSE(contains(r.err, image));
     CHECK(exists(image));
-    // Its own command maps that image read-only: refused before QEMU starts,
-    // with the image there (it would show through) and moved away (QEMU
-    // failed: "can't open backing store ... for guest RAM").
+    // The command it records is the one its user gave, with the VM's own
+    // backend, not the mapping of the image the restore made of it: after
+    // a save --force over that image, nothing showed the backend (trial V).
     RunResult i = run_vmsave({"info", "--json", vm.dir() + "/clone0.vmsave"});
     REQUIRE_RUN(i, 0);
     auto own = parse_json(i)["metadata"]["qemu_cmdline"].get<std::vector<std::string>>();
+    CHECK_MESSAGE(contains(joined(own), "mem-path=" + vm.ram_path()), joined(own));
+    CHECK_MESSAGE(!contains(joined(own), image), joined(own));
+    // A command mapping that image read-only, as the clone's does: refused
+    // before QEMU starts, with the image there (it would show through) and
+    // moved away (QEMU failed: "can't open backing store ... for guest RAM").
+    std::vector<std::string> mapping = own;
+    {
+      std::ifstream in(fmt::format("/proc/{}/cmdline", clones[1].pid), std::ios::binary);
+      std::vector<std::string> clone1;
+      for (std::string a; std::getline(in, a, '\0');) clone1.push_back(a);
+      std::string lazy_object;
+      for (auto& a : clone1)
+        if (contains(a, "\"id\":\"ram0\"") || contains(a, "id=ram0")) lazy_object = a;
+      REQUIRE_MESSAGE(contains(lazy_object, image), lazy_object);
+      for (auto& a : mapping)
+        if (contains(a, "id=ram0")) a = lazy_object;
+      REQUIRE(mapping != own);
+    }
     const std::string moved = image + ".moved";
     for (bool there : {true, false}) {
       CAPTURE(there);
       if (!there) REQUIRE(::rename(image.c_str(), moved.c_str()) == 0);
       const std::string log = vm.dir() + "/own-qemu.log";
-      r = run_vmsave(restore_args(vm.dir() + "/clone0.vmsave", log, false, own), kRunTimeout);
+      r = run_vmsave(restore_args(vm.dir() + "/clone0.vmsave", log, false, mapping), kRunTimeout);
       CHECK_RUN(r, 1);
       CHECK_MESSAGE(contains(r.err, there ? "over a private mapping (" + image + ")"
                                           : "backend ram0 maps a file that does not exist (" +
@@ -1564,6 +1582,19 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
       CHECK_FALSE(exists(log));
     }
     REQUIRE(::rename(moved.c_str(), image.c_str()) == 0);
+    // With the command it records, the clone's image restores and the
+    // clone carries on (into the VM's RAM file, which the first save left).
+    const MemcheckLine at = *read_story(slurp(clone_logs[0])).last;
+    std::vector<std::string> args =
+        restore_args(vm.dir() + "/clone0.vmsave", vm.dir() + "/own-qemu.log", false, own);
+    args.insert(args.begin() + 1, "--force");
+    r = run_vmsave(args, kRunTimeout);
+    REQUIRE_RUN(r, 0);
+    StartedQemu again{parse_json(r).value("pid", -1)};
+    std::string err;
+    CHECK_MESSAGE(wait_story([&] { return slurp(clone_logs[0]); }, at.iteration + kMoreIterations,
+                             kCarryOnTimeout, again.pid, nullptr, &err),
+                  err);
   }
 
   // The log beside a command's socket may sit in a directory others can
