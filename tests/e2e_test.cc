@@ -1534,14 +1534,14 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
                   z.err);
     CHECK_MESSAGE(contains(z.err, "restore the VM eagerly (not --lazy)"), z.err);
     CHECK(qmp_status(sock0) == "running");
-    RunResult r = run_vmsave({"save", "--qmp", sock0, vm.dir() + "/clone0.vmsave", "--json"},
-                             kRunTimeout);
+    // The summary says what a lazy restore of the new image would meet.
+    RunResult r = run_vmsave({"save", "--qmp", sock0, vm.dir() + "/clone0.vmsave"}, kRunTimeout);
     REQUIRE_RUN(r, 0);
-    json j = parse_json(r);
+    CHECK_MESSAGE(
+        contains(r.err, "(RAM saved by QEMU mapped-ram: the image restores eagerly only)"), r.err);
     // The image is not a RAM file QEMU left behind: removing it, as the
     // summary says of those, would take clone 1's memory away.
-    CHECK(j.value("ram_saved_by", "") == "qemu");
-    CHECK_MESSAGE(j["ram_files_left"] == json::array(), j.dump());
+    CHECK_MESSAGE(!contains(r.err, "left its RAM file"), r.err);
     CHECK_FALSE(contains(r.err, image));
     CHECK(exists(image));
     // The command it records is the one its user gave, with the VM's own
