@@ -2124,51 +2124,46 @@ TEST_CASE(
   // until the last second, and the time left grew toward the end (trial U).
   require_shm();
   TempDir shm("/dev/shm");
-  const std::string ram = shm / "ram";
+  const std::string ram = shm / "ram", image = shm / "image.vmsave", out = shm / "out";
   test::write_pattern_file(ram, 16 * kMiB, "random", 7);
   REQUIRE(::truncate(ram.c_str(), 64 * kMiB) == 0);  // 48 MiB of holes after it
+  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
   const std::string progress = shm / "progress";
-  RunResult r = test::run_program(
-      {"/bin/sh", "-c", "exec \"$0\" save --ram ram=\"$1\" \"$2\" --progress-fd 5 5>\"$3\"",
-       VMSAVE_BINARY, ram, shm / "image.vmsave", progress});
+  // Runs vmsave with `args` and --progress-fd into `progress`; its lines.
+  auto run_with_progress = [&](const std::vector<std::string>& args, RunResult* r) {
+    std::vector<std::string> argv = {
+        "/bin/sh", "-c",     "p=$1; shift; exec \"$@\" --progress-fd 5 5>\"$p\"",
+        "sh",      progress, VMSAVE_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    *r = test::run_program(argv);
+    std::vector<json> lines;
+    std::istringstream in(test::read_file(progress));
+    for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
+    return lines;
+  };
+  RunResult r;
+  std::vector<json> lines = run_with_progress({"save", "--ram", "ram=" + ram, image}, &r);
   REQUIRE_RUN(r, 0);
-  std::vector<json> lines;
-  std::istringstream in(test::read_file(progress));
-  for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
   REQUIRE_FALSE(lines.empty());
-  const json& last = lines.back();
+  const json last = lines.back();
   CHECK_MESSAGE(last.value("total", i64(0)) == 64 * kMiB, last.dump());
-  CHECK_MESSAGE(last.value("data_total", i64(0)) == 16 * kMiB, last.dump());
-  CHECK_MESSAGE(last.value("data_done", i64(0)) == 16 * kMiB, last.dump());
   for (const json& l : lines) CHECK(l.value("data_done", i64(0)) <= l.value("data_total", i64(0)));
   CHECK_MESSAGE(contains(r.err, "writing RAM: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
 
-  // A restore counts the data the image stores (it too said 61% till the end).
-  const std::string out = shm / "out";
-  REQUIRE(::mkdir(out.c_str(), 0700) == 0);
-  r = test::run_program({"/bin/sh", "-c",
-                         "exec \"$0\" restore \"$1\" --ram-dir \"$2\" --progress-fd 5 5>\"$3\"",
-                         VMSAVE_BINARY, shm / "image.vmsave", out, progress});
+  // A restore counts the data the image stores (it too said 61% till the
+  // end), and a verify too (it sat at 25%).
+  std::vector<std::vector<json>> runs = {lines};
+  runs.push_back(run_with_progress({"restore", image, "--ram-dir", out}, &r));
   REQUIRE_RUN(r, 0);
-  lines.clear();
-  std::istringstream again(test::read_file(progress));
-  for (std::string l; std::getline(again, l);) lines.push_back(json::parse(l));
-  REQUIRE_FALSE(lines.empty());
-  CHECK_MESSAGE(lines.back().value("data_total", i64(0)) == 16 * kMiB, lines.back().dump());
-  CHECK_MESSAGE(lines.back().value("data_done", i64(0)) == 16 * kMiB, lines.back().dump());
   CHECK_MESSAGE(contains(r.err, "reading RAM: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
   std::string why;
   CHECK_MESSAGE(test::files_equal(ram, out + "/ram", &why), why);
-
-  // And a verify: it too sat at 25% until the end.
-  r = test::run_program({"/bin/sh", "-c", "exec \"$0\" verify \"$1\" --progress-fd 5 5>\"$2\"",
-                         VMSAVE_BINARY, shm / "image.vmsave", progress});
+  runs.push_back(run_with_progress({"verify", image}, &r));
   REQUIRE_RUN(r, 0);
-  lines.clear();
-  std::istringstream third(test::read_file(progress));
-  for (std::string l; std::getline(third, l);) lines.push_back(json::parse(l));
-  REQUIRE_FALSE(lines.empty());
-  CHECK_MESSAGE(lines.back().value("data_total", i64(0)) == 16 * kMiB, lines.back().dump());
-  CHECK_MESSAGE(lines.back().value("data_done", i64(0)) == 16 * kMiB, lines.back().dump());
   CHECK_MESSAGE(contains(r.err, "verifying: 16.0 MiB of 16.0 MiB in use (100%)"), r.err);
+  for (const auto& run : runs) {
+    REQUIRE_FALSE(run.empty());
+    CHECK_MESSAGE(run.back().value("data_total", i64(0)) == 16 * kMiB, run.back().dump());
+    CHECK_MESSAGE(run.back().value("data_done", i64(0)) == 16 * kMiB, run.back().dump());
+  }
 }
