@@ -617,7 +617,8 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
           {{"bytes_written", ps.bytes_written}, {"seconds", ps.seconds}, {"guest_stopped", true}});
       VMSAVE_TRY(w.finish_live(&ram));
     } else {
-      rep.begin_phase("writing RAM", &progress);
+      // The line says what the wait costs: a guest paused for it.
+      rep.begin_phase(guard.stopped ? "writing RAM (guest paused)" : "writing RAM", &progress);
       Status st = w.write_ram(sources, opts.engine, &progress, &ram);
       rep.end_phase(!st.ok());
       if (!st.ok()) return st.error();

@@ -752,7 +752,7 @@ Interrupted interrupt_at_phase(const std::vector<std::string>& argv, const std::
 // (by default once RAM is being written, so the guest is stopped).
 Interrupted interrupt_save(const TestVm& vm, const std::string& image, int sig,
                            const std::function<void()>& act = nullptr,
-                           const std::string& phase = "writing RAM",
+                           const std::string& phase = "writing RAM (guest paused)",
                            const std::vector<std::string>& env = {},
                            const std::vector<std::string>& extra = {}) {
   std::vector<std::string> argv = {VMSAVE_BINARY,   "save", "--qmp",
@@ -2298,7 +2298,7 @@ TEST_CASE(
     REQUIRE(::mkdir(out.c_str(), 0755) == 0);
     const std::string image = out + "/vm.vmsave";
 
-    std::optional<Interrupted> in = kill_save(vm, image, "writing RAM");
+    std::optional<Interrupted> in = kill_save(vm, image, "writing RAM (guest paused)");
     if (!in) {
       why_skip = "could not kill a save while it wrote RAM in 3 tries";
     } else {
@@ -3426,7 +3426,7 @@ TEST_CASE(
   // QEMU stopped (SIGSTOP) while vmsave writes RAM: its next QMP command
   // gets no answer (within 2 s here instead of 30), nor does its clean-up.
   const pid_t qemu = vm.pid();
-  in = interrupt_save(vm, image, 0, [&] { ::kill(qemu, SIGSTOP); }, "writing RAM",
+  in = interrupt_save(vm, image, 0, [&] { ::kill(qemu, SIGSTOP); }, "writing RAM (guest paused)",
                       {"VMSAVE_FAULT=qmp-timeout:2"});
   ::kill(qemu, SIGCONT);
   REQUIRE(in.caught);
