@@ -692,21 +692,34 @@ Status check_qmp_path_free(const std::string& path) {
   sockaddr_un addr{};
   if (stat(path.c_str(), &st) < 0 || !S_ISSOCK(st.st_mode) || path.size() >= sizeof(addr.sun_path))
     return Status();
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
   addr.sun_family = AF_UNIX;
   memcpy(addr.sun_path, path.data(), path.size());
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 && errno != EAGAIN)
-    return Status();  // left behind by a QEMU that is gone: QEMU replaces it
-  ucred cred{};
-  socklen_t len = sizeof(cred);
-  if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || cred.pid <= 0)
-    cred.pid = -1;
-  // A QEMU that was just killed accepts connections until its last thread
-  // has exited, while its leader is already a zombie: it is going.
-  if (cred.pid > 0 && !process_alive(cred.pid)) return Status();
-  std::string who = cred.pid > 0 ? fmt::format("process {} listens on it", cred.pid)
-                                 : "another process listens on it";
+  // A listener whose process is gone (SO_PEERCRED says pid 0) belongs to a
+  // QEMU that was just killed: the kernel closed its last reference after
+  // the process was reaped, and a retry straight after a killed restore was
+  // refused (2 runs in 6). It closes within moments; one that stays belongs
+  // to a process this pid namespace does not see.
+  pid_t pid = -1;
+  for (int attempt = 0; attempt < 100; attempt++) {  // 2 s
+    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 &&
+        errno != EAGAIN)
+      return Status();  // left behind by a QEMU that is gone: QEMU replaces it
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) break;
+    // A QEMU that was just killed accepts connections until its last
+    // thread has exited, while its leader is already a zombie: it is going.
+    if (cred.pid > 0 && !process_alive(cred.pid)) return Status();
+    if (cred.pid > 0) {
+      pid = cred.pid;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::string who =
+      pid > 0 ? fmt::format("process {} listens on it", pid) : "another process listens on it";
   return Error{"the QEMU command's QMP socket is in use", path, who}.fix(
       "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)");
 }
