@@ -512,8 +512,8 @@ int main(int argc, char** argv) {
                                       "and for the device state");
   save_cmd
       ->add_option("--max-downtime", save.max_downtime_ms,
-                   "--live, RAM saved by QEMU: QEMU's downtime-limit in ms")
-      ->check(whole_number(1, 3600000))
+                   "--live, RAM saved by QEMU: QEMU's downtime-limit in ms (at most 2000000)")
+      ->check(whole_number(1, 2000000))  // QEMU refuses more (2000 s)
       ->needs(live_opt);
   auto* live_timeout =
       save_cmd

@@ -666,6 +666,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   meta["vmstate_bytes"] = w.vmstate_bytes();
   meta["live"] = live;
+  if (live_timeout_reached) meta["live_timeout_reached"] = true;  // vmsave's passes too
   watchdog->note_commit(opts.image, w.fd(),
                         opts.after == AfterSave::kQuit ? "quit"
                         : resumed                      ? "running"

@@ -500,6 +500,10 @@ json live_save_then_restore(VmOptions opts, bool try_flush_timeout = false,
     CHECK(qmp_status(vm.qmp_path()) == "running");
     RunResult v = run_vmsave({"verify", early}, kRunTimeout);
     CHECK_RUN(v, 0);
+    // The image says so too, whoever wrote the RAM (only QEMU's did).
+    RunResult info = run_vmsave({"info", "--json", early}, kRunTimeout);
+    REQUIRE_RUN(info, 0);
+    CHECK_MESSAGE(parse_json(info)["metadata"].value("live_timeout_reached", false), info.out);
     ::unlink(early.c_str());
   }
   if (try_flush_timeout) {
