@@ -621,6 +621,17 @@ int main(int argc, char** argv) {
   std::vector<std::string> names;
   for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
     names.push_back(sub->get_name());
+  // `vmsave --json info IMAGE`: CLI11 said only "The following argument was
+  // not expected: --json", and the JSON object named no command (trial W).
+  if (cmd_name.empty() && argc > 2 && std::string_view(argv[1]) != "--help" &&
+      std::string_view(argv[1]) != "-h" && std::string_view(argv[1]) != "--version") {
+    for (int i = 2; i < argc && std::string_view(argv[i]) != "--"; i++)
+      if (std::ranges::find(names, argv[i]) != names.end()) {
+        cmd_name = argv[i];
+        return usage(
+            fmt::format("options go after the command: vmsave {} {} ...", cmd_name, argv[1]));
+      }
+  }
   const bool known = std::ranges::find(names, cmd_name) != names.end();
   if (argc == 1 || (!cmd_name.empty() && !known)) {
     std::string last = names.back();

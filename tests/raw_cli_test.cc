@@ -957,6 +957,13 @@ TEST_CASE("raw: usage errors exit 2 and create nothing") {
   p = run_vmsave({"frob"});
   CHECK_RUN(p, 2);
   CHECK_MESSAGE(contains(p.err, "vmsave: error: unknown command 'frob'"), p.err);
+  // An option before the command: CLI11 said "The following argument was
+  // not expected", and the JSON object's command was "" (trial W).
+  p = run_vmsave({"--json", "info", image});
+  CHECK_RUN(p, 2);
+  CHECK_MESSAGE(p.err == "vmsave: error: options go after the command: vmsave info --json ...\n",
+                p.err);
+  CHECK_MESSAGE(json::parse(p.out).value("command", "") == "info", p.out);
   p = run_vmsave({});  // was CLI11's "A subcommand is required"
   CHECK_MESSAGE(p.err ==
                     "vmsave: error: no command: vmsave has save, restore, prepare, info and "
