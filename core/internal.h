@@ -67,7 +67,8 @@ std::string resolve_machine(const std::string& qemu, const std::string& type);
 // run directory (vmsave-XXXXXX, with QEMU's log), which must outlive vmsave
 // as long as QEMU runs. Its qemu.pid names that QEMU; once it is gone, the
 // directory is stale: a save that quits that QEMU removes it, and the next
-// restore removes any stale one of this user in `parent`.
+// restore removes any stale one of this user in `parent`. It also removes
+// the empty log a restore made beside a socket of the command's own.
 void note_run_dir_owner(const std::string& run_dir, pid_t qemu);
 void remove_run_dir_of(const std::string& qmp_socket, pid_t qemu);
 void remove_stale_run_dirs(const std::string& parent);

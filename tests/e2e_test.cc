@@ -1548,6 +1548,8 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     CHECK_MESSAGE(!contains(r.err, "left its RAM file"), r.err);
     CHECK_FALSE(contains(r.err, image));
     CHECK(exists(image));
+    // Nor the empty log its restore made beside its socket (trials V, W).
+    CHECK_FALSE(exists(sock0 + ".qemu.log"));
     // The command it records is the one its user gave, with the VM's own
     // backend, not the mapping of the image the restore made of it: after
     // a save --force over that image, nothing showed the backend (trial V).
