@@ -2176,3 +2176,19 @@ TEST_CASE(
     CHECK_MESSAGE(run.back().value("data_done", i64(0)) == 16 * kMiB, run.back().dump());
   }
 }
+
+TEST_CASE("raw: cmake --install puts vmsave and its manual under the prefix") {
+  // There were no install rules: a packager had to copy files by hand.
+  TempDir prefix;
+  const std::string build = std::filesystem::path(VMSAVE_BINARY).parent_path();
+  RunResult r = test::run_program({"cmake", "--install", build, "--prefix", prefix.path()});
+  REQUIRE_RUN(r, 0);
+  const std::string bin = prefix / "bin/vmsave";
+  RunResult v = test::run_program({bin, "--version"});
+  CHECK_RUN(v, 0);
+  CHECK_MESSAGE(v.out == run_vmsave({"--version"}).out, v.out);
+  std::string why;
+  CHECK_MESSAGE(test::files_equal(std::string(VMSAVE_SOURCE_DIR) + "/man/vmsave.1",
+                                  prefix / "share/man/man1/vmsave.1", &why),
+                why);
+}
