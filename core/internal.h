@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -67,9 +68,14 @@ std::string resolve_machine(const std::string& qemu, const std::string& type);
 // run directory (vmsave-XXXXXX, with QEMU's log), which must outlive vmsave
 // as long as QEMU runs. Its qemu.pid names that QEMU; once it is gone, the
 // directory is stale: a save that quits that QEMU removes it, and the next
-// restore removes any stale one of this user in `parent`. It also removes
-// the empty log a restore made beside a socket of the command's own.
+// restore removes any stale one of this user in `parent`.
 void note_run_dir_owner(const std::string& run_dir, pid_t qemu);
+// The log a restore made beside the command's own socket (SOCKET.qemu.log)
+// was left, empty, beside every socket whose QEMU a save made quit (trials
+// V and W). Taken while QEMU runs: the log if empty and ours; removed once
+// QEMU is gone if it is the same file, still empty and untouched.
+std::optional<struct stat> empty_log_beside(const std::string& qmp_socket);
+void remove_empty_log(const std::string& qmp_socket, const struct stat& before);
 void remove_run_dir_of(const std::string& qmp_socket, pid_t qemu);
 void remove_stale_run_dirs(const std::string& parent);
 
@@ -84,6 +90,9 @@ struct Mapper {
 // clone's private mapping of its image).
 Mapper find_mapper(const struct stat& st, bool shared_only = false);
 
+// Whether process `pid` maps the file `st` describes (shared or not).
+bool process_maps(pid_t pid, const struct stat& st);
+
 // --force replaces files, never one a process maps: an error naming it.
 Status check_not_mapped(const std::string& path, const struct stat& st);
 
@@ -92,6 +101,9 @@ Status check_not_mapped(const std::string& path, const struct stat& st);
 // name. `ids`: the blocks that would go into `path`, for the message.
 Status check_not_an_image(const std::string& path, const struct stat& st, const ImageReader& img,
                           const std::string& ids);
+// The same of a file open at `fd`, about to be emptied: refused if it
+// begins with the image magic or cannot be read to tell. `ids` may be "".
+Status not_an_image(int fd, const std::string& path, const std::string& ids);
 
 // A RAM file a restore creates and fills: created (mode 0600, never through
 // a symlink; an existing file only with `force`) and sized to its block,

@@ -298,15 +298,26 @@ void note_run_dir_owner(const std::string& run_dir, pid_t qemu) {
   std::ofstream(run_dir + "/qemu.pid") << qemu << "\n";
 }
 
-void remove_run_dir_of(const std::string& qmp_socket, pid_t qemu) {
-  // The log a restore made beside the command's own socket: left empty
-  // beside every socket whose QEMU a save made quit (trials V and W). One
-  // that holds QEMU's words stays.
-  const std::string log = qmp_socket + ".qemu.log";
+std::optional<struct stat> empty_log_beside(const std::string& qmp_socket) {
   struct stat st;
-  if (!process_alive(qemu) && lstat(log.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
-      st.st_size == 0 && st.st_uid == geteuid())
+  const std::string log = qmp_socket + ".qemu.log";
+  if (lstat(log.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size == 0 &&
+      st.st_uid == geteuid())
+    return st;
+  return std::nullopt;
+}
+
+void remove_empty_log(const std::string& qmp_socket, const struct stat& before) {
+  struct stat st;
+  const std::string log = qmp_socket + ".qemu.log";
+  // The same file, untouched since: not a log the next restore of this
+  // command has just made (or emptied) there.
+  if (lstat(log.c_str(), &st) == 0 && same_file(st, before) && st.st_size == 0 &&
+      st.st_mtim.tv_sec == before.st_mtim.tv_sec && st.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
     ::unlink(log.c_str());
+}
+
+void remove_run_dir_of(const std::string& qmp_socket, pid_t qemu) {
   std::string dir = std::filesystem::path(qmp_socket).parent_path().string();
   if (!std::filesystem::path(dir).filename().string().starts_with("vmsave-")) return;
   if (run_dir_owner(dir) == qemu && !runs_in(qemu, dir)) {
@@ -351,6 +362,12 @@ Mapper find_mapper(const struct stat& st, bool shared_only) {
   }
   closedir(proc);
   return found;
+}
+
+bool process_maps(pid_t pid, const struct stat& st) {
+  for (auto& m : read_maps(pid))
+    if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev) return true;
+  return false;
 }
 
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {

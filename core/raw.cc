@@ -182,6 +182,23 @@ Status check_not_mapped(const std::string& path, const struct stat& st) {
           "--ram-dir)");
 }
 
+// Whether the open file `fd` begins with the image magic; unreadable
+// (a write-only file) counts as one: it is not emptied unseen.
+static bool begins_like_an_image(int fd, const struct stat& st) {
+  if (!S_ISREG(st.st_mode) || st.st_size < i64(kMagic.size())) return false;
+  std::array<u8, 8> head{};
+  return ::pread(fd, head.data(), head.size(), 0) != ssize_t(head.size()) || head == kMagic;
+}
+
+Status not_an_image(int fd, const std::string& path, const std::string& ids) {
+  struct stat st;
+  if (fstat(fd, &st) < 0 || !begins_like_an_image(fd, st)) return Status();
+  std::string what = ids.empty() ? "the restore would write over it"
+                                 : fmt::format("block {} would be written over it", ids);
+  return Error{"the RAM file is a vmsave image", path, what + " (or it cannot be read to tell)"}
+      .fix("give the RAM files another directory (or mem-path), or move that image away");
+}
+
 Status check_not_an_image(const std::string& path, const struct stat& st, const ImageReader& img,
                           const std::string& ids) {
   struct stat own;
@@ -189,14 +206,14 @@ Status check_not_an_image(const std::string& path, const struct stat& st, const 
     return Error{"the RAM file is the image itself", path,
                  fmt::format("block {} would be written over the image it comes from", ids)}
         .fix("give the RAM files another directory (or mem-path)");
-  std::array<u8, 8> head{};
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC));
-  if (S_ISREG(st.st_mode) && fd && ::pread(fd.get(), head.data(), head.size(), 0) == 8 &&
-      head == kMagic)
-    return Error{"the RAM file is a vmsave image", path,
-                 fmt::format("block {} would be written over it", ids)}
-        .fix("give the RAM files another directory (or mem-path), or move that image away");
-  return Status();
+  if (!S_ISREG(st.st_mode)) return Status();  // never opening a FIFO or a tty to look
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd && errno == EACCES) {
+    // Write-only to us (it can be written, so emptied): look through one
+    // that can write, as what empties it will.
+    fd = UniqueFd(::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_NOFOLLOW | O_CLOEXEC));
+  }
+  return fd ? not_an_image(fd.get(), path, ids) : Status();
 }
 
 Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>& parts,
@@ -244,6 +261,9 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
     }
     created = false;
     f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC));
+    // Looked at again through the descriptor it is filled through: an
+    // image renamed to that path since the check above is not emptied.
+    if (f.fd_) VMSAVE_TRY(not_an_image(f.fd_.get(), path, ids));
     // Another user's file is replaced by a new one, not filled in place:
     // its owner could read and write the guest's memory through it, even
     // through a descriptor opened before (trial S).

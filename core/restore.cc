@@ -379,7 +379,8 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
     auto r = qmp.execute("cont");
     if (!r.ok()) {  // loaded, but it cannot run: a disk another QEMU holds, say
       Error e = r.error();
-      e.hint = e.detail.find("lock") != std::string::npos
+      // Failed to get "write" lock, or "consistent read" (not "#block12").
+      e.hint = e.detail.find("\" lock") != std::string::npos
                    ? "the guest's state is loaded but QEMU cannot run it: another process (the "
                      "VM it was saved from, still running?) holds a disk image it uses; stop "
                      "that VM, or give this one its own copy of the disks"
@@ -520,11 +521,20 @@ Status check_lazy(const ImageReader& img, const std::string& path) {
 }
 
 // Truncates the RAM file at `path` to nothing (never through a symlink).
+Error cannot_empty(const std::string& path, int err) {
+  return sys_error("cannot empty the RAM file for QEMU", path, err)
+      .fix("remove it, or give the backend another mem-path");
+}
+
 Status empty_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
-  if (!fd.valid() || ftruncate(fd.get(), 0) < 0)
-    return sys_error("cannot empty the RAM file for QEMU", path, errno)
-        .fix("remove it, or give the backend another mem-path");
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+  if (!fd.valid() && errno == EACCES)  // write-only: not_an_image() refuses it
+    fd = UniqueFd(::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+  if (!fd.valid()) return cannot_empty(path, errno);
+  // Looked at again through this descriptor: an image renamed to the path
+  // since the plan's check is not emptied.
+  VMSAVE_TRY(not_an_image(fd.get(), path, ""));
+  if (ftruncate(fd.get(), 0) < 0) return cannot_empty(path, errno);
   return Status();
 }
 
@@ -647,8 +657,10 @@ Result<std::vector<std::string>> check_qemu_loaded_files(const QemuCommand& cmd,
 // -daemonize, as a closed connection's is (trial V saw both said at once).
 bool qemu_gave_reason(const Error& e) {
   const size_t colon = e.detail.find(": ");
-  return e.what.starts_with("QEMU refused ") && colon != std::string::npos &&
-         colon + 2 < e.detail.size();
+  // Not "QEMU refused the device state": its detail may be QEMU's generic
+  // "load of migration failed", the cause gone where -daemonize sends it.
+  return e.what.starts_with("QEMU refused ") && e.what != "QEMU refused the device state" &&
+         colon != std::string::npos && colon + 2 < e.detail.size();
 }
 
 // Raw images hold memory files, not a VM: no QEMU can load them. A usage
@@ -705,9 +717,10 @@ Status check_qmp_path_free(const std::string& path) {
   for (int attempt = 0; attempt < 100; attempt++) {  // 2 s
     UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
-    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 &&
-        errno != EAGAIN)
-      return Status();  // left behind by a QEMU that is gone: QEMU replaces it
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0) {
+      if (errno == EAGAIN) break;  // its backlog full: someone listens, busy
+      return Status();             // left behind by a QEMU that is gone: QEMU replaces it
+    }
     ucred cred{};
     socklen_t len = sizeof(cred);
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) break;
@@ -718,6 +731,7 @@ Status check_qmp_path_free(const std::string& path) {
       pid = cred.pid;
       break;
     }
+    if (cancelled()) return interrupted_error();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   std::string who =

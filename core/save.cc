@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -179,35 +180,62 @@ Status check_capabilities_kept(QmpClient& qmp) {
 // command gets those back, so that `vmsave info` shows a command the new
 // image restores with: the clone's own named the image, which a save
 // --force over it had just replaced, and the VM's first backend was
-// nowhere to be seen (trial V).
-std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::string> argv) {
+// nowhere to be seen (trial V). Only from the very file QEMU maps: another
+// image moved to that path since holds another VM's backends; then the
+// clone's mapping is kept, and a warning says so. A file that is no image
+// (a template of the user's own, mapped so) is left as it is, unsaid.
+std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::string> argv, pid_t pid,
+                                                           Reporter& rep) {
   auto cmd = QemuCommand::parse(argv);
   if (!cmd.ok()) return argv;
   auto objs = cmd->objects();
   if (!objs.ok()) return argv;
+  std::error_code ec;
+  const std::filesystem::path cwd =
+      std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec);
   for (auto& o : *objs) {
     auto mp = o.object.get_string("mem-path");
     auto share = o.object.get_bool("share");
     auto ro = o.object.get_bool("readonly");
-    if (o.object.qom_type != "memory-backend-file" || !mp || !share.ok() ||
+    if (o.object.qom_type != "memory-backend-file" || !mp || mp->empty() || !share.ok() ||
         share->value_or(false) || !ro.ok() || !ro->value_or(false))
       continue;
+    // QEMU opened a relative mem-path in its own working directory.
+    const std::string path = (*mp)[0] == '/' || ec ? *mp : (cwd / *mp).lexically_normal().string();
+    auto keep = [&](const std::string& why) {
+      rep.warn(fmt::format(
+          "backend {} maps {} privately (a lazy restore), and {}: the command line this image "
+          "records keeps that mapping; to restore it, give backend {} the mem-path the VM had "
+          "before the lazy restore",
+          o.object.id, path, why, o.object.id));
+    };
     struct stat st;  // never opening a FIFO or a device that QEMU names
-    if (stat(mp->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
-    auto img = ImageReader::open(*mp, [](const std::string&) {});
+    if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    // A file of the user's own mapped so (a template) is no image: silent.
+    auto img = ImageReader::open(path, [](const std::string&) {});
     if (!img.ok()) continue;
-    auto meta = (*img)->metadata();
-    if (!meta.ok()) continue;
-    auto it = meta->find("qemu_cmdline");
-    if (it == meta->end() || !it->is_array() ||
-        !std::all_of(it->begin(), it->end(), [](auto& a) { return a.is_string(); }))
+    if (!process_maps(pid, st)) {
+      keep("the image there now is not the file QEMU maps (replaced since the restore)");
       continue;
+    }
+    nlohmann::json meta;
+    if (auto m = (*img)->metadata(); m.ok()) meta = std::move(*m);
+    auto it = meta.is_object() ? meta.find("qemu_cmdline") : meta.end();
+    if (!meta.is_object() || it == meta.end() || !it->is_array() ||
+        !std::all_of(it->begin(), it->end(), [](auto& a) { return a.is_string(); })) {
+      keep("that image records no command line to take the backend from");
+      continue;
+    }
+    bool found = false;
     auto base = QemuCommand::parse(it->get<std::vector<std::string>>());
-    if (!base.ok()) continue;
-    auto base_objs = base->objects();
-    if (!base_objs.ok()) continue;
-    for (auto& b : *base_objs)
-      if (b.object.id == o.object.id) argv[o.index] = base->argv()[b.index];
+    if (base.ok())
+      if (auto base_objs = base->objects(); base_objs.ok())
+        for (auto& b : *base_objs)
+          if (b.object.id == o.object.id) {
+            argv[o.index] = base->argv()[b.index];
+            found = true;
+          }
+    if (!found) keep("its image records no backend of that id");
   }
   return argv;
 }
@@ -319,7 +347,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   }
 
   std::vector<std::string> cmdline =
-      with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid));
+      with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid), pid, rep);
   if (writes_disks_to_temporary_overlay(cmdline))
     rep.warn(
         "QEMU runs with -snapshot: the guest's disk writes are in a temporary overlay that "
@@ -456,7 +484,10 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     timer.lap("stop");
     for (auto& b : backends) progress.total += b.size;
     nlohmann::json last;
-    rep.begin_phase(live ? "QEMU writing RAM live" : "QEMU writing RAM and device state", &progress);
+    rep.begin_phase(live            ? "QEMU writing RAM live"
+                    : guard.stopped ? "QEMU writing RAM and device state (guest paused)"
+                                    : "QEMU writing RAM and device state",
+                    &progress);
     auto t0 = timer.now();
     bool forced_stop = false;
     i64 first_round_bytes = -1;  // pages QEMU wrote before its first re-sync
@@ -686,9 +717,11 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     // Until QEMU has exited it still maps its RAM files: a restore --force
     // run next would refuse them as in use. Tearing down its memory takes a
     // moment with a large guest; past 10 s vmsave stops waiting.
+    const auto log = empty_log_beside(opts.qmp);
     if (qmp.execute("quit", nullptr, 5).ok())
       for (int i = 0; i < 1000 && process_alive(pid); i++)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (log && !process_alive(pid)) remove_empty_log(opts.qmp, *log);
     remove_run_dir_of(opts.qmp, pid);  // a restore's private socket and log
   } else if (opts.after == AfterSave::kLeaveRunning) {
     after = was_running && !paused_by_other ? "running" : "paused";

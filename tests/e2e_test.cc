@@ -1601,6 +1601,27 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     CHECK_MESSAGE(wait_story([&] { return slurp(clone_logs[0]); }, at.iteration + kMoreIterations,
                              kCarryOnTimeout, again.pid, nullptr, &err),
                   err);
+
+    // Another image at that path since clone 1 started (a copy renamed
+    // over it): its backends could be another VM's, so clone 1's save
+    // keeps the mapping it runs on, and says so.
+    const std::string copy = image + ".copy";
+    std::filesystem::copy_file(image, copy);
+    REQUIRE(::rename(copy.c_str(), image.c_str()) == 0);
+    const std::string saved1 = vm.dir() + "/clone1.vmsave";
+    r = run_vmsave({"save", "--qmp", vm.dir() + "/clone1.sock", saved1}, kRunTimeout);
+    REQUIRE_RUN(r, 0);
+    CHECK_MESSAGE(contains(r.err, "warning: backend ram0 maps " + image +
+                                      " privately (a lazy restore), and the image there now is "
+                                      "not the file QEMU maps"),
+                  r.err);
+    RunResult info1 = run_vmsave({"info", "--json", saved1});
+    REQUIRE_RUN(info1, 0);
+    CHECK_MESSAGE(
+        contains(
+            joined(parse_json(info1)["metadata"]["qemu_cmdline"].get<std::vector<std::string>>()),
+            image),
+        info1.out);
   }
 
   // The log beside a command's socket may sit in a directory others can
@@ -2257,8 +2278,8 @@ TEST_CASE(
     REQUIRE(::mkdir(out.c_str(), 0755) == 0);
     const std::string image = out + "/vm.vmsave";
     for (int attempt = 0; attempt < 4 && interrupted < 2; attempt++) {
-      Interrupted in =
-          interrupt_save(vm, image, SIGINT, nullptr, "QEMU writing RAM and device state");
+      Interrupted in = interrupt_save(vm, image, SIGINT, nullptr,
+                                      "QEMU writing RAM and device state (guest paused)");
       if (!in.caught || in.status == 0) {
         CHECK_MESSAGE(in.status == 0, "status " << in.status << ": " << in.err);
         std::filesystem::remove(image);
@@ -2410,7 +2431,7 @@ TEST_CASE(
     };
     const json before = settings();
 
-    if (!kill_save(vm, image, "QEMU writing RAM and device state")) {
+    if (!kill_save(vm, image, "QEMU writing RAM and device state (guest paused)")) {
       why_skip = "could not kill a save while QEMU wrote RAM in 3 tries";
     } else {
       CHECK_FALSE(exists(image));
