@@ -1114,6 +1114,16 @@ i64 stored_from(int fd, i64 offset) {
 
 namespace {
 
+// The bytes of [from, to), offsets in a chunk whose first page is page
+// `first` of its block, that lie in pages the bitmap marks as stored.
+i64 stored_bytes_in(const std::vector<u8>& bitmap, i64 first, i64 page, i64 from, i64 to) {
+  i64 n = 0;
+  for (i64 p = from / page; p * page < to; p++)
+    if (bitmap_test(bitmap.data(), first + p))
+      n += std::min(to, (p + 1) * page) - std::max(from, p * page);
+  return n;
+}
+
 // The first byte in [from, to) of `fd` that is not zero, or -1. Reads only
 // what the file stores (holes are zeros) into `buf`, whole aligned blocks,
 // so that an O_DIRECT descriptor takes the reads.
@@ -1858,11 +1868,9 @@ Status ImageReader::read_chunks(size_t block, const std::vector<u8>& bitmap,
   // Chunk c of `len` bytes is read: the RAM, and the data it stored.
   auto count_done = [&](i64 c, i64 len) {
     if (!progress) return;
-    i64 data = 0;
-    for (i64 p = 0; p * page < len; p++)
-      if (present(c * pages_per_chunk + p)) data += std::min(page, len - p * page);
     progress->done.fetch_add(len, std::memory_order_relaxed);
-    progress->data_done.fetch_add(data, std::memory_order_relaxed);
+    progress->data_done.fetch_add(stored_bytes_in(bitmap, c * pages_per_chunk, page, 0, len),
+                                  std::memory_order_relaxed);
   };
   // The checksum of an all-hole chunk of full length (chunk 0's length:
   // the block's size when that is less than one chunk).
@@ -2190,11 +2198,9 @@ Status ImageReader::verify_large_chunks(size_t block, const std::vector<u8>& bit
       }
       if (progress) {
         const i64 to = std::min(off + n, len);
-        i64 data = 0;  // of the pages the bitmap marks, the part in [off, to)
-        for (i64 p = off / page; p * page < to; p++)
-          if (present(first + p)) data += std::min(to, (p + 1) * page) - std::max(off, p * page);
         progress->done.fetch_add(to - off, std::memory_order_relaxed);
-        progress->data_done.fetch_add(data, std::memory_order_relaxed);
+        progress->data_done.fetch_add(stored_bytes_in(bitmap, first, page, off, to),
+                                      std::memory_order_relaxed);
       }
     }
     if (st.digest() != sums[c]) return chunk_damaged(b, c, "checksum mismatch", -1, report);
@@ -2374,7 +2380,7 @@ Status ImageReader::verify(const EngineConfig& cfg, Progress* progress,
     for (auto& b : img_.blocks)
       if (!b.via_qemu()) {
         progress->total += b.size;
-        progress->data_total += std::min(b.data_pages * b.page_size, b.size);
+        progress->data_total += b.data_bytes();
       }
   if (img_.has_qemu_section()) {
     if (progress) {

@@ -90,9 +90,6 @@ struct Mapper {
 // clone's private mapping of its image).
 Mapper find_mapper(const struct stat& st, bool shared_only = false);
 
-// Whether process `pid` maps the file `st` describes (shared or not).
-bool process_maps(pid_t pid, const struct stat& st);
-
 // --force replaces files, never one a process maps: an error naming it.
 Status check_not_mapped(const std::string& path, const struct stat& st);
 

@@ -364,12 +364,6 @@ Mapper find_mapper(const struct stat& st, bool shared_only) {
   return found;
 }
 
-bool process_maps(pid_t pid, const struct stat& st) {
-  for (auto& m : read_maps(pid))
-    if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev) return true;
-  return false;
-}
-
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
   std::vector<MapsEntry> maps = read_maps(pid);
   if (maps.empty())

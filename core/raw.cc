@@ -647,7 +647,7 @@ Result<std::vector<std::string>> fill_ram_dir(const ImageReader& img, const Rest
   for (auto& b : img.layout().blocks)
     if (!b.via_qemu()) {
       progress.total += b.size;
-      progress.data_total += std::min(b.data_pages * b.page_size, b.size);
+      progress.data_total += b.data_bytes();
     }
   if (progress.total == 0) return std::vector<std::string>();  // QEMU loads all of it
   auto watchdog = Watchdog::start(command);

@@ -1083,7 +1083,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     for (auto& p : plans) {
       const BlockLayout& b = img.layout().blocks[p.block];
       progress.total += b.size;
-      progress.data_total += std::min(b.data_pages * b.page_size, b.size);
+      progress.data_total += b.data_bytes();
     }
     rep.begin_phase("reading RAM", &progress);
     Status st;

@@ -214,7 +214,10 @@ std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::stri
     // A file of the user's own mapped so (a template) is no image: silent.
     auto img = ImageReader::open(path, [](const std::string&) {});
     if (!img.ok()) continue;
-    if (!process_maps(pid, st)) {
+    const auto maps = file_mappings(pid);
+    if (std::none_of(maps.begin(), maps.end(), [&](const FileMapping& m) {
+          return m.dev == st.st_dev && m.inode == st.st_ino;
+        })) {
       keep("the image there now is not the file QEMU maps (replaced since the restore)");
       continue;
     }

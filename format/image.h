@@ -196,6 +196,9 @@ struct BlockLayout {
   bool via_qemu() const { return flags & kBlockViaQemu; }
   i64 pages() const { return (size + page_size - 1) / page_size; }
   i64 chunks() const { return (size + chunk_size - 1) / chunk_size; }
+  // The RAM it stores, what a restore or verify reads (a last page past
+  // the block's end counts only up to it).
+  i64 data_bytes() const { return std::min(data_pages * page_size, size); }
   // Length of chunk c: the last one may be short.
   i64 chunk_length(i64 c) const { return std::min(chunk_size, size - c * chunk_size); }
 };
