@@ -216,6 +216,28 @@ Status check_not_an_image(const std::string& path, const struct stat& st, const 
   return fd ? not_an_image(fd.get(), path, ids) : Status();
 }
 
+// Creates the file at `path` (EEXIST if one is there) that the watchdog
+// removes if vmsave dies: vmsave killed between making it and saying so
+// left it behind, and the retry met "RAM file exists" (1 kill in 16). So
+// the file is made unnamed, noted by its inode, and only then linked in;
+// where the filesystem makes no unnamed files, it is noted once made.
+static UniqueFd create_noted(const std::string& path, Watchdog* watchdog) {
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  UniqueFd fd(::open(dir.empty() ? "." : dir.c_str(), O_RDWR | O_TMPFILE | O_CLOEXEC, 0600));
+  if (fd) {
+    if (watchdog) watchdog->note_remove(path, fd.get());
+    const std::string self = fmt::format("/proc/self/fd/{}", fd.get());
+    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return fd;
+    // No /proc: linked by its descriptor, which root may do.
+    if (errno == ENOENT && ::linkat(fd.get(), "", AT_FDCWD, path.c_str(), AT_EMPTY_PATH) == 0)
+      return fd;
+    if (errno == EEXIST) return UniqueFd();
+  }
+  fd = UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (fd && watchdog) watchdog->note_remove(path, fd.get());
+  return fd;
+}
+
 Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>& parts,
                                 const std::string& path, bool force, Watchdog* watchdog,
                                 SpaceClaims& claims) {
@@ -243,7 +265,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
   // passed: a restore refused for want of room leaves it as it was.
   RamFile f;
   bool created = true;
-  f.fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  f.fd_ = create_noted(path, watchdog);
   if (!f.fd_ && errno == EEXIST) {
     struct stat in_way;
     if (lstat(path.c_str(), &in_way) == 0 && S_ISDIR(in_way.st_mode))
@@ -283,8 +305,7 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
                                  std::strerror(errno))}
             .fix("remove it first, or restore as its owner");
       created = true;
-      f.fd_ =
-          UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+      f.fd_ = create_noted(path, watchdog);
     }
   }
   if (!f.fd_) {
@@ -329,10 +350,6 @@ Result<RamFile> RamFile::create(const ImageReader& img, const std::vector<Part>&
                ? Error{"RAM file is in use", path, "another vmsave is filling it"}.fix(
                      "wait for that restore to finish, or give this one another path")
                : sys_error("cannot lock RAM file", path, errno);
-  // A file made just now is the watchdog's to remove from this moment:
-  // vmsave killed during the checks below left it behind, and the retry
-  // met "RAM file exists". One being replaced only once the checks pass.
-  if (created && watchdog) watchdog->note_remove(path);
   auto refuse = [&](Error e) {
     if (created) ::unlink(path.c_str());  // the empty file we just made
     return e;

@@ -708,18 +708,24 @@ Status check_qmp_path_free(const std::string& path) {
     return Status();
   addr.sun_family = AF_UNIX;
   memcpy(addr.sun_path, path.data(), path.size());
-  // A listener whose process is gone (SO_PEERCRED says pid 0) belongs to a
-  // QEMU that was just killed: the kernel closed its last reference after
-  // the process was reaped, and a retry straight after a killed restore was
-  // refused (2 runs in 6). It closes within moments; one that stays belongs
-  // to a process this pid namespace does not see.
+  // A QEMU that was just killed can still hold its listener for moments
+  // after its process is gone (SO_PEERCRED says pid 0, or a zombie's), its
+  // backlog full of the connections nobody accepts (EAGAIN): a retry
+  // straight after a killed restore was refused (2 runs in 6, then 1 in 12
+  // when only EAGAIN ended the wait at once). Only a live process ends the
+  // wait early; one that stays 2 s without one belongs to a process this
+  // pid namespace does not see, or to a QEMU too busy to accept.
   pid_t pid = -1;
   for (int attempt = 0; attempt < 100; attempt++) {  // 2 s
+    if (attempt > 0) {
+      if (cancelled()) return interrupted_error();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0) {
-      if (errno == EAGAIN) break;  // its backlog full: someone listens, busy
-      return Status();             // left behind by a QEMU that is gone: QEMU replaces it
+      if (errno == EAGAIN) continue;  // its backlog full: busy, or going
+      return Status();                // left behind by a QEMU that is gone: QEMU replaces it
     }
     ucred cred{};
     socklen_t len = sizeof(cred);
@@ -731,8 +737,6 @@ Status check_qmp_path_free(const std::string& path) {
       pid = cred.pid;
       break;
     }
-    if (cancelled()) return interrupted_error();
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   std::string who =
       pid > 0 ? fmt::format("process {} listens on it", pid) : "another process listens on it";

@@ -141,8 +141,14 @@ void send_note(int sock, const nlohmann::json& note) {
     } else if (it->contains("kill_marked")) {
       killed |= kill_marked(it->value("kill_marked", "")) > 0;
     } else if (it->contains("remove")) {
+      const std::string path = it->value("remove", "");
+      struct stat st;
+      if (it->contains("ino") &&
+          (::lstat(path.c_str(), &st) != 0 || st.st_dev != it->value("dev", dev_t(0)) ||
+           st.st_ino != it->value("ino", ino_t(0))))
+        continue;  // never linked there, or replaced since
       std::error_code ec;
-      removed |= std::filesystem::remove_all(it->value("remove", ""), ec) > 0;
+      removed |= std::filesystem::remove_all(path, ec) > 0;
     }
   }
   for (auto& note : notes)
@@ -226,6 +232,12 @@ void Watchdog::note_kill_marked(const std::string& mark) {
 
 void Watchdog::note_remove(const std::string& path) {
   if (pid_ > 0) send_note(sock_.get(), {{"remove", path}});
+}
+
+void Watchdog::note_remove(const std::string& path, int fd) {
+  struct stat st;
+  if (pid_ > 0 && ::fstat(fd, &st) == 0)
+    send_note(sock_.get(), {{"remove", path}, {"dev", st.st_dev}, {"ino", st.st_ino}});
 }
 
 void Watchdog::note_left(const std::string& path) {

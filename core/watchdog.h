@@ -51,6 +51,9 @@ class Watchdog {
   // `path` (a file, or a directory with everything in it) is removed if
   // vmsave dies. Note only what this run created or truncated.
   void note_remove(const std::string& path);
+  // The file `fd`, about to be linked at `path` (or just made there), is
+  // removed if vmsave dies and `path` is still that file.
+  void note_remove(const std::string& path, int fd);
   // What the QEMU it started may leave at `path` (its socket, log or
   // pidfile) is removed once that QEMU is killed: see remove_left_behind().
   void note_left(const std::string& path);
