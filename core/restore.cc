@@ -375,20 +375,27 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
           "load was let finish: the guest is paused (resume it with the QMP command cont)";
     return e;
   }
+  // Loaded, but it cannot run: a disk another QEMU holds, say.
+  auto cannot_run = [](Error e) {
+    // Failed to get "write" lock, or "consistent read" (not "#block12").
+    e.hint = e.detail.find("\" lock") != std::string::npos
+                 ? "the guest's state is loaded but QEMU cannot run it: another process (the "
+                   "VM it was saved from, still running?) holds a disk image it uses; stop "
+                   "that VM, or give this one its own copy of the disks"
+                 : "the guest's state is loaded but QEMU cannot run it; see QEMU's message (a "
+                   "disk image another QEMU still uses?)";
+    return e;
+  };
   if (run) {
     auto r = qmp.execute("cont");
-    if (!r.ok()) {  // loaded, but it cannot run: a disk another QEMU holds, say
-      Error e = r.error();
-      // Failed to get "write" lock, or "consistent read" (not "#block12").
-      e.hint = e.detail.find("\" lock") != std::string::npos
-                   ? "the guest's state is loaded but QEMU cannot run it: another process (the "
-                     "VM it was saved from, still running?) holds a disk image it uses; stop "
-                     "that VM, or give this one its own copy of the disks"
-                   : "the guest's state is loaded but QEMU cannot run it; see QEMU's message (a "
-                     "disk image another QEMU still uses?)";
-      return e;
-    }
+    if (!r.ok()) return cannot_run(r.error());
   } else {
+    // An incoming QEMU takes its disks' locks only at cont: a paused
+    // restore onto a disk the saved VM still used exited 0, and the user's
+    // cont failed later (trial X). QEMU 10.0 can take them now.
+    auto r = qmp.execute("blockdev-set-active", {{"active", true}});
+    if (!r.ok() && r.error().detail.find("CommandNotFound") == std::string::npos)
+      return cannot_run(r.error());
     // QEMU starts the guest by itself when the stream says it ran to the
     // end (a live save through QEMU stops it only for the last round).
     auto s = qmp.execute("query-status");

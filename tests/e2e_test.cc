@@ -2916,6 +2916,48 @@ TEST_CASE(
   CHECK(qmp_status(vm.qmp_path()) == "running");
 }
 
+TEST_CASE(
+    "e2e: a paused restore onto a disk the saved VM still holds fails before it exits, not at "
+    "the user's cont") {
+  // QEMU takes an incoming guest's disk locks only as it resumes: the
+  // restore exited 0 and the user's cont failed later (trial X).
+  test::require_guest_kit();
+  test::TempDir disks;
+  const std::string disk = disks / "disk.raw";
+  test::write_pattern_file(disk, kMiB, "zero", 0);
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
+              0);
+  const std::string ram = vm.dir() + "/second-ram0", qmp = vm.dir() + "/second.qmp";
+  std::vector<std::string> cmd =
+      rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram);
+  REQUIRE(cmd != vm.command());
+  auto args = restore_args(image, vm.dir() + "/second.log", false, cmd);
+  args.insert(args.begin() + 2, "--paused");
+  RunResult r = run_vmsave(args, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "lock"), r.err);
+  CHECK_MESSAGE(contains(r.err,
+                         "holds a disk image it uses; stop that VM, or give this one its "
+                         "own copy of the disks\n"),
+                r.err);
+  CHECK_FALSE(exists(ram));
+  CHECK(test::qemu_pids_mentioning(qmp).empty());
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+
+  // Once the first VM is gone, the same paused restore succeeds and stays
+  // paused with its disk taken.
+  REQUIRE(test::kill_qemu_mentioning(vm.qmp_path()) == 1);
+  r = run_vmsave(args, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK(qmp_status(qmp) == "paused");
+  CHECK(test::kill_qemu_mentioning(qmp) == 1);
+}
+
 TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and no longer") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
