@@ -92,10 +92,12 @@ Error unexpected_json(const nlohmann::json::exception& e) {
 // With --json, a failure is an object on stdout too: wrappers parse stdout
 // whatever happened.
 void print_failure_json(const std::string& cmd, const std::string& error, Exit status,
-                        const std::string& image = "") {
+                        const std::string& image = "",
+                        const std::vector<std::string>& warnings = {}) {
   nlohmann::json j = {{"command", cmd}, {"ok", false}, {"error", error},
                       {"exit_status", static_cast<int>(status)}};
   if (!image.empty()) j["image"] = image;
+  if (!warnings.empty()) j["warnings"] = warnings;
   say(stdout, "{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
   std::fflush(stdout);
 }
@@ -353,6 +355,15 @@ void print_info(const nlohmann::json& j) {
       if (a.is_string()) line += (line.empty() ? "" : " ") + shell_word(a.get<std::string>());
     print_text("command:      {}\n", line);
   }
+  // What QEMU wrote to at the save: the files a restore must open, as they
+  // were then (the command line above may name older ones).
+  if (m.contains("disks") && m["disks"].is_array())
+    for (auto& d : m["disks"]) {
+      std::string about = d.value("format", "");
+      if (!d.value("backing_file", "").empty()) about += ", backing " + d.value("backing_file", "");
+      if (d.value("read_only", false)) about += ", read-only";
+      print_text("disk:         {} {} ({})\n", d.value("device", ""), d.value("file", ""), about);
+    }
   // Where QEMU placed memory devices: hot-plugged ones need a -device in
   // the restore command, in that order or with that address.
   if (m.contains("memory_devices"))
@@ -818,13 +829,14 @@ int main(int argc, char** argv) {
   if (!result.ok()) {
     if (c.json)
       print_failure_json(cmd, result.error().message(), result.error().status,
-                         cmd == "info" || cmd == "verify" ? image : "");
+                         cmd == "info" || cmd == "verify" ? image : "", rep.warnings());
     return fail(result.error(), cmd);
   }
   nlohmann::json& j = *result;
   try {
     if (c.json) {
       j["ok"] = true;  // as on failure, where it is false
+      j["warnings"] = rep.warnings();
       say(stdout, "{}\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     } else if (cmd == "info") {
       print_info(j);

@@ -239,8 +239,14 @@ void TerminalReporter::end_phase(bool failed) {
 
 void TerminalReporter::warn(const std::string& msg) {
   std::lock_guard lock(mu_);
+  warnings_.push_back(msg);
   clear_line();
   say(stderr, "vmsave: warning: {}\n", visible(msg));
+}
+
+std::vector<std::string> TerminalReporter::warnings() {
+  std::lock_guard lock(mu_);
+  return warnings_;
 }
 
 void TerminalReporter::note(const std::string& msg) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include <fmt/core.h>
 
@@ -59,6 +60,9 @@ class TerminalReporter : public Reporter {
   void end_phase(bool failed) override;
   void warn(const std::string& msg) override;
   void note(const std::string& msg) override;
+  // Every warning so far, for --json's "warnings" (on stderr they scroll
+  // past a wrapper that parses stdout).
+  std::vector<std::string> warnings();
 
  private:
   void ticker();
@@ -75,6 +79,7 @@ class TerminalReporter : public Reporter {
   const Progress* progress_ = nullptr;
   std::chrono::steady_clock::time_point phase_start_;
   bool line_dirty_ = false;
+  std::vector<std::string> warnings_;
   // Progress lines the descriptor had no room for, sent as soon as it has:
   // every phase's final line, in order, and the latest other line.
   std::deque<std::pair<std::string, bool>> unsent_;

@@ -156,6 +156,87 @@ bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cmdline) 
   return false;
 }
 
+// The disks QEMU has now, from query-block: an external snapshot, a mirror
+// or a hot-plug since QEMU started leaves its command line naming older
+// files (trial X). Devices without a medium are left out.
+nlohmann::json disks_now(QmpClient& qmp) {
+  nlohmann::json disks = nlohmann::json::array();
+  auto blocks = qmp.execute("query-block");
+  if (!blocks.ok() || !blocks->is_array()) return disks;
+  for (auto& b : *blocks) {
+    auto in = b.find("inserted");
+    if (in == b.end() || !in->is_object()) continue;
+    std::string device = b.value("device", "");
+    nlohmann::json d = {{"device", device.empty() ? b.value("qdev", "") : device},
+                        {"file", in->value("file", "")},
+                        {"format", in->value("drv", "")},
+                        {"read_only", in->value("ro", false)}};
+    if (in->contains("backing_file")) d["backing_file"] = in->value("backing_file", "");
+    disks.push_back(std::move(d));
+  }
+  return disks;
+}
+
+// Whether an argument of `cmdline` names `file`: as given, with its commas
+// doubled (QemuOpts), or, for an absolute path, by its base name (the
+// command may have named it relative to QEMU's directory).
+bool names_file(const std::vector<std::string>& cmdline, const std::string& file) {
+  if (file.empty()) return false;
+  std::string doubled;
+  for (char c : file) doubled += c == ',' ? std::string(",,") : std::string(1, c);
+  const std::string base =
+      file.starts_with('/') ? std::filesystem::path(file).filename().string() : "";
+  for (const std::string& a : cmdline)
+    if (a.find(file) != std::string::npos || a.find(doubled) != std::string::npos ||
+        (!base.empty() && a.find(base) != std::string::npos))
+      return true;
+  return false;
+}
+
+// A restore with the command line the image records must find the disks
+// as they were at the save, and cannot where the guest wrote to a temporary
+// overlay (-snapshot), where QEMU writes files the command does not name,
+// or where the guest runs on writing them.
+void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& cmdline,
+                   bool runs_on, Reporter& rep) {
+  const bool temporary = writes_disks_to_temporary_overlay(cmdline);
+  std::string overlaid, unnamed, written;
+  auto add = [](std::string& list, const std::string& item) {
+    list += (list.empty() ? "" : ", ") + item;
+  };
+  for (auto& d : disks) {
+    if (d.value("read_only", false)) continue;
+    const std::string device = d.value("device", ""), file = d.value("file", "");
+    if (names_file(cmdline, file)) {
+      add(written, device + ": " + file);
+    } else if (temporary && names_file(cmdline, d.value("backing_file", ""))) {
+      add(overlaid, device);
+    } else if (!file.starts_with("json:")) {  // one QEMU spelled itself: cannot tell
+      add(unnamed, device + " writes " + file);
+      add(written, device + ": " + file);
+    }
+  }
+  if (!overlaid.empty())
+    rep.warn(fmt::format(
+        "QEMU runs with -snapshot: the guest's disk writes are in a temporary overlay that "
+        "the image does not hold, so a restored guest finds its disks as they were when "
+        "QEMU started, older than its RAM (its file systems may break): {}",
+        overlaid));
+  if (!unnamed.empty())
+    rep.warn(fmt::format(
+        "QEMU's command line does not name the file a disk is written to now ({}; an external "
+        "snapshot, a mirror or a hot-plug since QEMU started): the image records that command "
+        "line, and a restore with it finds older disks than its RAM; restore with a command "
+        "that opens the files vmsave info lists as disks",
+        unnamed));
+  if (runs_on && !written.empty())
+    rep.warn(fmt::format(
+        "the guest runs on and writes its disks ({}): the image restores only with them as "
+        "they are at this save; to keep a copy, save with --paused, copy the disks, then "
+        "resume the guest (QMP cont)",
+        written));
+}
+
 // Another QMP client that switched x-ignore-shared off during the save had
 // QEMU send the RAM in the device state too, as a stream that QEMU refuses
 // to load beside RAM it skips ("Capability x-ignore-shared is on, but
@@ -351,13 +432,11 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   std::vector<std::string> cmdline =
       with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid), pid, rep);
-  if (writes_disks_to_temporary_overlay(cmdline))
-    rep.warn(
-        "QEMU runs with -snapshot: the guest's disk writes are in a temporary overlay that "
-        "the image does not hold, so a restored guest finds its disks as they were when "
-        "QEMU started, older than its RAM (its file systems may break)");
+  const nlohmann::json disks = disks_now(qmp);
+  warn_of_disks(disks, cmdline, opts.after == AfterSave::kLeaveRunning && was_running, rep);
   nlohmann::json meta = base_metadata("qemu", opts.description);
   meta.update(qemu_metadata(qmp, cmdline));
+  meta["disks"] = disks;
   meta["guest_running"] = was_running;
   meta["run_state"] = run_state;
   meta["qemu_pid"] = pid;
