@@ -757,9 +757,14 @@ std::vector<std::string> as_started_by_user(std::vector<std::string> argv, pid_t
     }
     if (ours) added[o.index] = added[o.index + 1] = true;
   }
-  // The -S a restore puts right after the -incoming defer it adds.
-  for (size_t i = 0; i + 2 < argv.size(); i++)
-    if (added[i] && argv[i] == "-incoming" && argv[i + 2] == "-S") added[i + 2] = true;
+  // The -S a restore puts right after the -incoming defer it adds, and the
+  // -D LOG it gives a daemonizing QEMU after those.
+  for (size_t i = 0; i + 1 < argv.size(); i++) {
+    if (!added[i] || argv[i] != "-incoming") continue;
+    size_t next = i + 2;
+    if (next < argv.size() && argv[next] == "-S") added[next++] = true;
+    if (next + 1 < argv.size() && argv[next] == "-D") added[next] = added[next + 1] = true;
+  }
   std::vector<std::string> out;
   for (size_t i = 0; i < argv.size(); i++)
     if (!added[i]) out.push_back(std::move(argv[i]));

@@ -1005,11 +1005,19 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // -S: QEMU starts a guest by itself once loaded when the stream says it
   // ran to the end (a live save of RAM QEMU saved); with --paused it ran for
   // ~10 ms before vmsave could stop it. vmsave resumes it when it should run.
-  if (!cmd.has_option("incoming"))
+  if (!cmd.has_option("incoming")) {
     cmd.append(cmd.has_option("S") ? std::vector<std::string>{"-incoming", "defer"}
                                    : std::vector<std::string>{"-incoming", "defer", "-S"});
-  else if (!cmd.has_option("S"))
+    // A daemon's stderr goes to /dev/null, and with it QEMU's reason for
+    // refusing the device state ("Unknown savevm section ..."; trial O,
+    // X). Given -D, QEMU sends its errors to that log instead. Right after
+    // the -incoming group, which as_started_by_user() takes off again.
+    struct stat st;
+    const bool regular = stat(log.c_str(), &st) == 0 ? S_ISREG(st.st_mode) : errno == ENOENT;
+    if (cmd.daemonize() && !cmd.has_option("D") && regular) cmd.append({"-D", absolute(log)});
+  } else if (!cmd.has_option("S")) {
     cmd.append({"-S"});
+  }
   // From here on, if vmsave dies (SIGKILL, a crash), its watchdog kills the
   // QEMU this restore started and removes the RAM files and directory it
   // made; else that QEMU would wait for its device state forever.
@@ -1161,7 +1169,9 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return killed_error(sig, "while loading the image", log);
     // QEMU's cause often comes a line or two before its last words
     // ("Unknown ramblock ...", then "error while loading state ...").
-    std::string tail = log_tail(log, 4);
+    // A daemon's errors are in its -D log (vmsave's, or the command's own).
+    const auto d = cmd.option_values("D");
+    std::string tail = log_tail(cmd.daemonize() && !d.empty() ? d.back() : log, 4);
     if (!tail.empty())
       e.detail = e.detail.empty() ? "QEMU: " + tail : e.detail + " (QEMU: " + tail + ")";
     else if (cmd.daemonize() && !qemu_gave_reason(e)) {  // its stderr went to /dev/null (trial O)
