@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -22,6 +23,21 @@
 #include "lib/common.h"
 
 namespace vmsave {
+
+class QemuCommand;
+
+// A disk image file a QEMU command opens, and whether QEMU writes it.
+struct DiskFile {
+  std::string path;
+  bool write;
+};
+// The local disk image files of `cmd` whose locks QEMU checks as it opens
+// them (see check_disks_free).
+std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd);
+// Refuses a command one of whose disk images another process holds the way
+// QEMU would refuse it, but before QEMU starts (QEMU refuses an incoming
+// guest's disks only at cont).
+Status check_disks_free(const QemuCommand& cmd);
 
 // Page size of the filesystem holding `fd`: the huge page size on
 // hugetlbfs, the system page size elsewhere.

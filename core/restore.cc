@@ -751,9 +751,21 @@ Status check_qmp_path_free(const std::string& path) {
       "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)");
 }
 
-// The signal that killed the QEMU vmsave started, or 0 if it did not die
-// of one; left unreaped for kill_qemu. Its QMP connection closes a moment
-// before the process is gone, so this waits up to a second for it.
+// Whether another open file holds QEMU's lock byte `at` of `fd` (QEMU takes
+// byte 100 + n for each permission n it has, 200 + n for each it denies
+// others: raw_apply_lock_bytes in block/file-posix.c).
+bool lock_byte_held(int fd, off_t at) {
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = at;
+  fl.l_len = 1;
+  return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
+// The signal that killed the QEMU vmsave started, or 0 if it did not die// The signal that killed
+// the QEMU vmsave started, or 0 if it did not die of one; left unreaped for kill_qemu. Its QMP
+// connection closes a moment before the process is gone, so this waits up to a second for it.
 int killing_signal(pid_t pid) {
   for (int i = 0; i < 100; i++) {
     if (auto info = peek_exit(pid)) return info->si_code == CLD_EXITED ? 0 : info->si_status;
@@ -897,6 +909,88 @@ std::vector<ObjectArg> saved_backends(const nlohmann::json& meta) {
 
 }  // namespace
 
+// The local disk image files of the command whose locks QEMU checks: -drive
+// file= (not json: or a protocol) or file.filename=, a -blockdev file node's
+// filename (key=value or JSON), -hda..-hdd and -cdrom. force-share=on or locking=off opts out,
+// as it does in QEMU.
+std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
+  std::vector<DiskFile> out;
+  const bool snapshot_all = cmd.has_option("snapshot");
+  auto is_on = [](const std::optional<std::string>& v) {
+    auto b = v ? parse_bool(*v, "") : Result<bool>(false);
+    return b.ok() && *b;
+  };
+  auto local = [](const std::string& f) {
+    return !f.empty() && !f.starts_with("json:") && f.find("://") == std::string::npos &&
+           !f.starts_with("nbd:") && !f.starts_with("/dev/fdset/");
+  };
+  for (const std::string& d : cmd.option_values("drive")) {
+    auto kv = KeyvalList::parse(d, "", KeyvalSyntax::kQemuOpts);
+    if (!kv.ok()) continue;
+    const std::string driver = kv->get("file.driver").value_or("file");
+    const std::string file = kv->get("file").value_or(
+        driver == "file" || driver == "host_device" ? kv->get("file.filename").value_or("") : "");
+    if (!local(file) || is_on(kv->get("force-share")) || kv->get("file.locking") == "off" ||
+        kv->get("locking") == "off")
+      continue;
+    const bool ro = is_on(kv->get("readonly")) || is_on(kv->get("read-only")) ||
+                    kv->get("media") == "cdrom" || is_on(kv->get("snapshot")) ||
+                    (snapshot_all && !kv->get("snapshot"));
+    out.push_back({file, !ro});
+  }
+  for (const std::string& b : cmd.option_values("blockdev")) {
+    // A file node's own options: its parent's read-only=on reaches it only
+    // as QEMU opens it, so only "someone else writes it" is looked at.
+    std::string driver, file, locking;
+    bool share = false;
+    if (b.starts_with('{')) {
+      auto j = nlohmann::json::parse(b, nullptr, false);
+      if (!j.is_object()) continue;
+      driver = j.value("driver", "");
+      file = j.value("filename", "");
+      if (j.contains("locking") && j["locking"].is_string()) locking = j["locking"];
+      share = j.value("force-share", false) == true;
+    } else {
+      auto kv = KeyvalList::parse(b, "", KeyvalSyntax::kKeyval);
+      if (!kv.ok()) continue;
+      driver = kv->get("driver").value_or("");
+      file = kv->get("filename").value_or("");
+      locking = kv->get("locking").value_or("");
+      share = is_on(kv->get("force-share"));
+    }
+    if ((driver == "file" || driver == "host_device") && local(file) && locking != "off" && !share)
+      out.push_back({file, false});
+  }
+  for (const char* opt : {"hda", "hdb", "hdc", "hdd", "cdrom"})
+    for (const std::string& f : cmd.option_values(opt))
+      if (local(f)) out.push_back({f, std::string_view(opt) != "cdrom" && !snapshot_all});
+  return out;
+}
+
+// A disk another QEMU holds makes QEMU refuse to run the guest, but only
+// at cont: a restore found out after filling all of its RAM and loading the
+// device state (trial X). QEMU's own lock bytes tell before anything starts.
+Status check_disks_free(const QemuCommand& cmd) {
+  constexpr off_t kPermWrite = 100 + 1, kSharedWrite = 200 + 1;  // BLK_PERM_WRITE is bit 1
+  for (const DiskFile& d : locked_disk_files(cmd)) {
+    UniqueFd fd(::open(d.path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+    struct stat st;
+    if (!fd || fstat(fd.get(), &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
+      continue;  // QEMU says what is wrong with it
+    const char* why = lock_byte_held(fd.get(), kPermWrite)
+                          ? "another process (a QEMU: the VM it was saved from, still running?) "
+                            "is writing it"
+                      : d.write && lock_byte_held(fd.get(), kSharedWrite)
+                          ? "another process (a QEMU) uses it and lets no one else write it"
+                          : nullptr;
+    if (why)
+      return Error{"a disk image of the QEMU command is in use", d.path, why}.fix(
+          "stop that VM, or give this one its own copy of the disk (an overlay: qemu-img create "
+          "-f qcow2 -b DISK -F FORMAT NEW.qcow2)");
+  }
+  return Status();
+}
+
 Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   StepTimer timer;
   auto opened = open_image(opts.image, rep);
@@ -952,6 +1046,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return Error{"no directory for the QEMU command's QMP socket", dir, "it does not exist"}.fix(
           "create it, or give -qmp a socket in a directory that exists");
   }
+  VMSAVE_TRY(check_disks_free(cmd));
   // Said before any RAM file is created (or, with --force, truncated).
   if (!log.empty()) {
     std::string dir = std::filesystem::path(absolute(log)).parent_path().string();

@@ -2983,9 +2983,14 @@ TEST_CASE(
               0);
   // A second instance of the VM, its own QMP socket and RAM file, the
   // disk the same: QEMU takes the disk's lock only as the guest resumes.
+  // Named in json: syntax, the disk escapes vmsave's own look at its locks
+  // before QEMU starts; QEMU's refusal is what is left.
   const std::string ram = vm.dir() + "/second-ram0", qmp = vm.dir() + "/second.qmp";
   std::vector<std::string> cmd =
-      plus(rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram), {"-daemonize"});
+      plus(rewrite(rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram),
+                   "file=" + disk + ",format=raw",
+                   "file=json:{\"driver\":\"file\",,\"filename\":\"" + disk + "\"}"),
+           {"-daemonize"});
   REQUIRE(cmd != plus(vm.command(), {"-daemonize"}));
   RunResult r = run_vmsave(restore_args(image, vm.dir() + "/second.log", false, cmd), kRunTimeout);
   CHECK_RUN(r, 1);
@@ -3022,9 +3027,27 @@ TEST_CASE(
   std::vector<std::string> cmd =
       rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram);
   REQUIRE(cmd != vm.command());
+  // vmsave's own look at the disk's locks refuses it before QEMU starts.
   auto args = restore_args(image, vm.dir() + "/second.log", false, cmd);
   args.insert(args.begin() + 2, "--paused");
   RunResult r = run_vmsave(args, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(
+      contains(r.err, "vmsave: error: a disk image of the QEMU command is in use (" + disk +
+                          "): another process (a QEMU: the VM it was saved "
+                          "from, still running?) is writing it; stop that VM, or "
+                          "give this one its own copy of the disk"),
+      r.err);
+  CHECK_FALSE(contains(r.err, "reading RAM"));  // nothing was filled
+  CHECK_FALSE(exists(ram));
+  CHECK(test::qemu_pids_mentioning(qmp).empty());
+  // In json: syntax it escapes that look: QEMU refuses it as it takes its
+  // locks, before vmsave exits.
+  cmd = rewrite(cmd, "file=" + disk + ",format=raw",
+                "file=json:{\"driver\":\"file\",,\"filename\":\"" + disk + "\"}");
+  args = restore_args(image, vm.dir() + "/second.log", false, cmd);
+  args.insert(args.begin() + 2, "--paused");
+  r = run_vmsave(args, kRunTimeout);
   CHECK_RUN(r, 1);
   CHECK_MESSAGE(contains(r.err, "lock"), r.err);
   CHECK_MESSAGE(contains(r.err,

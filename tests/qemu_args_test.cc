@@ -4,6 +4,7 @@
 
 #include "core/qemu_args.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
@@ -14,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "core/internal.h"
+#include "io/fd.h"
 #include "tests/test_util.h"
 
 using namespace vmsave;
@@ -529,4 +532,81 @@ TEST_CASE("same_cpu reads -cpu as QEMU's x86 parser does, not as spelled") {
   CHECK_FALSE(same_cpu("qemu64,+ssse3", "qemu64,-ssse3"));
   CHECK_FALSE(same_cpu("qemu64,ssse3=on,ssse3=off", "qemu64,ssse3=on"));
   CHECK_FALSE(same_cpu("max,model-id=Foo", "max,model-id=Bar"));
+}
+
+TEST_CASE(
+    "qemu_args: the disk files whose locks QEMU checks, in each syntax, and whether it writes "
+    "them") {
+  auto files = [](const QemuCommand& c) {
+    std::vector<std::string> out;
+    for (const DiskFile& d : locked_disk_files(c)) out.push_back(d.path + (d.write ? " w" : " r"));
+    return out;
+  };
+  CHECK(files(cmd({"-drive",    "file=a.raw,format=raw,if=virtio",
+                   "-drive",    "file=b.qcow2,readonly=on,if=virtio",
+                   "-drive",    "file.driver=file,file.filename=c.raw,format=raw",
+                   "-drive",    "file=d.raw,snapshot=on",
+                   "-drive",    "file=e.raw,file.locking=off",
+                   "-drive",    "file=json:{\"driver\":\"file\",,\"filename\":\"x\"}",
+                   "-drive",    "file=nbd://host/x",
+                   "-drive",    "file=k.raw,force-share=on,readonly=on",
+                   "-drive",    "file=l.iso,media=cdrom",
+                   "-drive",    "file=m,,n.raw,if=virtio",
+                   "-blockdev", "driver=file,filename=f.raw,node-name=f",
+                   "-blockdev", "{\"driver\":\"file\",\"filename\":\"g.raw\",\"node-name\":\"g\"}",
+                   "-blockdev", "{\"driver\":\"file\",\"filename\":\"h.raw\",\"locking\":\"off\"}",
+                   "-blockdev", "driver=qcow2,file=f,node-name=q",
+                   "-hda",      "i.raw",
+                   "-cdrom",    "j.iso"})) ==
+        std::vector<std::string>{"a.raw w", "b.qcow2 r", "c.raw w", "d.raw r", "l.iso r",
+                                 "m,n.raw w", "f.raw r", "g.raw r", "i.raw w", "j.iso r"});
+  // -snapshot: QEMU writes an overlay, and opens the disk itself read-only,
+  // except where a drive says snapshot=off.
+  CHECK(files(cmd({"-snapshot", "-hda", "i.raw", "-drive", "file=a.raw,snapshot=off", "-drive",
+                   "file=b.raw"})) == std::vector<std::string>{"a.raw w", "b.raw r", "i.raw r"});
+}
+
+TEST_CASE(
+    "qemu_args: a disk another process holds the way QEMU does is refused before QEMU starts") {
+  test::TempDir dir;
+  const std::string disk = dir / "disk.raw";
+  test::write_pattern_file(disk, 1 << 20, "zero", 0);
+  // QEMU's locks: a read lock on byte 100 + n for each permission n it
+  // holds (1: write), and on 200 + n for each it denies others.
+  auto hold = [&](off_t at) {
+    UniqueFd fd(::open(disk.c_str(), O_RDONLY | O_CLOEXEC));
+    struct flock fl {};
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = at;
+    fl.l_len = 1;
+    REQUIRE(::fcntl(fd.get(), F_OFD_SETLK, &fl) == 0);
+    return fd;
+  };
+  const QemuCommand writes = cmd({"-drive", "file=" + disk + ",format=raw,if=virtio"});
+  const QemuCommand reads = cmd({"-drive", "file=" + disk + ",format=raw,if=virtio,readonly=on"});
+  CHECK(check_disks_free(writes).ok());
+  {
+    // A VM writing it: neither a writer nor a reader may open it.
+    UniqueFd writer = hold(101);
+    for (const QemuCommand* c : {&writes, &reads}) {
+      Status st = check_disks_free(*c);
+      REQUIRE_FALSE(st.ok());
+      CHECK(st.error().message() ==
+            "a disk image of the QEMU command is in use (" + disk +
+                "): another process (a QEMU: the VM it was saved from, still running?) is "
+                "writing it; stop that VM, or give this one its own copy of the disk (an "
+                "overlay: qemu-img create -f qcow2 -b DISK -F FORMAT NEW.qcow2)");
+    }
+  }
+  {
+    // A VM reading it and denying writes (a shared read-only base): others
+    // may read it too, not write it.
+    UniqueFd reader = hold(100), no_writers = hold(201);
+    CHECK(check_disks_free(reads).ok());
+    Status st = check_disks_free(writes);
+    REQUIRE_FALSE(st.ok());
+    CHECK(test::contains(st.error().message(), "uses it and lets no one else write it"));
+  }
+  CHECK(check_disks_free(writes).ok());  // the locks went with their descriptors
 }
