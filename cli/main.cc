@@ -242,7 +242,9 @@ void print_summary(const std::string& cmd, const nlohmann::json& j, const Common
     show(stderr, ")");
     // A guest paused already was not paused by the save (it said 0.00 s).
     if (j.contains("downtime_s") && j.value("guest_was_running", true))
-      show(stderr, ", guest paused {}", secs(j, "downtime_s"));
+      show(
+          stderr, ", guest paused {}{}", secs(j, "downtime_s"),
+          j.value("after", "") == "paused" ? " so far (it stays paused: QMP cont resumes it)" : "");
     // Said now, not at the lazy restore a CI loop tries next (trial V).
     if (j.value("ram_saved_by", "") == "qemu")
       show(stderr, " (RAM saved by QEMU mapped-ram: the image restores eagerly only)");

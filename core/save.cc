@@ -237,6 +237,22 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
         written));
 }
 
+// A migration's end releases the VM's disks (their locks, for the VM it
+// went to), and a paused VM takes them again only at cont: after save
+// --paused a clone started on the same disk was let write it, and the
+// original then resumed on what the clone wrote (trial Y). QEMU 10.0 can
+// take them back at once.
+void hold_disks_again(QmpClient& qmp, const nlohmann::json& disks, Reporter& rep) {
+  if (disks.empty()) return;
+  auto r = qmp.execute("blockdev-set-active", {{"active", true}});
+  if (r.ok()) return;
+  rep.warn(fmt::format(
+      "QEMU did not take its disks back after the save ({}): until the guest resumes, QEMU "
+      "holds no lock on them, and nothing stops another VM from writing them; start none on "
+      "them meanwhile",
+      r.error().detail));
+}
+
 // Another QMP client that switched x-ignore-shared off during the save had
 // QEMU send the RAM in the device state too, as a stream that QEMU refuses
 // to load beside RAM it skips ("Capability x-ignore-shared is on, but
@@ -810,6 +826,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
   } else {
     after = "paused";
   }
+  if (after == "paused") hold_disks_again(qmp, disks, rep);
   watchdog->disarm();
   if (!resumed) downtime = std::chrono::duration<double>(timer.now() - paused_at).count();
   timer.lap("finish");

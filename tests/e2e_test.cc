@@ -3067,6 +3067,38 @@ TEST_CASE(
   CHECK(test::kill_qemu_mentioning(qmp) == 1);
 }
 
+TEST_CASE(
+    "e2e: a VM saved --paused keeps its disks locked, so a clone on the same disk is refused, "
+    "and cont resumes it") {
+  // A migration's end releases the disks' locks: a clone restored onto the
+  // paused VM's disk ran and wrote it, and the original resumed on what the
+  // clone wrote (trial Y).
+  test::require_guest_kit();
+  test::TempDir disks;
+  const std::string disk = disks / "disk.raw";
+  test::write_pattern_file(disk, kMiB, "zero", 0);
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--paused"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK_MESSAGE(contains(r.err, " so far (it stays paused: QMP cont resumes it)"), r.err);
+  CHECK_FALSE(contains(r.err, "warning"));
+  const std::string ram = vm.dir() + "/clone-ram0", qmp = vm.dir() + "/clone.qmp";
+  std::vector<std::string> cmd =
+      rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram);
+  r = run_vmsave(restore_args(image, vm.dir() + "/clone.log", false, cmd), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "a disk image of the QEMU command is in use (" + disk + ")"),
+                r.err);
+  CHECK_FALSE(exists(ram));
+  CHECK(test::qemu_pids_mentioning(qmp).empty());
+  REQUIRE(qmp_execute(vm.qmp_path(), "cont").ok());
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+}
+
 TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and no longer") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
