@@ -362,7 +362,13 @@ void print_info(const nlohmann::json& j) {
   if (m.contains("disks") && m["disks"].is_array())
     for (auto& d : m["disks"]) {
       std::string about = d.value("format", "");
-      if (!d.value("backing_file", "").empty()) about += ", backing " + d.value("backing_file", "");
+      const std::string backing = d.value("backing_file", "");
+      if (d.value("temporary", false)) {
+        print_text("disk:         {} a temporary overlay of {} (-snapshot: gone with its QEMU)\n",
+                   d.value("device", ""), backing);
+        continue;
+      }
+      if (!backing.empty()) about += ", backing " + backing;
       if (d.value("read_only", false)) about += ", read-only";
       print_text("disk:         {} {} ({})\n", d.value("device", ""), d.value("file", ""), about);
     }

@@ -156,27 +156,6 @@ bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cmdline) 
   return false;
 }
 
-// The disks QEMU has now, from query-block: an external snapshot, a mirror
-// or a hot-plug since QEMU started leaves its command line naming older
-// files (trial X). Devices without a medium are left out.
-nlohmann::json disks_now(QmpClient& qmp) {
-  nlohmann::json disks = nlohmann::json::array();
-  auto blocks = qmp.execute("query-block");
-  if (!blocks.ok() || !blocks->is_array()) return disks;
-  for (auto& b : *blocks) {
-    auto in = b.find("inserted");
-    if (in == b.end() || !in->is_object()) continue;
-    std::string device = b.value("device", "");
-    nlohmann::json d = {{"device", device.empty() ? b.value("qdev", "") : device},
-                        {"file", in->value("file", "")},
-                        {"format", in->value("drv", "")},
-                        {"read_only", in->value("ro", false)}};
-    if (in->contains("backing_file")) d["backing_file"] = in->value("backing_file", "");
-    disks.push_back(std::move(d));
-  }
-  return disks;
-}
-
 // Whether an argument of `cmdline` names `file`: as given, with its commas
 // doubled (QemuOpts), or, for an absolute path, by its base name (the
 // command may have named it relative to QEMU's directory).
@@ -193,13 +172,46 @@ bool names_file(const std::vector<std::string>& cmdline, const std::string& file
   return false;
 }
 
+// The guest's disks now, from query-block: an external snapshot, a mirror
+// or a hot-plug since QEMU started leaves its command line naming older
+// files (trial X). Each is named by its drive id, else its -device id,
+// else its node; "temporary" marks a -snapshot overlay (its "file" a json:
+// spelling of a file QEMU deletes). Drives without a medium, or that no
+// device uses (the guest cannot see them), are left out.
+nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline) {
+  nlohmann::json disks = nlohmann::json::array();
+  auto blocks = qmp.execute("query-block");
+  if (!blocks.ok() || !blocks->is_array()) return disks;
+  const bool temporary = writes_disks_to_temporary_overlay(cmdline);
+  for (auto& b : *blocks) {
+    auto in = b.find("inserted");
+    const std::string qdev = b.value("qdev", "");
+    if (in == b.end() || !in->is_object() || qdev.empty()) continue;
+    std::string name = b.value("device", "");
+    constexpr std::string_view kPeripheral = "/machine/peripheral/";
+    if (name.empty() && qdev.starts_with(kPeripheral))
+      name =
+          qdev.substr(kPeripheral.size(), qdev.find('/', kPeripheral.size()) - kPeripheral.size());
+    if (name.empty()) name = in->value("node-name", qdev);
+    nlohmann::json d = {{"device", name},
+                        {"file", in->value("file", "")},
+                        {"format", in->value("drv", "")},
+                        {"read_only", in->value("ro", false)}};
+    const std::string backing = in->value("backing_file", "");
+    if (!backing.empty()) d["backing_file"] = backing;
+    if (temporary && !names_file(cmdline, d["file"]) && names_file(cmdline, backing))
+      d["temporary"] = true;
+    disks.push_back(std::move(d));
+  }
+  return disks;
+}
+
 // A restore with the command line the image records must find the disks
 // as they were at the save, and cannot where the guest wrote to a temporary
 // overlay (-snapshot), where QEMU writes files the command does not name,
 // or where the guest runs on writing them.
 void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& cmdline,
                    bool runs_on, Reporter& rep) {
-  const bool temporary = writes_disks_to_temporary_overlay(cmdline);
   std::string overlaid, unnamed, written;
   auto add = [](std::string& list, const std::string& item) {
     list += (list.empty() ? "" : ", ") + item;
@@ -207,10 +219,10 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
   for (auto& d : disks) {
     if (d.value("read_only", false)) continue;
     const std::string device = d.value("device", ""), file = d.value("file", "");
-    if (names_file(cmdline, file)) {
-      add(written, device + ": " + file);
-    } else if (temporary && names_file(cmdline, d.value("backing_file", ""))) {
+    if (d.value("temporary", false)) {
       add(overlaid, device);
+    } else if (names_file(cmdline, file)) {
+      add(written, device + ": " + file);
     } else if (!file.starts_with("json:")) {  // one QEMU spelled itself: cannot tell
       add(unnamed, device + " writes " + file);
       add(written, device + ": " + file);
@@ -218,16 +230,16 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
   }
   if (!overlaid.empty())
     rep.warn(fmt::format(
-        "QEMU runs with -snapshot: the guest's disk writes are in a temporary overlay that "
-        "the image does not hold, so a restored guest finds its disks as they were when "
-        "QEMU started, older than its RAM (its file systems may break): {}",
+        "the guest's disk writes go to a temporary overlay (-snapshot, snapshot=on) that the "
+        "image does not hold, so a restored guest finds its disks as they were when QEMU "
+        "started, older than its RAM (its file systems may break): {}",
         overlaid));
   if (!unnamed.empty())
     rep.warn(fmt::format(
         "QEMU's command line does not name the file a disk is written to now ({}; an external "
         "snapshot, a mirror or a hot-plug since QEMU started): the image records that command "
-        "line, and a restore with it finds older disks than its RAM; restore with a command "
-        "that opens the files vmsave info lists as disks",
+        "line, and a restore with it opens older disks than its RAM, or fails for want of a "
+        "device; restore with a command that opens the files vmsave info lists as disks",
         unnamed));
   if (runs_on && !written.empty())
     rep.warn(fmt::format(
@@ -448,7 +460,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   std::vector<std::string> cmdline =
       with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid), pid, rep);
-  const nlohmann::json disks = disks_now(qmp);
+  const nlohmann::json disks = disks_now(qmp, cmdline);
   warn_of_disks(disks, cmdline, opts.after == AfterSave::kLeaveRunning && was_running, rep);
   nlohmann::json meta = base_metadata("qemu", opts.description);
   meta.update(qemu_metadata(qmp, cmdline));
