@@ -30,14 +30,16 @@ class QemuCommand;
 struct DiskFile {
   std::string path;
   bool write;
+  bool locked = true;  // false: locking=off, QEMU neither takes nor checks locks
 };
 // The local disk image files of `cmd` whose locks QEMU checks as it opens
 // them (see check_disks_free).
 std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd);
 // Refuses a command one of whose disk images another process holds the way
 // QEMU would refuse it, but before QEMU starts (QEMU refuses an incoming
-// guest's disks only at cont).
-Status check_disks_free(const QemuCommand& cmd);
+// guest's disks only at cont); warns of one that locking=off lets this VM
+// write beside another.
+Status check_disks_free(const QemuCommand& cmd, Reporter& rep);
 
 // Page size of the filesystem holding `fd`: the huge page size on
 // hugetlbfs, the system page size elsewhere.

@@ -930,13 +930,11 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
     const std::string driver = kv->get("file.driver").value_or("file");
     const std::string file = kv->get("file").value_or(
         driver == "file" || driver == "host_device" ? kv->get("file.filename").value_or("") : "");
-    if (!local(file) || is_on(kv->get("force-share")) || kv->get("file.locking") == "off" ||
-        kv->get("locking") == "off")
-      continue;
+    if (!local(file) || is_on(kv->get("force-share"))) continue;
     const bool ro = is_on(kv->get("readonly")) || is_on(kv->get("read-only")) ||
                     kv->get("media") == "cdrom" || is_on(kv->get("snapshot")) ||
                     (snapshot_all && !kv->get("snapshot"));
-    out.push_back({file, !ro});
+    out.push_back({file, !ro, kv->get("file.locking") != "off" && kv->get("locking") != "off"});
   }
   for (const std::string& b : cmd.option_values("blockdev")) {
     // A file node's own options: its parent's read-only=on reaches it only
@@ -958,8 +956,8 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
       locking = kv->get("locking").value_or("");
       share = is_on(kv->get("force-share"));
     }
-    if ((driver == "file" || driver == "host_device") && local(file) && locking != "off" && !share)
-      out.push_back({file, false});
+    if ((driver == "file" || driver == "host_device") && local(file) && !share)
+      out.push_back({file, false, locking != "off"});
   }
   for (const char* opt : {"hda", "hdb", "hdc", "hdd", "cdrom"})
     for (const std::string& f : cmd.option_values(opt))
@@ -970,13 +968,23 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
 // A disk another QEMU holds makes QEMU refuse to run the guest, but only
 // at cont: a restore found out after filling all of its RAM and loading the
 // device state (trial X). QEMU's own lock bytes tell before anything starts.
-Status check_disks_free(const QemuCommand& cmd) {
+Status check_disks_free(const QemuCommand& cmd, Reporter& rep) {
   constexpr off_t kPermWrite = 100 + 1, kSharedWrite = 200 + 1;  // BLK_PERM_WRITE is bit 1
   for (const DiskFile& d : locked_disk_files(cmd)) {
     UniqueFd fd(::open(d.path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
     struct stat st;
     if (!fd || fstat(fd.get(), &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
       continue;  // QEMU says what is wrong with it
+    // The user's choice, said once more: two writers break the disk (trial Y).
+    if (!d.locked) {
+      if (lock_byte_held(fd.get(), kPermWrite) ||
+          (d.write && lock_byte_held(fd.get(), kSharedWrite)))
+        rep.warn(fmt::format(
+            "another process (a QEMU) uses disk image {}, and locking=off lets this VM {} it "
+            "too: the file systems on it will break; give this VM its own copy of the disk",
+            d.path, d.write ? "write" : "read it while that one writes"));
+      continue;
+    }
     const char* why = lock_byte_held(fd.get(), kPermWrite)
                           ? "another process (a QEMU: the VM it was saved from, still running?) "
                             "is writing it"
@@ -1046,7 +1054,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return Error{"no directory for the QEMU command's QMP socket", dir, "it does not exist"}.fix(
           "create it, or give -qmp a socket in a directory that exists");
   }
-  VMSAVE_TRY(check_disks_free(cmd));
+  VMSAVE_TRY(check_disks_free(cmd, rep));
   // Said before any RAM file is created (or, with --force, truncated).
   if (!log.empty()) {
     std::string dir = std::filesystem::path(absolute(log)).parent_path().string();

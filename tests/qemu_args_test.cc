@@ -539,7 +539,8 @@ TEST_CASE(
     "them") {
   auto files = [](const QemuCommand& c) {
     std::vector<std::string> out;
-    for (const DiskFile& d : locked_disk_files(c)) out.push_back(d.path + (d.write ? " w" : " r"));
+    for (const DiskFile& d : locked_disk_files(c))
+      out.push_back(d.path + (d.write ? " w" : " r") + (d.locked ? "" : " unlocked"));
     return out;
   };
   CHECK(files(cmd({"-drive",    "file=a.raw,format=raw,if=virtio",
@@ -558,8 +559,9 @@ TEST_CASE(
                    "-blockdev", "driver=qcow2,file=f,node-name=q",
                    "-hda",      "i.raw",
                    "-cdrom",    "j.iso"})) ==
-        std::vector<std::string>{"a.raw w", "b.qcow2 r", "c.raw w", "d.raw r", "l.iso r",
-                                 "m,n.raw w", "f.raw r", "g.raw r", "i.raw w", "j.iso r"});
+        std::vector<std::string>{"a.raw w", "b.qcow2 r", "c.raw w", "d.raw r", "e.raw w unlocked",
+                                 "l.iso r", "m,n.raw w", "f.raw r", "g.raw r", "h.raw r unlocked",
+                                 "i.raw w", "j.iso r"});
   // -snapshot: QEMU writes an overlay, and opens the disk itself read-only,
   // except where a drive says snapshot=off.
   CHECK(files(cmd({"-snapshot", "-hda", "i.raw", "-drive", "file=a.raw,snapshot=off", "-drive",
@@ -583,14 +585,15 @@ TEST_CASE(
     REQUIRE(::fcntl(fd.get(), F_OFD_SETLK, &fl) == 0);
     return fd;
   };
+  NullReporter quiet;
   const QemuCommand writes = cmd({"-drive", "file=" + disk + ",format=raw,if=virtio"});
   const QemuCommand reads = cmd({"-drive", "file=" + disk + ",format=raw,if=virtio,readonly=on"});
-  CHECK(check_disks_free(writes).ok());
+  CHECK(check_disks_free(writes, quiet).ok());
   {
     // A VM writing it: neither a writer nor a reader may open it.
     UniqueFd writer = hold(101);
     for (const QemuCommand* c : {&writes, &reads}) {
-      Status st = check_disks_free(*c);
+      Status st = check_disks_free(*c, quiet);
       REQUIRE_FALSE(st.ok());
       CHECK(st.error().message() ==
             "a disk image of the QEMU command is in use (" + disk +
@@ -603,10 +606,27 @@ TEST_CASE(
     // A VM reading it and denying writes (a shared read-only base): others
     // may read it too, not write it.
     UniqueFd reader = hold(100), no_writers = hold(201);
-    CHECK(check_disks_free(reads).ok());
-    Status st = check_disks_free(writes);
+    CHECK(check_disks_free(reads, quiet).ok());
+    Status st = check_disks_free(writes, quiet);
     REQUIRE_FALSE(st.ok());
     CHECK(test::contains(st.error().message(), "uses it and lets no one else write it"));
   }
-  CHECK(check_disks_free(writes).ok());  // the locks went with their descriptors
+  CHECK(check_disks_free(writes, quiet).ok());  // the locks went with their descriptors
+  {
+    // locking=off: QEMU would let it be, and so does vmsave, but not silently.
+    struct Collect : NullReporter {
+      std::vector<std::string> said;
+      void warn(const std::string& m) override { said.push_back(m); }
+    } rep;
+    const QemuCommand unlocked =
+        cmd({"-drive", "file=" + disk + ",format=raw,if=virtio,file.locking=off"});
+    CHECK(check_disks_free(unlocked, rep).ok());
+    CHECK(rep.said.empty());
+    UniqueFd writer = hold(101);
+    CHECK(check_disks_free(unlocked, rep).ok());
+    REQUIRE(rep.said.size() == 1);
+    CHECK(rep.said[0] == "another process (a QEMU) uses disk image " + disk +
+                             ", and locking=off lets this VM write it too: the file systems on "
+                             "it will break; give this VM its own copy of the disk");
+  }
 }
