@@ -249,6 +249,38 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
         written));
 }
 
+// QEMU fails a migration's end while a block job (backup, stream, commit,
+// a mirror not yet ready) works on its disks, with only "Bad address", after
+// the guest was paused for the whole save (trial Y). A ready mirror is let
+// be: a migration completes beside it.
+Status check_no_block_job(QmpClient& qmp) {
+  auto jobs = qmp.execute("query-block-jobs");
+  if (!jobs.ok() || !jobs->is_array()) return Status();
+  for (auto& j : *jobs) {
+    const std::string status = j.value("status", "");
+    if (j.value("ready", false) || status == "concluded" || status == "null") continue;
+    return Error{"cannot save this guest now", qmp.path(),
+                 fmt::format("a block job works on its disks ({} on {}, {}), and QEMU fails the "
+                             "end of a save while one does",
+                             j.value("type", "?"), j.value("device", "?"), status)}
+        .fix(
+            "wait for the job to end (QMP query-block-jobs), or cancel it (block-job-cancel), "
+            "then save");
+  }
+  return Status();
+}
+
+// "Error in migration completion": QEMU could not flush and hand over its
+// disks as the save ended; QEMU says only "Bad address" (trial Y).
+Error with_completion_hint(Error e) {
+  if (e.detail.find("migration completion") != std::string::npos && e.hint.empty())
+    e.hint =
+        "QEMU could not flush and release its disks as the save ended (a disk file removed or "
+        "moved since QEMU opened it? a relative disk path under -daemonize?); the guest is as "
+        "it was";
+  return e;
+}
+
 // A migration's end releases the VM's disks (their locks, for the VM it
 // went to), and a paused VM takes them again only at cont: after save
 // --paused a clone started on the same disk was let write it, and the
@@ -403,6 +435,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         "wait for it to finish or cancel it with migrate_cancel");
   if (run_state == "inmigrate")
     return Error{"QEMU is waiting for an incoming migration", opts.qmp, "there is no VM to save yet"};
+  VMSAVE_TRY(check_no_block_job(qmp));
 
   // Guest RAM: shared named files vmsave reads itself; anything else goes
   // through QEMU's mapped-ram migration.
@@ -772,7 +805,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         qmp, [&](const u8* d, size_t n) { return w.append_vmstate(d, n); },
         [&](i64 total) { vm_progress.done = total; });
     rep.end_phase(!st.ok());
-    if (!st.ok()) return st.error();
+    if (!st.ok()) return with_completion_hint(st.error());
     vmstate_s = timer.lap("device_state");
     VMSAVE_TRY(check_still_stopped(qmp));
     VMSAVE_TRY(check_capabilities_kept(qmp));

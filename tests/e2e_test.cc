@@ -3107,6 +3107,63 @@ TEST_CASE(
   CHECK(qmp_status(vm.qmp_path()) == "running");
 }
 
+TEST_CASE(
+    "e2e: a save while a block job works on the disks is refused before the guest pauses, and "
+    "a deleted disk's failed save says what QEMU could not do") {
+  // QEMU failed the save's end with only "Bad address", after the guest
+  // had been paused for all of it (trial Y).
+  test::require_guest_kit();
+  test::TempDir disks;
+  const std::string disk = disks / "disk.qcow2", backup = disks / "backup.qcow2";
+  REQUIRE_RUN(test::run_program({"qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"}), 0);
+  REQUIRE_RUN(test::run_program({"qemu-io", "-c", "write -P 0x11 0 32M", disk}), 0);
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-drive", "file=" + disk + ",if=virtio,id=disk0"};
+  TestVm vm(opts);
+  boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  {
+    auto qmp = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(qmp.ok());
+    // 1 MiB/s: the 32 MiB backup outlasts the test.
+    auto job = qmp->execute("drive-backup", {{"device", "disk0"},
+                                             {"target", backup},
+                                             {"format", "qcow2"},
+                                             {"sync", "full"},
+                                             {"speed", 1 << 20}});
+    REQUIRE_MESSAGE(job.ok(), job.error().message());
+  }
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: cannot save this guest now (" + vm.qmp_path() +
+                                    "): a block job works on its disks (backup on disk0, "
+                                    "running), and QEMU fails the end of a save while one does; "
+                                    "wait for the job to end (QMP query-block-jobs), or cancel "
+                                    "it (block-job-cancel), then save\n"),
+                r.err);
+  CHECK_FALSE(contains(r.err, "writing RAM"));  // the guest was not paused
+  CHECK_FALSE(exists(image));
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+  {
+    auto qmp = QmpClient::connect(vm.qmp_path(), 10);
+    REQUIRE(qmp.ok());
+    REQUIRE(qmp->execute("block-job-cancel", {{"device", "disk0"}}).ok());
+    for (int i = 0; i < 500; i++) {
+      auto jobs = qmp->execute("query-block-jobs");
+      if (jobs.ok() && jobs->empty()) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  // Its disk removed under it, QEMU cannot hand it over at the end.
+  REQUIRE(::unlink(disk.c_str()) == 0);
+  r = run_vmsave({"save", "--qmp", vm.qmp_path(), image}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "QEMU could not flush and release its disks as the save ended"),
+                r.err);
+  CHECK_FALSE(exists(image));
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+}
+
 TEST_CASE("e2e: a restore's private QMP directory lasts as long as its QEMU, and no longer") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
