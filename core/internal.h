@@ -25,6 +25,17 @@
 namespace vmsave {
 
 class QemuCommand;
+class QmpClient;
+
+// The guest's disks as QEMU has them now (query-block), for the image's
+// metadata: device, file, format, read_only, backing_file, temporary (a
+// -snapshot overlay), and "path" and "backing_chain" made absolute against
+// `cwd` (QEMU's directory; "" leaves relative ones out).
+nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline,
+                         const std::string& cwd);
+// Warns where a restored QEMU's disks (`now`) are an older layer of, or
+// another format of, the files the VM wrote at the save (`saved`).
+void warn_of_changed_disks(const nlohmann::json& saved, const nlohmann::json& now, Reporter& rep);
 
 // A disk image file a QEMU command opens, and whether QEMU writes it.
 struct DiskFile {

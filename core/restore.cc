@@ -909,6 +909,40 @@ std::vector<ObjectArg> saved_backends(const nlohmann::json& meta) {
 
 }  // namespace
 
+void warn_of_changed_disks(const nlohmann::json& saved, const nlohmann::json& now, Reporter& rep) {
+  if (!saved.is_array() || !now.is_array()) return;
+  auto canonical = [](const std::string& p) {
+    std::error_code ec;
+    auto c = std::filesystem::weakly_canonical(p, ec);
+    return ec ? p : c.string();
+  };
+  for (auto& n : now) {
+    const std::string device = n.value("device", ""), path = n.value("path", "");
+    auto was = std::find_if(saved.begin(), saved.end(),
+                            [&](auto& s) { return s.value("device", "") == device; });
+    if (path.empty() || was == saved.end() || was->value("path", "").empty()) continue;
+    const std::string mine = canonical(path), theirs = canonical(was->value("path", ""));
+    // Another file altogether is a clone's overlay or a copy: its own story.
+    if (mine == theirs && n.value("format", "") != was->value("format", "")) {
+      rep.warn(fmt::format(
+          "disk {} opens {} as {}, but the VM wrote it as {} at the save: the guest would read "
+          "{}'s bytes as its disk and its writes damage the file; give the command format={}",
+          device, path, n.value("format", "?"), was->value("format", "?"),
+          was->value("format", "?"), was->value("format", "?")));
+      continue;
+    }
+    for (auto& below : was->value("backing_chain", nlohmann::json::array()))
+      if (below.is_string() && canonical(below.get<std::string>()) == mine) {
+        rep.warn(fmt::format(
+            "disk {} opens {}, which lies below {} that the VM wrote at the save: the guest "
+            "finds its disk as it was before that snapshot, older than its RAM (its file "
+            "systems may break); open {} (vmsave info lists the disks)",
+            device, path, was->value("path", ""), was->value("path", "")));
+        break;
+      }
+  }
+}
+
 // The local disk image files of the command whose locks QEMU checks: -drive
 // file= (not json: or a protocol) or file.filename=, a -blockdev file node's
 // filename (key=value or JSON), -hda..-hdd and -cdrom. force-share=on or locking=off opts out,
@@ -985,12 +1019,20 @@ Status check_disks_free(const QemuCommand& cmd, Reporter& rep) {
             d.path, d.write ? "write" : "read it while that one writes"));
       continue;
     }
-    const char* why = lock_byte_held(fd.get(), kPermWrite)
-                          ? "another process (a QEMU: the VM it was saved from, still running?) "
-                            "is writing it"
-                      : d.write && lock_byte_held(fd.get(), kSharedWrite)
-                          ? "another process (a QEMU) uses it and lets no one else write it"
-                          : nullptr;
+    // A QEMU killed just now holds its locks until its last thread has
+    // exited: looked at again for up to 2 s before it counts.
+    const char* why = nullptr;
+    for (int attempt = 0; attempt < 100; attempt++) {
+      why = lock_byte_held(fd.get(), kPermWrite)
+                ? "another process (a QEMU: the VM it was saved from, still running?) is "
+                  "writing it"
+            : d.write && lock_byte_held(fd.get(), kSharedWrite)
+                ? "another process (a QEMU) uses it and lets no one else write it"
+                : nullptr;
+      if (!why) break;
+      if (cancelled()) return interrupted_error();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     if (why)
       return Error{"a disk image of the QEMU command is in use", d.path, why}.fix(
           "stop that VM, or give this one its own copy of the disk (an overlay: qemu-img create "
@@ -1258,6 +1300,14 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   }
   if (opts.lazy) VMSAVE_TRY(check_lazy_mapped(qmp.peer_pid(), img, plans, image_abs));
   VMSAVE_TRY(check_started_machine(qmp, *meta));
+  if (meta->contains("disks")) {
+    // QEMU opened relative disk paths from vmsave's directory, a daemon too
+    // (before it moved to /).
+    std::error_code ec;
+    const auto cwd = std::filesystem::current_path(ec);
+    warn_of_changed_disks((*meta)["disks"], disks_now(qmp, cmd.argv(), ec ? "" : cwd.string()),
+                          rep);
+  }
   timer.lap("start_qemu");
 
   bool run = opts.running.value_or(meta->value("guest_running", true));

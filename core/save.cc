@@ -139,9 +139,11 @@ Status check_still_stopped(QmpClient& qmp) {
       .fix("let no other client resume the guest while vmsave saves it, and save again");
 }
 
+}  // namespace
+
 // -snapshot, or snapshot=on on a -drive: QEMU deletes that overlay when it
 // exits, and never writes it back to the disk image.
-bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cmdline) {
+static bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cmdline) {
   auto cmd = QemuCommand::parse(cmdline);
   if (!cmd.ok()) return false;
   if (cmd->has_option("snapshot")) return true;
@@ -159,7 +161,7 @@ bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cmdline) 
 // Whether an argument of `cmdline` names `file`: as given, with its commas
 // doubled (QemuOpts), or, for an absolute path, by its base name (the
 // command may have named it relative to QEMU's directory).
-bool names_file(const std::vector<std::string>& cmdline, const std::string& file) {
+static bool names_file(const std::vector<std::string>& cmdline, const std::string& file) {
   if (file.empty()) return false;
   std::string doubled;
   for (char c : file) doubled += c == ',' ? std::string(",,") : std::string(1, c);
@@ -176,13 +178,21 @@ bool names_file(const std::vector<std::string>& cmdline, const std::string& file
 // or a hot-plug since QEMU started leaves its command line naming older
 // files (trial X). Each is named by its drive id, else its -device id,
 // else its node; "temporary" marks a -snapshot overlay (its "file" a json:
-// spelling of a file QEMU deletes). Drives without a medium, or that no
-// device uses (the guest cannot see them), are left out.
-nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline) {
+// spelling of a file QEMU deletes). "path" and "backing_chain" are absolute
+// (a relative file resolved against `cwd`, or left out without one), so a
+// restore can tell which file the VM wrote. Drives without a medium, or
+// that no device uses (the guest cannot see them), are left out.
+nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline,
+                         const std::string& cwd) {
   nlohmann::json disks = nlohmann::json::array();
   auto blocks = qmp.execute("query-block");
   if (!blocks.ok() || !blocks->is_array()) return disks;
   const bool temporary = writes_disks_to_temporary_overlay(cmdline);
+  auto absolute_path = [&](const std::string& f) -> std::string {
+    if (f.empty() || f.starts_with("json:") || f.find("://") != std::string::npos) return "";
+    if (f.starts_with('/')) return std::filesystem::path(f).lexically_normal().string();
+    return cwd.empty() ? "" : (std::filesystem::path(cwd) / f).lexically_normal().string();
+  };
   for (auto& b : *blocks) {
     auto in = b.find("inserted");
     const std::string qdev = b.value("qdev", "");
@@ -193,18 +203,33 @@ nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline
       name =
           qdev.substr(kPeripheral.size(), qdev.find('/', kPeripheral.size()) - kPeripheral.size());
     if (name.empty()) name = in->value("node-name", qdev);
+    const std::string file = in->value("file", "");
     nlohmann::json d = {{"device", name},
-                        {"file", in->value("file", "")},
+                        {"file", file},
                         {"format", in->value("drv", "")},
                         {"read_only", in->value("ro", false)}};
     const std::string backing = in->value("backing_file", "");
     if (!backing.empty()) d["backing_file"] = backing;
-    if (temporary && !names_file(cmdline, d["file"]) && names_file(cmdline, backing))
+    if (temporary && !names_file(cmdline, file) && names_file(cmdline, backing))
       d["temporary"] = true;
+    if (std::string path = absolute_path(file); !path.empty()) d["path"] = path;
+    // Each layer below: QEMU's full-backing-filename, resolved already.
+    nlohmann::json chain = nlohmann::json::array();
+    for (const nlohmann::json* image = in->contains("image") ? &(*in)["image"] : nullptr;
+         image && image->is_object() && image->contains("backing-image");
+         image = &(*image)["backing-image"]) {
+      std::string below = image->value("full-backing-filename", "");
+      if (below.empty()) below = absolute_path((*image)["backing-image"].value("filename", ""));
+      if (below.empty()) break;
+      chain.push_back(below);
+    }
+    if (!chain.empty()) d["backing_chain"] = chain;
     disks.push_back(std::move(d));
   }
   return disks;
 }
+
+namespace {
 
 // A restore with the command line the image records must find the disks
 // as they were at the save, and cannot where the guest wrote to a temporary
@@ -493,7 +518,13 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
 
   std::vector<std::string> cmdline =
       with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid), pid, rep);
-  const nlohmann::json disks = disks_now(qmp, cmdline);
+  // QEMU's directory, which relative disk paths are from; a daemon's is
+  // / by now, not where it opened them.
+  std::error_code ec;
+  const auto cwd = std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec);
+  const auto parsed = QemuCommand::parse(cmdline);
+  const bool daemon = parsed.ok() && parsed->daemonize();
+  const nlohmann::json disks = disks_now(qmp, cmdline, ec || daemon ? "" : cwd.string());
   warn_of_disks(disks, cmdline, opts.after == AfterSave::kLeaveRunning && was_running, rep);
   nlohmann::json meta = base_metadata("qemu", opts.description);
   meta.update(qemu_metadata(qmp, cmdline));

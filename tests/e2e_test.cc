@@ -1396,6 +1396,46 @@ TEST_CASE(
   REQUIRE(meta["disks"].size() == 1);
   CHECK(meta["disks"][0].value("file", "") == overlay);
   CHECK(meta["disks"][0].value("read_only", true) == false);
+  CHECK(meta["disks"][0].value("path", "") == overlay);
+  CHECK(meta["disks"][0]["backing_chain"] == json::array({base}));
+
+  // Restored with the command the VM was started with, QEMU opens the
+  // layer below what the VM wrote; with format=raw, it reads the qcow2
+  // file's bytes as the disk (trial Y: both silent). The overlay itself,
+  // as a qcow2, draws no word.
+  REQUIRE(test::kill_qemu_mentioning(vm.qmp_path()) == 1);
+  ::unlink(vm.ram_path().c_str());
+  const std::string restore_log = vm.dir() + "/restore.log";
+  struct Case {
+    std::vector<std::string> command;
+    std::string warning;
+  };
+  const Case cases[] = {
+      {vm.command(), "vmsave: warning: disk disk0 opens " + base + ", which lies below " + overlay +
+                         " that the VM wrote at the save: the guest finds its disk as "
+                         "it was before that snapshot, older than its RAM (its file systems may "
+                         "break); open " +
+                         overlay + " (vmsave info lists the disks)\n"},
+      {rewrite(vm.command(), base + ",", overlay + ",format=raw,"),
+       "vmsave: warning: disk disk0 opens " + overlay +
+           " as raw, but the VM wrote it as qcow2 "
+           "at the save: the guest would read qcow2's bytes as its disk and its writes damage the "
+           "file; give the command format=qcow2\n"},
+      {rewrite(vm.command(), base + ",", overlay + ","), ""},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(joined(c.command));
+    auto args = restore_args(image, restore_log, false, c.command);
+    args.insert(args.begin() + 2, "--paused");
+    r = run_vmsave(args, kRunTimeout);
+    CHECK_RUN(r, 0);
+    if (c.warning.empty())
+      CHECK_MESSAGE(!contains(r.err, "warning"), r.err);
+    else
+      CHECK_MESSAGE(contains(r.err, c.warning), r.err);
+    CHECK(test::kill_qemu_mentioning(vm.qmp_path()) == 1);
+    ::unlink(vm.ram_path().c_str());
+  }
 }
 
 TEST_CASE("e2e: another QMP client resuming the guest mid-save fails the save, and pausing it mid-live-save keeps it paused") {

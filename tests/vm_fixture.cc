@@ -187,12 +187,18 @@ int reap_child(pid_t pid, double timeout_s) {
 }
 
 // True once `pid` no longer runs: gone, or a zombie its parent has yet to reap.
+// A zombie leader is gone only once its other threads are: until the last
+// has exited, QEMU's files (its disks' locks, its sockets) stay open.
 bool process_gone(pid_t pid) {
   std::string stat = slurp(fmt::format("/proc/{}/stat", pid));
   if (stat.empty()) return true;
   size_t paren = stat.rfind(')');
-  return paren != std::string::npos && paren + 2 < stat.size() &&
-         (stat[paren + 2] == 'Z' || stat[paren + 2] == 'X');
+  if (paren == std::string::npos || paren + 2 >= stat.size() ||
+      (stat[paren + 2] != 'Z' && stat[paren + 2] != 'X'))
+    return false;
+  std::error_code ec;
+  auto threads = std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid), ec);
+  return ec || std::distance(threads, std::filesystem::directory_iterator()) <= 1;
 }
 
 std::string describe_status(int status) {
