@@ -368,7 +368,13 @@ void print_info(const nlohmann::json& j) {
                    d.value("device", ""), backing);
         continue;
       }
-      if (!backing.empty()) about += ", backing " + backing;
+      // The whole chain where the save recorded it (backing_file is QEMU's
+      // spelling of the first layer only).
+      std::string chain;
+      for (auto& below : d.value("backing_chain", nlohmann::json::array()))
+        if (below.is_string()) chain += (chain.empty() ? "" : ", then ") + below.get<std::string>();
+      if (!chain.empty() || !backing.empty())
+        about += ", backing " + (chain.empty() ? backing : chain);
       if (d.value("read_only", false)) about += ", read-only";
       print_text("disk:         {} {} ({})\n", d.value("device", ""), d.value("file", ""), about);
     }

@@ -242,15 +242,16 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
     list += (list.empty() ? "" : ", ") + item;
   };
   for (auto& d : disks) {
-    if (d.value("read_only", false)) continue;
+    const bool ro = d.value("read_only", false);
     const std::string device = d.value("device", ""), file = d.value("file", "");
     if (d.value("temporary", false)) {
-      add(overlaid, device);
+      if (!ro) add(overlaid, device);
     } else if (names_file(cmdline, file)) {
-      add(written, device + ": " + file);
+      if (!ro) add(written, device + ": " + file);
     } else if (!file.starts_with("json:")) {  // one QEMU spelled itself: cannot tell
-      add(unnamed, device + " writes " + file);
-      add(written, device + ": " + file);
+      // A CD changed since QEMU started, too: a restore would have another.
+      add(unnamed, device + (ro ? " reads " : " writes ") + file);
+      if (!ro) add(written, device + ": " + file);
     }
   }
   if (!overlaid.empty())
@@ -261,10 +262,10 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
         overlaid));
   if (!unnamed.empty())
     rep.warn(fmt::format(
-        "QEMU's command line does not name the file a disk is written to now ({}; an external "
-        "snapshot, a mirror or a hot-plug since QEMU started): the image records that command "
-        "line, and a restore with it opens older disks than its RAM, or fails for want of a "
-        "device; restore with a command that opens the files vmsave info lists as disks",
+        "QEMU's command line does not name a file a disk uses now ({}; an external snapshot, "
+        "a mirror, a changed medium or a hot-plug since QEMU started): the image records that "
+        "command line, and a restore with it opens older disks than its RAM, or fails for want "
+        "of a device; restore with a command that opens the files vmsave info lists as disks",
         unnamed));
   if (runs_on && !written.empty())
     rep.warn(fmt::format(

@@ -1349,10 +1349,15 @@ TEST_CASE(
   // info did not show the file QEMU wrote (trial X).
   test::require_guest_kit();
   test::TempDir disks;
-  const std::string base = disks / "base.qcow2", overlay = disks / "overlay.qcow2";
+  const std::string base = disks / "base.qcow2", overlay = disks / "overlay.qcow2",
+                    iso = disks / "cd.iso";
   REQUIRE_RUN(test::run_program({"qemu-img", "create", "-q", "-f", "qcow2", base, "16M"}), 0);
+  test::write_pattern_file(iso, kMiB, "zero", 0);
   VmOptions opts = kSmallVm;
-  opts.extra_args = {"-drive", "file=" + base + ",if=virtio,id=disk0"};
+  // And an empty CD drive, whose medium changes too.
+  opts.extra_args = {"-drive",  "file=" + base + ",if=virtio,id=disk0",
+                     "-drive",  "if=none,id=cd0,media=cdrom",
+                     "-device", "ide-cd,drive=cd0,bus=ide.2"};
   TestVm vm(opts);
   boot(vm);
   const std::string image = vm.dir() + "/vm.vmsave";
@@ -1378,13 +1383,16 @@ TEST_CASE(
         qmp->execute("blockdev-snapshot-sync",
                      {{"device", "disk0"}, {"snapshot-file", overlay}, {"format", "qcow2"}});
     REQUIRE_MESSAGE(snap.ok(), snap.error().message());
+    auto cd = qmp->execute("blockdev-change-medium",
+                           {{"device", "cd0"}, {"filename", iso}, {"format", "raw"}});
+    REQUIRE_MESSAGE(cd.ok(), cd.error().message());
   }
   r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--force", "--paused"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
   CHECK_MESSAGE(contains(r.err,
-                         "vmsave: warning: QEMU's command line does not name the file a "
-                         "disk is written to now (disk0 writes " +
-                             overlay + "; "),
+                         "vmsave: warning: QEMU's command line does not name a file a "
+                         "disk uses now (disk0 writes " +
+                             overlay + ", cd0 reads " + iso + "; "),
                 r.err);
   CHECK_FALSE(contains(r.err, "the guest runs on"));  // paused
   r = run_vmsave({"info", image});
@@ -1393,7 +1401,8 @@ TEST_CASE(
       contains(r.out, "disk:         disk0 " + overlay + " (qcow2, backing " + base + ")\n"),
       r.out);
   json meta = parse_json(run_vmsave({"info", "--json", image}))["metadata"];
-  REQUIRE(meta["disks"].size() == 1);
+  REQUIRE(meta["disks"].size() == 2);
+  CHECK(meta["disks"][1].value("read_only", false) == true);
   CHECK(meta["disks"][0].value("file", "") == overlay);
   CHECK(meta["disks"][0].value("read_only", true) == false);
   CHECK(meta["disks"][0].value("path", "") == overlay);
