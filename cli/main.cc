@@ -361,11 +361,15 @@ void print_info(const nlohmann::json& j) {
   // were then (the command line above may name older ones).
   if (m.contains("disks") && m["disks"].is_array())
     for (auto& d : m["disks"]) {
-      std::string about = d.value("format", "");
-      const std::string backing = d.value("backing_file", "");
-      if (d.value("temporary", false)) {
+      if (!d.is_object()) continue;
+      auto text = [&](const char* key) {
+        return d.contains(key) && d[key].is_string() ? d[key].get<std::string>() : std::string();
+      };
+      std::string about = text("format");
+      const std::string backing = text("backing_file");
+      if (d.contains("temporary") && d["temporary"] == true) {
         print_text("disk:         {} a temporary overlay of {} (-snapshot: gone with its QEMU)\n",
-                   d.value("device", ""), backing);
+                   text("device"), backing);
         continue;
       }
       // The whole chain where the save recorded it (backing_file is QEMU's
@@ -375,8 +379,8 @@ void print_info(const nlohmann::json& j) {
         if (below.is_string()) chain += (chain.empty() ? "" : ", then ") + below.get<std::string>();
       if (!chain.empty() || !backing.empty())
         about += ", backing " + (chain.empty() ? backing : chain);
-      if (d.value("read_only", false)) about += ", read-only";
-      print_text("disk:         {} {} ({})\n", d.value("device", ""), d.value("file", ""), about);
+      if (d.contains("read_only") && d["read_only"] == true) about += ", read-only";
+      print_text("disk:         {} {} ({})\n", text("device"), text("file"), about);
     }
   // Where QEMU placed memory devices: hot-plugged ones need a -device in
   // the restore command, in that order or with that address.

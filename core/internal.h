@@ -27,6 +27,15 @@ namespace vmsave {
 class QemuCommand;
 class QmpClient;
 
+// `name` (a disk file as QEMU or its command spells it) as an absolute,
+// normalized path, a relative one taken from `cwd`; "" for what is no local
+// file (json:, a protocol, an fd set) or a relative one without `cwd`.
+std::string absolute_disk_path(const std::string& name, const std::string& cwd);
+// Has QEMU take its disks' locks now (blockdev-set-active): an incoming or
+// migrated-away VM takes them only at cont. False where QEMU (before 10.0)
+// has no such command.
+Result<bool> take_disk_locks(QmpClient& qmp);
+
 // The guest's disks as QEMU has them now (query-block), for the image's
 // metadata: device, file, format, read_only, backing_file, temporary (a
 // -snapshot overlay), and "path" and "backing_chain" made absolute against

@@ -817,6 +817,21 @@ bool has_mark(pid_t pid, const std::string& mark) {
   return env.find(entry) != std::string::npos;
 }
 
+std::string absolute_disk_path(const std::string& name, const std::string& cwd) {
+  if (name.empty() || name.starts_with("json:") || name.find("://") != std::string::npos ||
+      name.starts_with("nbd:") || name.starts_with("/dev/fdset/"))
+    return "";
+  if (name.starts_with('/')) return std::filesystem::path(name).lexically_normal().string();
+  return cwd.empty() ? "" : (std::filesystem::path(cwd) / name).lexically_normal().string();
+}
+
+Result<bool> take_disk_locks(QmpClient& qmp) {
+  auto r = qmp.execute("blockdev-set-active", {{"active", true}});
+  if (r.ok()) return true;
+  if (r.error().detail.find("CommandNotFound") != std::string::npos) return false;
+  return r.error();
+}
+
 bool kill_and_wait(int pidfd) {
   if (::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0) < 0) return false;
   pollfd p{pidfd, POLLIN, 0};

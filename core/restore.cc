@@ -35,6 +35,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <thread>
 
 #include <fmt/core.h>
@@ -393,9 +394,7 @@ Status load_and_resume(QmpClient& qmp, const ImageReader& img, bool run, Reporte
     // An incoming QEMU takes its disks' locks only at cont: a paused
     // restore onto a disk the saved VM still used exited 0, and the user's
     // cont failed later (trial X). QEMU 10.0 can take them now.
-    auto r = qmp.execute("blockdev-set-active", {{"active", true}});
-    if (!r.ok() && r.error().detail.find("CommandNotFound") == std::string::npos)
-      return cannot_run(r.error());
+    if (auto r = take_disk_locks(qmp); !r.ok()) return cannot_run(r.error());
     // QEMU starts the guest by itself when the stream says it ran to the
     // end (a live save through QEMU stops it only for the last round).
     auto s = qmp.execute("query-status");
@@ -916,28 +915,42 @@ void warn_of_changed_disks(const nlohmann::json& saved, const nlohmann::json& no
     auto c = std::filesystem::weakly_canonical(p, ec);
     return ec ? p : c.string();
   };
+  // Image formats only: a filter on top (throttle, copy-on-read) reads as
+  // its driver, and is no other format of the file.
+  auto image_format = [](const std::string& f) {
+    static const std::set<std::string> kFormats = {"raw", "qcow2", "qcow", "qed",       "vmdk",
+                                                   "vdi", "vhdx",  "vpc",  "parallels", "luks"};
+    return kFormats.contains(f);
+  };
+  auto text = [](const nlohmann::json& d, const char* key) {
+    return d.is_object() && d.contains(key) && d[key].is_string() ? d[key].get<std::string>()
+                                                                  : std::string();
+  };
   for (auto& n : now) {
-    const std::string device = n.value("device", ""), path = n.value("path", "");
+    const std::string device = text(n, "device"), path = text(n, "path");
     auto was = std::find_if(saved.begin(), saved.end(),
-                            [&](auto& s) { return s.value("device", "") == device; });
-    if (path.empty() || was == saved.end() || was->value("path", "").empty()) continue;
-    const std::string mine = canonical(path), theirs = canonical(was->value("path", ""));
+                            [&](auto& s) { return text(s, "device") == device; });
+    if (path.empty() || was == saved.end() || text(*was, "path").empty()) continue;
+    const std::string mine = canonical(path), theirs = canonical(text(*was, "path"));
+    const std::string format = text(n, "format"), saved_format = text(*was, "format");
     // Another file altogether is a clone's overlay or a copy: its own story.
-    if (mine == theirs && n.value("format", "") != was->value("format", "")) {
+    if (mine == theirs && format != saved_format && image_format(format) &&
+        image_format(saved_format)) {
       rep.warn(fmt::format(
           "disk {} opens {} as {}, but the VM wrote it as {} at the save: the guest would read "
           "{}'s bytes as its disk and its writes damage the file; give the command format={}",
-          device, path, n.value("format", "?"), was->value("format", "?"),
-          was->value("format", "?"), was->value("format", "?")));
+          device, path, format, saved_format, saved_format, saved_format));
       continue;
     }
-    for (auto& below : was->value("backing_chain", nlohmann::json::array()))
+    const auto chain = was->find("backing_chain");
+    if (chain == was->end() || !chain->is_array()) continue;
+    for (auto& below : *chain)
       if (below.is_string() && canonical(below.get<std::string>()) == mine) {
         rep.warn(fmt::format(
             "disk {} opens {}, which lies below {} that the VM wrote at the save: the guest "
             "finds its disk as it was before that snapshot, older than its RAM (its file "
             "systems may break); open {} (vmsave info lists the disks)",
-            device, path, was->value("path", ""), was->value("path", "")));
+            device, path, text(*was, "path"), text(*was, "path")));
         break;
       }
   }
@@ -954,17 +967,27 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
     auto b = v ? parse_bool(*v, "") : Result<bool>(false);
     return b.ok() && *b;
   };
-  auto local = [](const std::string& f) {
-    return !f.empty() && !f.starts_with("json:") && f.find("://") == std::string::npos &&
-           !f.starts_with("nbd:") && !f.starts_with("/dev/fdset/");
-  };
+  auto local = [](const std::string& f) { return !absolute_disk_path(f, "/").empty(); };
+  // Drives a -device shares for writing (share-rw=on: a cluster file
+  // system): QEMU lets another writer be, so must vmsave.
+  std::vector<std::string> shared;
+  bool any_shared = false;
+  for (const std::string& dev : cmd.option_values("device")) {
+    auto kv = KeyvalList::parse(dev, "driver", KeyvalSyntax::kQemuOpts);
+    if (!kv.ok() || !is_on(kv->get("share-rw"))) continue;
+    any_shared = true;
+    shared.push_back(kv->get("drive").value_or(""));
+  }
   for (const std::string& d : cmd.option_values("drive")) {
     auto kv = KeyvalList::parse(d, "", KeyvalSyntax::kQemuOpts);
     if (!kv.ok()) continue;
     const std::string driver = kv->get("file.driver").value_or("file");
     const std::string file = kv->get("file").value_or(
         driver == "file" || driver == "host_device" ? kv->get("file.filename").value_or("") : "");
-    if (!local(file) || is_on(kv->get("force-share"))) continue;
+    const std::string id = kv->get("id").value_or("");
+    if (!local(file) || is_on(kv->get("force-share")) ||
+        (!id.empty() && std::find(shared.begin(), shared.end(), id) != shared.end()))
+      continue;
     const bool ro = is_on(kv->get("readonly")) || is_on(kv->get("read-only")) ||
                     kv->get("media") == "cdrom" || is_on(kv->get("snapshot")) ||
                     (snapshot_all && !kv->get("snapshot"));
@@ -976,12 +999,16 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
     std::string driver, file, locking;
     bool share = false;
     if (b.starts_with('{')) {
+      // QEMU says what is wrong with a value of the wrong type.
       auto j = nlohmann::json::parse(b, nullptr, false);
-      if (!j.is_object()) continue;
-      driver = j.value("driver", "");
-      file = j.value("filename", "");
-      if (j.contains("locking") && j["locking"].is_string()) locking = j["locking"];
-      share = j.value("force-share", false) == true;
+      auto text = [&](const char* key) {
+        return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>()
+                                                                      : std::string();
+      };
+      driver = text("driver");
+      file = text("filename");
+      locking = text("locking");
+      share = j.is_object() && j.contains("force-share") && j["force-share"] == true;
     } else {
       auto kv = KeyvalList::parse(b, "", KeyvalSyntax::kKeyval);
       if (!kv.ok()) continue;
@@ -990,12 +1017,15 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
       locking = kv->get("locking").value_or("");
       share = is_on(kv->get("force-share"));
     }
-    if ((driver == "file" || driver == "host_device") && local(file) && !share)
+    if ((driver == "file" || driver == "host_device") && local(file) && !share && !any_shared)
       out.push_back({file, false, locking != "off"});
   }
-  for (const char* opt : {"hda", "hdb", "hdc", "hdd", "cdrom"})
+  // -pflash too: clones sharing one writable OVMF_VARS file are common.
+  for (const char* opt : {"hda", "hdb", "hdc", "hdd", "fda", "fdb", "sd", "mtdblock", "pflash"})
     for (const std::string& f : cmd.option_values(opt))
-      if (local(f)) out.push_back({f, std::string_view(opt) != "cdrom" && !snapshot_all});
+      if (local(f)) out.push_back({f, !snapshot_all});
+  for (const std::string& f : cmd.option_values("cdrom"))
+    if (local(f)) out.push_back({f, false});
   return out;
 }
 

@@ -158,19 +158,52 @@ static bool writes_disks_to_temporary_overlay(const std::vector<std::string>& cm
   return false;
 }
 
-// Whether an argument of `cmdline` names `file`: as given, with its commas
-// doubled (QemuOpts), or, for an absolute path, by its base name (the
-// command may have named it relative to QEMU's directory).
-static bool names_file(const std::vector<std::string>& cmdline, const std::string& file) {
+// Every value in `cmdline` that could name a file: each argument whole
+// (-hda FILE), each key=value element's value (its ",," one ','), and each
+// string in a JSON argument.
+static std::vector<std::string> values_in(const std::vector<std::string>& cmdline) {
+  std::vector<std::string> out;
+  std::function<void(const nlohmann::json&)> strings = [&](const nlohmann::json& j) {
+    if (j.is_string()) out.push_back(j.get<std::string>());
+    if (j.is_structured())
+      for (auto& v : j) strings(v);
+  };
+  for (const std::string& a : cmdline) {
+    out.push_back(a);
+    if (a.starts_with('{')) {
+      strings(nlohmann::json::parse(a, nullptr, false));
+      continue;
+    }
+    std::string value;
+    bool in_value = false;
+    for (size_t i = 0; i <= a.size(); i++) {
+      if (i < a.size() && a[i] == ',' && i + 1 < a.size() && a[i + 1] == ',') {
+        value += ',';
+        i++;
+      } else if (i == a.size() || a[i] == ',') {
+        if (in_value) out.push_back(value);
+        value.clear();
+        in_value = false;
+      } else if (a[i] == '=' && !in_value) {
+        in_value = true;
+      } else if (in_value) {
+        value += a[i];
+      }
+    }
+  }
+  return out;
+}
+
+// Whether `cmdline` names `file` as a whole value: the same string, or the
+// same absolute path once a relative value is taken from QEMU's directory
+// `cwd` (an external snapshot to /snap/debian.qcow2 of a VM started with
+// /images/debian.qcow2 is another file, whatever their base names).
+static bool names_file(const std::vector<std::string>& cmdline, const std::string& file,
+                       const std::string& cwd) {
   if (file.empty()) return false;
-  std::string doubled;
-  for (char c : file) doubled += c == ',' ? std::string(",,") : std::string(1, c);
-  const std::string base =
-      file.starts_with('/') ? std::filesystem::path(file).filename().string() : "";
-  for (const std::string& a : cmdline)
-    if (a.find(file) != std::string::npos || a.find(doubled) != std::string::npos ||
-        (!base.empty() && a.find(base) != std::string::npos))
-      return true;
+  const std::string wanted = absolute_disk_path(file, cwd);
+  for (const std::string& v : values_in(cmdline))
+    if (v == file || (!wanted.empty() && absolute_disk_path(v, cwd) == wanted)) return true;
   return false;
 }
 
@@ -188,11 +221,7 @@ nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline
   auto blocks = qmp.execute("query-block");
   if (!blocks.ok() || !blocks->is_array()) return disks;
   const bool temporary = writes_disks_to_temporary_overlay(cmdline);
-  auto absolute_path = [&](const std::string& f) -> std::string {
-    if (f.empty() || f.starts_with("json:") || f.find("://") != std::string::npos) return "";
-    if (f.starts_with('/')) return std::filesystem::path(f).lexically_normal().string();
-    return cwd.empty() ? "" : (std::filesystem::path(cwd) / f).lexically_normal().string();
-  };
+  auto absolute_path = [&](const std::string& f) { return absolute_disk_path(f, cwd); };
   for (auto& b : *blocks) {
     auto in = b.find("inserted");
     const std::string qdev = b.value("qdev", "");
@@ -210,7 +239,7 @@ nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline
                         {"read_only", in->value("ro", false)}};
     const std::string backing = in->value("backing_file", "");
     if (!backing.empty()) d["backing_file"] = backing;
-    if (temporary && !names_file(cmdline, file) && names_file(cmdline, backing))
+    if (temporary && !names_file(cmdline, file, cwd) && names_file(cmdline, backing, cwd))
       d["temporary"] = true;
     if (std::string path = absolute_path(file); !path.empty()) d["path"] = path;
     // Each layer below: QEMU's full-backing-filename, resolved already.
@@ -218,7 +247,7 @@ nlohmann::json disks_now(QmpClient& qmp, const std::vector<std::string>& cmdline
     for (const nlohmann::json* image = in->contains("image") ? &(*in)["image"] : nullptr;
          image && image->is_object() && image->contains("backing-image");
          image = &(*image)["backing-image"]) {
-      std::string below = image->value("full-backing-filename", "");
+      std::string below = absolute_path(image->value("full-backing-filename", ""));
       if (below.empty()) below = absolute_path((*image)["backing-image"].value("filename", ""));
       if (below.empty()) break;
       chain.push_back(below);
@@ -236,7 +265,7 @@ namespace {
 // overlay (-snapshot), where QEMU writes files the command does not name,
 // or where the guest runs on writing them.
 void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& cmdline,
-                   bool runs_on, Reporter& rep) {
+                   const std::string& cwd, bool runs_on, Reporter& rep) {
   std::string overlaid, unnamed, written;
   auto add = [](std::string& list, const std::string& item) {
     list += (list.empty() ? "" : ", ") + item;
@@ -246,7 +275,7 @@ void warn_of_disks(const nlohmann::json& disks, const std::vector<std::string>& 
     const std::string device = d.value("device", ""), file = d.value("file", "");
     if (d.value("temporary", false)) {
       if (!ro) add(overlaid, device);
-    } else if (names_file(cmdline, file)) {
+    } else if (names_file(cmdline, file, cwd)) {
       if (!ro) add(written, device + ": " + file);
     } else if (!file.starts_with("json:")) {  // one QEMU spelled itself: cannot tell
       // A CD changed since QEMU started, too: a restore would have another.
@@ -314,13 +343,12 @@ Error with_completion_hint(Error e) {
 // take them back at once.
 void hold_disks_again(QmpClient& qmp, const nlohmann::json& disks, Reporter& rep) {
   if (disks.empty()) return;
-  auto r = qmp.execute("blockdev-set-active", {{"active", true}});
-  if (r.ok()) return;
+  auto r = take_disk_locks(qmp);
+  if (r.ok() && *r) return;
   rep.warn(fmt::format(
-      "QEMU did not take its disks back after the save ({}): until the guest resumes, QEMU "
-      "holds no lock on them, and nothing stops another VM from writing them; start none on "
-      "them meanwhile",
-      r.error().detail));
+      "QEMU {} its disks back after the save: until the guest resumes, QEMU holds no lock on "
+      "them, and nothing stops another VM from writing them; start none on them meanwhile",
+      r.ok() ? "(before 10.0) cannot take" : "did not take (" + r.error().detail + ")"));
 }
 
 // Another QMP client that switched x-ignore-shared off during the save had
@@ -521,12 +549,12 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
       with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid), pid, rep);
   // QEMU's directory, which relative disk paths are from; a daemon's is
   // / by now, not where it opened them.
-  std::error_code ec;
-  const auto cwd = std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec);
   const auto parsed = QemuCommand::parse(cmdline);
-  const bool daemon = parsed.ok() && parsed->daemonize();
-  const nlohmann::json disks = disks_now(qmp, cmdline, ec || daemon ? "" : cwd.string());
-  warn_of_disks(disks, cmdline, opts.after == AfterSave::kLeaveRunning && was_running, rep);
+  std::error_code ec;
+  std::string cwd = std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec).string();
+  if (ec || (parsed.ok() && parsed->daemonize())) cwd.clear();
+  const nlohmann::json disks = disks_now(qmp, cmdline, cwd);
+  warn_of_disks(disks, cmdline, cwd, opts.after == AfterSave::kLeaveRunning && was_running, rep);
   nlohmann::json meta = base_metadata("qemu", opts.description);
   meta.update(qemu_metadata(qmp, cmdline));
   meta["disks"] = disks;
@@ -705,7 +733,7 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
         });
     if (st.ok()) progress.done = progress.total.load();  // the final line: all of it
     rep.end_phase(!st.ok());
-    if (!st.ok()) return st.error();
+    if (!st.ok()) return with_completion_hint(st.error());
     // A completed outgoing migration leaves the guest stopped (postmigrate).
     if (was_running) guard.stopped = true;
     ram.seconds = std::chrono::duration<double>(timer.now() - t0).count();

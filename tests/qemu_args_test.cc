@@ -562,6 +562,11 @@ TEST_CASE(
         std::vector<std::string>{"a.raw w", "b.qcow2 r", "c.raw w", "d.raw r", "e.raw w unlocked",
                                  "l.iso r", "m,n.raw w", "f.raw r", "g.raw r", "h.raw r unlocked",
                                  "i.raw w", "j.iso r"});
+  // A drive a -device shares for writing (share-rw=on) is let be, as QEMU
+  // lets another writer be; a -pflash file is written.
+  CHECK(files(cmd({"-drive", "file=s.raw,format=raw,if=none,id=s0", "-device",
+                   "virtio-blk-pci,drive=s0,share-rw=on", "-pflash", "vars.fd"})) ==
+        std::vector<std::string>{"vars.fd w"});
   // -snapshot: QEMU writes an overlay, and opens the disk itself read-only,
   // except where a drive says snapshot=off.
   CHECK(files(cmd({"-snapshot", "-hda", "i.raw", "-drive", "file=a.raw,snapshot=off", "-drive",
