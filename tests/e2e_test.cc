@@ -3026,18 +3026,48 @@ TEST_CASE(
   CHECK(std::equal(got.end() - 4, got.end(), daemon.end() - 4));
 }
 
+// A small guest with one raw disk (virtio), booted: the disk-lock tests'
+// VM, whose second instance on the same disk QEMU must refuse.
+VmOptions with_raw_disk(const std::string& disk) {
+  test::write_pattern_file(disk, kMiB, "zero", 0);
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
+  return opts;
+}
+bool qemu_takes_disk_locks(const std::string& qmp);
+// A second instance of `vm`'s command: its own QMP socket and RAM file
+// (named after `name`), the disk the same.
+struct SecondInstance {
+  std::string ram, qmp;
+  std::vector<std::string> command;
+};
+SecondInstance second_instance(TestVm& vm, const std::string& name) {
+  SecondInstance i{vm.dir() + "/" + name + "-ram0", vm.dir() + "/" + name + ".qmp", {}};
+  i.command = rewrite(rewrite(vm.command(), vm.qmp_path(), i.qmp), vm.ram_path(), i.ram);
+  REQUIRE(i.command != vm.command());
+  return i;
+}
+struct VmWithDisk {
+  test::TempDir dir;
+  const std::string disk = dir / "disk.raw";
+  TestVm vm{with_raw_disk(disk)};
+  // `lock_taking`: the test needs QEMU's blockdev-set-active, and skips
+  // without it.
+  explicit VmWithDisk(bool lock_taking = false) {
+    boot(vm);
+    if (lock_taking && !qemu_takes_disk_locks(vm.qmp_path()))
+      test::skip("this QEMU has no blockdev-set-active (10.0 or newer has)");
+  }
+};
+
 TEST_CASE(
     "e2e: a daemonized restore whose cont QEMU refuses (a disk the saved VM still holds) gives "
     "QEMU's reason and leaves nothing") {
   // The reason was shown, then said to be lost to -daemonize (trial V).
   test::require_guest_kit();
-  test::TempDir disks;
-  const std::string disk = disks / "disk.raw";
-  test::write_pattern_file(disk, kMiB, "zero", 0);
-  VmOptions opts = kSmallVm;
-  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
-  TestVm vm(opts);
-  boot(vm);
+  VmWithDisk booted;
+  TestVm& vm = booted.vm;
+  const std::string& disk = booted.disk;
   const std::string image = vm.dir() + "/vm.vmsave";
   REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
               0);
@@ -3045,13 +3075,11 @@ TEST_CASE(
   // disk the same: QEMU takes the disk's lock only as the guest resumes.
   // Named in json: syntax, the disk escapes vmsave's own look at its locks
   // before QEMU starts; QEMU's refusal is what is left.
-  const std::string ram = vm.dir() + "/second-ram0", qmp = vm.dir() + "/second.qmp";
+  const auto [ram, qmp, second] = second_instance(vm, "second");
   std::vector<std::string> cmd =
-      plus(rewrite(rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram),
-                   "file=" + disk + ",format=raw",
+      plus(rewrite(second, "file=" + disk + ",format=raw",
                    "file=json:{\"driver\":\"file\",,\"filename\":\"" + disk + "\"}"),
            {"-daemonize"});
-  REQUIRE(cmd != plus(vm.command(), {"-daemonize"}));
   RunResult r = run_vmsave(restore_args(image, vm.dir() + "/second.log", false, cmd), kRunTimeout);
   CHECK_RUN(r, 1);
   CHECK_MESSAGE(contains(r.err, "vmsave: error: QEMU refused cont (" + qmp + "): GenericError: "),
@@ -3083,22 +3111,13 @@ TEST_CASE(
   // QEMU takes an incoming guest's disk locks only as it resumes: the
   // restore exited 0 and the user's cont failed later (trial X).
   test::require_guest_kit();
-  test::TempDir disks;
-  const std::string disk = disks / "disk.raw";
-  test::write_pattern_file(disk, kMiB, "zero", 0);
-  VmOptions opts = kSmallVm;
-  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
-  TestVm vm(opts);
-  boot(vm);
-  if (!qemu_takes_disk_locks(vm.qmp_path()))
-    test::skip("this QEMU has no blockdev-set-active (10.0 or newer has)");
+  VmWithDisk booted(/*lock_taking=*/true);
+  TestVm& vm = booted.vm;
+  const std::string& disk = booted.disk;
   const std::string image = vm.dir() + "/vm.vmsave";
   REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
               0);
-  const std::string ram = vm.dir() + "/second-ram0", qmp = vm.dir() + "/second.qmp";
-  std::vector<std::string> cmd =
-      rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram);
-  REQUIRE(cmd != vm.command());
+  auto [ram, qmp, cmd] = second_instance(vm, "second");
   // vmsave's own look at the disk's locks refuses it before QEMU starts.
   auto args = restore_args(image, vm.dir() + "/second.log", false, cmd);
   args.insert(args.begin() + 2, "--paused");
@@ -3146,23 +3165,15 @@ TEST_CASE(
   // paused VM's disk ran and wrote it, and the original resumed on what the
   // clone wrote (trial Y).
   test::require_guest_kit();
-  test::TempDir disks;
-  const std::string disk = disks / "disk.raw";
-  test::write_pattern_file(disk, kMiB, "zero", 0);
-  VmOptions opts = kSmallVm;
-  opts.extra_args = {"-drive", "file=" + disk + ",format=raw,if=virtio"};
-  TestVm vm(opts);
-  boot(vm);
-  if (!qemu_takes_disk_locks(vm.qmp_path()))
-    test::skip("this QEMU has no blockdev-set-active (10.0 or newer has)");
+  VmWithDisk booted(/*lock_taking=*/true);
+  TestVm& vm = booted.vm;
+  const std::string& disk = booted.disk;
   const std::string image = vm.dir() + "/vm.vmsave";
   RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--paused"}, kRunTimeout);
   REQUIRE_RUN(r, 0);
   CHECK_MESSAGE(contains(r.err, " so far (it stays paused: QMP cont resumes it)"), r.err);
   CHECK_FALSE(contains(r.err, "warning"));
-  const std::string ram = vm.dir() + "/clone-ram0", qmp = vm.dir() + "/clone.qmp";
-  std::vector<std::string> cmd =
-      rewrite(rewrite(vm.command(), vm.qmp_path(), qmp), vm.ram_path(), ram);
+  const auto [ram, qmp, cmd] = second_instance(vm, "clone");
   r = run_vmsave(restore_args(image, vm.dir() + "/clone.log", false, cmd), kRunTimeout);
   CHECK_RUN(r, 1);
   CHECK_MESSAGE(contains(r.err, "a disk image of the QEMU command is in use (" + disk + ")"),
