@@ -762,9 +762,9 @@ bool lock_byte_held(int fd, off_t at) {
   return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
 }
 
-// The signal that killed the QEMU vmsave started, or 0 if it did not die// The signal that killed
-// the QEMU vmsave started, or 0 if it did not die of one; left unreaped for kill_qemu. Its QMP
-// connection closes a moment before the process is gone, so this waits up to a second for it.
+// The signal that killed the QEMU vmsave started, or 0 if it did not die
+// of one; left unreaped for kill_qemu. Its QMP connection closes a moment
+// before the process is gone, so this waits up to a second for it.
 int killing_signal(pid_t pid) {
   for (int i = 0; i < 100; i++) {
     if (auto info = peek_exit(pid)) return info->si_code == CLD_EXITED ? 0 : info->si_status;
@@ -958,8 +958,9 @@ void warn_of_changed_disks(const nlohmann::json& saved, const nlohmann::json& no
 
 // The local disk image files of the command whose locks QEMU checks: -drive
 // file= (not json: or a protocol) or file.filename=, a -blockdev file node's
-// filename (key=value or JSON), -hda..-hdd and -cdrom. force-share=on or locking=off opts out,
-// as it does in QEMU.
+// filename (key=value or JSON), -hda and the like, -pflash and -cdrom. As in
+// QEMU, force-share=on and a -device's share-rw=on opt out; locking=off
+// is kept, marked unlocked.
 std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
   std::vector<DiskFile> out;
   const bool snapshot_all = cmd.has_option("snapshot");
