@@ -380,14 +380,11 @@ Status check_capabilities_kept(QmpClient& qmp) {
 // clone's mapping is kept, and a warning says so. A file that is no image
 // (a template of the user's own, mapped so) is left as it is, unsaid.
 std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::string> argv, pid_t pid,
-                                                           Reporter& rep) {
+                                                           const std::string& cwd, Reporter& rep) {
   auto cmd = QemuCommand::parse(argv);
   if (!cmd.ok()) return argv;
   auto objs = cmd->objects();
   if (!objs.ok()) return argv;
-  std::error_code ec;
-  const std::filesystem::path cwd =
-      std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec);
   for (auto& o : *objs) {
     auto mp = o.object.get_string("mem-path");
     auto share = o.object.get_bool("share");
@@ -396,7 +393,9 @@ std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::stri
         share->value_or(false) || !ro.ok() || !ro->value_or(false))
       continue;
     // QEMU opened a relative mem-path in its own working directory.
-    const std::string path = (*mp)[0] == '/' || ec ? *mp : (cwd / *mp).lexically_normal().string();
+    const std::string path = (*mp)[0] == '/' || cwd.empty()
+                                 ? *mp
+                                 : (std::filesystem::path(cwd) / *mp).lexically_normal().string();
     auto keep = [&](const std::string& why) {
       rep.warn(fmt::format(
           "backend {} maps {} privately (a lazy restore), and {}: the command line this image "
@@ -545,14 +544,15 @@ Result<nlohmann::json> save_qemu(const SaveOptions& opts, Reporter& rep) {
     VMSAVE_TRY(open_backend_files(backends, pid));
   }
 
-  std::vector<std::string> cmdline =
-      with_backends_before_lazy_restore(as_started_by_user(process_cmdline(pid), pid), pid, rep);
-  // QEMU's directory, which relative disk paths are from; a daemon's is
-  // / by now, not where it opened them.
-  const auto parsed = QemuCommand::parse(cmdline);
+  // QEMU's directory, which relative paths in its command are from.
   std::error_code ec;
   std::string cwd = std::filesystem::read_symlink(fmt::format("/proc/{}/cwd", pid), ec).string();
-  if (ec || (parsed.ok() && parsed->daemonize())) cwd.clear();
+  if (ec) cwd.clear();
+  std::vector<std::string> cmdline = with_backends_before_lazy_restore(
+      as_started_by_user(process_cmdline(pid), pid), pid, cwd, rep);
+  // A daemon's is / by now, not where it opened its disks.
+  const auto parsed = QemuCommand::parse(cmdline);
+  if (parsed.ok() && parsed->daemonize()) cwd.clear();
   const nlohmann::json disks = disks_now(qmp, cmdline, cwd);
   warn_of_disks(disks, cmdline, cwd, opts.after == AfterSave::kLeaveRunning && was_running, rep);
   nlohmann::json meta = base_metadata("qemu", opts.description);

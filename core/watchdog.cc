@@ -37,6 +37,24 @@ void send_note(int sock, const nlohmann::json& note) {
   (void)::send(sock, line.data(), line.size(), MSG_NOSIGNAL);
 }
 
+// A note naming the file `fd` is by its inode: `note` with "dev" and "ino"
+// added, so that the watchdog acts on that file only (see still_there).
+nlohmann::json with_identity(nlohmann::json note, int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return nullptr;
+  note["dev"] = st.st_dev;
+  note["ino"] = st.st_ino;
+  return note;
+}
+
+// Whether `path` is still the file `note` names by inode (not followed
+// through a link: vmsave made neither the image nor a RAM file one).
+bool still_there(const std::string& path, const nlohmann::json& note) {
+  struct stat st;
+  return ::lstat(path.c_str(), &st) == 0 && st.st_dev == note.value("dev", dev_t(0)) &&
+         st.st_ino == note.value("ino", ino_t(0));
+}
+
 // The watchdog process: waits for "done" or for vmsave to die, and then
 // undoes the notes newest first. Never returns.
 [[noreturn]] void watch(QmpClient* qmp, int sock, bool resume, const char* command) {
@@ -97,10 +115,7 @@ void send_note(int sock, const nlohmann::json& note) {
   for (auto& note : notes) {
     if (!qmp || !note.contains("commit")) continue;
     const std::string path = note.value("commit", "");
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0 || st.st_dev != note.value("dev", dev_t(0)) ||
-        st.st_ino != note.value("ino", ino_t(0)))
-      break;  // not linked: undone below
+    if (!still_there(path, note)) break;  // not linked: undone below
     qmp->resync(0.2);
     const std::string after = note.value("after", "");
     std::string done = "the guest stays paused";
@@ -142,10 +157,7 @@ void send_note(int sock, const nlohmann::json& note) {
       killed |= kill_marked(it->value("kill_marked", "")) > 0;
     } else if (it->contains("remove")) {
       const std::string path = it->value("remove", "");
-      struct stat st;
-      if (it->contains("ino") &&
-          (::lstat(path.c_str(), &st) != 0 || st.st_dev != it->value("dev", dev_t(0)) ||
-           st.st_ino != it->value("ino", ino_t(0))))
+      if (it->contains("ino") && !still_there(path, *it))
         continue;  // never linked there, or replaced since
       std::error_code ec;
       removed |= std::filesystem::remove_all(path, ec) > 0;
@@ -235,9 +247,9 @@ void Watchdog::note_remove(const std::string& path) {
 }
 
 void Watchdog::note_remove(const std::string& path, int fd) {
-  struct stat st;
-  if (pid_ > 0 && ::fstat(fd, &st) == 0)
-    send_note(sock_.get(), {{"remove", path}, {"dev", st.st_dev}, {"ino", st.st_ino}});
+  if (pid_ <= 0) return;
+  if (auto note = with_identity({{"remove", path}}, fd); !note.is_null())
+    send_note(sock_.get(), note);
 }
 
 void Watchdog::note_left(const std::string& path) {
@@ -247,14 +259,13 @@ void Watchdog::note_left(const std::string& path) {
 }
 
 void Watchdog::note_commit(const std::string& path, int fd, const std::string& after) {
-  struct stat st;
-  if (pid_ <= 0 || ::fstat(fd, &st) != 0) return;
+  if (pid_ <= 0) return;
   // Absolute: the watchdog looks it up after vmsave has gone.
   std::error_code ec;
   std::string abs = std::filesystem::absolute(path, ec).string();
-  send_note(
-      sock_.get(),
-      {{"commit", ec ? path : abs}, {"dev", st.st_dev}, {"ino", st.st_ino}, {"after", after}});
+  if (auto note = with_identity({{"commit", ec ? path : abs}, {"after", after}}, fd);
+      !note.is_null())
+    send_note(sock_.get(), note);
 }
 
 pid_t Watchdog::hand_over() {
