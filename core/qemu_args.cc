@@ -644,6 +644,52 @@ Result<std::vector<QmpMonitor>> QemuCommand::qmp_monitors() const {
   return out;
 }
 
+Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
+  std::vector<ServerSocket> out;
+  auto add = [&](const KeyvalList& kv, std::string option) -> Status {
+    auto m = unix_socket(kv);
+    VMSAVE_TRY(m);
+    if (*m && (*m)->server) out.push_back(ServerSocket{(*m)->path, std::move(option)});
+    return Status();
+  };
+  for (const auto& o : options_) {
+    if (!o.value) continue;
+    std::string_view v = *o.value;
+    if (o.name == "chardev") {
+      auto kv = KeyvalList::parse(v, "backend", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      if (kv->get("backend") == "socket")
+        VMSAVE_TRY(add(*kv, "-chardev id=" + kv->get("id").value_or("?")));
+    } else if (o.name == "qmp" || o.name == "qmp-pretty" || o.name == "monitor" ||
+               o.name == "serial" || o.name == "parallel" || o.name == "virtioconsole" ||
+               o.name == "debugcon" || o.name == "gdb") {
+      // A chardev string (qemu_chr_parse_compat): "mon:" multiplexes a
+      // monitor onto it, "unix:" is a socket with "path" implied.
+      if (v.starts_with("mon:")) v.remove_prefix(4);
+      if (!v.starts_with("unix:")) continue;
+      auto kv = KeyvalList::parse(v.substr(5), "path", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      VMSAVE_TRY(add(*kv, "-" + o.name));
+    } else if (o.name == "vnc") {
+      auto kv = KeyvalList::parse(v, "vnc", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      auto display = kv->get("vnc");
+      if (display && display->starts_with("unix:") && display->size() > 5)
+        out.push_back(ServerSocket{display->substr(5), "-vnc"});
+    } else if (o.name == "netdev" && !v.starts_with("{")) {
+      auto kv = KeyvalList::parse(v, "type", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      auto server = kv->get_bool("server");
+      VMSAVE_TRY(server);
+      auto path = kv->get("addr.path");
+      if (kv->get("type") == "stream" && server->value_or(false) &&
+          kv->get("addr.type") == "unix" && path && !path->empty())
+        out.push_back(ServerSocket{*path, "-netdev id=" + kv->get("id").value_or("?")});
+    }
+  }
+  return out;
+}
+
 Result<std::optional<QmpMonitor>> QemuCommand::qmp_socket() const {
   auto all = qmp_monitors();
   VMSAVE_TRY(all);

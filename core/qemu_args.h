@@ -123,6 +123,13 @@ struct QmpMonitor {
   std::string chardev_id;  // empty for -qmp unix:...
 };
 
+// A Unix socket path QEMU listens on. QEMU removes whatever is at the path
+// first: a running VM's socket, or a file named there by mistake.
+struct ServerSocket {
+  std::string path;
+  std::string option;  // how the command names it: "-monitor", "-chardev id=ch0"
+};
+
 // One option occurrence: argv[index] is "-name" or "--name"; its value, if
 // the option takes one, is argv[index + 1].
 struct QemuOption {
@@ -160,6 +167,8 @@ class QemuCommand {
   Result<std::vector<QmpMonitor>> qmp_monitors() const;
   // The first QMP monitor vmsave can connect to (server mode).
   Result<std::optional<QmpMonitor>> qmp_socket() const;
+  // Every Unix socket path QEMU will listen on, in command-line order.
+  Result<std::vector<ServerSocket>> server_sockets() const;
 
   // A -machine/-M property, all occurrences merged, last wins ("type" is the
   // implied key: "-machine q35,accel=kvm", "-M pc", "-machine type=q35").

@@ -683,7 +683,7 @@ Status check_qemu_image(const nlohmann::json& meta, const std::string& image) {
 // and binds anew): one restore reported the other's VM, and its own QEMU
 // waited unreachable (trial Q). The path is claimed, by an abstract socket
 // named after it, while this restore runs; by then its QEMU listens there,
-// which check_qmp_path_free() refuses.
+// which check_socket_path_free() refuses.
 Result<UniqueFd> claim_qmp_path(const std::string& path) {
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) return sys_error("socket(AF_UNIX)", path, errno);
@@ -703,15 +703,25 @@ Result<UniqueFd> claim_qmp_path(const std::string& path) {
   return fd;
 }
 
-// The command's own QMP socket must not be another process's: QEMU would
-// unlink it and bind anew, taking it from a running VM (a second clone
-// started with the same command), and vmsave could talk to that VM before
-// its own QEMU is up, changing its migration settings.
-Status check_qmp_path_free(const std::string& path) {
+// A socket the command listens on must not be another process's: QEMU
+// unlinks the path and binds anew, taking it from a running VM. A second
+// clone started with the same -qmp path would have vmsave talk to the
+// first, changing its migration settings; with the same -monitor path the
+// first VM's monitor answered for the second, and once that clone quit
+// the first VM had no socket left to be saved through (trial Z). Nor may
+// the path be a file: QEMU removes it. `what` is the socket as the error
+// names it ("QMP socket"), `fix` the way out when it is in use.
+Status check_socket_path_free(const std::string& path, const std::string& what,
+                              const std::string& fix) {
   struct stat st;
   sockaddr_un addr{};
-  if (stat(path.c_str(), &st) < 0 || !S_ISSOCK(st.st_mode) || path.size() >= sizeof(addr.sun_path))
-    return Status();
+  // A symbolic link is replaced itself, whatever it points to.
+  if (lstat(path.c_str(), &st) < 0 || S_ISLNK(st.st_mode)) return Status();
+  if (!S_ISSOCK(st.st_mode))
+    return Error{fmt::format("the QEMU command's {} names a file that is not a socket", what), path,
+                 "QEMU would remove it to listen there"}
+        .fix("give the socket a path where no file is");
+  if (path.size() >= sizeof(addr.sun_path)) return Status();
   addr.sun_family = AF_UNIX;
   memcpy(addr.sun_path, path.data(), path.size());
   // A QEMU that was just killed can still hold its listener for moments
@@ -746,8 +756,20 @@ Status check_qmp_path_free(const std::string& path) {
   }
   std::string who =
       pid > 0 ? fmt::format("process {} listens on it", pid) : "another process listens on it";
-  return Error{"the QEMU command's QMP socket is in use", path, who}.fix(
-      "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)");
+  return Error{fmt::format("the QEMU command's {} is in use", what), path, who}.fix(fix);
+}
+
+// Every socket but the QMP one (checked with its claim): see
+// check_socket_path_free().
+Status check_sockets_free(const QemuCommand& cmd, const std::string& qmp_path) {
+  auto sockets = cmd.server_sockets();
+  if (!sockets.ok()) return sockets.error().as(Exit::kUsage);
+  for (const auto& s : *sockets) {
+    if (!qmp_path.empty() && absolute(s.path) == absolute(qmp_path)) continue;
+    VMSAVE_TRY(check_socket_path_free(s.path, "socket (" + s.option + ")",
+                                      "give each VM its own path for " + s.option));
+  }
+  return Status();
 }
 
 // Whether another open file holds QEMU's lock byte `at` of `fd` (QEMU takes
@@ -1119,7 +1141,9 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
     auto claim = claim_qmp_path(qmp_path);
     if (!claim.ok()) return claim.error();
     qmp_claim = std::move(*claim);
-    VMSAVE_TRY(check_qmp_path_free(qmp_path));
+    VMSAVE_TRY(check_socket_path_free(
+        qmp_path, "QMP socket",
+        "give each VM its own -qmp path, or leave -qmp out (vmsave then adds one)"));
     // QEMU would fail to bind it; said before any RAM file is filled.
     std::string dir = std::filesystem::path(absolute(qmp_path)).parent_path().string();
     struct stat st;
@@ -1127,6 +1151,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
       return Error{"no directory for the QEMU command's QMP socket", dir, "it does not exist"}.fix(
           "create it, or give -qmp a socket in a directory that exists");
   }
+  VMSAVE_TRY(check_sockets_free(cmd, qmp_path));
   VMSAVE_TRY(check_disks_free(cmd, rep));
   // Said before any RAM file is created (or, with --force, truncated).
   if (!log.empty()) {
@@ -1393,10 +1418,14 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   if (!run_dir.empty()) note_run_dir_owner(run_dir, qmp.peer_pid());
   watchdog->disarm();  // QEMU and its RAM files are the user's now
 
-  nlohmann::json j = {{"command", "restore"}, {"mode", opts.lazy ? "lazy" : "eager"},
-                      {"image", opts.image},  {"pid", qmp.peer_pid()},
-                      {"qmp", qmp_path},      {"qemu_log", log},
-                      {"running", run},       {"vmstate_s", vmstate_s},
+  nlohmann::json j = {{"command", "restore"},
+                      {"mode", opts.lazy ? "lazy" : "eager"},
+                      {"image", opts.image},
+                      {"pid", qmp.peer_pid()},
+                      {"qmp", absolute(qmp_path)},
+                      {"qemu_log", absolute(log)},
+                      {"running", run},
+                      {"vmstate_s", vmstate_s},
                       {"qemu_section_bytes", img.layout().qemu.length}};
   if (opts.lazy) {
     i64 mapped = 0;

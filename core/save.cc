@@ -377,7 +377,8 @@ Status check_capabilities_kept(QmpClient& qmp) {
 // --force over it had just replaced, and the VM's first backend was
 // nowhere to be seen (trial V). Only from the very file QEMU maps: another
 // image moved to that path since holds another VM's backends; then the
-// clone's mapping is kept, and a warning says so. A file that is no image
+// clone's mapping is kept, and a warning says so, as it does when no file
+// is at that path any more. A file that is no image
 // (a template of the user's own, mapped so) is left as it is, unsaid.
 std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::string> argv, pid_t pid,
                                                            const std::string& cwd, Reporter& rep) {
@@ -404,7 +405,12 @@ std::vector<std::string> with_backends_before_lazy_restore(std::vector<std::stri
           o.object.id, path, why, o.object.id));
     };
     struct stat st;  // never opening a FIFO or a device that QEMU names
-    if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (stat(path.c_str(), &st) != 0) {
+      // Moved or removed: the clone's mapping lives on, silently (trial Z).
+      if (errno == ENOENT) keep("no file is at that path now (moved or removed since)");
+      continue;
+    }
+    if (!S_ISREG(st.st_mode)) continue;
     // A file of the user's own mapped so (a template) is no image: silent.
     auto img = ImageReader::open(path, [](const std::string&) {});
     if (!img.ok()) continue;

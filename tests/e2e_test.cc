@@ -1646,6 +1646,34 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
                   r.err);
     CHECK_FALSE(exists(vm.dir() + "/clone2-qemu.log"));
   }
+  // Nor may another socket of its command take the first clone's (QEMU
+  // unlinks and binds anew: the first clone lost its monitor), or take the
+  // place of a file, which QEMU would remove (trial Z).
+  const std::string notes = vm.dir() + "/notes.txt";
+  std::ofstream(notes) << "keep me\n";
+  struct Taken {
+    std::vector<std::string> extra;
+    std::string message;
+  };
+  const Taken taken[] = {
+      {{"-chardev", "socket,id=ch9,path=" + sock0 + ",server=on,wait=off"},
+       "vmsave: error: the QEMU command's socket (-chardev id=ch9) is in use (" + sock0 +
+           "): process " + std::to_string(clones[0].pid) + " listens on it; give each VM its " +
+           "own path for -chardev id=ch9"},
+      {{"-monitor", "unix:" + notes + ",server,nowait"},
+       "vmsave: error: the QEMU command's socket (-monitor) names a file that is not a socket (" +
+           notes + "): QEMU would remove it to listen there; give the socket a path where no " +
+           "file is"},
+  };
+  for (const auto& t : taken) {
+    auto clone2 = plus(rewrite(cmd, sock0, vm.dir() + "/clone2.sock"), t.extra);
+    RunResult r =
+        run_vmsave(restore_args(image, vm.dir() + "/clone2-qemu.log", true, clone2), kRunTimeout);
+    CHECK_RUN(r, 1);
+    CHECK_MESSAGE(contains(r.err, t.message), r.err);
+    CHECK_FALSE(exists(vm.dir() + "/clone2-qemu.log"));
+  }
+  CHECK(slurp(notes) == "keep me\n");
   auto caps = qmp_execute(sock0, "query-migrate-capabilities");
   REQUIRE_MESSAGE(caps.ok(), caps.error().message());
   for (auto& c : *caps) CHECK_MESSAGE(!c.value("state", false), c.dump());
@@ -1728,6 +1756,19 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
                              kCarryOnTimeout, again.pid, nullptr, &err),
                   err);
 
+    // No file at that path since clone 1 started (moved away): its save
+    // keeps the mapping too, and says so (trial Z: it was silent).
+    REQUIRE(::rename(image.c_str(), moved.c_str()) == 0);
+    r = run_vmsave({"save", "--qmp", vm.dir() + "/clone1.sock", vm.dir() + "/clone1-moved.vmsave",
+                    "--leave-running"},
+                   kRunTimeout);
+    REQUIRE(::rename(moved.c_str(), image.c_str()) == 0);
+    REQUIRE_RUN(r, 0);
+    CHECK_MESSAGE(contains(r.err, "warning: backend ram0 maps " + image +
+                                      " privately (a lazy restore), and no file is at that path "
+                                      "now (moved or removed since)"),
+                  r.err);
+
     // Another image at that path since clone 1 started (a copy renamed
     // over it): its backends could be another VM's, so clone 1's save
     // keeps the mapping it runs on, and says so.
@@ -1794,6 +1835,20 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
     CHECK(slurp(planted) == "theirs\n");
     CHECK_FALSE(exists(sock3));
   }
+
+  // A relative -qmp path: the report names the socket and log absolute, for
+  // a wrapper in another directory (trial Z: "rl/qmp.sock").
+  auto cmd4 = rewrite(rewrite(vm.command(), vm.qmp_path(), "clone4.sock"), vm.serial_path(),
+                      vm.dir() + "/clone4.log");
+  auto args4 = restore_args(image, "", true, cmd4);
+  args4.erase(args4.begin() + 3, args4.begin() + 5);  // no --qemu-log
+  args4.insert(args4.begin(),
+               {"/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", vm.dir(), VMSAVE_BINARY});
+  r = test::run_program(args4, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu clone4{parse_json(r).value("pid", -1)};
+  CHECK(parse_json(r).value("qmp", "") == vm.dir() + "/clone4.sock");
+  CHECK(parse_json(r).value("qemu_log", "") == vm.dir() + "/clone4.sock.qemu.log");
 }
 
 TEST_CASE("e2e: two saves of one VM at once: one image, and the other told QEMU quit meanwhile") {

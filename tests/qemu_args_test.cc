@@ -412,6 +412,30 @@ TEST_CASE("QMP sockets in every form") {
   }
 }
 
+TEST_CASE("every Unix socket QEMU listens on, in every form") {
+  auto c = cmd({"-chardev", "socket,id=ch0,path=/a.sock,server=on,wait=off",  //
+                "-chardev", "socket,id=ch1,path=/client.sock",                // QEMU connects
+                "-chardev", "socket,id=ch2,path=/abs,abstract=on,server=on",  // no file
+                "-chardev", "file,id=f0,path=/serial.log",                    // not a socket
+                "-qmp",     "unix:/q.sock,server,nowait",                     //
+                "-monitor", "unix:path=/m.sock,server=on,wait=off",           //
+                "-serial",  "mon:unix:/s.sock,server=on,wait=off",            //
+                "-serial",  "tcp::4444,server=on",                            // a port
+                "-gdb",     "unix:/g.sock,server=on,wait=off",                //
+                "-vnc",     "unix:/v.sock",                                   //
+                "-vnc",     "127.0.0.1:5",                                    //
+                "-netdev",  "stream,id=n0,server=on,addr.type=unix,addr.path=/n.sock",
+                "-netdev",  "user,id=n1"});
+  auto all = c.server_sockets();
+  REQUIRE_MESSAGE(all.ok(), (all.ok() ? "" : all.error().message()));
+  std::vector<std::string> got;
+  for (auto& s : *all) got.push_back(s.option + " " + s.path);
+  CHECK(got == std::vector<std::string>{"-chardev id=ch0 /a.sock", "-qmp /q.sock",
+                                        "-monitor /m.sock", "-serial /s.sock", "-gdb /g.sock",
+                                        "-vnc /v.sock", "-netdev id=n0 /n.sock"});
+  CHECK_FALSE(cmd({"-chardev", "socket,id=x,path=/x,server=maybe"}).server_sockets().ok());
+}
+
 TEST_CASE("-m forms") {
   auto mem = [](std::vector<std::string> args) {
     auto r = cmd(std::move(args)).memory_size();
