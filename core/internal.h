@@ -128,6 +128,10 @@ struct Mapper {
 // clone's private mapping of its image).
 Mapper find_mapper(const struct stat& st, bool shared_only = false);
 
+// A process other than vmsave that has the file `st` describes open for
+// writing (a VM writing its serial log there): pid 0 if none.
+Mapper find_writer(const struct stat& st);
+
 // --force replaces files, never one a process maps: an error naming it.
 Status check_not_mapped(const std::string& path, const struct stat& st);
 

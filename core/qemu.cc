@@ -364,6 +364,40 @@ Mapper find_mapper(const struct stat& st, bool shared_only) {
   return found;
 }
 
+Mapper find_writer(const struct stat& st) {
+  DIR* proc = opendir("/proc");
+  if (!proc) return {};
+  Mapper found;
+  const pid_t self = getpid();
+  while (dirent* d = readdir(proc)) {
+    char* end;
+    long pid = std::strtol(d->d_name, &end, 10);
+    if (*end || pid <= 0 || pid == self) continue;
+    const std::string fds = fmt::format("/proc/{}/fd", pid);
+    DIR* dir = opendir(fds.c_str());
+    if (!dir) continue;  // gone, or not ours to see
+    while (dirent* f = readdir(dir)) {
+      struct stat fst;
+      if (f->d_name[0] == '.' || stat((fds + "/" + f->d_name).c_str(), &fst) < 0 ||
+          fst.st_ino != st.st_ino || fst.st_dev != st.st_dev)
+        continue;
+      std::ifstream info(fmt::format("/proc/{}/fdinfo/{}", pid, f->d_name));
+      unsigned long flags = O_RDONLY;
+      for (std::string line; std::getline(info, line);)
+        if (line.starts_with("flags:")) flags = std::strtoul(line.c_str() + 6, nullptr, 8);
+      if ((flags & O_ACCMODE) == O_RDONLY) continue;
+      found.pid = static_cast<pid_t>(pid);
+      std::ifstream comm(fmt::format("/proc/{}/comm", pid));
+      std::getline(comm, found.name);
+      break;
+    }
+    closedir(dir);
+    if (found.pid) break;
+  }
+  closedir(proc);
+  return found;
+}
+
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {
   std::vector<MapsEntry> maps = read_maps(pid);
   if (maps.empty())

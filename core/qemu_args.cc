@@ -690,6 +690,54 @@ Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
   return out;
 }
 
+Result<std::vector<OutputFile>> QemuCommand::output_files() const {
+  std::vector<OutputFile> out;
+  for (const auto& o : options_) {
+    if (!o.value) continue;
+    std::string_view v = *o.value;
+    if (o.name == "chardev") {
+      auto kv = KeyvalList::parse(v, "backend", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      const std::string option = "-chardev id=" + kv->get("id").value_or("?");
+      auto path = kv->get("path");
+      if (kv->get("backend") == "file" && path && !path->empty())
+        out.push_back(OutputFile{*path, option});
+      if (auto log = kv->get("logfile"); log && !log->empty())
+        out.push_back(OutputFile{*log, option + " logfile"});
+    } else if (o.name == "serial" || o.name == "parallel" || o.name == "monitor" ||
+               o.name == "virtioconsole" || o.name == "debugcon") {
+      if (v.starts_with("mon:")) v.remove_prefix(4);
+      if (v.starts_with("file:") && v.size() > 5)
+        out.push_back(OutputFile{std::string(v.substr(5)), "-" + o.name});
+    } else if (o.name == "D" && !v.empty()) {
+      out.push_back(OutputFile{std::string(v), "-D"});
+    }
+  }
+  return out;
+}
+
+Result<std::vector<NicMac>> QemuCommand::nic_macs() const {
+  std::vector<NicMac> out;
+  int nics = 0;
+  for (const auto& o : options_) {
+    if (!o.value || o.value->starts_with("{")) continue;
+    if (o.name == "device") {
+      auto kv = KeyvalList::parse(*o.value, "driver", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      auto netdev = kv->get("netdev");
+      if (!netdev) continue;
+      auto id = kv->get("id");
+      out.push_back(NicMac{id ? *id : "netdev=" + *netdev, kv->get("mac")});
+    } else if (o.name == "nic") {
+      auto kv = KeyvalList::parse(*o.value, "type", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      if (kv->get("type") == "none") continue;
+      out.push_back(NicMac{fmt::format("-nic #{}", ++nics), kv->get("mac")});
+    }
+  }
+  return out;
+}
+
 Result<std::optional<QmpMonitor>> QemuCommand::qmp_socket() const {
   auto all = qmp_monitors();
   VMSAVE_TRY(all);

@@ -130,6 +130,18 @@ struct ServerSocket {
   std::string option;  // how the command names it: "-monitor", "-chardev id=ch0"
 };
 
+// A file QEMU writes: a serial console's, a chardev's log, its own (-D).
+struct OutputFile {
+  std::string path;
+  std::string option;  // "-chardev id=serial0", "-serial", "-D"
+};
+
+// A network card's MAC address, as the command sets it.
+struct NicMac {
+  std::string card;                // "net0" (its id), else "netdev=n0" or "-nic #1"
+  std::optional<std::string> mac;  // none: QEMU's default
+};
+
 // One option occurrence: argv[index] is "-name" or "--name"; its value, if
 // the option takes one, is argv[index + 1].
 struct QemuOption {
@@ -169,6 +181,10 @@ class QemuCommand {
   Result<std::optional<QmpMonitor>> qmp_socket() const;
   // Every Unix socket path QEMU will listen on, in command-line order.
   Result<std::vector<ServerSocket>> server_sockets() const;
+  // Every file QEMU writes its output to (chardev files and logfiles, -D).
+  Result<std::vector<OutputFile>> output_files() const;
+  // The MAC address of every network card: -device with netdev=, and -nic.
+  Result<std::vector<NicMac>> nic_macs() const;
 
   // A -machine/-M property, all occurrences merged, last wins ("type" is the
   // implied key: "-machine q35,accel=kvm", "-M pc", "-machine type=q35").

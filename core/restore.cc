@@ -29,6 +29,7 @@
 #include <sys/vfs.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cstring>
@@ -759,6 +760,54 @@ Status check_socket_path_free(const std::string& path, const std::string& what,
   return Error{fmt::format("the QEMU command's {} is in use", what), path, who}.fix(fix);
 }
 
+// A file QEMU would write (a serial log, -D) that another process writes
+// already: a clone given a running VM's serial log emptied it (without
+// append=on) or mixed both guests' output in it (trial Z). `what` names it.
+Status check_not_written(const std::string& path, const std::string& what, const std::string& fix) {
+  struct stat st;
+  if (stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) return Status();
+  Mapper w = find_writer(st);
+  if (!w.pid) return Status();
+  return Error{what + " is open in another process", path,
+               fmt::format("process {} ({}) writes it", w.pid, w.name)}
+      .fix(fix);
+}
+
+Status check_outputs_free(const QemuCommand& cmd) {
+  auto files = cmd.output_files();
+  if (!files.ok()) return files.error().as(Exit::kUsage);
+  for (const auto& f : *files)
+    VMSAVE_TRY(check_not_written(f.path, "the QEMU command's file for " + f.option,
+                                 "give each VM its own file for " + f.option));
+  return Status();
+}
+
+// The guest keeps the MAC address it was saved with: a network card's
+// address is part of its device state (virtio-net's config space, e1000's
+// registers), and only QEMU's idea of it (its announcements after the
+// restore, `info network`) follows a new mac=. A clone given its own ran on
+// with the saved one, unsaid (trial Z).
+void warn_of_changed_macs(const QemuCommand& cmd, const nlohmann::json& meta, Reporter& rep) {
+  auto saved = saved_command(meta);
+  if (!saved) return;
+  auto before = saved->nic_macs();
+  auto now = cmd.nic_macs();
+  if (!before.ok() || !now.ok()) return;
+  auto lower = [](std::optional<std::string> mac) {
+    if (mac) std::transform(mac->begin(), mac->end(), mac->begin(), ::tolower);
+    return mac;
+  };
+  for (const auto& n : *now) {
+    auto was = std::find_if(before->begin(), before->end(),
+                            [&](const NicMac& b) { return b.card == n.card; });
+    if (was == before->end() || lower(was->mac) == lower(n.mac)) continue;
+    rep.warn(fmt::format(
+        "network card {}: the guest keeps the MAC address it was saved with ({}); {} changes "
+        "only the address QEMU announces: set the new one inside the guest",
+        n.card, was->mac.value_or("QEMU's default"), n.mac ? "mac=" + *n.mac : "no mac="));
+  }
+}
+
 // Every socket but the QMP one (checked with its claim): see
 // check_socket_path_free().
 Status check_sockets_free(const QemuCommand& cmd, const std::string& qmp_path) {
@@ -1115,6 +1164,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   VMSAVE_TRY(check_backends_used(cmd, backends_in_image(cmd, img), *meta));
   if (opts.lazy) VMSAVE_TRY(check_lazy_devices(cmd, plans));
   VMSAVE_TRY(check_machine(cmd, *meta));
+  warn_of_changed_macs(cmd, *meta, rep);
   std::vector<std::string> qemu_makes;
   auto to_empty = check_qemu_loaded_files(cmd, img, *meta, opts.force, &qemu_makes);
   if (!to_empty.ok()) return to_empty.error();
@@ -1152,6 +1202,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
           "create it, or give -qmp a socket in a directory that exists");
   }
   VMSAVE_TRY(check_sockets_free(cmd, qmp_path));
+  VMSAVE_TRY(check_outputs_free(cmd));
   VMSAVE_TRY(check_disks_free(cmd, rep));
   // Said before any RAM file is created (or, with --force, truncated).
   if (!log.empty()) {
@@ -1164,6 +1215,8 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // The log goes beside the command's own socket (the directory the user
   // chose for this VM); only a VM without one gets a private directory.
   if (log.empty() && !qmp_path.empty()) log = qmp_path + ".qemu.log";
+  if (!log.empty())
+    VMSAVE_TRY(check_not_written(log, "QEMU's log", "give each restore its own --qemu-log"));
   if (qmp_path.empty()) {
     const char* base = getenv("XDG_RUNTIME_DIR");
     // Only a directory of this user's alone, as the XDG spec has it: the

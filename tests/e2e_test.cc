@@ -1851,6 +1851,58 @@ TEST_CASE("e2e: two lazy clones of one image run at once, each carrying on") {
   CHECK(parse_json(r).value("qemu_log", "") == vm.dir() + "/clone4.sock.qemu.log");
 }
 
+TEST_CASE(
+    "e2e: a clone given a running VM's serial log is refused, and one given its own MAC is told "
+    "the guest keeps the saved one") {
+  test::require_guest_kit();
+  VmOptions opts = kSmallVm;
+  opts.extra_args = {"-netdev", "user,id=n0", "-device",
+                     "virtio-net-pci,id=net0,netdev=n0,mac=52:54:00:12:34:56"};
+  TestVm vm(opts);
+  const MemcheckLine saved = boot(vm);
+  const std::string image = vm.dir() + "/vm.vmsave";
+  RunResult r = run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  const std::string sock = vm.dir() + "/clone.sock", log = vm.dir() + "/clone.log";
+  const std::string qemu_log = vm.dir() + "/clone-qemu.log";
+
+  // Its own socket, but the running VM's serial log: QEMU would have mixed
+  // both guests' lines in it (trial Z).
+  const std::string before = vm.serial_log();
+  r = run_vmsave(restore_args(image, qemu_log, true, rewrite(vm.command(), vm.qmp_path(), sock)),
+                 kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "vmsave: error: the QEMU command's file for -chardev id=serial0 is "
+                         "open in another process (" +
+                             vm.serial_path() + "): process " + std::to_string(vm.pid()) +
+                             " (qemu-system-x86) writes it; give each VM its own file "
+                             "for -chardev id=serial0"),
+                r.err);
+  CHECK_FALSE(exists(qemu_log));
+  CHECK_FALSE(exists(sock));
+  CHECK(vm.serial_log().starts_with(before));
+  std::string err;
+  CHECK_MESSAGE(carries_on(vm, 2, &err), err);
+
+  // Its own MAC: the guest keeps the saved one (the device state's), and
+  // the restore says so rather than let the user believe it changed.
+  auto clone = rewrite(rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), log),
+                       "mac=52:54:00:12:34:56", "mac=52:54:00:00:00:02");
+  r = run_vmsave(restore_args(image, qemu_log, true, clone), kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  StartedQemu started{parse_json(r).value("pid", -1)};
+  const std::string warning =
+      "network card net0: the guest keeps the MAC address it was saved with "
+      "(52:54:00:12:34:56); mac=52:54:00:00:00:02 changes only the address QEMU announces: set "
+      "the new one inside the guest";
+  CHECK_MESSAGE(contains(r.err, "warning: " + warning), r.err);
+  CHECK(parse_json(r)["warnings"] == json::array({warning}));
+  CHECK_MESSAGE(wait_story([&] { return slurp(log); }, saved.iteration + kMoreIterations,
+                           kCarryOnTimeout, started.pid, nullptr, &err),
+                err);
+}
+
 TEST_CASE("e2e: two saves of one VM at once: one image, and the other told QEMU quit meanwhile") {
   test::require_guest_kit();
   TestVm vm(kSmallVm);
@@ -3090,15 +3142,16 @@ VmOptions with_raw_disk(const std::string& disk) {
   return opts;
 }
 bool qemu_takes_disk_locks(const std::string& qmp);
-// A second instance of `vm`'s command: its own QMP socket and RAM file
-// (named after `name`), the disk the same.
+// A second instance of `vm`'s command: its own QMP socket, RAM file and
+// serial log (named after `name`), the disk the same.
 struct SecondInstance {
   std::string ram, qmp;
   std::vector<std::string> command;
 };
 SecondInstance second_instance(TestVm& vm, const std::string& name) {
   SecondInstance i{vm.dir() + "/" + name + "-ram0", vm.dir() + "/" + name + ".qmp", {}};
-  i.command = rewrite(rewrite(vm.command(), vm.qmp_path(), i.qmp), vm.ram_path(), i.ram);
+  i.command = rewrite(rewrite(rewrite(vm.command(), vm.qmp_path(), i.qmp), vm.ram_path(), i.ram),
+                      vm.serial_path(), vm.dir() + "/" + name + ".log");
   REQUIRE(i.command != vm.command());
   return i;
 }

@@ -436,6 +436,36 @@ TEST_CASE("every Unix socket QEMU listens on, in every form") {
   CHECK_FALSE(cmd({"-chardev", "socket,id=x,path=/x,server=maybe"}).server_sockets().ok());
 }
 
+TEST_CASE("the files QEMU writes its output to") {
+  auto c = cmd({"-chardev", "file,id=serial0,path=/s.log,append=on",                  //
+                "-chardev", "socket,id=ch0,path=/a.sock,server=on,logfile=/ch0.log",  //
+                "-chardev", "pipe,id=p0,path=/fifo",                                  // not a file
+                "-serial", "file:/s2.log",                                            //
+                "-monitor", "mon:file:/m.log",                                        //
+                "-serial", "stdio",                                                   //
+                "-D", "/qemu.log"});
+  auto all = c.output_files();
+  REQUIRE(all.ok());
+  std::vector<std::string> got;
+  for (auto& f : *all) got.push_back(f.option + " " + f.path);
+  CHECK(got == std::vector<std::string>{"-chardev id=serial0 /s.log",
+                                        "-chardev id=ch0 logfile /ch0.log", "-serial /s2.log",
+                                        "-monitor /m.log", "-D /qemu.log"});
+}
+
+TEST_CASE("network cards' MAC addresses by card") {
+  auto c =
+      cmd({"-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:AA:00:01",
+           "-device", "e1000,id=net1,netdev=n1", "-device", "virtio-rng-pci",  // no card
+           "-nic", "none", "-nic", "user,model=virtio,mac=52:54:00:00:00:03"});
+  auto all = c.nic_macs();
+  REQUIRE(all.ok());
+  std::vector<std::string> got;
+  for (auto& n : *all) got.push_back(n.card + " " + n.mac.value_or("-"));
+  CHECK(got == std::vector<std::string>{"netdev=n0 52:54:00:AA:00:01", "net1 -",
+                                        "-nic #1 52:54:00:00:00:03"});
+}
+
 TEST_CASE("-m forms") {
   auto mem = [](std::vector<std::string> args) {
     auto r = cmd(std::move(args)).memory_size();
