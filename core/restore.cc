@@ -766,7 +766,15 @@ Status check_socket_path_free(const std::string& path, const std::string& what,
 Status check_not_written(const std::string& path, const std::string& what, const std::string& fix) {
   struct stat st;
   if (stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) return Status();
-  Mapper w = find_writer(st);
+  // The QEMU a save just made quit (its leader a zombie, its last threads
+  // going) still has it open for a moment: looked at again for up to 2 s.
+  Mapper w;
+  for (int attempt = 0; attempt < 100; attempt++) {
+    w = find_writer(st);
+    if (!w.pid || process_alive(w.pid)) break;
+    if (cancelled()) return interrupted_error();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   if (!w.pid) return Status();
   return Error{what + " is open in another process", path,
                fmt::format("process {} ({}) writes it", w.pid, w.name)}
