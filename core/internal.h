@@ -58,8 +58,10 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd);
 // Refuses a command one of whose disk images another process holds the way
 // QEMU would refuse it, but before QEMU starts (QEMU refuses an incoming
 // guest's disks only at cont); warns of one that locking=off lets this VM
-// write beside another.
-Status check_disks_free(const QemuCommand& cmd, Reporter& rep);
+// write beside another. `qemu`: the QEMU running `cmd`, waiting for its
+// migration (the two-step form), whose open files say where its relative
+// paths led (a daemon has left its directory); it holds no locks yet.
+Status check_disks_free(const QemuCommand& cmd, Reporter& rep, pid_t qemu = 0);
 
 // Page size of the filesystem holding `fd`: the huge page size on
 // hugetlbfs, the system page size elsewhere.

@@ -19,6 +19,7 @@
 // are not filled or mapped by vmsave, so such an image restores eagerly
 // only.
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <signal.h>
@@ -1112,9 +1113,32 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
 // A disk another QEMU holds makes QEMU refuse to run the guest, but only
 // at cont: a restore found out after filling all of its RAM and loading the
 // device state (trial X). QEMU's own lock bytes tell before anything starts.
-Status check_disks_free(const QemuCommand& cmd, Reporter& rep) {
+// The file QEMU `pid` has open whose path ends in `relative`, or "".
+std::string opened_as(pid_t pid, const std::string& relative) {
+  const std::string tail = "/" + std::filesystem::path(relative).lexically_normal().string();
+  const std::string fds = fmt::format("/proc/{}/fd", pid);
+  std::string found;
+  DIR* dir = opendir(fds.c_str());
+  if (!dir) return found;
+  while (dirent* f = readdir(dir)) {
+    std::error_code ec;
+    std::string target = std::filesystem::read_symlink(fds + "/" + f->d_name, ec).string();
+    if (!ec && target.ends_with(tail)) {
+      found = target;
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+Status check_disks_free(const QemuCommand& cmd, Reporter& rep, pid_t qemu) {
   constexpr off_t kPermWrite = 100 + 1, kSharedWrite = 200 + 1;  // BLK_PERM_WRITE is bit 1
-  for (const DiskFile& d : locked_disk_files(cmd)) {
+  for (DiskFile d : locked_disk_files(cmd)) {
+    if (qemu > 0 && d.path[0] != '/') {
+      d.path = opened_as(qemu, d.path);
+      if (d.path.empty()) continue;  // not open: QEMU says what is wrong with it
+    }
     UniqueFd fd(::open(d.path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
     struct stat st;
     if (!fd || fstat(fd.get(), &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
@@ -1722,6 +1746,11 @@ Result<nlohmann::json> restore_into_running(const RestoreOptions& opts, Reporter
             "the arguments `vmsave prepare` prints; this one still waits");
       if (Status st = check_backends_used(*cmd, backends_in_image(*cmd, img), *meta); !st.ok())
         return st.error().fix(st.error().hint + "; this QEMU still waits");
+      // It opened its disks without locks, which it takes only at cont:
+      // a disk another VM writes failed there, the device state loaded.
+      if (Status st = check_disks_free(*cmd, rep, qmp.peer_pid()); !st.ok())
+        return st.error().fix(st.error().hint + "; this QEMU still waits");
+      warn_of_changed_macs(*cmd, *meta, rep);
     }
   }
   // The backends QEMU has must be the image's blocks, same sizes.

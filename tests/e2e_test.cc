@@ -435,12 +435,15 @@ std::vector<std::string> with_prepared(std::vector<std::string> cmd,
 }
 
 // Waits until `qemu`, started on `vm`'s command line, has its QMP socket.
-void await_qmp_socket(const TestVm& vm, const Child& qemu, const std::string& log) {
+void await_qmp_socket(const std::string& qmp, const Child& qemu, const std::string& log) {
   double deadline = now_s() + 30;
   struct stat st;
-  while (!(::stat(vm.qmp_path().c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
+  while (!(::stat(qmp.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) && now_s() < deadline)
     std::this_thread::sleep_for(kPoll);
   REQUIRE_MESSAGE(process_runs(qemu.pid()), slurp(log));
+}
+void await_qmp_socket(const TestVm& vm, const Child& qemu, const std::string& log) {
+  await_qmp_socket(vm.qmp_path(), qemu, log);
 }
 
 // Boots `vm` to its first memcheck line, saves it to DIR/vm.vmsave (QEMU
@@ -3264,6 +3267,45 @@ TEST_CASE(
   REQUIRE_RUN(r, 0);
   CHECK(qmp_status(qmp) == "paused");
   CHECK(test::kill_qemu_mentioning(qmp) == 1);
+}
+
+TEST_CASE(
+    "e2e: the two-step restore refuses a disk another VM writes before it loads anything, and "
+    "its QEMU still waits") {
+  test::require_guest_kit();
+  VmWithDisk v;
+  TestVm& vm = v.vm;
+  const std::string image = vm.dir() + "/vm.vmsave";
+  REQUIRE_RUN(run_vmsave({"save", "--qmp", vm.qmp_path(), image, "--leave-running"}, kRunTimeout),
+              0);
+  RunResult r = run_vmsave({"prepare", image, "--lazy", "--json"}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  auto [ram, qmp, cmd] = second_instance(vm, "second");
+  // Its disk named relative to its directory, which vmsave's is not.
+  cmd = rewrite(cmd, "file=" + v.disk, "file=disk.raw");
+  cmd.insert(cmd.begin(), {"/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", v.dir.path()});
+  const std::string qemu_log = vm.dir() + "/second-qemu.log";
+  Child qemu(with_prepared(cmd, parse_json(r)["qemu_args"].get<std::vector<std::string>>()),
+             qemu_log);
+  await_qmp_socket(qmp, qemu, qemu_log);
+  // QEMU took no lock yet (it does at cont): the device state loaded, and
+  // then cont failed (trial Y's finding, left for the two-step form).
+  r = run_vmsave({"restore", image, "--qmp", qmp}, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: a disk image of the QEMU command is in use (" +
+                                    v.disk + "): another process (a QEMU: the VM it was saved " +
+                                    "from, still running?) is writing it; stop that VM, or give " +
+                                    "this one its own copy of the disk (an overlay: qemu-img " +
+                                    "create -f qcow2 -b DISK -F FORMAT NEW.qcow2); this QEMU " +
+                                    "still waits"),
+                r.err);
+  CHECK(qmp_status(qmp) == "inmigrate");
+  CHECK(qmp_status(vm.qmp_path()) == "running");
+  // That VM gone, the same QEMU takes the device state and runs.
+  REQUIRE(test::kill_qemu_mentioning(vm.qmp_path()) == 1);
+  r = run_vmsave({"restore", image, "--qmp", qmp}, kRunTimeout);
+  REQUIRE_RUN(r, 0);
+  CHECK(qmp_status(qmp) == "running");
 }
 
 TEST_CASE(
