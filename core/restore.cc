@@ -1349,6 +1349,14 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   std::vector<std::string> left = cmd.option_values("pidfile");
   if (run_dir.empty()) left.push_back(qmp_path);
   if (run_dir.empty() && opts.qemu_log.empty()) left.push_back(log);
+  // And the consoles' files QEMU creates, and its other sockets (trial Z:
+  // an empty serial log was left).
+  if (auto outs = cmd.output_files(); outs.ok())
+    for (auto& f : *outs)
+      if (absolute(f.path) != absolute(log) && access(f.path.c_str(), F_OK) < 0)
+        left.push_back(f.path);
+  if (auto sockets = cmd.server_sockets(); sockets.ok())
+    for (auto& s : *sockets) left.push_back(s.path);
   for (auto& path : left) watchdog->note_left(path);
   for (auto& p : plans) cmd.replace_arg(p.arg_index, format_object(p.object));
   timer.lap("plan");

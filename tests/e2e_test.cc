@@ -3154,7 +3154,7 @@ struct SecondInstance {
 SecondInstance second_instance(TestVm& vm, const std::string& name) {
   SecondInstance i{vm.dir() + "/" + name + "-ram0", vm.dir() + "/" + name + ".qmp", {}};
   i.command = rewrite(rewrite(rewrite(vm.command(), vm.qmp_path(), i.qmp), vm.ram_path(), i.ram),
-                      vm.serial_path(), vm.dir() + "/" + name + ".log");
+                      vm.serial_path(), vm.dir() + "/" + name + "-serial.log");
   REQUIRE(i.command != vm.command());
   return i;
 }
@@ -3204,6 +3204,8 @@ TEST_CASE(
   CHECK_FALSE(exists(ram));
   CHECK(test::qemu_pids_mentioning(qmp).empty());
   CHECK(qmp_status(vm.qmp_path()) == "running");
+  // Nor the serial log QEMU created, empty (trial Z).
+  CHECK_FALSE(exists(vm.dir() + "/second-serial.log"));
 }
 
 // QEMU 10.0's blockdev-set-active, which vmsave needs to take a paused
