@@ -130,9 +130,9 @@ struct Mapper {
 // clone's private mapping of its image).
 Mapper find_mapper(const struct stat& st, bool shared_only = false);
 
-// A process other than vmsave that has the file `st` describes open for
-// writing (a VM writing its serial log there): pid 0 if none.
-Mapper find_writer(const struct stat& st);
+// A process other than vmsave that has one of `files` open for writing (a
+// VM writing its serial log there): pid 0 if none; `which` says which file.
+Mapper find_writer(const std::vector<struct stat>& files, size_t* which);
 
 // --force replaces files, never one a process maps: an error naming it.
 Status check_not_mapped(const std::string& path, const struct stat& st);

@@ -22,6 +22,7 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -364,7 +365,7 @@ Mapper find_mapper(const struct stat& st, bool shared_only) {
   return found;
 }
 
-Mapper find_writer(const struct stat& st) {
+Mapper find_writer(const std::vector<struct stat>& files, size_t* which) {
   DIR* proc = opendir("/proc");
   if (!proc) return {};
   Mapper found;
@@ -378,15 +379,18 @@ Mapper find_writer(const struct stat& st) {
     if (!dir) continue;  // gone, or not ours to see
     while (dirent* f = readdir(dir)) {
       struct stat fst;
-      if (f->d_name[0] == '.' || stat((fds + "/" + f->d_name).c_str(), &fst) < 0 ||
-          fst.st_ino != st.st_ino || fst.st_dev != st.st_dev)
-        continue;
+      if (f->d_name[0] == '.' || stat((fds + "/" + f->d_name).c_str(), &fst) < 0) continue;
+      auto it = std::find_if(files.begin(), files.end(), [&](const struct stat& st) {
+        return fst.st_ino == st.st_ino && fst.st_dev == st.st_dev;
+      });
+      if (it == files.end()) continue;
       std::ifstream info(fmt::format("/proc/{}/fdinfo/{}", pid, f->d_name));
       unsigned long flags = O_RDONLY;
       for (std::string line; std::getline(info, line);)
         if (line.starts_with("flags:")) flags = std::strtoul(line.c_str() + 6, nullptr, 8);
       if ((flags & O_ACCMODE) == O_RDONLY) continue;
       found.pid = static_cast<pid_t>(pid);
+      *which = static_cast<size_t>(it - files.begin());
       std::ifstream comm(fmt::format("/proc/{}/comm", pid));
       std::getline(comm, found.name);
       break;

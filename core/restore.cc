@@ -761,34 +761,43 @@ Status check_socket_path_free(const std::string& path, const std::string& what,
   return Error{fmt::format("the QEMU command's {} is in use", what), path, who}.fix(fix);
 }
 
-// A file QEMU would write (a serial log, -D) that another process writes
-// already: a clone given a running VM's serial log emptied it (without
-// append=on) or mixed both guests' output in it (trial Z). `what` names it.
-Status check_not_written(const std::string& path, const std::string& what, const std::string& fix) {
-  struct stat st;
-  if (stat(path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) return Status();
+// Files QEMU would write (serial logs, -D, its log) that another process
+// writes already: a clone given a running VM's serial log emptied it
+// (without append=on) or mixed both guests' output in it (trial Z). One
+// walk of /proc for all of them: it costs about 4 ms per 1000 open files.
+Status check_outputs_free(const QemuCommand& cmd, const std::string& log) {
+  auto outs = cmd.output_files();
+  if (!outs.ok()) return outs.error().as(Exit::kUsage);
+  if (!log.empty()) outs->push_back(OutputFile{log, ""});
+  std::vector<struct stat> files;
+  std::vector<const OutputFile*> named;
+  for (const auto& f : *outs) {
+    struct stat st;
+    if (stat(f.path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) continue;
+    files.push_back(st);
+    named.push_back(&f);
+  }
+  if (files.empty()) return Status();
   // The QEMU a save just made quit (its leader a zombie, its last threads
-  // going) still has it open for a moment: looked at again for up to 2 s.
+  // going) still has its files open for a moment: looked at again for up
+  // to 2 s.
   Mapper w;
+  size_t which = 0;
   for (int attempt = 0; attempt < 100; attempt++) {
-    w = find_writer(st);
+    w = find_writer(files, &which);
     if (!w.pid || process_alive(w.pid)) break;
     if (cancelled()) return interrupted_error();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   if (!w.pid) return Status();
-  return Error{what + " is open in another process", path,
-               fmt::format("process {} ({}) writes it", w.pid, w.name)}
-      .fix(fix);
-}
-
-Status check_outputs_free(const QemuCommand& cmd) {
-  auto files = cmd.output_files();
-  if (!files.ok()) return files.error().as(Exit::kUsage);
-  for (const auto& f : *files)
-    VMSAVE_TRY(check_not_written(f.path, "the QEMU command's file for " + f.option,
-                                 "give each VM its own file for " + f.option));
-  return Status();
+  const OutputFile& f = *named[which];
+  const std::string who = fmt::format("process {} ({}) writes it", w.pid, w.name);
+  if (f.option.empty())
+    return Error{"QEMU's log is open in another process", f.path, who}.fix(
+        "give each restore its own --qemu-log");
+  return Error{"the QEMU command's file for " + f.option + " is open in another process", f.path,
+               who}
+      .fix("give each VM its own file for " + f.option);
 }
 
 // The guest keeps the MAC address it was saved with: a network card's
@@ -1234,7 +1243,6 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
           "create it, or give -qmp a socket in a directory that exists");
   }
   VMSAVE_TRY(check_sockets_free(cmd, qmp_path));
-  VMSAVE_TRY(check_outputs_free(cmd));
   VMSAVE_TRY(check_disks_free(cmd, rep));
   // Said before any RAM file is created (or, with --force, truncated).
   if (!log.empty()) {
@@ -1247,8 +1255,7 @@ Result<nlohmann::json> restore_qemu(const RestoreOptions& opts, Reporter& rep) {
   // The log goes beside the command's own socket (the directory the user
   // chose for this VM); only a VM without one gets a private directory.
   if (log.empty() && !qmp_path.empty()) log = qmp_path + ".qemu.log";
-  if (!log.empty())
-    VMSAVE_TRY(check_not_written(log, "QEMU's log", "give each restore its own --qemu-log"));
+  VMSAVE_TRY(check_outputs_free(cmd, log));
   if (qmp_path.empty()) {
     const char* base = getenv("XDG_RUNTIME_DIR");
     // Only a directory of this user's alone, as the XDG spec has it: the

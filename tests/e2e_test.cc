@@ -1884,6 +1884,18 @@ TEST_CASE(
                 r.err);
   CHECK_FALSE(exists(qemu_log));
   CHECK_FALSE(exists(sock));
+  // Nor QEMU's log there: a restore empties it first.
+  r = run_vmsave(
+      restore_args(image, vm.serial_path(), true,
+                   rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), log)),
+      kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: QEMU's log is open in another process (" +
+                                    vm.serial_path() + "): process " + std::to_string(vm.pid()) +
+                                    " (qemu-system-x86) writes it; give each restore its own "
+                                    "--qemu-log"),
+                r.err);
+  CHECK_FALSE(exists(sock));
   CHECK(vm.serial_log().starts_with(before));
   std::string err;
   CHECK_MESSAGE(carries_on(vm, 2, &err), err);
