@@ -749,8 +749,9 @@ Status check_socket_path_free(const std::string& path, const std::string& what,
     socklen_t len = sizeof(cred);
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) break;
     // A QEMU that was just killed accepts connections until its last
-    // thread has exited, while its leader is already a zombie: it is going.
-    if (cred.pid > 0 && !process_alive(cred.pid)) return Status();
+    // thread has exited, while its leader is already a zombie, or still
+    // freeing its memory (trial Z2: 4 refusals in 67 kill -9s): it is going.
+    if (cred.pid > 0 && process_going(cred.pid)) return Status();
     if (cred.pid > 0) {
       pid = cred.pid;
       break;
@@ -785,7 +786,7 @@ Status check_outputs_free(const QemuCommand& cmd, const std::string& log) {
   size_t which = 0;
   for (int attempt = 0; attempt < 100; attempt++) {
     w = find_writer(files, &which);
-    if (!w.pid || process_alive(w.pid)) break;
+    if (!w.pid || !process_going(w.pid)) break;
     if (cancelled()) return interrupted_error();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <sstream>
+#include <string>
 #include <string_view>
 
 namespace vmsave {
@@ -76,16 +78,39 @@ bool process_exited(pid_t pid, int wait_ms) {
   return ::poll(&p, 1, wait_ms) == 1;  // a signal meanwhile: not known to have
 }
 
-char process_state(pid_t pid) {
+namespace {
+
+// The fields of /proc/PID/stat after the command name, from the state on;
+// empty when there is no such process.
+std::string stat_fields(pid_t pid) {
   char path[64];
   std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
   UniqueFd fd(::open(path, O_RDONLY | O_CLOEXEC));
   char buf[512];
   ssize_t n = fd.valid() ? ::read(fd.get(), buf, sizeof(buf) - 1) : -1;
-  if (n <= 0) return '?';
+  if (n <= 0) return "";
   std::string_view stat(buf, static_cast<size_t>(n));
   size_t paren = stat.rfind(')');  // the command name may hold anything
-  return paren != std::string_view::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
+  return paren != std::string_view::npos && paren + 2 < stat.size()
+             ? std::string(stat.substr(paren + 2))
+             : "";
+}
+
+}  // namespace
+
+char process_state(pid_t pid) {
+  std::string f = stat_fields(pid);
+  return f.empty() ? '?' : f[0];
+}
+
+bool process_going(pid_t pid) {
+  constexpr unsigned long kPfExiting = 0x4;  // include/linux/sched.h
+  std::istringstream f(stat_fields(pid));
+  std::string state, skip;
+  unsigned long flags = 0;
+  // state ppid pgrp session tty_nr tpgid flags
+  if (!(f >> state >> skip >> skip >> skip >> skip >> skip >> flags)) return true;
+  return state == "Z" || state == "X" || (flags & kPfExiting);
 }
 
 bool store_guarded(const std::function<void()>& store) {

@@ -109,6 +109,11 @@ bool process_exited(pid_t pid, int wait_ms = 0);
 // stopped, 'Z' for a zombie...), or '?' when there is no such process.
 char process_state(pid_t pid);
 
+// Whether process `pid` is gone or going: no such process, a zombie, or
+// one that has begun to exit (PF_EXITING; a QEMU killed a moment ago still
+// holds its sockets and files while it frees its memory).
+bool process_going(pid_t pid);
+
 // Whether process `pid` is stopped (SIGSTOP, a debugger): it answers
 // nothing until continued.
 inline bool process_stopped(pid_t pid) {

@@ -3,15 +3,18 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "io/fd.h"
@@ -254,4 +257,24 @@ TEST_CASE("queue: a synchronous queue (no io_uring) completes each request withi
   CHECK_MESSAGE(test::contains(st.error().message(), "unexpected end of file"),
                 st.error().message());
   CHECK_FALSE(q->drain().ok());
+}
+
+TEST_CASE("fd: a process is going once it is a zombie or gone, not while it runs or sleeps") {
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::pause();
+    ::_exit(0);
+  }
+  CHECK_FALSE(process_going(child));
+  CHECK_FALSE(process_going(::getpid()));
+  REQUIRE(::kill(child, SIGKILL) == 0);
+  // Unreaped, it stays a zombie: going.
+  for (int i = 0; i < 200 && process_state(child) != 'Z'; i++)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  CHECK(process_state(child) == 'Z');
+  CHECK(process_going(child));
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(process_going(child));
 }
