@@ -1087,6 +1087,13 @@ Result<QmpClient> connect_started(const StartedQemu& q, const std::string& path,
           (daemonize ? has_mark(c->peer_pid(), q.mark) || q.mark.empty() : c->peer_pid() == q.pid))
         return c;
       if (c.ok()) other = c->peer_pid();
+      // Ours, just started, has no other client: it hangs before its main
+      // loop (trial Z2 was told another client was probably connected).
+      if (!c.ok() && Clock::now() > deadline && !process_stopped(q.pid))
+        return Error{"the QEMU this restore started did not answer on its QMP socket in time", path,
+                     "it hangs starting up: does its command open a FIFO nothing reads, or "
+                     "connect to a socket nothing answers?"}
+            .fix("check the command's chardevs and netdevs");
       if (!c.ok() && Clock::now() > deadline) return c.error();
     }
     if (Clock::now() > deadline && other > 0)

@@ -17,6 +17,7 @@
 #include <array>
 #include <charconv>
 #include <map>
+#include <set>
 
 namespace vmsave {
 
@@ -670,13 +671,29 @@ Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
       auto kv = KeyvalList::parse(v.substr(5), "path", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
       VMSAVE_TRY(add(*kv, "-" + o.name));
-    } else if (o.name == "vnc") {
+    } else if (o.name == "vnc" || (o.name == "display" && v.starts_with("vnc="))) {
+      // -display vnc=DISPLAY[,...] is -vnc DISPLAY[,...].
+      if (o.name == "display") v.remove_prefix(4);
       auto kv = KeyvalList::parse(v, "vnc", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
       auto display = kv->get("vnc");
       if (display && display->starts_with("unix:") && display->size() > 5)
-        out.push_back(ServerSocket{display->substr(5), "-vnc"});
-    } else if (o.name == "netdev" && !v.starts_with("{")) {
+        out.push_back(ServerSocket{display->substr(5), "-" + o.name});
+    } else if (o.name == "netdev" && v.starts_with("{")) {
+      // Of the wrong type, a member is as good as absent: QEMU says what is wrong.
+      auto member = [](const nlohmann::json& o, const char* key) {
+        auto it = o.is_object() ? o.find(key) : o.end();
+        return it != o.end() && it->is_string() ? it->get<std::string>() : std::string();
+      };
+      auto j = nlohmann::json::parse(v, nullptr, false);
+      auto server = j.is_object() ? j.find("server") : j.end();
+      if (j.is_discarded() || !j.is_object() || server == j.end() || *server != true ||
+          member(j, "type") != "stream" || !j.contains("addr"))
+        continue;
+      const nlohmann::json& addr = j["addr"];
+      if (member(addr, "type") == "unix" && !member(addr, "path").empty())
+        out.push_back(ServerSocket{member(addr, "path"), "-netdev id=" + member(j, "id")});
+    } else if (o.name == "netdev") {
       auto kv = KeyvalList::parse(v, "type", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
       auto server = kv->get_bool("server");
@@ -720,20 +737,44 @@ Result<std::vector<NicMac>> QemuCommand::nic_macs() const {
   std::vector<NicMac> out;
   int nics = 0;
   for (const auto& o : options_) {
-    if (!o.value || o.value->starts_with("{")) continue;
-    if (o.name == "device") {
+    if (!o.value) continue;
+    std::optional<std::string> id, netdev, mac;
+    if (o.name == "device" && o.value->starts_with("{")) {
+      auto j = nlohmann::json::parse(*o.value, nullptr, false);
+      if (!j.is_object()) continue;  // QEMU says what is wrong
+      auto member = [&](const char* key) -> std::optional<std::string> {
+        auto it = j.find(key);
+        if (it == j.end() || !it->is_string()) return std::nullopt;
+        return it->get<std::string>();
+      };
+      id = member("id"), netdev = member("netdev"), mac = member("mac");
+    } else if (o.name == "device") {
       auto kv = KeyvalList::parse(*o.value, "driver", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
-      auto netdev = kv->get("netdev");
-      if (!netdev) continue;
-      auto id = kv->get("id");
-      out.push_back(NicMac{id ? *id : "netdev=" + *netdev, kv->get("mac")});
+      id = kv->get("id"), netdev = kv->get("netdev"), mac = kv->get("mac");
     } else if (o.name == "nic") {
       auto kv = KeyvalList::parse(*o.value, "type", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
       if (kv->get("type") == "none") continue;
-      out.push_back(NicMac{fmt::format("-nic #{}", ++nics), kv->get("mac")});
+      id = fmt::format("-nic #{}", ++nics), netdev = "", mac = kv->get("mac");
+    } else {
+      continue;
     }
+    if (!netdev) continue;  // no network card
+    NicMac n{id ? *id : "netdev=" + *netdev, mac.value_or(""), !mac};
+    std::transform(n.mac.begin(), n.mac.end(), n.mac.begin(),
+                   [](char c) { return c == '-' ? ':' : static_cast<char>(std::tolower(c)); });
+    out.push_back(std::move(n));
+  }
+  // QEMU gives a card without mac= the first of 52:54:00:12:34:56.. that no
+  // card has (qemu_macaddr_default_if_unset).
+  std::set<std::string> taken;
+  for (const auto& n : out) taken.insert(n.mac);
+  int next = 0x56;
+  for (auto& n : out) {
+    if (!n.by_default) continue;
+    while (next < 0x100 && taken.count(fmt::format("52:54:00:12:34:{:02x}", next))) next++;
+    n.mac = fmt::format("52:54:00:12:34:{:02x}", next++);
   }
   return out;
 }

@@ -136,10 +136,12 @@ struct OutputFile {
   std::string option;  // "-chardev id=serial0", "-serial", "-D"
 };
 
-// A network card's MAC address, as the command sets it.
+// A network card's MAC address: as the command sets it (lower case, colons),
+// else QEMU's default (52:54:00:12:34:56 and up, the first not taken).
 struct NicMac {
-  std::string card;                // "net0" (its id), else "netdev=n0" or "-nic #1"
-  std::optional<std::string> mac;  // none: QEMU's default
+  std::string card;  // "net0" (its id), else "netdev=n0" or "-nic #1"
+  std::string mac;
+  bool by_default = false;
 };
 
 // One option occurrence: argv[index] is "-name" or "--name"; its value, if
@@ -183,7 +185,8 @@ class QemuCommand {
   Result<std::vector<ServerSocket>> server_sockets() const;
   // Every file QEMU writes its output to (chardev files and logfiles, -D).
   Result<std::vector<OutputFile>> output_files() const;
-  // The MAC address of every network card: -device with netdev=, and -nic.
+  // The MAC address of every network card, in command-line order: -device
+  // with netdev= (key=value or JSON), and -nic.
   Result<std::vector<NicMac>> nic_macs() const;
 
   // A -machine/-M property, all occurrences merged, last wins ("type" is the

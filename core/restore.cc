@@ -721,7 +721,7 @@ Status check_socket_path_free(const std::string& path, const std::string& what,
   if (lstat(path.c_str(), &st) < 0 || S_ISLNK(st.st_mode)) return Status();
   if (!S_ISSOCK(st.st_mode))
     return Error{fmt::format("the QEMU command's {} names a file that is not a socket", what), path,
-                 "QEMU would remove it to listen there"}
+                 S_ISDIR(st.st_mode) ? "it is a directory" : "QEMU would remove it to listen there"}
         .fix("give the socket a path where no file is");
   if (path.size() >= sizeof(addr.sun_path)) return Status();
   addr.sun_family = AF_UNIX;
@@ -769,10 +769,25 @@ Status check_socket_path_free(const std::string& path, const std::string& what,
 Status check_outputs_free(const QemuCommand& cmd, const std::string& log) {
   auto outs = cmd.output_files();
   if (!outs.ok()) return outs.error().as(Exit::kUsage);
+  // vmsave empties QEMU's log before QEMU starts: never one of its files.
+  struct stat log_st;
+  if (!log.empty() && stat(log.c_str(), &log_st) == 0 && S_ISREG(log_st.st_mode))
+    for (const auto& f : *outs) {
+      struct stat st;
+      if (stat(f.path.c_str(), &st) == 0 && st.st_dev == log_st.st_dev &&
+          st.st_ino == log_st.st_ino)
+        return Error{"QEMU's log is the QEMU command's file for " + f.option, log,
+                     "a restore empties its log before QEMU starts"}
+            .fix("give --qemu-log a file of its own");
+    }
   if (!log.empty()) outs->push_back(OutputFile{log, ""});
   std::vector<struct stat> files;
   std::vector<const OutputFile*> named;
   for (const auto& f : *outs) {
+    // Names QEMU resolves in its own process, whose output vmsave sets up.
+    if (f.path == "/dev/stdout" || f.path == "/dev/stderr" || f.path.starts_with("/dev/fd/") ||
+        f.path.starts_with("/proc/self/") || f.path.starts_with("/proc/thread-self/"))
+      continue;
     struct stat st;
     if (stat(f.path.c_str(), &st) < 0 || !S_ISREG(st.st_mode)) continue;
     files.push_back(st);
@@ -812,18 +827,19 @@ void warn_of_changed_macs(const QemuCommand& cmd, const nlohmann::json& meta, Re
   auto before = saved->nic_macs();
   auto now = cmd.nic_macs();
   if (!before.ok() || !now.ok()) return;
-  auto lower = [](std::optional<std::string> mac) {
-    if (mac) std::transform(mac->begin(), mac->end(), mac->begin(), ::tolower);
-    return mac;
-  };
-  for (const auto& n : *now) {
-    auto was = std::find_if(before->begin(), before->end(),
-                            [&](const NicMac& b) { return b.card == n.card; });
-    if (was == before->end() || lower(was->mac) == lower(n.mac)) continue;
+  // The same cards in the same order are the same devices, however renamed
+  // or respelled (-nic for -device); else matched by name.
+  const bool by_order = before->size() == now->size();
+  for (size_t i = 0; i < now->size(); i++) {
+    const NicMac& n = (*now)[i];
+    auto was = by_order ? before->begin() + i
+                        : std::find_if(before->begin(), before->end(),
+                                       [&](const NicMac& b) { return b.card == n.card; });
+    if (was == before->end() || was->mac == n.mac) continue;
     rep.warn(fmt::format(
-        "network card {}: the guest keeps the MAC address it was saved with ({}); {} changes "
-        "only the address QEMU announces: set the new one inside the guest",
-        n.card, was->mac.value_or("QEMU's default"), n.mac ? "mac=" + *n.mac : "no mac="));
+        "network card {}: the guest keeps its saved MAC address {}; the command's {}{} changes "
+        "only the address QEMU announces: set it inside the guest",
+        n.card, was->mac, n.by_default ? "(QEMU's default) " : "", n.mac));
   }
 }
 
@@ -832,6 +848,17 @@ void warn_of_changed_macs(const QemuCommand& cmd, const nlohmann::json& meta, Re
 Status check_sockets_free(const QemuCommand& cmd, const std::string& qmp_path) {
   auto sockets = cmd.server_sockets();
   if (!sockets.ok()) return sockets.error().as(Exit::kUsage);
+  // Two of its own on one path: the second would take it from the first
+  // (trial Z2: -monitor on the -qmp path failed once QEMU had started).
+  std::map<std::string, std::string> seen;
+  for (const auto& s : *sockets) {
+    auto [at, fresh] = seen.emplace(absolute(s.path), s.option);
+    if (!fresh)
+      return Error{"the QEMU command names one socket twice", s.path,
+                   fmt::format("{} and {} both listen there", at->second, s.option)}
+          .fix("give each its own path")
+          .as(Exit::kUsage);
+  }
   for (const auto& s : *sockets) {
     if (!qmp_path.empty() && absolute(s.path) == absolute(qmp_path)) continue;
     VMSAVE_TRY(check_socket_path_free(s.path, "socket (" + s.option + ")",

@@ -1900,6 +1900,50 @@ TEST_CASE(
   std::string err;
   CHECK_MESSAGE(carries_on(vm, 2, &err), err);
 
+  // Nor QEMU's log on its own serial log, nor one socket twice (trial Z2:
+  // the history in the log was emptied; the second listener took the path).
+  const std::string history = vm.dir() + "/history.log";
+  std::ofstream(history) << "history\n";
+  auto own = rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), history);
+  r = run_vmsave(restore_args(image, history, true, own), kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "vmsave: error: QEMU's log is the QEMU command's file for "
+                         "-chardev id=serial0 (" +
+                             history +
+                             "): a restore empties its log before QEMU starts; give "
+                             "--qemu-log a file of its own"),
+                r.err);
+  CHECK(slurp(history) == "history\n");
+  r = run_vmsave(restore_args(image, qemu_log, true,
+                              plus(own, {"-monitor", "unix:" + sock + ",server=on,wait=off"})),
+                 kRunTimeout);
+  CHECK_RUN(r, 2);
+  CHECK_MESSAGE(contains(r.err, "vmsave: error: the QEMU command names one socket twice (" + sock +
+                                    "): -qmp and -monitor both listen there; give each its own "
+                                    "path"),
+                r.err);
+  CHECK_FALSE(exists(sock));
+  // A console on a FIFO nothing reads: QEMU hangs starting up, and is not
+  // said to have another QMP client (trial Z2).
+  const std::string fifo = vm.dir() + "/fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  auto hangs =
+      restore_args(image, qemu_log, true,
+                   rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), fifo));
+  hangs.insert(hangs.begin() + 1, {"--qmp-timeout", "2"});
+  r = run_vmsave(hangs, kRunTimeout);
+  CHECK_RUN(r, 1);
+  CHECK_MESSAGE(contains(r.err,
+                         "vmsave: error: the QEMU this restore started did not answer on "
+                         "its QMP socket in time (" +
+                             sock +
+                             "): it hangs starting up: does its command open a FIFO "
+                             "nothing reads, or connect to a socket nothing answers?"),
+                r.err);
+  CHECK(test::qemu_pids_mentioning(sock).empty());
+  CHECK_FALSE(exists(sock));
+
   // Its own MAC: the guest keeps the saved one (the device state's), and
   // the restore says so rather than let the user believe it changed.
   auto clone = rewrite(rewrite(rewrite(vm.command(), vm.qmp_path(), sock), vm.serial_path(), log),
@@ -1908,9 +1952,9 @@ TEST_CASE(
   REQUIRE_RUN(r, 0);
   StartedQemu started{parse_json(r).value("pid", -1)};
   const std::string warning =
-      "network card net0: the guest keeps the MAC address it was saved with "
-      "(52:54:00:12:34:56); mac=52:54:00:00:00:02 changes only the address QEMU announces: set "
-      "the new one inside the guest";
+      "network card net0: the guest keeps its saved MAC address 52:54:00:12:34:56; the "
+      "command's 52:54:00:00:00:02 changes only the address QEMU announces: set it inside the "
+      "guest";
   CHECK_MESSAGE(contains(r.err, "warning: " + warning), r.err);
   CHECK(parse_json(r)["warnings"] == json::array({warning}));
   CHECK_MESSAGE(wait_story([&] { return slurp(log); }, saved.iteration + kMoreIterations,

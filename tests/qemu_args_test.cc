@@ -412,6 +412,21 @@ TEST_CASE("QMP sockets in every form") {
   }
 }
 
+TEST_CASE("every Unix socket QEMU listens on, in JSON and -display too") {
+  auto c =
+      cmd({"-display", "vnc=unix:/v.sock,lossy=on",  //
+           "-netdev",
+           R"({"id":"y","type":"stream","server":true,"addr":{"type":"unix","path":"/n.sock"}})",
+           "-netdev",
+           R"({"id":"z","type":"stream","server":false,"addr":{"type":"unix","path":"/c.sock"}})",
+           "-netdev", R"({"id":"w","type":"stream","server":"on"})"});  // QEMU refuses it
+  auto all = c.server_sockets();
+  REQUIRE(all.ok());
+  std::vector<std::string> got;
+  for (auto& s : *all) got.push_back(s.option + " " + s.path);
+  CHECK(got == std::vector<std::string>{"-display /v.sock", "-netdev id=y /n.sock"});
+}
+
 TEST_CASE("every Unix socket QEMU listens on, in every form") {
   auto c = cmd({"-chardev", "socket,id=ch0,path=/a.sock,server=on,wait=off",  //
                 "-chardev", "socket,id=ch1,path=/client.sock",                // QEMU connects
@@ -453,17 +468,20 @@ TEST_CASE("the files QEMU writes its output to") {
                                         "-monitor /m.log", "-D /qemu.log"});
 }
 
-TEST_CASE("network cards' MAC addresses by card") {
+TEST_CASE("network cards' MAC addresses by card, QEMU's defaults filled in") {
   auto c =
-      cmd({"-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:AA:00:01",
+      cmd({"-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52-54-00-AA-00-01",
            "-device", "e1000,id=net1,netdev=n1", "-device", "virtio-rng-pci",  // no card
-           "-nic", "none", "-nic", "user,model=virtio,mac=52:54:00:00:00:03"});
+           "-nic", "none", "-nic", "user,model=virtio,mac=52:54:00:12:34:56",  //
+           "-device", R"({"driver":"e1000","netdev":"n2","id":"net2"})"});
   auto all = c.nic_macs();
   REQUIRE(all.ok());
   std::vector<std::string> got;
-  for (auto& n : *all) got.push_back(n.card + " " + n.mac.value_or("-"));
-  CHECK(got == std::vector<std::string>{"netdev=n0 52:54:00:AA:00:01", "net1 -",
-                                        "-nic #1 52:54:00:00:00:03"});
+  for (auto& n : *all) got.push_back(n.card + " " + n.mac + (n.by_default ? " (default)" : ""));
+  // The first default is :56, which -nic #1 has: the next ones are free.
+  CHECK(got ==
+        std::vector<std::string>{"netdev=n0 52:54:00:aa:00:01", "net1 52:54:00:12:34:57 (default)",
+                                 "-nic #1 52:54:00:12:34:56", "net2 52:54:00:12:34:58 (default)"});
 }
 
 TEST_CASE("-m forms") {
