@@ -28,6 +28,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <optional>
 #include <sstream>
@@ -342,7 +343,10 @@ void remove_stale_run_dirs(const std::string& parent) {
   }
 }
 
-Mapper find_mapper(const struct stat& st, bool shared_only) {
+namespace {
+
+// The first process but vmsave for which `matches` holds, with its name.
+Mapper find_process(const std::function<bool(pid_t)>& matches) {
   DIR* proc = opendir("/proc");
   if (!proc) return {};
   Mapper found;
@@ -350,33 +354,34 @@ Mapper find_mapper(const struct stat& st, bool shared_only) {
   while (dirent* d = readdir(proc)) {
     char* end;
     long pid = std::strtol(d->d_name, &end, 10);
-    if (*end || pid <= 0 || pid == self) continue;
-    for (auto& m : read_maps(static_cast<pid_t>(pid)))
-      if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev &&
-          (m.shared || !shared_only)) {
-        found.pid = static_cast<pid_t>(pid);
-        std::ifstream comm(fmt::format("/proc/{}/comm", pid));
-        std::getline(comm, found.name);
-        break;
-      }
-    if (found.pid) break;
+    if (*end || pid <= 0 || pid == self || !matches(static_cast<pid_t>(pid))) continue;
+    found.pid = static_cast<pid_t>(pid);
+    std::ifstream comm(fmt::format("/proc/{}/comm", pid));
+    std::getline(comm, found.name);
+    break;
   }
   closedir(proc);
   return found;
 }
 
+}  // namespace
+
+Mapper find_mapper(const struct stat& st, bool shared_only) {
+  return find_process([&](pid_t pid) {
+    for (auto& m : read_maps(pid))
+      if (m.inode == st.st_ino && makedev(m.dev_major, m.dev_minor) == st.st_dev &&
+          (m.shared || !shared_only))
+        return true;
+    return false;
+  });
+}
+
 Mapper find_writer(const std::vector<struct stat>& files, size_t* which) {
-  DIR* proc = opendir("/proc");
-  if (!proc) return {};
-  Mapper found;
-  const pid_t self = getpid();
-  while (dirent* d = readdir(proc)) {
-    char* end;
-    long pid = std::strtol(d->d_name, &end, 10);
-    if (*end || pid <= 0 || pid == self) continue;
+  return find_process([&](pid_t pid) {
     const std::string fds = fmt::format("/proc/{}/fd", pid);
     DIR* dir = opendir(fds.c_str());
-    if (!dir) continue;  // gone, or not ours to see
+    if (!dir) return false;  // gone, or not ours to see
+    bool writes = false;
     while (dirent* f = readdir(dir)) {
       struct stat fst;
       if (f->d_name[0] == '.' || stat((fds + "/" + f->d_name).c_str(), &fst) < 0) continue;
@@ -389,17 +394,13 @@ Mapper find_writer(const std::vector<struct stat>& files, size_t* which) {
       for (std::string line; std::getline(info, line);)
         if (line.starts_with("flags:")) flags = std::strtoul(line.c_str() + 6, nullptr, 8);
       if ((flags & O_ACCMODE) == O_RDONLY) continue;
-      found.pid = static_cast<pid_t>(pid);
       *which = static_cast<size_t>(it - files.begin());
-      std::ifstream comm(fmt::format("/proc/{}/comm", pid));
-      std::getline(comm, found.name);
+      writes = true;
       break;
     }
     closedir(dir);
-    if (found.pid) break;
-  }
-  closedir(proc);
-  return found;
+    return writes;
+  });
 }
 
 Status open_backend_files(std::vector<RamBackend>& backends, pid_t pid) {

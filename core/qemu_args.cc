@@ -645,35 +645,67 @@ Result<std::vector<QmpMonitor>> QemuCommand::qmp_monitors() const {
   return out;
 }
 
-Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
-  std::vector<ServerSocket> out;
-  auto add = [&](const KeyvalList& kv, std::string option) -> Status {
-    auto m = unix_socket(kv);
-    VMSAVE_TRY(m);
-    if (*m && (*m)->server) out.push_back(ServerSocket{(*m)->path, std::move(option)});
-    return Status();
-  };
-  for (const auto& o : options_) {
+namespace {
+
+// A chardev of the command: a -chardev, or a console option's chardev
+// string in QEMU's legacy form (qemu_chr_parse_compat: "unix:PATH,..." a
+// socket, "file:PATH" a file; "mon:" multiplexes a monitor onto it), as
+// -chardev options.
+struct Chardev {
+  std::string option;  // "-chardev id=ch0", "-serial"
+  KeyvalList opts;     // "backend", "path", ...
+};
+
+Result<std::vector<Chardev>> chardevs_of(const std::vector<QemuOption>& options) {
+  static constexpr std::string_view kConsoles[] = {
+      "qmp", "qmp-pretty", "monitor", "serial", "parallel", "virtioconsole", "debugcon", "gdb"};
+  std::vector<Chardev> out;
+  for (const auto& o : options) {
     if (!o.value) continue;
     std::string_view v = *o.value;
     if (o.name == "chardev") {
       auto kv = KeyvalList::parse(v, "backend", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
-      if (kv->get("backend") == "socket")
-        VMSAVE_TRY(add(*kv, "-chardev id=" + kv->get("id").value_or("?")));
-    } else if (o.name == "qmp" || o.name == "qmp-pretty" || o.name == "monitor" ||
-               o.name == "serial" || o.name == "parallel" || o.name == "virtioconsole" ||
-               o.name == "debugcon" || o.name == "gdb") {
-      // A chardev string (qemu_chr_parse_compat): "mon:" multiplexes a
-      // monitor onto it, "unix:" is a socket with "path" implied.
-      if (v.starts_with("mon:")) v.remove_prefix(4);
-      if (!v.starts_with("unix:")) continue;
+      out.push_back(Chardev{"-chardev id=" + kv->get("id").value_or("?"), std::move(*kv)});
+      continue;
+    }
+    if (std::find(std::begin(kConsoles), std::end(kConsoles), o.name) == std::end(kConsoles))
+      continue;
+    if (v.starts_with("mon:")) v.remove_prefix(4);
+    Chardev c{"-" + o.name, {}};
+    if (v.starts_with("unix:")) {
       auto kv = KeyvalList::parse(v.substr(5), "path", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
-      VMSAVE_TRY(add(*kv, "-" + o.name));
-    } else if (o.name == "vnc" || (o.name == "display" && v.starts_with("vnc="))) {
-      // -display vnc=DISPLAY[,...] is -vnc DISPLAY[,...].
-      if (o.name == "display") v.remove_prefix(4);
+      c.opts = std::move(*kv);
+      c.opts.set("backend", "socket");
+    } else if (v.starts_with("file:") && v.size() > 5) {
+      c.opts.set("backend", "file");
+      c.opts.set("path", std::string(v.substr(5)));
+    } else {
+      continue;
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
+  std::vector<ServerSocket> out;
+  auto chardevs = chardevs_of(options_);
+  VMSAVE_TRY(chardevs);
+  for (const auto& c : *chardevs) {
+    if (c.opts.get("backend") != "socket") continue;
+    auto m = unix_socket(c.opts);
+    VMSAVE_TRY(m);
+    if (*m && (*m)->server) out.push_back(ServerSocket{(*m)->path, c.option});
+  }
+  for (const auto& o : options_) {
+    if (!o.value) continue;
+    std::string_view v = *o.value;
+    if (o.name == "vnc" || (o.name == "display" && v.starts_with("vnc="))) {
+      if (o.name == "display") v.remove_prefix(4);  // -display vnc=X[,...] is -vnc X[,...]
       auto kv = KeyvalList::parse(v, "vnc", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
       auto display = kv->get("vnc");
@@ -709,27 +741,17 @@ Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
 
 Result<std::vector<OutputFile>> QemuCommand::output_files() const {
   std::vector<OutputFile> out;
-  for (const auto& o : options_) {
-    if (!o.value) continue;
-    std::string_view v = *o.value;
-    if (o.name == "chardev") {
-      auto kv = KeyvalList::parse(v, "backend", KeyvalSyntax::kQemuOpts);
-      VMSAVE_TRY(kv);
-      const std::string option = "-chardev id=" + kv->get("id").value_or("?");
-      auto path = kv->get("path");
-      if (kv->get("backend") == "file" && path && !path->empty())
-        out.push_back(OutputFile{*path, option});
-      if (auto log = kv->get("logfile"); log && !log->empty())
-        out.push_back(OutputFile{*log, option + " logfile"});
-    } else if (o.name == "serial" || o.name == "parallel" || o.name == "monitor" ||
-               o.name == "virtioconsole" || o.name == "debugcon") {
-      if (v.starts_with("mon:")) v.remove_prefix(4);
-      if (v.starts_with("file:") && v.size() > 5)
-        out.push_back(OutputFile{std::string(v.substr(5)), "-" + o.name});
-    } else if (o.name == "D" && !v.empty()) {
-      out.push_back(OutputFile{std::string(v), "-D"});
-    }
+  auto chardevs = chardevs_of(options_);
+  VMSAVE_TRY(chardevs);
+  for (const auto& c : *chardevs) {
+    auto path = c.opts.get("path");
+    if (c.opts.get("backend") == "file" && path && !path->empty())
+      out.push_back(OutputFile{*path, c.option});
+    if (auto log = c.opts.get("logfile"); log && !log->empty())
+      out.push_back(OutputFile{*log, c.option + " logfile"});
   }
+  for (const auto& o : options_)
+    if (o.name == "D" && o.value && !o.value->empty()) out.push_back(OutputFile{*o.value, "-D"});
   return out;
 }
 
