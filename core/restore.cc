@@ -1147,9 +1147,8 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
   return out;
 }
 
-// A disk another QEMU holds makes QEMU refuse to run the guest, but only
-// at cont: a restore found out after filling all of its RAM and loading the
-// device state (trial X). QEMU's own lock bytes tell before anything starts.
+namespace {
+
 // The file QEMU `pid` has open whose path ends in `relative`, or "".
 std::string opened_as(pid_t pid, const std::string& relative) {
   const std::string tail = "/" + std::filesystem::path(relative).lexically_normal().string();
@@ -1169,10 +1168,15 @@ std::string opened_as(pid_t pid, const std::string& relative) {
   return found;
 }
 
+}  // namespace
+
+// A disk another QEMU holds makes QEMU refuse to run the guest, but only
+// at cont: a restore found out after filling all of its RAM and loading the
+// device state (trial X). QEMU's own lock bytes tell before anything starts.
 Status check_disks_free(const QemuCommand& cmd, Reporter& rep, pid_t qemu) {
   constexpr off_t kPermWrite = 100 + 1, kSharedWrite = 200 + 1;  // BLK_PERM_WRITE is bit 1
   for (DiskFile d : locked_disk_files(cmd)) {
-    if (qemu > 0 && d.path[0] != '/') {
+    if (qemu > 0 && !d.path.empty() && d.path[0] != '/') {
       d.path = opened_as(qemu, d.path);
       if (d.path.empty()) continue;  // not open: QEMU says what is wrong with it
     }
