@@ -427,6 +427,12 @@ Result<QemuObject> parse_object(std::string_view value) {
   return obj;
 }
 
+std::optional<std::string> json_string(const nlohmann::json& obj, const char* key) {
+  auto it = obj.is_object() ? obj.find(key) : obj.end();
+  if (it == obj.end() || !it->is_string()) return std::nullopt;
+  return it->get<std::string>();
+}
+
 namespace {
 
 // JSON property values spelled as keyval strings; nested objects and arrays
@@ -586,18 +592,66 @@ Result<std::optional<QmpMonitor>> unix_socket(const KeyvalList& kv) {
   return std::optional<QmpMonitor>(m);
 }
 
+// A chardev of the command: a -chardev, or a console option's chardev
+// string in QEMU's legacy form (qemu_chr_parse_compat: "unix:PATH,..." a
+// socket, "file:PATH" a file; "mon:" multiplexes a monitor onto it), as
+// -chardev options.
+struct Chardev {
+  const QemuOption* from;
+  std::string option;  // "-chardev id=ch0", "-serial"
+  KeyvalList opts;     // "backend", "path", ...
+};
+
+Result<std::vector<Chardev>> chardevs_of(const std::vector<QemuOption>& options) {
+  static constexpr std::string_view kConsoles[] = {
+      "qmp", "qmp-pretty", "monitor", "serial", "parallel", "virtioconsole", "debugcon", "gdb"};
+  std::vector<Chardev> out;
+  for (const auto& o : options) {
+    if (!o.value) continue;
+    std::string_view v = *o.value;
+    if (o.name == "chardev") {
+      auto kv = KeyvalList::parse(v, "backend", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      out.push_back(Chardev{&o, "-chardev id=" + kv->get("id").value_or("?"), std::move(*kv)});
+      continue;
+    }
+    if (std::find(std::begin(kConsoles), std::end(kConsoles), o.name) == std::end(kConsoles))
+      continue;
+    if (v.starts_with("mon:")) v.remove_prefix(4);
+    Chardev c{&o, "-" + o.name, {}};
+    if (v.starts_with("unix:")) {
+      auto kv = KeyvalList::parse(v.substr(5), "path", KeyvalSyntax::kQemuOpts);
+      VMSAVE_TRY(kv);
+      c.opts = std::move(*kv);
+      c.opts.set("backend", "socket");
+    } else if (v.starts_with("file:") && v.size() > 5) {
+      c.opts.set("backend", "file");
+      c.opts.set("path", std::string(v.substr(5)));
+    } else {
+      continue;
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+// A chardev's Unix socket, if it is one.
+Result<std::optional<QmpMonitor>> socket_of(const Chardev& c) {
+  if (c.opts.get("backend") != "socket") return std::optional<QmpMonitor>();
+  return unix_socket(c.opts);
+}
+
 }  // namespace
 
 Result<std::vector<QmpMonitor>> QemuCommand::qmp_monitors() const {
+  auto all = chardevs_of(options_);
+  VMSAVE_TRY(all);
   std::map<std::string, QmpMonitor> chardevs;
-  for (const auto& o : options_) {
-    if (o.name != "chardev") continue;
-    auto kv = KeyvalList::parse(*o.value, "backend", KeyvalSyntax::kQemuOpts);
-    VMSAVE_TRY(kv);
-    if (kv->get("backend") != "socket") continue;
-    auto m = unix_socket(*kv);
+  for (const auto& c : *all) {
+    if (c.from->name != "chardev") continue;
+    auto m = socket_of(c);
     VMSAVE_TRY(m);
-    auto id = kv->get("id");
+    auto id = c.opts.get("id");
     if (*m && id) {
       (*m)->chardev_id = *id;
       chardevs[*id] = **m;
@@ -621,12 +675,13 @@ Result<std::vector<QmpMonitor>> QemuCommand::qmp_monitors() const {
       std::string_view v = *o.value;
       if (v.starts_with("chardev:")) {
         m = by_id(std::string(v.substr(8)));
-      } else if (v.starts_with("unix:")) {
-        auto kv = KeyvalList::parse(v.substr(5), "path", KeyvalSyntax::kQemuOpts);
-        VMSAVE_TRY(kv);
-        auto s = unix_socket(*kv);
-        VMSAVE_TRY(s);
-        m = *s;
+      } else {
+        for (const auto& c : *all)
+          if (c.from == &o) {
+            auto s = socket_of(c);
+            VMSAVE_TRY(s);
+            m = *s;
+          }
       }
     } else if (o.name == "mon") {
       auto kv = KeyvalList::parse(*o.value, "chardev", KeyvalSyntax::kQemuOpts);
@@ -645,59 +700,12 @@ Result<std::vector<QmpMonitor>> QemuCommand::qmp_monitors() const {
   return out;
 }
 
-namespace {
-
-// A chardev of the command: a -chardev, or a console option's chardev
-// string in QEMU's legacy form (qemu_chr_parse_compat: "unix:PATH,..." a
-// socket, "file:PATH" a file; "mon:" multiplexes a monitor onto it), as
-// -chardev options.
-struct Chardev {
-  std::string option;  // "-chardev id=ch0", "-serial"
-  KeyvalList opts;     // "backend", "path", ...
-};
-
-Result<std::vector<Chardev>> chardevs_of(const std::vector<QemuOption>& options) {
-  static constexpr std::string_view kConsoles[] = {
-      "qmp", "qmp-pretty", "monitor", "serial", "parallel", "virtioconsole", "debugcon", "gdb"};
-  std::vector<Chardev> out;
-  for (const auto& o : options) {
-    if (!o.value) continue;
-    std::string_view v = *o.value;
-    if (o.name == "chardev") {
-      auto kv = KeyvalList::parse(v, "backend", KeyvalSyntax::kQemuOpts);
-      VMSAVE_TRY(kv);
-      out.push_back(Chardev{"-chardev id=" + kv->get("id").value_or("?"), std::move(*kv)});
-      continue;
-    }
-    if (std::find(std::begin(kConsoles), std::end(kConsoles), o.name) == std::end(kConsoles))
-      continue;
-    if (v.starts_with("mon:")) v.remove_prefix(4);
-    Chardev c{"-" + o.name, {}};
-    if (v.starts_with("unix:")) {
-      auto kv = KeyvalList::parse(v.substr(5), "path", KeyvalSyntax::kQemuOpts);
-      VMSAVE_TRY(kv);
-      c.opts = std::move(*kv);
-      c.opts.set("backend", "socket");
-    } else if (v.starts_with("file:") && v.size() > 5) {
-      c.opts.set("backend", "file");
-      c.opts.set("path", std::string(v.substr(5)));
-    } else {
-      continue;
-    }
-    out.push_back(std::move(c));
-  }
-  return out;
-}
-
-}  // namespace
-
 Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
   std::vector<ServerSocket> out;
   auto chardevs = chardevs_of(options_);
   VMSAVE_TRY(chardevs);
   for (const auto& c : *chardevs) {
-    if (c.opts.get("backend") != "socket") continue;
-    auto m = unix_socket(c.opts);
+    auto m = socket_of(c);
     VMSAVE_TRY(m);
     if (*m && (*m)->server) out.push_back(ServerSocket{(*m)->path, c.option});
   }
@@ -712,19 +720,14 @@ Result<std::vector<ServerSocket>> QemuCommand::server_sockets() const {
       if (display && display->starts_with("unix:") && display->size() > 5)
         out.push_back(ServerSocket{display->substr(5), "-" + o.name});
     } else if (o.name == "netdev" && v.starts_with("{")) {
-      // Of the wrong type, a member is as good as absent: QEMU says what is wrong.
-      auto member = [](const nlohmann::json& o, const char* key) {
-        auto it = o.is_object() ? o.find(key) : o.end();
-        return it != o.end() && it->is_string() ? it->get<std::string>() : std::string();
-      };
       auto j = nlohmann::json::parse(v, nullptr, false);
       auto server = j.is_object() ? j.find("server") : j.end();
-      if (j.is_discarded() || !j.is_object() || server == j.end() || *server != true ||
-          member(j, "type") != "stream" || !j.contains("addr"))
+      if (!j.is_object() || server == j.end() || *server != true ||
+          json_string(j, "type") != "stream" || !j.contains("addr"))
         continue;
-      const nlohmann::json& addr = j["addr"];
-      if (member(addr, "type") == "unix" && !member(addr, "path").empty())
-        out.push_back(ServerSocket{member(addr, "path"), "-netdev id=" + member(j, "id")});
+      auto path = json_string(j["addr"], "path");
+      if (json_string(j["addr"], "type") == "unix" && path && !path->empty())
+        out.push_back(ServerSocket{*path, "-netdev id=" + json_string(j, "id").value_or("")});
     } else if (o.name == "netdev") {
       auto kv = KeyvalList::parse(v, "type", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);
@@ -763,13 +766,7 @@ Result<std::vector<NicMac>> QemuCommand::nic_macs() const {
     std::optional<std::string> id, netdev, mac;
     if (o.name == "device" && o.value->starts_with("{")) {
       auto j = nlohmann::json::parse(*o.value, nullptr, false);
-      if (!j.is_object()) continue;  // QEMU says what is wrong
-      auto member = [&](const char* key) -> std::optional<std::string> {
-        auto it = j.find(key);
-        if (it == j.end() || !it->is_string()) return std::nullopt;
-        return it->get<std::string>();
-      };
-      id = member("id"), netdev = member("netdev"), mac = member("mac");
+      id = json_string(j, "id"), netdev = json_string(j, "netdev"), mac = json_string(j, "mac");
     } else if (o.name == "device") {
       auto kv = KeyvalList::parse(*o.value, "driver", KeyvalSyntax::kQemuOpts);
       VMSAVE_TRY(kv);

@@ -99,6 +99,11 @@ struct QemuObject {
 // required, as QEMU requires them.
 Result<QemuObject> parse_object(std::string_view value);
 
+// A string member of a JSON option value (-device, -netdev, -blockdev {...}),
+// or none when `obj` is no object, or the member is absent or of another
+// type: QEMU says what is wrong with those.
+std::optional<std::string> json_string(const nlohmann::json& obj, const char* key);
+
 // Re-emits an object in the syntax it came in: JSON stays JSON, key=value
 // stays key=value (commas escaped). qom-type and id come first.
 std::string format_object(const QemuObject& obj);

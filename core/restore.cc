@@ -496,9 +496,8 @@ Status check_lazy_devices(const QemuCommand& cmd, const std::vector<BackendPlan>
     std::string driver, memdev;
     if (!dev.empty() && dev[0] == '{') {
       auto j = nlohmann::json::parse(dev, nullptr, false);
-      if (!j.is_object()) continue;
-      driver = j.value("driver", "");
-      memdev = j.value("memdev", "");
+      driver = json_string(j, "driver").value_or("");
+      memdev = json_string(j, "memdev").value_or("");
     } else {
       auto kv = KeyvalList::parse(dev, "driver", KeyvalSyntax::kQemuOpts);
       if (!kv) continue;
@@ -1119,13 +1118,9 @@ std::vector<DiskFile> locked_disk_files(const QemuCommand& cmd) {
     if (b.starts_with('{')) {
       // QEMU says what is wrong with a value of the wrong type.
       auto j = nlohmann::json::parse(b, nullptr, false);
-      auto text = [&](const char* key) {
-        return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>()
-                                                                      : std::string();
-      };
-      driver = text("driver");
-      file = text("filename");
-      locking = text("locking");
+      driver = json_string(j, "driver").value_or("");
+      file = json_string(j, "filename").value_or("");
+      locking = json_string(j, "locking").value_or("");
       share = j.is_object() && j.contains("force-share") && j["force-share"] == true;
     } else {
       auto kv = KeyvalList::parse(b, "", KeyvalSyntax::kKeyval);
